@@ -1,0 +1,229 @@
+/**
+ * The only loader of the compiled addon. Types every export, refuses a missing or stale binary with
+ * NativeBindingError, and turns the addon's error objects into the typed errors of lib/errors.ts.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import {
+  CudaError,
+  InvalidArgumentError,
+  NativeBindingError,
+  NotCompiledError,
+  OutOfMemoryError,
+  TcalError,
+} from './errors';
+
+export type DType = 'f32' | 'bf16' | 'f16' | 'i32' | 'i64' | 'f64';
+/** 'cpu', or 'cuda:N' ('cuda' is accepted as input and means cuda:0). */
+export type DeviceName = 'cpu' | 'cuda' | `cuda:${number}`;
+
+/** The addon's tensor handle. lib/tensor.ts wraps it; user code should not need it. */
+export interface NativeTensor {
+  readonly shape: number[];
+  readonly dtype: DType;
+  readonly device: string;
+  readonly nbytes: number;
+  readonly disposed: boolean;
+  dispose(): void;
+  /** Same storage, another shape with the same element count. */
+  view(shape: number[]): NativeTensor;
+  sameStorage(other: NativeTensor): boolean;
+}
+
+export interface CudaDeviceCount {
+  compiled: boolean;
+  count: number;
+  reason: string;
+}
+
+export interface CudaDeviceInfo {
+  index: number;
+  name: string;
+  computeCapability: string;
+  multiprocessors: number;
+  totalMemory: number;
+  freeMemory: number;
+  l2Bytes: number;
+  sharedPerBlockOptin: number;
+}
+
+export interface MemoryStats {
+  allocated: number;
+  reserved: number;
+  peakAllocated: number;
+  allocCalls: number;
+  cacheHits: number;
+}
+
+export interface MatmulNativeOptions {
+  transA?: boolean;
+  transB?: boolean;
+  alpha?: number;
+  beta?: number;
+  c?: NativeTensor;
+  outDtype?: DType;
+  allowTf32?: boolean;
+}
+
+type HostData = ArrayBufferView | ArrayBuffer;
+
+/** Every export of the addon, typed. */
+export interface NativeAddon {
+  readonly sourceHash: string;
+  readonly buildSystem: string;
+  readonly abiVersion: number;
+  cudaDeviceCount(): CudaDeviceCount;
+  cudaDeviceInfo(index: number): CudaDeviceInfo;
+  compiledKernels(): string[];
+  blasStatus(): { available: boolean; detail: string };
+  empty(shape: number[], dtype: DType, device: string): NativeTensor;
+  upload(data: HostData, shape: number[], dtype: DType, device: string): Promise<NativeTensor>;
+  wrapHost(data: HostData, shape: number[], dtype: DType): NativeTensor;
+  download(t: NativeTensor): Promise<ArrayBuffer>;
+  copyInto(dst: NativeTensor, src: NativeTensor): Promise<NativeTensor>;
+  synchronize(device: string): Promise<void>;
+  memoryStats(device: string): MemoryStats;
+  emptyCache(device: string): void;
+  cast(x: NativeTensor, dtype: DType, out?: NativeTensor | null): Promise<NativeTensor>;
+  add(a: NativeTensor, b: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  mul(a: NativeTensor, b: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  scale(x: NativeTensor, alpha: number, out?: NativeTensor | null): Promise<NativeTensor>;
+  fill(t: NativeTensor, value: number): Promise<NativeTensor>;
+  reduceSum(
+    x: NativeTensor,
+    axis: number | null,
+    mean: boolean,
+    keepDims: boolean,
+    out?: NativeTensor | null,
+  ): Promise<NativeTensor>;
+  matmul(a: NativeTensor, b: NativeTensor, opts: MatmulNativeOptions): Promise<NativeTensor>;
+}
+
+/** The ABI this TS layer was written against; the addon reports its own. */
+const ABI_VERSION = 1;
+
+interface RawNativeError extends Error {
+  tcalKind?: string;
+  argument?: string;
+  cudaName?: string;
+  number?: number;
+  op?: string;
+  requested?: number;
+  free?: number;
+  device?: string;
+}
+
+/** Maps an error thrown or rejected by the addon to its typed class; other values pass through. */
+export function translateNativeError(e: unknown): unknown {
+  const raw = e as RawNativeError;
+  if (!raw || typeof raw !== 'object' || typeof raw.tcalKind !== 'string') return e;
+  const message = raw.message;
+  switch (raw.tcalKind) {
+    case 'InvalidArgument':
+      return new InvalidArgumentError(raw.argument ?? 'argument', message.replace(`${raw.argument}: `, ''), { cause: e });
+    case 'Cuda':
+      return new CudaError(message, { cudaName: raw.cudaName ?? 'unknown', number: raw.number ?? -1, op: raw.op ?? '', cause: e });
+    case 'OutOfMemory':
+      return new OutOfMemoryError(message, {
+        requested: raw.requested ?? 0,
+        free: raw.free ?? 0,
+        device: raw.device ?? '',
+        cause: e,
+      });
+    case 'NotCompiled':
+      return new NotCompiledError(message, { cause: e });
+    default:
+      return new TcalError('NATIVE_BINDING', `internal native error: ${message}`, { cause: e });
+  }
+}
+
+function wrapFunction<F extends (...args: never[]) => unknown>(fn: F): F {
+  return function (this: unknown, ...args: never[]) {
+    let r: unknown;
+    try {
+      r = fn.apply(this, args);
+    } catch (e) {
+      throw translateNativeError(e);
+    }
+    if (r instanceof Promise) return r.catch((e: unknown) => Promise.reject(translateNativeError(e)));
+    return r;
+  } as F;
+}
+
+/** Project root: two levels up from dist/lib or one from lib (ts-jest runs the sources). */
+function packageRoot(): string {
+  let dir = __dirname;
+  for (let i = 0; i < 4; i++) {
+    if (fs.existsSync(path.join(dir, 'package.json')) && fs.existsSync(path.join(dir, 'native'))) return dir;
+    dir = path.dirname(dir);
+  }
+  return path.resolve(__dirname, '..');
+}
+
+/** Candidate binaries, in order: TCAL_NATIVE_PATH, the cmake-js build, the node-gyp build. */
+function candidatePaths(root: string): string[] {
+  const env = process.env.TCAL_NATIVE_PATH;
+  return [
+    ...(env ? [env] : []),
+    path.join(root, 'build', 'Release', 'tcal.node'),
+    path.join(root, 'build', 'Debug', 'tcal.node'),
+  ];
+}
+
+let loaded: NativeAddon | undefined;
+let loadedPath: string | undefined;
+
+/** Loads (once) and returns the addon. Throws NativeBindingError when missing or stale. */
+export function native(): NativeAddon {
+  if (loaded) return loaded;
+  const root = packageRoot();
+  const file = candidatePaths(root).find((p) => fs.existsSync(p));
+  if (!file) {
+    throw new NativeBindingError(
+      `the native addon is not built (looked for ${candidatePaths(root).join(', ')}); run \`npm run build:native\``,
+    );
+  }
+  let raw: Record<string, unknown>;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    raw = require(file);
+  } catch (e) {
+    throw new NativeBindingError(`cannot load ${file}: ${(e as Error).message}`, { path: file, cause: e });
+  }
+  if (raw.abiVersion !== ABI_VERSION) {
+    throw new NativeBindingError(
+      `${file} has ABI ${String(raw.abiVersion)}, this package expects ${ABI_VERSION}; rebuild with \`npm run build:native\``,
+      { path: file },
+    );
+  }
+  checkFresh(root, file, String(raw.sourceHash));
+  const wrapped: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(raw)) {
+    wrapped[k] = typeof v === 'function' && k !== 'NativeTensor' ? wrapFunction(v as (...a: never[]) => unknown) : v;
+  }
+  loaded = wrapped as unknown as NativeAddon;
+  loadedPath = file;
+  return loaded;
+}
+
+/** Where the addon was loaded from (after native()). */
+export function nativePath(): string | undefined {
+  return loadedPath;
+}
+
+/** A binary built from other native sources than the ones beside it is stale: refuse it with a reason. */
+function checkFresh(root: string, file: string, builtHash: string): void {
+  if (process.env.TCAL_SKIP_STALE_CHECK === '1' || builtHash === 'unknown') return;
+  const hasher = path.join(root, 'native', 'source-hash.js');
+  if (!fs.existsSync(hasher)) return;
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { sourceHash } = require(hasher) as { sourceHash(root: string): string };
+  const current = sourceHash(root);
+  if (current !== builtHash) {
+    throw new NativeBindingError(
+      `${file} is stale: built from native sources ${builtHash}, the sources here are ${current}; ` +
+        'rebuild with `npm run build:native` (or set TCAL_SKIP_STALE_CHECK=1)',
+      { path: file },
+    );
+  }
+}

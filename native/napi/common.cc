@@ -1,0 +1,219 @@
+#include "common.h"
+
+namespace tcal::napi {
+
+namespace {
+const char* kindName(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::InvalidArgument: return "InvalidArgument";
+    case ErrorKind::Cuda: return "Cuda";
+    case ErrorKind::OutOfMemory: return "OutOfMemory";
+    case ErrorKind::NotCompiled: return "NotCompiled";
+    case ErrorKind::Internal: return "Internal";
+  }
+  return "Internal";
+}
+
+Napi::FunctionReference* g_tensorCtor = nullptr;
+}  // namespace
+
+Napi::Error toJsError(Napi::Env env, const Error& e) {
+  Napi::Error err = Napi::Error::New(env, e.what());
+  Napi::Object o = err.Value();
+  o.Set("tcalKind", kindName(e.kind));
+  if (!e.argument.empty()) o.Set("argument", e.argument);
+  if (!e.cudaName.empty()) o.Set("cudaName", e.cudaName);
+  if (e.kind == ErrorKind::Cuda) o.Set("number", e.number);
+  if (!e.op.empty()) o.Set("op", e.op);
+  if (e.kind == ErrorKind::OutOfMemory) {
+    o.Set("requested", double(e.requested));
+    o.Set("free", double(e.freeBytes));
+    o.Set("device", e.device);
+  }
+  return err;
+}
+
+// ---- JsTensor ----
+
+Napi::Function JsTensor::Init(Napi::Env env) {
+  Napi::Function ctor = DefineClass(env, "NativeTensor",
+                                    {
+                                        InstanceAccessor<&JsTensor::Shape>("shape"),
+                                        InstanceAccessor<&JsTensor::DTypeName>("dtype"),
+                                        InstanceAccessor<&JsTensor::DeviceName>("device"),
+                                        InstanceAccessor<&JsTensor::NBytes>("nbytes"),
+                                        InstanceAccessor<&JsTensor::Disposed>("disposed"),
+                                        InstanceMethod<&JsTensor::Dispose>("dispose"),
+                                        InstanceMethod<&JsTensor::View>("view"),
+                                        InstanceMethod<&JsTensor::SameStorage>("sameStorage"),
+                                    });
+  g_tensorCtor = new Napi::FunctionReference(Napi::Persistent(ctor));
+  return ctor;
+}
+
+JsTensor::JsTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsTensor>(info) {}
+
+JsTensor::~JsTensor() { releaseExternal(); }
+
+void JsTensor::releaseExternal() {
+  if (external_ != 0) {
+    Napi::MemoryManagement::AdjustExternalMemory(Env(), -external_);
+    external_ = 0;
+  }
+}
+
+Napi::Object JsTensor::Wrap(Napi::Env env, Tensor t) {
+  Napi::Object obj = g_tensorCtor->New({});
+  JsTensor* self = Napi::ObjectWrap<JsTensor>::Unwrap(obj);
+  self->tensor_ = std::move(t);
+  if (self->tensor_.device().kind == Device::CPU && self->tensor_.nbytes() > 0) {
+    self->external_ = int64_t(self->tensor_.nbytes());
+    Napi::MemoryManagement::AdjustExternalMemory(env, self->external_);
+  }
+  return obj;
+}
+
+bool JsTensor::Is(const Napi::Value& v) { return v.IsObject() && v.As<Napi::Object>().InstanceOf(g_tensorCtor->Value()); }
+
+const Tensor& JsTensor::Get(const Napi::Value& v, const std::string& argument) {
+  if (!Is(v)) throwInvalid(argument, "expected a Tensor");
+  JsTensor* self = Napi::ObjectWrap<JsTensor>::Unwrap(v.As<Napi::Object>());
+  if (!self->tensor_.defined()) throwInvalid(argument, "tensor has been disposed");
+  return self->tensor_;
+}
+
+Napi::Value JsTensor::Shape(const Napi::CallbackInfo& info) {
+  Napi::Array a = Napi::Array::New(info.Env());
+  if (!tensor_.defined()) return a;
+  for (size_t i = 0; i < tensor_.shape().size(); ++i) a.Set(uint32_t(i), double(tensor_.shape()[i]));
+  return a;
+}
+Napi::Value JsTensor::DTypeName(const Napi::CallbackInfo& info) {
+  return tensor_.defined() ? Napi::String::New(info.Env(), dtypeName(tensor_.dtype())) : info.Env().Undefined();
+}
+Napi::Value JsTensor::DeviceName(const Napi::CallbackInfo& info) {
+  return tensor_.defined() ? Napi::String::New(info.Env(), tensor_.device().str()) : info.Env().Undefined();
+}
+Napi::Value JsTensor::NBytes(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), tensor_.defined() ? double(tensor_.nbytes()) : 0);
+}
+Napi::Value JsTensor::Disposed(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), !tensor_.defined());
+}
+Napi::Value JsTensor::Dispose(const Napi::CallbackInfo& info) {
+  // Drops this handle's reference; memory returns to the allocator once in-flight ops holding it finish.
+  tensor_ = Tensor();
+  releaseExternal();
+  return info.Env().Undefined();
+}
+Napi::Value JsTensor::View(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const Tensor& t = Get(info.This(), "this");
+    return Wrap(info.Env(), t.reshape(parseShape(info[0], "shape")));
+  });
+}
+Napi::Value JsTensor::SameStorage(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const Tensor& a = Get(info.This(), "this");
+    const Tensor& b = Get(info[0], "other");
+    return Napi::Boolean::New(info.Env(), a.storage() == b.storage());
+  });
+}
+
+// ---- argument parsing ----
+
+Device parseDevice(const Napi::Value& v, const std::string& argument) {
+  if (!v.IsString()) throwInvalid(argument, "expected a device string ('cpu', 'cuda' or 'cuda:N')");
+  std::string s = v.As<Napi::String>();
+  if (s == "cpu") return Device{Device::CPU, 0};
+  if (s == "cuda") return Device{Device::CUDA, 0};
+  if (s.rfind("cuda:", 0) == 0 && s.size() > 5 && s.find_first_not_of("0123456789", 5) == std::string::npos)
+    return Device{Device::CUDA, std::stoi(s.substr(5))};
+  throwInvalid(argument, "unknown device '" + s + "' (expected 'cpu', 'cuda' or 'cuda:N')");
+}
+
+DType parseDTypeArg(const Napi::Value& v, const std::string& argument) {
+  if (!v.IsString()) throwInvalid(argument, "expected a dtype string");
+  return parseDType(v.As<Napi::String>(), argument);
+}
+
+Shape parseShape(const Napi::Value& v, const std::string& argument) {
+  if (!v.IsArray()) throwInvalid(argument, "expected an array of dimensions");
+  Napi::Array a = v.As<Napi::Array>();
+  Shape s;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value d = a.Get(i);
+    if (!d.IsNumber()) throwInvalid(argument, "dimension " + std::to_string(i) + " is not a number");
+    double x = d.As<Napi::Number>().DoubleValue();
+    if (x < 0 || x != double(int64_t(x)) || x > 9007199254740991.0)
+      throwInvalid(argument, "dimension " + std::to_string(i) + " must be a non-negative integer");
+    s.push_back(int64_t(x));
+  }
+  return s;
+}
+
+std::optional<Tensor> optionalTensor(const Napi::Value& v, const std::string& argument) {
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  return JsTensor::Get(v, argument);
+}
+
+// ---- promise workers ----
+
+PromiseWorker::PromiseWorker(Napi::Env env, const char* name, Work work, Done done)
+    : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)), work_(std::move(work)),
+      done_(std::move(done)) {}
+
+void PromiseWorker::keep(const Napi::Value& v) { kept_.push_back(Napi::Persistent(v)); }
+
+void PromiseWorker::Execute() {
+  try {
+    work_();
+  } catch (const Error& e) {
+    failure_ = e;
+  } catch (const std::exception& e) {
+    failure_ = Error(ErrorKind::Internal, e.what());
+  }
+}
+
+void PromiseWorker::OnOK() {
+  Napi::Env env = Env();
+  if (failure_) {
+    deferred_.Reject(toJsError(env, *failure_).Value());
+    return;
+  }
+  try {
+    deferred_.Resolve(done_ ? done_(env) : env.Undefined());
+  } catch (const Napi::Error& e) {
+    deferred_.Reject(e.Value());
+  } catch (const Error& e) {
+    deferred_.Reject(toJsError(env, e).Value());
+  }
+}
+
+void PromiseWorker::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+
+Napi::Promise runAsync(Napi::Env env, const char* name, PromiseWorker::Work work, PromiseWorker::Done done,
+                       std::vector<Napi::Value> keep) {
+  auto* w = new PromiseWorker(env, name, std::move(work), std::move(done));
+  for (auto& v : keep) w->keep(v);
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Promise runOp(Napi::Env env, const char* name, PromiseWorker::Work work, const Napi::Value& outArg,
+                    const Tensor& result, std::vector<Napi::Value> keep) {
+  bool given = JsTensor::Is(outArg);
+  if (given) keep.push_back(outArg);
+  auto outRef = std::make_shared<Napi::Reference<Napi::Value>>();
+  if (given) *outRef = Napi::Persistent(outArg);
+  return runAsync(
+      env, name, std::move(work),
+      [given, outRef, result](Napi::Env e) -> Napi::Value {
+        if (given) return outRef->Value();
+        return JsTensor::Wrap(e, result);
+      },
+      std::move(keep));
+}
+
+}  // namespace tcal::napi

@@ -1,0 +1,100 @@
+// Shared N-API plumbing: the tensor wrapper, argument parsing, typed-error conversion and promise workers.
+#pragma once
+#include <napi.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../core/error.h"
+#include "../core/runtime.h"
+#include "../core/tensor.h"
+
+namespace tcal::napi {
+
+// A JS error object carrying `tcalKind` and the fields of tcal::Error; lib/native.ts turns it into a class.
+Napi::Error toJsError(Napi::Env env, const Error& e);
+
+// Runs fn, converting tcal::Error / std::exception into JS exceptions.
+template <typename Fn>
+auto guard(Napi::Env env, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    throw toJsError(env, e);
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw toJsError(env, Error(ErrorKind::Internal, e.what()));
+  }
+}
+
+class JsTensor : public Napi::ObjectWrap<JsTensor> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  static Napi::Object Wrap(Napi::Env env, Tensor t);
+  // The live tensor behind a JS value; a typed InvalidArgument error naming `argument` otherwise.
+  static const Tensor& Get(const Napi::Value& v, const std::string& argument);
+  static bool Is(const Napi::Value& v);
+
+  explicit JsTensor(const Napi::CallbackInfo& info);
+  ~JsTensor() override;
+
+ private:
+  Napi::Value Shape(const Napi::CallbackInfo& info);
+  Napi::Value DTypeName(const Napi::CallbackInfo& info);
+  Napi::Value DeviceName(const Napi::CallbackInfo& info);
+  Napi::Value NBytes(const Napi::CallbackInfo& info);
+  Napi::Value Disposed(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value View(const Napi::CallbackInfo& info);
+  Napi::Value SameStorage(const Napi::CallbackInfo& info);
+  void releaseExternal();
+
+  Tensor tensor_;
+  int64_t external_ = 0;  // bytes reported to V8 as external memory (CPU tensors)
+};
+
+Device parseDevice(const Napi::Value& v, const std::string& argument);
+DType parseDTypeArg(const Napi::Value& v, const std::string& argument);
+Shape parseShape(const Napi::Value& v, const std::string& argument);
+// Optional tensor argument: undefined / null → nullopt.
+std::optional<Tensor> optionalTensor(const Napi::Value& v, const std::string& argument);
+
+// Runs `work` on a libuv worker thread and settles a promise on the JS thread with `done`'s value.
+// `keep` holds JS objects (buffers, output tensors) alive until the promise settles.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  using Work = std::function<void()>;
+  using Done = std::function<Napi::Value(Napi::Env)>;
+  PromiseWorker(Napi::Env env, const char* name, Work work, Done done);
+  void keep(const Napi::Value& v);
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override;
+  void OnOK() override;
+  void OnError(const Napi::Error& e) override;
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Work work_;
+  Done done_;
+  std::optional<Error> failure_;
+  std::vector<Napi::Reference<Napi::Value>> kept_;
+};
+
+// Queue `work`; the promise resolves to done(env).
+Napi::Promise runAsync(Napi::Env env, const char* name, PromiseWorker::Work work, PromiseWorker::Done done,
+                       std::vector<Napi::Value> keep = {});
+
+// Promise of a tensor op: resolves to `out` (the JS object given by the caller) or a new wrapper of result.
+Napi::Promise runOp(Napi::Env env, const char* name, PromiseWorker::Work work, const Napi::Value& outArg,
+                    const Tensor& result, std::vector<Napi::Value> keep = {});
+
+// Registration of each op family (one file each).
+void registerRuntime(Napi::Env env, Napi::Object exports);
+void registerElementwise(Napi::Env env, Napi::Object exports);
+void registerReduce(Napi::Env env, Napi::Object exports);
+void registerMatmul(Napi::Env env, Napi::Object exports);
+
+}  // namespace tcal::napi

@@ -1,0 +1,103 @@
+// cast, add, mul, scale, fill: validation here, arithmetic in native/cpu and native/cuda.
+#include "../cpu/elementwise.h"
+#include "common.h"
+#ifdef TCAL_WITH_CUDA
+#include "../cuda/elementwise.h"
+#endif
+
+namespace tcal::napi {
+
+namespace {
+
+bool onCuda(const Tensor& t) { return t.device().kind == Device::CUDA; }
+
+#ifdef TCAL_WITH_CUDA
+#define TCAL_DISPATCH(t, fn, ...) (onCuda(t) ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
+#define TCAL_DISPATCH(t, fn, ...) cpu::fn(__VA_ARGS__)
+#endif
+
+void checkFloat(const Tensor& t, const std::string& arg) {
+  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
+}
+
+// The output tensor: the caller's `out` (checked) or a fresh one.
+Tensor outputFor(const Napi::Value& outArg, const Shape& shape, DType dtype, Device device) {
+  if (auto out = optionalTensor(outArg, "out")) {
+    checkShape(*out, shape, "out");
+    checkDType(*out, dtype, "out");
+    checkSameDevice(*out, device, "out");
+    return *out;
+  }
+  return empty(shape, dtype, device);
+}
+
+Napi::Value Cast(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor x = JsTensor::Get(info[0], "x");
+    DType dtype = parseDTypeArg(info[1], "dtype");
+    checkFloat(x, "x");
+    if (!isFloat(dtype)) throwInvalid("dtype", "cast supports floating dtypes only");
+    Tensor out = outputFor(info[2], x.shape(), dtype, x.device());
+    return runOp(info.Env(), "cast", [x, out] { TCAL_DISPATCH(x, cast, x, out); }, info[2], out);
+  });
+}
+
+template <int Op>
+Napi::Value Binary(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor a = JsTensor::Get(info[0], "a");
+    Tensor b = JsTensor::Get(info[1], "b");
+    checkFloat(a, "a");
+    checkDType(b, a.dtype(), "b");
+    checkSameDevice(b, a.device(), "b");
+    // b equals a's shape or a suffix of it (broadcast over a's leading dimensions).
+    const Shape& sa = a.shape();
+    const Shape& sb = b.shape();
+    bool suffix = sb.size() <= sa.size() && std::equal(sb.begin(), sb.end(), sa.end() - sb.size());
+    if (!suffix || (b.numel() == 0 && a.numel() != 0))
+      throwInvalid("b", "shape " + shapeStr(sb) + " is neither " + shapeStr(sa) + " nor a suffix of it");
+    Tensor out = outputFor(info[2], sa, a.dtype(), a.device());
+    return runOp(
+        info.Env(), Op == 0 ? "add" : "mul",
+        [a, b, out] {
+          if (Op == 0)
+            TCAL_DISPATCH(a, add, a, b, out);
+          else
+            TCAL_DISPATCH(a, mul, a, b, out);
+        },
+        info[2], out);
+  });
+}
+
+Napi::Value Scale(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor x = JsTensor::Get(info[0], "x");
+    checkFloat(x, "x");
+    if (!info[1].IsNumber()) throwInvalid("alpha", "expected a number");
+    double alpha = info[1].As<Napi::Number>().DoubleValue();
+    Tensor out = outputFor(info[2], x.shape(), x.dtype(), x.device());
+    return runOp(info.Env(), "scale", [x, alpha, out] { TCAL_DISPATCH(x, scale, x, alpha, out); }, info[2], out);
+  });
+}
+
+Napi::Value Fill(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor t = JsTensor::Get(info[0], "t");
+    if (!info[1].IsNumber()) throwInvalid("value", "expected a number");
+    double v = info[1].As<Napi::Number>().DoubleValue();
+    return runOp(info.Env(), "fill", [t, v] { TCAL_DISPATCH(t, fill, t, v); }, info[0], t);
+  });
+}
+
+}  // namespace
+
+void registerElementwise(Napi::Env env, Napi::Object exports) {
+  exports.Set("cast", Napi::Function::New(env, Cast));
+  exports.Set("add", Napi::Function::New(env, Binary<0>));
+  exports.Set("mul", Napi::Function::New(env, Binary<1>));
+  exports.Set("scale", Napi::Function::New(env, Scale));
+  exports.Set("fill", Napi::Function::New(env, Fill));
+}
+
+}  // namespace tcal::napi
