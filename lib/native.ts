@@ -89,6 +89,7 @@ export interface NativeAddon {
   mul(a: NativeTensor, b: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
   scale(x: NativeTensor, alpha: number, out?: NativeTensor | null): Promise<NativeTensor>;
   fill(t: NativeTensor, value: number): Promise<NativeTensor>;
+  random(t: NativeTensor, kind: 'uniform' | 'normal', seed: number, a: number, b: number): Promise<NativeTensor>;
   reduceSum(
     x: NativeTensor,
     axis: number | null,
@@ -134,6 +135,15 @@ export function translateNativeError(e: unknown): unknown {
       return new NotCompiledError(message, { cause: e });
     default:
       return new TcalError('NATIVE_BINDING', `internal native error: ${message}`, { cause: e });
+  }
+}
+
+/** Calls a NativeTensor method (not wrapped like the module's functions), translating its errors. */
+export function callNative<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw translateNativeError(e);
   }
 }
 
@@ -212,7 +222,7 @@ export function nativePath(): string | undefined {
 }
 
 /** A binary built from other native sources than the ones beside it is stale: refuse it with a reason. */
-function checkFresh(root: string, file: string, builtHash: string): void {
+export function checkFresh(root: string, file: string, builtHash: string): void {
   if (process.env.TCAL_SKIP_STALE_CHECK === '1' || builtHash === 'unknown') return;
   const hasher = path.join(root, 'native', 'source-hash.js');
   if (!fs.existsSync(hasher)) return;

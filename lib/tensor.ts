@@ -5,7 +5,7 @@
 import { AsyncLocalStorage } from 'async_hooks';
 import { InvalidArgumentError } from './errors';
 import { defaultDevice } from './backend';
-import { native, type DType, type DeviceName, type NativeTensor } from './native';
+import { callNative, native, type DType, type DeviceName, type NativeTensor } from './native';
 
 export type { DType, DeviceName } from './native';
 
@@ -54,7 +54,7 @@ export class Tensor {
 
   /** Same memory, another shape with the same element count. */
   view(shape: number[]): Tensor {
-    return new Tensor(this.native.view(shape));
+    return new Tensor(callNative(() => this.native.view(shape)));
   }
 
   /** A copy of the raw elements on the host: bf16 / f16 come back as their 16-bit words (Uint16Array). */

@@ -26,6 +26,20 @@ export async function scale(x: Tensor, alpha: number, out?: Tensor): Promise<Ten
   return result(out, await native().scale(x.native, alpha, out?.native ?? null));
 }
 
+/**
+ * Fills t in place with Uniform(a, b) or Normal(mean, std) draws. Element i depends only on (seed, i), so
+ * CPU and CUDA give the same values (up to float rounding) for the same seed.
+ */
+export async function randomFill(
+  t: Tensor,
+  dist: { kind: 'uniform'; low?: number; high?: number } | { kind: 'normal'; mean?: number; std?: number },
+  seed: number,
+): Promise<Tensor> {
+  if (dist.kind === 'uniform') await native().random(t.native, 'uniform', seed, dist.low ?? 0, dist.high ?? 1);
+  else await native().random(t.native, 'normal', seed, dist.mean ?? 0, dist.std ?? 1);
+  return t;
+}
+
 /** Sets every element of t to value, in place. */
 export async function fill(t: Tensor, value: number): Promise<Tensor> {
   await native().fill(t.native, value);

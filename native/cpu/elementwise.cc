@@ -2,6 +2,8 @@
 
 #include "../core/dispatch.h"
 #include "../core/parallel.h"
+#include "../core/random.h"
+#include <cmath>
 
 namespace tcal::cpu {
 
@@ -77,6 +79,16 @@ void fill(const Tensor& t, double value) {
     default:
       dispatchFloat(t.dtype(), "t", [&](auto tag) { body(t.ptr<typename decltype(tag)::type>()); });
   }
+}
+
+void random(const Tensor& t, int kind, uint64_t seed, double a, double b) {
+  dispatchFloat(t.dtype(), "t", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* p = t.ptr<T>();
+    parallelFor(t.numel(), kGrain, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) p[i] = fromFloat<T>(randomValue(RandomKind(kind), seed, uint64_t(i), a, b));
+    });
+  });
 }
 
 }  // namespace tcal::cpu

@@ -11,5 +11,7 @@ void add(const Tensor& a, const Tensor& b, const Tensor& out);
 void mul(const Tensor& a, const Tensor& b, const Tensor& out);
 void scale(const Tensor& x, double alpha, const Tensor& out);
 void fill(const Tensor& t, double value);
+// Counter-based random fill (native/core/random.h): Uniform(a, b) or Normal(a, b).
+void random(const Tensor& t, int kind, uint64_t seed, double a, double b);
 
 }  // namespace tcal::cpu

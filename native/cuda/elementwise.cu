@@ -2,6 +2,7 @@
 #include "device.h"
 #include "elementwise.h"
 #include "types.cuh"
+#include "../core/random.h"
 
 namespace tcal::cuda {
 
@@ -33,6 +34,12 @@ template <typename T>
 __global__ void fillKernel(T* __restrict__ p, T v, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     p[i] = v;
+}
+
+template <typename T>
+__global__ void randomKernel(T* __restrict__ p, int kind, uint64_t seed, double a, double b, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = fromF<T>(float(randomValue(RandomKind(kind), seed, uint64_t(i), a, b)));
 }
 
 template <int Op>
@@ -93,6 +100,17 @@ void fill(const Tensor& t, double value) {
     case DType::I32: launch(t.ptr<int32_t>(), int32_t(value)); break;
     case DType::I64: launch(t.ptr<int64_t>(), int64_t(value)); break;
   }
+}
+
+void random(const Tensor& t, int kind, uint64_t seed, double a, double b) {
+  cudaStream_t s = use(t.device().index);
+  int64_t n = t.numel();
+  if (n == 0) return;
+  dispatchDeviceFloat(t.dtype(), "t", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    randomKernel<T><<<gridFor(n, kThreads), kThreads, 0, s>>>(t.ptr<T>(), kind, seed, a, b, n);
+    checkLaunch("random");
+  });
 }
 
 }  // namespace tcal::cuda

@@ -9,5 +9,6 @@ void add(const Tensor& a, const Tensor& b, const Tensor& out);
 void mul(const Tensor& a, const Tensor& b, const Tensor& out);
 void scale(const Tensor& x, double alpha, const Tensor& out);
 void fill(const Tensor& t, double value);
+void random(const Tensor& t, int kind, uint64_t seed, double a, double b);
 
 }  // namespace tcal::cuda

@@ -90,6 +90,24 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   });
 }
 
+// random(t, kind: 'uniform' | 'normal', seed, a, b) → Promise<t>
+Napi::Value Random(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor t = JsTensor::Get(info[0], "t");
+    checkFloat(t, "t");
+    std::string kind = info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+    if (kind != "uniform" && kind != "normal") throwInvalid("kind", "expected 'uniform' or 'normal'");
+    for (int i = 2; i < 5; ++i)
+      if (!info[i].IsNumber()) throwInvalid(i == 2 ? "seed" : i == 3 ? "a" : "b", "expected a number");
+    double seedD = info[2].As<Napi::Number>().DoubleValue();
+    if (seedD < 0 || seedD != double(uint64_t(seedD))) throwInvalid("seed", "expected a non-negative integer");
+    uint64_t seed = uint64_t(seedD);
+    double a = info[3].As<Napi::Number>().DoubleValue(), b = info[4].As<Napi::Number>().DoubleValue();
+    int k = kind == "normal" ? 1 : 0;
+    return runOp(info.Env(), "random", [t, k, seed, a, b] { TCAL_DISPATCH(t, random, t, k, seed, a, b); }, info[0], t);
+  });
+}
+
 }  // namespace
 
 void registerElementwise(Napi::Env env, Napi::Object exports) {
@@ -98,6 +116,7 @@ void registerElementwise(Napi::Env env, Napi::Object exports) {
   exports.Set("mul", Napi::Function::New(env, Binary<1>));
   exports.Set("scale", Napi::Function::New(env, Scale));
   exports.Set("fill", Napi::Function::New(env, Fill));
+  exports.Set("random", Napi::Function::New(env, Random));
 }
 
 }  // namespace tcal::napi

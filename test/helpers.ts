@@ -1,0 +1,57 @@
+/** Shared test helpers: seeded random data, error norms, and which backends to run suites on. */
+import { native } from '../lib/native';
+
+/** mulberry32: a small seeded PRNG so every test draws fresh but reproducible data. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Normal(0, std) samples (Box–Muller). */
+export function randn(n: number, seed: number, std = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = Math.max(r(), 1e-12);
+    out[i] = std * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * r());
+  }
+  return out;
+}
+
+/** ‖a − b‖ / ‖b‖, with NaN anywhere giving Infinity (an unwritten poisoned output must fail). */
+export function relError(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} vs ${b.length}`);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    if (!Number.isFinite(a[i]) || !Number.isFinite(b[i])) return Infinity;
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / Math.max(den, 1e-300));
+}
+
+/** Whether the CUDA suites should run: TCAL_BACKEND=cuda and a device answers. */
+export function cudaEnabled(): boolean {
+  if ((process.env.TCAL_BACKEND ?? '').toLowerCase() !== 'cuda') return false;
+  return native().cudaDeviceCount().count > 0;
+}
+
+/** Devices the device-generic suites run on: CPU always, CUDA when enabled. */
+export function testDevices(): string[] {
+  return cudaEnabled() ? ['cpu', 'cuda:0'] : ['cpu'];
+}
+
+/** bf16 rounding of a float (round to nearest even), for host-side expectations. */
+export function roundBf16(x: number): number {
+  const f = new Float32Array([x]);
+  const u = new Uint32Array(f.buffer);
+  u[0] = (u[0] + 0x7fff + ((u[0] >> 16) & 1)) & 0xffff0000;
+  return f[0];
+}
