@@ -5,4 +5,6 @@ export { synchronize, memoryStats, emptyCache, type MemoryStats } from './runtim
 export { cast, add, mul, scale, fill, randomFill } from './ops/elementwise';
 export { sum, mean, type ReduceOptions } from './ops/reduce';
 export { matmul, type MatmulOptions } from './ops/matmul';
+export * from './ops/gdn';
 export { version } from './version';
+export { rmsNorm, rope, embedding, swiglu, crossEntropy } from './ops/layers';

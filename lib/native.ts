@@ -28,6 +28,8 @@ export interface NativeTensor {
   /** Same storage, another shape with the same element count. */
   view(shape: number[]): NativeTensor;
   sameStorage(other: NativeTensor): boolean;
+  /** Rows [begin, end) of the first dimension, sharing storage. */
+  rows(begin: number, end: number): NativeTensor;
 }
 
 export interface CudaDeviceCount {
@@ -65,6 +67,32 @@ export interface MatmulNativeOptions {
   allowTf32?: boolean;
 }
 
+export interface GdnNativeOptions {
+  scale?: number;
+  l2norm?: boolean;
+  initialState?: NativeTensor | null;
+  outputFinalState?: boolean;
+  cuSeqlens?: NativeTensor | null;
+  aLog?: NativeTensor | null;
+  dtBias?: NativeTensor | null;
+  algorithm?: 'chunk' | 'recurrent';
+  precision?: 'f32' | 'f64';
+  outDtype?: DType;
+  dFinalState?: NativeTensor | null;
+  out?: Record<string, NativeTensor | undefined>;
+}
+
+export interface GdnNativeGrads {
+  dq: NativeTensor;
+  dk: NativeTensor;
+  dv: NativeTensor;
+  dg: NativeTensor;
+  dbeta: NativeTensor;
+  dh0: NativeTensor | null;
+  dALog: NativeTensor | null;
+  dDtBias: NativeTensor | null;
+}
+
 type HostData = ArrayBufferView | ArrayBuffer;
 
 /** Every export of the addon, typed. */
@@ -98,6 +126,22 @@ export interface NativeAddon {
     out?: NativeTensor | null,
   ): Promise<NativeTensor>;
   matmul(a: NativeTensor, b: NativeTensor, opts: MatmulNativeOptions): Promise<NativeTensor>;
+  rmsNorm(x: NativeTensor, weight: NativeTensor, eps: number, out?: NativeTensor | null): Promise<NativeTensor>;
+  rope(x: NativeTensor, positions: NativeTensor, invFreq: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  embedding(table: NativeTensor, ids: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  swiglu(gate: NativeTensor, up: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  crossEntropy(logits: NativeTensor, targets: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  gdnForward(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, opts: GdnNativeOptions,
+  ): Promise<{ o: NativeTensor; finalState: NativeTensor | null }>;
+  gdnBackward(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, dO: NativeTensor,
+    opts: GdnNativeOptions,
+  ): Promise<GdnNativeGrads>;
+  gdnDecodeStep(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, state: NativeTensor,
+    opts: { scale?: number; l2norm?: boolean; aLog?: NativeTensor | null; dtBias?: NativeTensor | null; out?: NativeTensor | null },
+  ): Promise<NativeTensor>;
 }
 
 /** The ABI this TS layer was written against; the addon reports its own. */
@@ -206,7 +250,7 @@ export function native(): NativeAddon {
       { path: file },
     );
   }
-  checkFresh(root, file, String(raw.sourceHash));
+  if (process.env.TCAL_SKIP_STALE_CHECK !== '1') checkFresh(root, file, String(raw.sourceHash));
   const wrapped: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(raw)) {
     wrapped[k] = typeof v === 'function' && k !== 'NativeTensor' ? wrapFunction(v as (...a: never[]) => unknown) : v;
@@ -223,7 +267,7 @@ export function nativePath(): string | undefined {
 
 /** A binary built from other native sources than the ones beside it is stale: refuse it with a reason. */
 export function checkFresh(root: string, file: string, builtHash: string): void {
-  if (process.env.TCAL_SKIP_STALE_CHECK === '1' || builtHash === 'unknown') return;
+  if (builtHash === 'unknown') return;
   const hasher = path.join(root, 'native', 'source-hash.js');
   if (!fs.existsSync(hasher)) return;
   // eslint-disable-next-line @typescript-eslint/no-require-imports

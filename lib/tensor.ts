@@ -57,6 +57,11 @@ export class Tensor {
     return new Tensor(callNative(() => this.native.view(shape)));
   }
 
+  /** Rows [begin, end) of the first dimension, sharing memory. */
+  rows(begin: number, end: number): Tensor {
+    return new Tensor(callNative(() => this.native.rows(begin, end)));
+  }
+
   /** A copy of the raw elements on the host: bf16 / f16 come back as their 16-bit words (Uint16Array). */
   async toArray(): Promise<HostArray> {
     const buf = await native().download(this.native);

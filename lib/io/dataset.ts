@@ -12,6 +12,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { DataError, InvalidArgumentError, throwIfAborted } from '../errors';
 import { readAt, writeAll, writeFileAtomically } from './file-io';
+import { compareUtf8, isPlainObject } from './json-values';
 import { Rng } from './rng';
 import type { SpecialTokens, Tokenizer } from './tokenizer';
 
@@ -52,10 +53,6 @@ function formatOf(file: string): SourceFile['format'] {
   return path.extname(file).toLowerCase() === '.jsonl' ? 'jsonl' : 'text';
 }
 
-function compareBytes(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
-}
-
 /**
  * The files of a source, in a deterministic order: a file itself, or every file under a directory
  * (recursively, hidden names skipped, symlinked files followed, symlinked directories not, sorted by
@@ -93,7 +90,7 @@ export async function listSourceFiles(source: string, options: DatasetOptions = 
   };
   await walk(root);
   if (found.length === 0) throw new DataError(`no data files found${extensions ? ` with extensions ${extensions.join(', ')}` : ''}`, { file: root });
-  return found.sort((a, b) => compareBytes(a.path, b.path));
+  return found.sort((a, b) => compareUtf8(a.path, b.path));
 }
 
 /** Reads a file in chunks, reporting bytes as they are read; checks the abort signal between chunks. */
@@ -181,8 +178,8 @@ export async function* readDocuments(
         } catch (cause) {
           throw new DataError(`not valid JSON (${(cause as Error).message})`, { file, line, cause });
         }
-        if (typeof record !== 'object' || record === null || Array.isArray(record)) throw new DataError('each line must be a JSON object', { file, line });
-        const value = (record as Record<string, unknown>)[field];
+        if (!isPlainObject(record)) throw new DataError('each line must be a JSON object', { file, line });
+        const value = record[field];
         if (typeof value !== 'string') throw new DataError(`field "${field}" must be a string, got ${value === undefined ? 'nothing' : JSON.stringify(value).slice(0, 40)}`, { file, line });
         if (value !== '') yield { text: value, file, line };
       }

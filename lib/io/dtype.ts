@@ -18,6 +18,11 @@ export function isDtype(value: unknown): value is Dtype {
   return typeof value === 'string' && Object.prototype.hasOwnProperty.call(DTYPE_BYTES, value);
 }
 
+/** Bytes of a tensor of this dtype and shape (may exceed 2^53 for absurd shapes: callers check Number.isSafeInteger). */
+export function byteLengthOf(dtype: Dtype, shape: readonly number[]): number {
+  return shape.reduce((product, dim) => product * dim, DTYPE_BYTES[dtype]);
+}
+
 export function isFloatDtype(value: unknown): value is FloatDtype {
   return value === 'F32' || value === 'F16' || value === 'BF16';
 }

@@ -11,6 +11,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { CheckpointFormatError, ConfigError } from '../errors';
 import { FloatDtype } from './dtype';
+import { JsonObject as Json, isPlainObject } from './json-values';
 import { TensorReader, TensorSpec, verifyTensors } from './safetensors';
 
 export type TeacherFamily = 'llama' | 'qwen2' | 'qwen3' | 'mistral';
@@ -74,12 +75,6 @@ const MODEL_TYPE_ARCHITECTURES: Readonly<Record<string, string>> = {
   qwen3: 'Qwen3ForCausalLM',
   mistral: 'MistralForCausalLM',
 };
-
-type Json = Record<string, unknown>;
-
-function isPlainObject(value: unknown): value is Json {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 /** Reads typed keys out of a config object, throwing ConfigError naming the key and value. */
 class ConfigReader {

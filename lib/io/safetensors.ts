@@ -11,8 +11,9 @@
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { CheckpointFormatError, InvalidArgumentError } from '../errors';
-import { DTYPE_BYTES, Dtype, isDtype } from './dtype';
+import { DTYPE_BYTES, Dtype, byteLengthOf, isDtype } from './dtype';
 import { bytesOf, readAt, writeAll, writeFileAtomically } from './file-io';
+import { compareUtf8, isPlainObject, isSafeNonNegativeInteger } from './json-values';
 
 /** The reference implementation's bound on the header; anything larger is refused before allocating it. */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -55,14 +56,6 @@ export interface TensorReader extends AsyncDisposable {
 interface ParsedHeader {
   tensors: Map<string, TensorInfo>;
   metadata: Record<string, string>;
-}
-
-function isPlainObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
-
-function isSafeNonNegativeInteger(value: unknown): value is number {
-  return typeof value === 'number' && Number.isSafeInteger(value) && value >= 0;
 }
 
 /**
@@ -116,7 +109,7 @@ function parseHeader(file: string, headerBytes: Uint8Array, fileSize: number): P
     if (end > dataSize) {
       throw tensorError(`data_offsets [${begin}, ${end}] run past the data section (${dataSize} bytes)`, dataStart + end);
     }
-    const byteLength = shape.reduce((product: number, dim: number) => product * dim, DTYPE_BYTES[dtype]);
+    const byteLength = byteLengthOf(dtype, shape as number[]);
     if (!Number.isSafeInteger(byteLength) || byteLength !== end - begin) {
       throw tensorError(
         `${dtype} ${JSON.stringify(shape)} needs ${byteLength} bytes but data_offsets [${begin}, ${end}] hold ${end - begin}`,
@@ -392,10 +385,6 @@ export type TensorsToWrite = Iterable<TensorToWrite> | ReadonlyMap<string, Omit<
 /** The safetensors library's Dtype ordering (its enum order); data is laid out by this descending, then by name. */
 const DTYPE_LAYOUT_RANK: Readonly<Record<Dtype, number>> = { F16: 0, BF16: 1, I32: 2, F32: 3, I64: 4 };
 
-function compareBytes(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
-}
-
 /** Normalises and checks the tensors to write; throws InvalidArgumentError before any file is touched. */
 function checkTensorsToWrite(tensors: TensorsToWrite): Array<TensorToWrite & { bytes: Uint8Array }> {
   const list: TensorToWrite[] = isReadonlyMap(tensors) ? [...tensors].map(([name, t]) => ({ name, ...t })) : [...tensors];
@@ -410,7 +399,7 @@ function checkTensorsToWrite(tensors: TensorsToWrite): Array<TensorToWrite & { b
       throw new InvalidArgumentError('tensors', `tensor ${name}: shape must be non-negative integers, got ${JSON.stringify(shape)}`);
     }
     if (!ArrayBuffer.isView(data)) throw new InvalidArgumentError('tensors', `tensor ${name}: data must be a typed array`);
-    const expectedBytes = shape.reduce((product, dim) => product * dim, DTYPE_BYTES[dtype]);
+    const expectedBytes = byteLengthOf(dtype, shape);
     if (data.byteLength !== expectedBytes) {
       throw new InvalidArgumentError('tensors', `tensor ${name}: ${dtype} ${JSON.stringify(shape)} needs ${expectedBytes} bytes, data has ${data.byteLength}`);
     }
@@ -444,7 +433,7 @@ export async function writeSafetensors(file: string, tensors: TensorsToWrite, me
 }
 
 async function writeCheckedSafetensors(file: string, tensors: Array<TensorToWrite & { bytes: Uint8Array }>, metadata: Record<string, string> | undefined): Promise<void> {
-  const ordered = [...tensors].sort((a, b) => DTYPE_LAYOUT_RANK[b.dtype] - DTYPE_LAYOUT_RANK[a.dtype] || compareBytes(a.name, b.name));
+  const ordered = [...tensors].sort((a, b) => DTYPE_LAYOUT_RANK[b.dtype] - DTYPE_LAYOUT_RANK[a.dtype] || compareUtf8(a.name, b.name));
   // Built as text, not as an object: JS objects put integer-like keys first, which would reorder entries.
   const entries: string[] = [];
   if (metadata !== undefined) entries.push(`${JSON.stringify(METADATA_KEY)}:${JSON.stringify(metadata)}`);
@@ -540,7 +529,7 @@ export async function writeCheckpoint(dir: string, tensors: TensorsToWrite, opti
 /** JSON with object keys sorted at every level and a two-space indent (Python's json.dumps(sort_keys=True, indent=2)). */
 function stringifySorted(value: unknown, indent = ''): string {
   if (!isPlainObject(value)) return JSON.stringify(value);
-  const keys = Object.keys(value).sort(compareBytes);
+  const keys = Object.keys(value).sort(compareUtf8);
   if (keys.length === 0) return '{}';
   const inner = indent + '  ';
   const lines = keys.map((key) => `${inner}${JSON.stringify(key)}: ${stringifySorted(value[key], inner)}`);

@@ -13,6 +13,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
 import { TokenizerError } from '../errors';
+import { JsonObject as Json, isPlainObject } from './json-values';
 
 export interface EncodeOptions {
   /** Add BOS / EOS as this tokenizer's configuration says (default false: the raw text's tokens only). */
@@ -44,12 +45,6 @@ export interface Tokenizer extends SpecialTokens {
   readonly contentHash: string;
   /** The directory it was loaded from. */
   readonly dir: string;
-}
-
-type Json = Record<string, unknown>;
-
-function isPlainObject(value: unknown): value is Json {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
 async function readJson(file: string, required: boolean): Promise<{ json: Json; bytes: Buffer } | null> {

@@ -160,7 +160,7 @@ template <typename Acc>
 void forwardRecurrent(const Problem& p, const Prep<Acc>& x, std::vector<Acc>& S, std::vector<Acc>& o) {
   const int64_t K = p.K, V = p.V, H = p.H, HV = p.HV, G = p.group();
   parallelFor(p.N * HV, 1, [&](int64_t b, int64_t e) {
-    std::vector<Acc> nu(size_t(V));
+    std::vector<Acc> nu(static_cast<size_t>(V));
     for (int64_t task = b; task < e; ++task) {
       int64_t n = task / HV, hv = task % HV, h = hv / G;
       Acc* s = S.data() + task * K * V;
@@ -276,7 +276,7 @@ void backwardImpl(const Problem& p, const gdn::Inputs& in, const Tensor& dOt, co
   std::vector<Acc> dg(size_t(NT * HV), 0), db(size_t(NT * HV), 0), dh0(S0.size(), 0);
 
   parallelFor(p.N * HV, 1, [&](int64_t b, int64_t e) {
-    std::vector<Acc> nu(size_t(V)), dnu(size_t(V)), dp(size_t(V)), Sp(size_t(K * V)), dS(size_t(K * V));
+    std::vector<Acc> nu(static_cast<size_t>(V)), dnu(static_cast<size_t>(V)), dp(static_cast<size_t>(V)), Sp(static_cast<size_t>(K * V)), dS(static_cast<size_t>(K * V));
     for (int64_t task = b; task < e; ++task) {
       int64_t n = task / HV, hv = task % HV, h = hv / G;
       int64_t t0 = p.cu[size_t(n)], len = p.cu[size_t(n + 1)] - t0, segs = (len + C - 1) / C;

@@ -23,6 +23,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   registerElementwise(env, exports);
   registerReduce(env, exports);
   registerMatmul(env, exports);
+  registerLayers(env, exports);
+  registerGdn(env, exports);
   return exports;
 }
 

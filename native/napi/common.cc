@@ -46,6 +46,7 @@ Napi::Function JsTensor::Init(Napi::Env env) {
                                         InstanceMethod<&JsTensor::Dispose>("dispose"),
                                         InstanceMethod<&JsTensor::View>("view"),
                                         InstanceMethod<&JsTensor::SameStorage>("sameStorage"),
+                                        InstanceMethod<&JsTensor::Rows>("rows"),
                                     });
   g_tensorCtor = new Napi::FunctionReference(Napi::Persistent(ctor));
   return ctor;
@@ -117,6 +118,18 @@ Napi::Value JsTensor::SameStorage(const Napi::CallbackInfo& info) {
     const Tensor& a = Get(info.This(), "this");
     const Tensor& b = Get(info[0], "other");
     return Napi::Boolean::New(info.Env(), a.storage() == b.storage());
+  });
+}
+
+Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const Tensor& t = Get(info.This(), "this");
+    if (t.ndim() == 0) throwInvalid("this", "a scalar has no rows");
+    if (!info[0].IsNumber() || !info[1].IsNumber()) throwInvalid("begin", "expected numbers begin, end");
+    int64_t b = info[0].As<Napi::Number>().Int64Value(), e = info[1].As<Napi::Number>().Int64Value();
+    if (b < 0 || e < b || e > t.dim(0))
+      throwInvalid("begin", "rows [" + std::to_string(b) + ", " + std::to_string(e) + ") outside " + shapeStr(t.shape()));
+    return Wrap(info.Env(), t.narrow0(b, e));
   });
 }
 

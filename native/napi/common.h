@@ -50,6 +50,7 @@ class JsTensor : public Napi::ObjectWrap<JsTensor> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value SameStorage(const Napi::CallbackInfo& info);
+  Napi::Value Rows(const Napi::CallbackInfo& info);
   void releaseExternal();
 
   Tensor tensor_;
@@ -96,5 +97,7 @@ void registerRuntime(Napi::Env env, Napi::Object exports);
 void registerElementwise(Napi::Env env, Napi::Object exports);
 void registerReduce(Napi::Env env, Napi::Object exports);
 void registerMatmul(Napi::Env env, Napi::Object exports);
+void registerLayers(Napi::Env env, Napi::Object exports);
+void registerGdn(Napi::Env env, Napi::Object exports);
 
 }  // namespace tcal::napi

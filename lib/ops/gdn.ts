@@ -1,0 +1,169 @@
+/**
+ * Gated DeltaNet (DESIGN.md §3), fla-compatible layouts. Per (sequence, value head) the state S ∈ R^{K×V}
+ * (fp32) evolves token by token:
+ *   q ← q·scale (default K^-1/2; with `l2norm`, q and k are first divided by sqrt(Σx² + 1e-6));
+ *   S ← exp(g)·S   — `g` is a LOG decay (g ≤ 0), not a decay factor;
+ *   ν = β(v − Sᵀk);  S ← S + kνᵀ;  o = Sᵀq.
+ * Layouts: q, k [B,T,H,K]; v [B,T,HV,V] with HV a multiple of H (value head i reads key head i/(HV/H));
+ * g, beta [B,T,HV] f32; states [N,HV,K,V] f32. Varlen packs N sequences into B = 1 with `cuSeqlens`
+ * (i32, N+1 offsets); tokens past the last offset belong to no sequence (o = 0 there, gradients 0).
+ * With `gates`, `g` and `beta` carry the raw a and b: g = −exp(A_log)·softplus(a + dt_bias), β = sigmoid(b).
+ * CUDA takes f32 / bf16 / f16 q, k, v with K, V ∈ {64, 128, 256}; the CPU takes any size and dtype and offers
+ * the fp64 reference (`precision: 'f64'`).
+ */
+import { InvalidArgumentError } from '../errors';
+import { native, type DType, type GdnNativeOptions } from '../native';
+import { Tensor } from '../tensor';
+
+export interface GdnInputs {
+  q: Tensor;
+  k: Tensor;
+  v: Tensor;
+  /** Log decay per token and value head (≤ 0), or the raw `a` when `gates` is given. f32 [B,T,HV]. */
+  g: Tensor;
+  /** Write strength in [0, 1], or the raw `b` when `gates` is given. f32 [B,T,HV]. */
+  beta: Tensor;
+}
+
+/** In-kernel gates: g = −exp(aLog)·softplus(a + dtBias), β = sigmoid(b); both f32 [HV]. */
+export interface GdnGates {
+  aLog: Tensor;
+  dtBias: Tensor;
+}
+
+export interface GdnOptions {
+  /** Query scale; default K^-1/2. */
+  scale?: number;
+  /** L2-normalise q and k inside the kernel (x / sqrt(Σx² + 1e-6)). */
+  l2norm?: boolean;
+  /** Initial state [N,HV,K,V] f32 (zeros when absent). */
+  initialState?: Tensor;
+  /** Varlen: i32 [N+1] offsets of N sequences packed into B = 1. */
+  cuSeqlens?: Tensor;
+  gates?: GdnGates;
+  /** CPU only: the chunked algorithm (default) or the token-by-token recurrence. */
+  algorithm?: 'chunk' | 'recurrent';
+  /** CPU only: 'f64' computes in double precision (the reference). */
+  precision?: 'f32' | 'f64';
+  /** Dtype of o (and of dq, dk, dv in the backward): the input dtype (default) or 'f32'. */
+  outDtype?: DType;
+}
+
+export interface GdnForwardOptions extends GdnOptions {
+  /** Also return the final state [N,HV,K,V] f32. */
+  outputFinalState?: boolean;
+  /** Preallocated outputs (written entirely). */
+  out?: { o?: Tensor; finalState?: Tensor };
+}
+
+export interface GdnForwardResult {
+  o: Tensor;
+  finalState?: Tensor;
+}
+
+export interface GdnBackwardOptions extends GdnOptions {
+  /** Gradient of the loss with respect to the final state [N,HV,K,V] f32. */
+  dFinalState?: Tensor;
+  out?: Partial<Record<'dq' | 'dk' | 'dv' | 'dg' | 'dbeta' | 'dh0' | 'dALog' | 'dDtBias', Tensor>>;
+}
+
+export interface GdnGradients {
+  dq: Tensor;
+  dk: Tensor;
+  dv: Tensor;
+  /** d g (log decay), or d a when the gates are fused. f32 [B,T,HV]. */
+  dg: Tensor;
+  /** d β, or d b when the gates are fused. f32 [B,T,HV]. */
+  dbeta: Tensor;
+  /** With an initial state: its gradient [N,HV,K,V] f32. */
+  dInitialState?: Tensor;
+  /** Fused gates: gradients of aLog and dtBias, f32 [HV]. */
+  dALog?: Tensor;
+  dDtBias?: Tensor;
+}
+
+export interface GdnDecodeOptions {
+  scale?: number;
+  l2norm?: boolean;
+  gates?: GdnGates;
+  /** Preallocated o (shape and dtype of v). */
+  out?: Tensor;
+}
+
+function nativeOptions(inputs: GdnInputs, o: GdnOptions): GdnNativeOptions {
+  if (!inputs || !(inputs.q instanceof Tensor)) throw new InvalidArgumentError('inputs', 'expected {q, k, v, g, beta} tensors');
+  return {
+    scale: o.scale,
+    l2norm: o.l2norm ?? false,
+    initialState: o.initialState?.native ?? null,
+    cuSeqlens: o.cuSeqlens?.native ?? null,
+    aLog: o.gates?.aLog.native ?? null,
+    dtBias: o.gates?.dtBias.native ?? null,
+    algorithm: o.algorithm,
+    precision: o.precision,
+    outDtype: o.outDtype,
+  };
+}
+
+function outs(o?: Record<string, Tensor | undefined>): Record<string, import('../native').NativeTensor | undefined> {
+  const r: Record<string, import('../native').NativeTensor | undefined> = {};
+  for (const [k, v] of Object.entries(o ?? {})) r[k] = v?.native;
+  return r;
+}
+
+/** Chunked GDN forward: o [B,T,HV,V] (input dtype) and optionally the final state. */
+export async function gdnForward(inputs: GdnInputs, options: GdnForwardOptions = {}): Promise<GdnForwardResult> {
+  const { q, k, v, g, beta } = inputs;
+  const r = await native().gdnForward(q.native, k.native, v.native, g.native, beta.native, {
+    ...nativeOptions(inputs, options),
+    outputFinalState: options.outputFinalState ?? false,
+    out: outs(options.out),
+  });
+  const pick = (given: Tensor | undefined, h: import('../native').NativeTensor): Tensor => given ?? new Tensor(h);
+  return {
+    o: pick(options.out?.o, r.o),
+    ...(r.finalState ? { finalState: pick(options.out?.finalState, r.finalState) } : {}),
+  };
+}
+
+/** GDN backward from dO (and optionally d finalState): gradients for every input that has one. */
+export async function gdnBackward(inputs: GdnInputs, dO: Tensor, options: GdnBackwardOptions = {}): Promise<GdnGradients> {
+  const { q, k, v, g, beta } = inputs;
+  if (!(dO instanceof Tensor)) throw new InvalidArgumentError('dO', 'expected a Tensor');
+  const r = await native().gdnBackward(q.native, k.native, v.native, g.native, beta.native, dO.native, {
+    ...nativeOptions(inputs, options),
+    dFinalState: options.dFinalState?.native ?? null,
+    out: outs(options.out),
+  });
+  const given = options.out ?? {};
+  const wrap = (name: keyof NonNullable<GdnBackwardOptions['out']>, h: import('../native').NativeTensor | null) =>
+    h ? (given[name] ?? new Tensor(h)) : undefined;
+  const res: GdnGradients = {
+    dq: wrap('dq', r.dq)!,
+    dk: wrap('dk', r.dk)!,
+    dv: wrap('dv', r.dv)!,
+    dg: wrap('dg', r.dg)!,
+    dbeta: wrap('dbeta', r.dbeta)!,
+  };
+  if (r.dh0) res.dInitialState = wrap('dh0', r.dh0);
+  if (r.dALog) res.dALog = wrap('dALog', r.dALog);
+  if (r.dDtBias) res.dDtBias = wrap('dDtBias', r.dDtBias);
+  return res;
+}
+
+/**
+ * One recurrent step for a batch of N sequences: q, k [N,H,K] (or [N,1,H,K]), v [N,HV,V], g, beta [N,HV];
+ * `state` [N,HV,K,V] f32 is updated in place. Returns o [N,HV,V].
+ */
+export async function gdnDecodeStep(inputs: GdnInputs, state: Tensor, options: GdnDecodeOptions = {}): Promise<Tensor> {
+  const { q, k, v, g, beta } = inputs;
+  if (!(state instanceof Tensor)) throw new InvalidArgumentError('state', 'expected a Tensor');
+  const h = await native().gdnDecodeStep(q.native, k.native, v.native, g.native, beta.native, state.native, {
+    scale: options.scale,
+    l2norm: options.l2norm ?? false,
+    aLog: options.gates?.aLog.native ?? null,
+    dtBias: options.gates?.dtBias.native ?? null,
+    out: options.out?.native ?? null,
+  });
+  return options.out ?? new Tensor(h);
+}

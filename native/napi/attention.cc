@@ -1,0 +1,151 @@
+// Causal attention: attentionForward(q, k, v, {scale, cuSeqlens, returnLse, out}) → {o, lse}. Shapes,
+// dtypes and devices are validated here (typed InvalidArgument errors naming the argument); cu_seqlens values
+// are read and checked on the worker.
+#include "../cpu/attention.h"
+#include "common.h"
+#ifdef TCAL_WITH_CUDA
+#include "../cuda/attention.h"
+#endif
+
+#include <cmath>
+#include <memory>
+
+namespace tcal::napi {
+
+namespace {
+
+Napi::Value opt(const Napi::Object& o, const char* key) { return o.Has(key) ? o.Get(key) : o.Env().Undefined(); }
+
+bool boolOpt(const Napi::Object& o, const char* key) {
+  Napi::Value v = opt(o, key);
+  return !v.IsUndefined() && !v.IsNull() && v.ToBoolean();
+}
+
+Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& shape, DType dtype, Device device) {
+  if (auto t = optionalTensor(given, arg)) {
+    checkShape(*t, shape, arg);
+    checkDType(*t, dtype, arg);
+    checkSameDevice(*t, device, arg);
+    return *t;
+  }
+  return empty(shape, dtype, device);
+}
+
+// Reads cu_seqlens (on the worker thread) and checks its values; without varlen, uniform offsets.
+void resolveOffsets(attn::Problem& p, const Tensor& cu) {
+  p.cu.assign(size_t(p.N + 1), 0);
+  if (!cu.defined()) {
+    for (int64_t n = 0; n <= p.N; ++n) p.cu[size_t(n)] = int32_t(n * p.T);
+    return;
+  }
+  copyToHost(p.cu.data(), cu, p.cu.size() * sizeof(int32_t));
+  if (p.cu[0] != 0) throwInvalid("cuSeqlens", "must start at 0, got " + std::to_string(p.cu[0]));
+  for (int64_t n = 0; n < p.N; ++n)
+    if (p.cu[size_t(n + 1)] < p.cu[size_t(n)])
+      throwInvalid("cuSeqlens", "must be non-decreasing (entry " + std::to_string(n + 1) + ")");
+  if (p.cu[size_t(p.N)] > p.T)
+    throwInvalid("cuSeqlens", "last entry " + std::to_string(p.cu[size_t(p.N)]) + " exceeds T = " + std::to_string(p.T));
+}
+
+// attentionForward(q, k, v, opts) → Promise<{o, lse}>
+Napi::Value Forward(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor q = JsTensor::Get(info[0], "q");
+    Tensor k = JsTensor::Get(info[1], "k");
+    Tensor v = JsTensor::Get(info[2], "v");
+    Napi::Object opts = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(info.Env());
+    const Device dev = q.device();
+    const bool cuda = dev.kind == Device::CUDA;
+    checkNdim(q, 4, "q");
+    if (q.dtype() != DType::F32 && q.dtype() != DType::BF16 && q.dtype() != DType::F16 &&
+        !(q.dtype() == DType::F64 && !cuda))
+      throwInvalid("q", std::string("expected dtype bf16, f16 or f32 (f64 on the CPU), got ") + dtypeName(q.dtype()));
+    attn::Problem p;
+    p.B = q.dim(0);
+    p.T = q.dim(1);
+    p.H = q.dim(2);
+    p.D = q.dim(3);
+    if (p.D != 64 && p.D != 128 && p.D != 256)
+      throwInvalid("q", "head dim must be 64, 128 or 256, got " + std::to_string(p.D));
+    if (p.H <= 0) throwInvalid("q", "needs at least one head");
+    checkNdim(k, 4, "k");
+    checkDType(k, q.dtype(), "k");
+    checkSameDevice(k, dev, "k");
+    if (k.dim(0) != p.B || k.dim(1) != p.T || k.dim(3) != p.D)
+      throwInvalid("k", "expected shape [" + std::to_string(p.B) + "," + std::to_string(p.T) + ",HKV," +
+                            std::to_string(p.D) + "], got " + shapeStr(k.shape()));
+    p.HKV = k.dim(2);
+    if (p.HKV <= 0 || p.H % p.HKV != 0)
+      throwInvalid("k", "KV heads (" + std::to_string(p.HKV) + ") must divide the query heads (" + std::to_string(p.H) + ")");
+    checkShape(v, k.shape(), "v");
+    checkDType(v, q.dtype(), "v");
+    checkSameDevice(v, dev, "v");
+    if (p.B * p.T > INT32_MAX / 2) throwInvalid("q", "too many tokens");
+
+    Napi::Value scaleV = opt(opts, "scale");
+    if (scaleV.IsUndefined() || scaleV.IsNull()) {
+      p.scale = 1.0 / std::sqrt(double(p.D));
+    } else {
+      if (!scaleV.IsNumber()) throwInvalid("scale", "expected a number");
+      p.scale = scaleV.As<Napi::Number>().DoubleValue();
+      if (!std::isfinite(p.scale) || p.scale <= 0) throwInvalid("scale", "must be finite and positive");
+    }
+    Tensor cu;
+    if (auto c = optionalTensor(opt(opts, "cuSeqlens"), "cuSeqlens")) {
+      checkDType(*c, DType::I32, "cuSeqlens");
+      checkNdim(*c, 1, "cuSeqlens");
+      if (c->dim(0) < 2) throwInvalid("cuSeqlens", "needs at least 2 entries (N+1 offsets)");
+      if (p.B != 1)
+        throwInvalid("cuSeqlens", "varlen packs sequences into B = 1, got q with B = " + std::to_string(p.B));
+      if (c->device() != dev && c->device().kind != Device::CPU)
+        throwInvalid("cuSeqlens", "expected a tensor on " + dev.str() + " or the CPU");
+      cu = *c;
+      p.N = c->dim(0) - 1;
+      p.varlen = true;
+    } else {
+      p.N = p.B;
+    }
+    const bool wantLse = boolOpt(opts, "returnLse");
+    // out: a tensor (o) or {o, lse}.
+    Napi::Value outV = opt(opts, "out");
+    Napi::Value oGiven = info.Env().Undefined(), lseGiven = info.Env().Undefined();
+    if (JsTensor::Is(outV)) {
+      oGiven = outV;
+    } else if (outV.IsObject()) {
+      Napi::Object outs = outV.As<Napi::Object>();
+      oGiven = opt(outs, "o");
+      lseGiven = opt(outs, "lse");
+    } else if (!outV.IsUndefined() && !outV.IsNull()) {
+      throwInvalid("out", "expected a tensor or {o, lse}");
+    }
+    attn::ForwardOut out;
+    out.o = outputFor(oGiven, JsTensor::Is(outV) ? "out" : "out.o", q.shape(), q.dtype(), dev);
+    if (wantLse || optionalTensor(lseGiven, "out.lse"))
+      out.lse = outputFor(lseGiven, "out.lse", {p.B, p.H, p.T}, DType::F32, dev);
+    auto pp = std::make_shared<attn::Problem>(p);
+    return runAsync(
+        info.Env(), "attentionForward",
+        [pp, q, k, v, cu, out] {
+          resolveOffsets(*pp, cu);
+#ifdef TCAL_WITH_CUDA
+          if (q.device().kind == Device::CUDA) return cuda::attentionForward(*pp, q, k, v, out);
+#endif
+          cpu::attentionForward(*pp, q, k, v, out);
+        },
+        [out](Napi::Env env) -> Napi::Value {
+          Napi::Object res = Napi::Object::New(env);
+          res.Set("o", JsTensor::Wrap(env, out.o));
+          res.Set("lse", out.lse.defined() ? Napi::Value(JsTensor::Wrap(env, out.lse)) : env.Null());
+          return res;
+        },
+        {opts});
+  });
+}
+
+}  // namespace
+
+void registerAttention(Napi::Env env, Napi::Object exports) {
+  exports.Set("attentionForward", Napi::Function::New(env, Forward));
+}
+
+}  // namespace tcal::napi

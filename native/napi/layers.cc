@@ -1,0 +1,127 @@
+// Transformer per-token layers: rmsNorm, rope, embedding, swiglu, crossEntropy.
+#include "../cpu/layers.h"
+#include "common.h"
+#ifdef TCAL_WITH_CUDA
+#include "../cuda/layers.h"
+#endif
+
+namespace tcal::napi {
+
+namespace {
+
+#ifdef TCAL_WITH_CUDA
+#define TCAL_LAYER(t, fn, ...) \
+  ((t).device().kind == Device::CUDA ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
+#define TCAL_LAYER(t, fn, ...) cpu::fn(__VA_ARGS__)
+#endif
+
+Tensor outputLike(const Napi::Value& outArg, const Shape& shape, DType dtype, Device device) {
+  if (auto out = optionalTensor(outArg, "out")) {
+    checkShape(*out, shape, "out");
+    checkDType(*out, dtype, "out");
+    checkSameDevice(*out, device, "out");
+    return *out;
+  }
+  return empty(shape, dtype, device);
+}
+
+void checkFloatTensor(const Tensor& t, const char* arg) {
+  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
+}
+
+// rmsNorm(x, w, eps, out?)
+Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor x = JsTensor::Get(info[0], "x");
+    Tensor w = JsTensor::Get(info[1], "weight");
+    checkFloatTensor(x, "x");
+    checkDType(w, x.dtype(), "weight");
+    checkSameDevice(w, x.device(), "weight");
+    checkNdim(w, 1, "weight");
+    if (x.ndim() == 0 || x.dim(-1) != w.dim(0))
+      throwInvalid("x", "last dimension of " + shapeStr(x.shape()) + " differs from the weight's " + shapeStr(w.shape()));
+    if (!info[2].IsNumber()) throwInvalid("eps", "expected a number");
+    double eps = info[2].As<Napi::Number>().DoubleValue();
+    Tensor y = outputLike(info[3], x.shape(), x.dtype(), x.device());
+    return runOp(info.Env(), "rmsNorm", [x, w, eps, y] { TCAL_LAYER(x, rmsNorm, x, w, eps, y); }, info[3], y);
+  });
+}
+
+// rope(x [B,T,H,D], positions int32 [B,T], invFreq f32 [D/2], out?)
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor x = JsTensor::Get(info[0], "x");
+    Tensor pos = JsTensor::Get(info[1], "positions");
+    Tensor inv = JsTensor::Get(info[2], "invFreq");
+    checkFloatTensor(x, "x");
+    checkNdim(x, 4, "x");
+    if (x.dim(3) % 2) throwInvalid("x", "head dimension must be even");
+    checkDType(pos, DType::I32, "positions");
+    checkShape(pos, {x.dim(0), x.dim(1)}, "positions");
+    checkDType(inv, DType::F32, "invFreq");
+    checkShape(inv, {x.dim(3) / 2}, "invFreq");
+    checkSameDevice(pos, x.device(), "positions");
+    checkSameDevice(inv, x.device(), "invFreq");
+    Tensor y = outputLike(info[3], x.shape(), x.dtype(), x.device());
+    return runOp(info.Env(), "rope", [x, pos, inv, y] { TCAL_LAYER(x, rope, x, pos, inv, y); }, info[3], y);
+  });
+}
+
+// embedding(table [V,D], ids int32 [...], out?) → [..., D]
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor table = JsTensor::Get(info[0], "table");
+    Tensor ids = JsTensor::Get(info[1], "ids");
+    checkNdim(table, 2, "table");
+    checkDType(ids, DType::I32, "ids");
+    checkSameDevice(ids, table.device(), "ids");
+    Shape s = ids.shape();
+    s.push_back(table.dim(1));
+    Tensor out = outputLike(info[2], s, table.dtype(), table.device());
+    return runOp(info.Env(), "embedding", [table, ids, out] { TCAL_LAYER(table, embedding, table, ids, out); },
+                 info[2], out);
+  });
+}
+
+// swiglu(gate, up, out?) = silu(gate) · up
+Napi::Value Swiglu(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor g = JsTensor::Get(info[0], "gate");
+    Tensor u = JsTensor::Get(info[1], "up");
+    checkFloatTensor(g, "gate");
+    checkDType(u, g.dtype(), "up");
+    checkShape(u, g.shape(), "up");
+    checkSameDevice(u, g.device(), "up");
+    Tensor out = outputLike(info[2], g.shape(), g.dtype(), g.device());
+    return runOp(info.Env(), "swiglu", [g, u, out] { TCAL_LAYER(g, swiglu, g, u, out); }, info[2], out);
+  });
+}
+
+// crossEntropy(logits [..., V], targets int32 [...], out?) → f32 [...]
+Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor logits = JsTensor::Get(info[0], "logits");
+    Tensor targets = JsTensor::Get(info[1], "targets");
+    checkFloatTensor(logits, "logits");
+    checkDType(targets, DType::I32, "targets");
+    checkSameDevice(targets, logits.device(), "targets");
+    if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())
+      throwInvalid("targets", "shape " + shapeStr(targets.shape()) + " does not match logits " + shapeStr(logits.shape()));
+    Tensor loss = outputLike(info[2], targets.shape(), DType::F32, logits.device());
+    return runOp(info.Env(), "crossEntropy",
+                 [logits, targets, loss] { TCAL_LAYER(logits, crossEntropy, logits, targets, loss); }, info[2], loss);
+  });
+}
+
+}  // namespace
+
+void registerLayers(Napi::Env env, Napi::Object exports) {
+  exports.Set("rmsNorm", Napi::Function::New(env, RmsNorm));
+  exports.Set("rope", Napi::Function::New(env, Rope));
+  exports.Set("embedding", Napi::Function::New(env, Embedding));
+  exports.Set("swiglu", Napi::Function::New(env, Swiglu));
+  exports.Set("crossEntropy", Napi::Function::New(env, CrossEntropy));
+}
+
+}  // namespace tcal::napi

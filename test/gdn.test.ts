@@ -1,0 +1,417 @@
+/**
+ * Gated DeltaNet: the CPU reference (recurrent fp32 / fp64, chunked fp32) against the fp64 recurrence, a
+ * finite-difference check of the fp64 backward, decode steps chained over T, argument validation; and, when
+ * the CUDA backend is enabled, the CUDA forward / backward / decode against the fp64 reference on fresh random
+ * inputs with NaN-poisoned outputs.
+ */
+import { Tensor, gdnForward, gdnBackward, gdnDecodeStep, InvalidArgumentError, type DType } from '../lib';
+import type { GdnInputs, GdnGradients } from '../lib/ops/gdn';
+import { randn, rng, relError, cudaEnabled, roundBf16 } from './helpers';
+
+jest.setTimeout(600_000);
+
+interface Case {
+  B: number;
+  T: number;
+  H: number;
+  HV: number;
+  K: number;
+  V: number;
+  cu?: number[];
+  h0?: boolean;
+  gates?: boolean;
+  l2norm?: boolean;
+  g?: 'normal' | 'strong' | 'zero';
+  beta?: 'normal' | 'low' | 'high';
+  dFinal?: boolean;
+  scale?: number;
+}
+
+interface Host {
+  q: Float32Array;
+  k: Float32Array;
+  v: Float32Array;
+  g: Float32Array;
+  beta: Float32Array;
+  h0?: Float32Array;
+  aLog?: Float32Array;
+  dtBias?: Float32Array;
+  cu?: Int32Array;
+  dO: Float32Array;
+  dFinal?: Float32Array;
+  N: number;
+}
+
+const softplus = (x: number): number => (x > 20 ? x : Math.log1p(Math.exp(x)));
+
+function makeHost(c: Case, seed: number): Host {
+  const r = rng(seed);
+  const NT = c.B * c.T;
+  const N = c.cu ? c.cu.length - 1 : c.B;
+  const q = randn(NT * c.H * c.K, seed + 1);
+  const k = randn(NT * c.H * c.K, seed + 2);
+  if (!c.l2norm) {
+    // q, k normalised as in use (the in-kernel norm has its own cases)
+    for (const x of [q, k])
+      for (let row = 0; row < NT * c.H; row++) {
+        let s = 0;
+        for (let i = 0; i < c.K; i++) s += x[row * c.K + i] ** 2;
+        const inv = 1 / Math.sqrt(s + 1e-6);
+        for (let i = 0; i < c.K; i++) x[row * c.K + i] *= inv;
+      }
+  }
+  const v = randn(NT * c.HV * c.V, seed + 3);
+  const g = new Float32Array(NT * c.HV);
+  const beta = new Float32Array(NT * c.HV);
+  const gn = randn(NT * c.HV, seed + 4);
+  const bn = randn(NT * c.HV, seed + 5);
+  for (let i = 0; i < g.length; i++) {
+    if (c.gates) {
+      g[i] = gn[i]; // raw a
+      beta[i] = bn[i]; // raw b
+      continue;
+    }
+    const mode = c.g ?? 'normal';
+    g[i] = mode === 'zero' ? 0 : mode === 'strong' ? Math.min(0, -20 + 0.5 * gn[i]) : -Math.exp(gn[i] - 2);
+    const bm = c.beta ?? 'normal';
+    beta[i] = bm === 'low' ? 1e-4 * r() : bm === 'high' ? 1 - 1e-4 * r() : 1 / (1 + Math.exp(-bn[i]));
+  }
+  const h: Host = { q, k, v, g, beta, dO: randn(NT * c.HV * c.V, seed + 6), N };
+  if (c.h0) h.h0 = randn(N * c.HV * c.K * c.V, seed + 7, 0.5);
+  if (c.dFinal) h.dFinal = randn(N * c.HV * c.K * c.V, seed + 8);
+  if (c.gates) {
+    h.aLog = Float32Array.from({ length: c.HV }, () => Math.log(1 + 15 * r()));
+    h.dtBias = Float32Array.from({ length: c.HV }, () => {
+      const dt = Math.exp(Math.log(1e-3) + r() * (Math.log(0.1) - Math.log(1e-3)));
+      return dt + Math.log(-Math.expm1(-dt)); // softplus⁻¹(dt)
+    });
+  }
+  if (c.cu) h.cu = Int32Array.from(c.cu);
+  return h;
+}
+
+interface Dev {
+  inputs: GdnInputs;
+  h0?: Tensor;
+  aLog?: Tensor;
+  dtBias?: Tensor;
+  cu?: Tensor;
+  dO: Tensor;
+  dFinal?: Tensor;
+}
+
+/** Tensors of `dtype` (q, k, v, dO) on `device`; f64 builds the reference's inputs (values rounded to `round`). */
+async function upload(c: Case, h: Host, device: string, dtype: DType, round?: DType): Promise<Dev> {
+  const sd: DType = dtype === 'f64' ? 'f64' : 'f32';
+  const conv = (a: Float32Array, t: DType): Float32Array | Float64Array => {
+    if (t !== 'f64') return a;
+    return Float64Array.from(a, (x) => (round === 'bf16' ? roundBf16(x) : x));
+  };
+  const mk = (a: Float32Array, shape: number[], t: DType) => Tensor.fromArray(conv(a, t), shape, { device, dtype: t });
+  const st = (a: Float32Array, shape: number[]) =>
+    Tensor.fromArray(sd === 'f64' ? Float64Array.from(a) : a, shape, { device, dtype: sd });
+  const qs = [c.B, c.T, c.H, c.K];
+  const vs = [c.B, c.T, c.HV, c.V];
+  const d: Dev = {
+    inputs: {
+      q: await mk(h.q, qs, dtype),
+      k: await mk(h.k, qs, dtype),
+      v: await mk(h.v, vs, dtype),
+      g: await st(h.g, [c.B, c.T, c.HV]),
+      beta: await st(h.beta, [c.B, c.T, c.HV]),
+    },
+    dO: await mk(h.dO, vs, dtype),
+  };
+  const ss = [h.N, c.HV, c.K, c.V];
+  if (h.h0) d.h0 = await st(h.h0, ss);
+  if (h.dFinal) d.dFinal = await st(h.dFinal, ss);
+  if (h.aLog) {
+    d.aLog = await st(h.aLog, [c.HV]);
+    d.dtBias = await st(h.dtBias!, [c.HV]);
+  }
+  if (h.cu) d.cu = await Tensor.fromArray(h.cu, [h.cu.length], { device, dtype: 'i32' });
+  return d;
+}
+
+function opts(c: Case, d: Dev) {
+  return {
+    scale: c.scale,
+    l2norm: c.l2norm,
+    initialState: d.h0,
+    cuSeqlens: d.cu,
+    gates: d.aLog ? { aLog: d.aLog, dtBias: d.dtBias! } : undefined,
+  };
+}
+
+async function f64(t: Tensor | undefined): Promise<Float64Array> {
+  if (!t) throw new Error('missing tensor');
+  if (t.dtype === 'f64') return (await t.toArray()) as Float64Array;
+  return Float64Array.from(await t.toFloat32());
+}
+
+async function poison(shape: number[], dtype: DType, device: string): Promise<Tensor> {
+  return Tensor.full(shape, NaN, { dtype, device });
+}
+
+/** The fp64 reference: forward and backward of the token-by-token recurrence. */
+async function reference(c: Case, h: Host, round?: DType) {
+  const d = await upload(c, h, 'cpu', 'f64', round);
+  const o = opts(c, d);
+  const fwd = await gdnForward(d.inputs, { ...o, algorithm: 'recurrent', precision: 'f64', outputFinalState: true });
+  const grads = await gdnBackward(d.inputs, d.dO, { ...o, precision: 'f64', dFinalState: d.dFinal });
+  return { o: await f64(fwd.o), s: await f64(fwd.finalState), grads: await gradArrays(grads) };
+}
+
+async function gradArrays(g: GdnGradients): Promise<Record<string, Float64Array>> {
+  const r: Record<string, Float64Array> = {};
+  for (const [k, v] of Object.entries(g)) if (v) r[k] = await f64(v as Tensor);
+  return r;
+}
+
+/** Runs forward and backward on `device` with poisoned outputs; returns the relative errors against `ref`. */
+async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Awaited<ReturnType<typeof reference>>,
+  extra: { algorithm?: 'chunk' | 'recurrent' } = {}) {
+  const d = await upload(c, h, device, dtype);
+  const o = { ...opts(c, d), ...extra };
+  const N = h.N;
+  const out = {
+    o: await poison([c.B, c.T, c.HV, c.V], dtype, device),
+    finalState: await poison([N, c.HV, c.K, c.V], 'f32', device),
+  };
+  const fwd = await gdnForward(d.inputs, { ...o, outputFinalState: true, out });
+  expect(fwd.o).toBe(out.o);
+  const gOut: Record<string, Tensor> = {
+    dq: await poison([c.B, c.T, c.H, c.K], dtype, device),
+    dk: await poison([c.B, c.T, c.H, c.K], dtype, device),
+    dv: await poison([c.B, c.T, c.HV, c.V], dtype, device),
+    dg: await poison([c.B, c.T, c.HV], 'f32', device),
+    dbeta: await poison([c.B, c.T, c.HV], 'f32', device),
+  };
+  if (c.h0) gOut.dh0 = await poison([N, c.HV, c.K, c.V], 'f32', device);
+  if (c.gates) {
+    gOut.dALog = await poison([c.HV], 'f32', device);
+    gOut.dDtBias = await poison([c.HV], 'f32', device);
+  }
+  const grads = await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut });
+  const ga = await gradArrays(grads);
+  const e: Record<string, number> = {
+    o: relError(await f64(fwd.o), ref.o),
+    finalState: relError(await f64(fwd.finalState), ref.s),
+  };
+  for (const k of Object.keys(ref.grads)) e[k] = relError(ga[k], ref.grads[k]);
+  // tokens past the last offset: o and every per-token gradient are exactly zero
+  if (h.cu && h.cu[h.cu.length - 1] < c.T) {
+    const t0 = h.cu[h.cu.length - 1];
+    const tail = (a: Float64Array, per: number) => a.subarray(t0 * per).every((x) => x === 0);
+    expect(tail(await f64(fwd.o), c.HV * c.V)).toBe(true);
+    expect(tail(ga.dq, c.H * c.K)).toBe(true);
+    expect(tail(ga.dk, c.H * c.K)).toBe(true);
+    expect(tail(ga.dv, c.HV * c.V)).toBe(true);
+    expect(tail(ga.dg, c.HV)).toBe(true);
+    expect(tail(ga.dbeta, c.HV)).toBe(true);
+  }
+  return e;
+}
+
+function expectBelow(e: Record<string, number>, fwdTol: number, gradTol: number, label: string): void {
+  for (const [k, v] of Object.entries(e)) {
+    const tol = k === 'o' || k === 'finalState' ? fwdTol : gradTol;
+    if (!(v <= tol)) throw new Error(`${label}: ${k} relative error ${v} > ${tol} (all: ${JSON.stringify(e)})`);
+  }
+}
+
+const cpuCases: [string, Case][] = [
+  ['basic', { B: 2, T: 70, H: 2, HV: 2, K: 16, V: 32 }],
+  ['GVA + initial state + d final', { B: 1, T: 90, H: 1, HV: 3, K: 32, V: 16, h0: true, dFinal: true }],
+  ['ragged varlen with a tail past the last offset', { B: 1, T: 180, H: 1, HV: 2, K: 16, V: 16, cu: [0, 1, 64, 65, 130, 170], h0: true, dFinal: true }],
+  ['in-kernel l2norm + fused gates', { B: 2, T: 65, H: 2, HV: 4, K: 16, V: 16, l2norm: true, gates: true, h0: true }],
+  ['strong decay g ≈ −20', { B: 1, T: 66, H: 1, HV: 1, K: 16, V: 16, g: 'strong', h0: true }],
+  ['g ≡ 0', { B: 1, T: 66, H: 1, HV: 1, K: 16, V: 16, g: 'zero', dFinal: true }],
+  ['β near 0', { B: 1, T: 66, H: 1, HV: 2, K: 16, V: 16, beta: 'low', h0: true }],
+  ['β near 1', { B: 1, T: 66, H: 1, HV: 2, K: 16, V: 16, beta: 'high' }],
+  ['T = 1', { B: 3, T: 1, H: 1, HV: 1, K: 16, V: 16, h0: true }],
+  ['T = 63, custom scale', { B: 1, T: 63, H: 1, HV: 1, K: 16, V: 8, scale: 0.7 }],
+  ['T = 64, K ≠ V', { B: 1, T: 64, H: 1, HV: 1, K: 64, V: 16 }],
+];
+
+describe('GDN CPU reference', () => {
+  test.each(cpuCases)('chunked and recurrent fp32 match the fp64 recurrence: %s', async (_name, c) => {
+    const h = makeHost(c, 17 + c.T);
+    const ref = await reference(c, h);
+    for (const algorithm of ['chunk', 'recurrent'] as const) {
+      const e = await errors(c, h, 'cpu', 'f32', ref, { algorithm });
+      expectBelow(e, 1e-4, 1e-4, `cpu ${algorithm}`);
+    }
+    // and in bf16 (the output rounding alone)
+    const ref16 = await reference(c, h, 'bf16');
+    expectBelow(await errors(c, h, 'cpu', 'bf16', ref16), 1e-2, 2e-2, 'cpu bf16');
+  });
+
+  test('finite differences agree with the fp64 backward (tiny problem, every input)', async () => {
+    for (const gates of [false, true]) {
+      const c: Case = { B: 1, T: 7, H: 1, HV: 2, K: 3, V: 2, cu: [0, 3, 6], h0: true, gates, l2norm: gates, dFinal: true };
+      const h = makeHost(c, 5 + Number(gates));
+      const d = await upload(c, h, 'cpu', 'f64');
+      const o = opts(c, d);
+      const wO = (await d.dO.toArray()) as Float64Array;
+      const wF = (await d.dFinal!.toArray()) as Float64Array;
+      const loss = async (): Promise<number> => {
+        const r = await gdnForward(d.inputs, { ...o, algorithm: 'recurrent', precision: 'f64', outputFinalState: true });
+        const ov = (await r.o.toArray()) as Float64Array;
+        const sv = (await r.finalState!.toArray()) as Float64Array;
+        let s = 0;
+        ov.forEach((x, i) => (s += x * wO[i]));
+        sv.forEach((x, i) => (s += x * wF[i]));
+        return s;
+      };
+      const grads = await gdnBackward(d.inputs, d.dO, { ...o, precision: 'f64', dFinalState: d.dFinal });
+      const pairs: [string, Tensor, Tensor][] = [
+        ['q', d.inputs.q, grads.dq],
+        ['k', d.inputs.k, grads.dk],
+        ['v', d.inputs.v, grads.dv],
+        [gates ? 'a' : 'g', d.inputs.g, grads.dg],
+        [gates ? 'b' : 'beta', d.inputs.beta, grads.dbeta],
+        ['h0', d.h0!, grads.dInitialState!],
+      ];
+      if (gates) pairs.push(['aLog', d.aLog!, grads.dALog!], ['dtBias', d.dtBias!, grads.dDtBias!]);
+      for (const [name, x, gx] of pairs) {
+        const base = (await x.toArray()) as Float64Array;
+        const analytic = (await gx.toArray()) as Float64Array;
+        const numeric = new Float64Array(base.length);
+        const eps = 1e-6;
+        for (let i = 0; i < base.length; i++) {
+          const pert = async (delta: number): Promise<number> => {
+            const a = Float64Array.from(base);
+            a[i] += delta;
+            const t = await Tensor.fromArray(a, x.shape, { device: 'cpu', dtype: 'f64' });
+            const swap = (nt: Tensor) => {
+              if (x === d.inputs.q) d.inputs.q = nt;
+              else if (x === d.inputs.k) d.inputs.k = nt;
+              else if (x === d.inputs.v) d.inputs.v = nt;
+              else if (x === d.inputs.g) d.inputs.g = nt;
+              else if (x === d.inputs.beta) d.inputs.beta = nt;
+              else if (x === d.h0) o.initialState = nt;
+              else if (x === d.aLog) o.gates = { ...o.gates!, aLog: nt };
+              else if (x === d.dtBias) o.gates = { ...o.gates!, dtBias: nt };
+            };
+            const saved = { ...d.inputs };
+            const savedO = { ...o };
+            swap(t);
+            const l = await loss();
+            Object.assign(d.inputs, saved);
+            Object.assign(o, savedO);
+            return l;
+          };
+          numeric[i] = ((await pert(eps)) - (await pert(-eps))) / (2 * eps);
+        }
+        const e = relError(analytic, numeric);
+        if (!(e < 1e-6)) throw new Error(`gates=${gates} d${name}: relative error ${e} (analytic ${analytic}, numeric ${numeric})`);
+      }
+    }
+  });
+
+  test('decode steps chained over T equal the chunked forward (CPU)', async () => {
+    await decodeMatchesForward('cpu', 'f32', { B: 3, T: 20, H: 1, HV: 2, K: 16, V: 32, l2norm: true, gates: true, h0: true });
+  });
+
+  test('typed errors for bad shapes, dtypes and offsets', async () => {
+    const c: Case = { B: 2, T: 8, H: 2, HV: 2, K: 8, V: 8 };
+    const d = await upload(c, makeHost(c, 3), 'cpu', 'f32');
+    const { q, k, v, g, beta } = d.inputs;
+    await expect(gdnForward({ q, k: await Tensor.zeros([2, 8, 2, 4]), v, g, beta })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const v3 = await Tensor.zeros([2, 8, 3, 8]);
+    await expect(gdnForward({ q, k, v: v3, g, beta })).rejects.toThrow(/multiple of key heads/);
+    await expect(gdnForward({ q, k, v, g: await Tensor.zeros([2, 8, 3]), beta })).rejects.toMatchObject({ argument: 'g' });
+    const cu = await Tensor.fromArray(Int32Array.from([0, 4, 8]), [3], { dtype: 'i32', device: 'cpu' });
+    await expect(gdnForward(d.inputs, { cuSeqlens: cu })).rejects.toThrow(/B = 1/);
+    const c1: Case = { B: 1, T: 8, H: 2, HV: 2, K: 8, V: 8 };
+    const d1 = await upload(c1, makeHost(c1, 4), 'cpu', 'f32');
+    const bad = await Tensor.fromArray(Int32Array.from([0, 6, 3]), [3], { dtype: 'i32', device: 'cpu' });
+    await expect(gdnForward(d1.inputs, { cuSeqlens: bad })).rejects.toMatchObject({ argument: 'cuSeqlens' });
+    const far = await Tensor.fromArray(Int32Array.from([0, 9]), [2], { dtype: 'i32', device: 'cpu' });
+    await expect(gdnForward(d1.inputs, { cuSeqlens: far })).rejects.toThrow(/exceeds T/);
+    await expect(gdnForward(d.inputs, { initialState: await Tensor.zeros([1, 2, 8, 8]) })).rejects.toMatchObject({
+      argument: 'initialState',
+    });
+    await expect(gdnForward(d.inputs, { gates: { aLog: await Tensor.zeros([2]), dtBias: await Tensor.zeros([3]) } })).rejects.toMatchObject({
+      argument: 'dtBias',
+    });
+    await expect(gdnBackward(d.inputs, await Tensor.zeros([2, 8, 2, 4]))).rejects.toMatchObject({ argument: 'dO' });
+    await expect(gdnForward(d.inputs, { precision: 'f64' as never, algorithm: 'fast' as never })).rejects.toMatchObject({
+      argument: 'algorithm',
+    });
+  });
+});
+
+async function decodeMatchesForward(device: string, dtype: DType, c: Case, tol = 1e-4): Promise<void> {
+  const h = makeHost(c, 99);
+  const d = await upload(c, h, device, dtype);
+  const o = opts(c, d);
+  const fwd = await gdnForward(d.inputs, { ...o, outputFinalState: true });
+  const full = await f64(fwd.o);
+  const state = d.h0 ? await d.h0.to(device) : await Tensor.zeros([c.B, c.HV, c.K, c.V], { device });
+  const steps = new Float64Array(full.length);
+  // slice token t of every sequence on the host, then step
+  const host = async (t: Tensor) => (t.dtype === 'f32' ? ((await t.toArray()) as Float32Array) : await t.toFloat32());
+  const [qa, ka, va] = [await host(d.inputs.q), await host(d.inputs.k), await host(d.inputs.v)];
+  const [ga, ba] = [h.g, h.beta];
+  const take = (a: Float32Array, t: number, per: number) => {
+    const r = new Float32Array(c.B * per);
+    for (let b = 0; b < c.B; b++) r.set(a.subarray((b * c.T + t) * per, (b * c.T + t + 1) * per), b * per);
+    return r;
+  };
+  for (let t = 0; t < c.T; t++) {
+    const mk = (a: Float32Array, shape: number[], dt: DType) => Tensor.fromArray(a, shape, { device, dtype: dt });
+    const out = await poison([c.B, c.HV, c.V], dtype, device);
+    const ot = await gdnDecodeStep(
+      {
+        q: await mk(take(qa, t, c.H * c.K), [c.B, c.H, c.K], dtype),
+        k: await mk(take(ka, t, c.H * c.K), [c.B, c.H, c.K], dtype),
+        v: await mk(take(va, t, c.HV * c.V), [c.B, c.HV, c.V], dtype),
+        g: await mk(take(ga, t, c.HV), [c.B, c.HV], 'f32'),
+        beta: await mk(take(ba, t, c.HV), [c.B, c.HV], 'f32'),
+      },
+      state,
+      { scale: c.scale, l2norm: c.l2norm, gates: o.gates, out },
+    );
+    expect(ot).toBe(out);
+    const oh = await f64(ot);
+    for (let b = 0; b < c.B; b++) steps.set(oh.subarray(b * c.HV * c.V, (b + 1) * c.HV * c.V), (b * c.T + t) * c.HV * c.V);
+  }
+  const eo = relError(steps, full);
+  const es = relError(await f64(state), await f64(fwd.finalState));
+  if (!(eo <= tol && es <= tol)) throw new Error(`decode vs forward on ${device} ${dtype}: o ${eo}, state ${es}`);
+}
+
+const cudaDescribe = cudaEnabled() ? describe : describe.skip;
+
+const cudaCases: [string, Case][] = [
+  ...[1, 63, 64, 65, 1000, 4096].map((T): [string, Case] => [`T=${T} D=128`, { B: 1, T, H: 1, HV: 2, K: 128, V: 128, h0: T < 100, dFinal: true }]),
+  ...[64, 256].flatMap((D) => [65, 1000].map((T): [string, Case] => [`T=${T} D=${D}`, { B: 2, T, H: 1, HV: 1, K: D, V: D, h0: true }])),
+  ['K=64 V=256 GVA 4/2', { B: 2, T: 130, H: 2, HV: 4, K: 64, V: 256, dFinal: true }],
+  ['K=256 V=64', { B: 1, T: 200, H: 1, HV: 1, K: 256, V: 64 }],
+  ['ragged varlen, tails < C, tail past the end', { B: 1, T: 420, H: 2, HV: 4, K: 128, V: 128, cu: [0, 1, 64, 65, 193, 230, 400], h0: true, dFinal: true }],
+  ['l2norm + fused gates + h0', { B: 2, T: 300, H: 2, HV: 2, K: 128, V: 64, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ['strong decay', { B: 1, T: 200, H: 1, HV: 1, K: 64, V: 128, g: 'strong', h0: true }],
+  ['g ≡ 0', { B: 1, T: 200, H: 1, HV: 1, K: 64, V: 64, g: 'zero', dFinal: true }],
+  ['β near 0', { B: 1, T: 200, H: 1, HV: 1, K: 64, V: 64, beta: 'low', h0: true }],
+  ['β near 1', { B: 1, T: 200, H: 1, HV: 1, K: 64, V: 64, beta: 'high' }],
+];
+
+cudaDescribe('GDN CUDA against the fp64 reference', () => {
+  test.each(cudaCases)('forward and backward, f32 and bf16: %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const ref = await reference(c, h);
+    const e32 = await errors(c, h, 'cuda:0', 'f32', ref);
+    const ref16 = await reference(c, h, 'bf16');
+    const e16 = await errors(c, h, 'cuda:0', 'bf16', ref16);
+    console.log(`gdn cuda ${name}: f32 ${JSON.stringify(e32)} bf16 ${JSON.stringify(e16)}`);
+    expectBelow(e32, 1e-4, 1e-4, `${name} f32`);
+    expectBelow(e16, 1e-2, 2e-2, `${name} bf16`);
+  });
+
+  test('decode steps chained over T equal the chunked forward (CUDA, f32 and bf16)', async () => {
+    await decodeMatchesForward('cuda:0', 'f32', { B: 3, T: 70, H: 1, HV: 2, K: 128, V: 64, l2norm: true, gates: true, h0: true });
+    await decodeMatchesForward('cuda:0', 'bf16', { B: 2, T: 40, H: 2, HV: 2, K: 64, V: 128, h0: true }, 1e-2);
+  });
+});
