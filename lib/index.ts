@@ -6,5 +6,8 @@ export { cast, add, mul, scale, fill, randomFill } from './ops/elementwise';
 export { sum, mean, type ReduceOptions } from './ops/reduce';
 export { matmul, type MatmulOptions } from './ops/matmul';
 export * from './ops/gdn';
+export * from './ops/attention';
 export { version } from './version';
 export { rmsNorm, rope, embedding, swiglu, crossEntropy } from './ops/layers';
+export * from './ops/moments';
+export * from './calibrate/statistics';

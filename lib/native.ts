@@ -96,6 +96,22 @@ export interface GdnNativeGrads {
 type HostData = ArrayBufferView | ArrayBuffer;
 
 /** Every export of the addon, typed. */
+export interface AttentionNativeOptions {
+  scale?: number;
+  cuSeqlens?: NativeTensor | null;
+  returnLse?: boolean;
+  out?: NativeTensor | { o?: NativeTensor; lse?: NativeTensor } | null;
+}
+
+export interface TaylorMomentsNativeOptions {
+  scale?: number;
+  cuSeqlens?: NativeTensor | null;
+  include?: NativeTensor | null;
+  x?: NativeTensor | null;
+  context?: NativeTensor | null;
+  algorithm?: 'stream' | 'materialize';
+}
+
 export interface NativeAddon {
   readonly sourceHash: string;
   readonly buildSystem: string;
@@ -142,6 +158,16 @@ export interface NativeAddon {
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, state: NativeTensor,
     opts: { scale?: number; l2norm?: boolean; aLog?: NativeTensor | null; dtBias?: NativeTensor | null; out?: NativeTensor | null },
   ): Promise<NativeTensor>;
+  attentionForward(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, opts: AttentionNativeOptions,
+  ): Promise<{ o: NativeTensor; lse: NativeTensor | null }>;
+  taylorMoments(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, invFreq: NativeTensor, decays: NativeTensor,
+    acc: Record<string, NativeTensor>, opts: TaylorMomentsNativeOptions,
+  ): Promise<void>;
+  readonly taylorMomentsBins: number;
+  readonly taylorMomentsLocalWindow: number;
+  readonly taylorMomentsCuda: boolean;
 }
 
 /** The ABI this TS layer was written against; the addon reports its own. */

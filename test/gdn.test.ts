@@ -318,10 +318,10 @@ describe('GDN CPU reference', () => {
     const c: Case = { B: 2, T: 8, H: 2, HV: 2, K: 8, V: 8 };
     const d = await upload(c, makeHost(c, 3), 'cpu', 'f32');
     const { q, k, v, g, beta } = d.inputs;
-    await expect(gdnForward({ q, k: await Tensor.zeros([2, 8, 2, 4]), v, g, beta })).rejects.toBeInstanceOf(InvalidArgumentError);
-    const v3 = await Tensor.zeros([2, 8, 3, 8]);
+    await expect(gdnForward({ q, k: await Tensor.zeros([2, 8, 2, 4], { device: 'cpu' }), v, g, beta })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const v3 = await Tensor.zeros([2, 8, 3, 8], { device: 'cpu' });
     await expect(gdnForward({ q, k, v: v3, g, beta })).rejects.toThrow(/multiple of key heads/);
-    await expect(gdnForward({ q, k, v, g: await Tensor.zeros([2, 8, 3]), beta })).rejects.toMatchObject({ argument: 'g' });
+    await expect(gdnForward({ q, k, v, g: await Tensor.zeros([2, 8, 3], { device: 'cpu' }), beta })).rejects.toMatchObject({ argument: 'g' });
     const cu = await Tensor.fromArray(Int32Array.from([0, 4, 8]), [3], { dtype: 'i32', device: 'cpu' });
     await expect(gdnForward(d.inputs, { cuSeqlens: cu })).rejects.toThrow(/B = 1/);
     const c1: Case = { B: 1, T: 8, H: 2, HV: 2, K: 8, V: 8 };
@@ -330,13 +330,13 @@ describe('GDN CPU reference', () => {
     await expect(gdnForward(d1.inputs, { cuSeqlens: bad })).rejects.toMatchObject({ argument: 'cuSeqlens' });
     const far = await Tensor.fromArray(Int32Array.from([0, 9]), [2], { dtype: 'i32', device: 'cpu' });
     await expect(gdnForward(d1.inputs, { cuSeqlens: far })).rejects.toThrow(/exceeds T/);
-    await expect(gdnForward(d.inputs, { initialState: await Tensor.zeros([1, 2, 8, 8]) })).rejects.toMatchObject({
+    await expect(gdnForward(d.inputs, { initialState: await Tensor.zeros([1, 2, 8, 8], { device: 'cpu' }) })).rejects.toMatchObject({
       argument: 'initialState',
     });
-    await expect(gdnForward(d.inputs, { gates: { aLog: await Tensor.zeros([2]), dtBias: await Tensor.zeros([3]) } })).rejects.toMatchObject({
+    await expect(gdnForward(d.inputs, { gates: { aLog: await Tensor.zeros([2], { device: 'cpu' }), dtBias: await Tensor.zeros([3], { device: 'cpu' }) } })).rejects.toMatchObject({
       argument: 'dtBias',
     });
-    await expect(gdnBackward(d.inputs, await Tensor.zeros([2, 8, 2, 4]))).rejects.toMatchObject({ argument: 'dO' });
+    await expect(gdnBackward(d.inputs, await Tensor.zeros([2, 8, 2, 4], { device: 'cpu' }))).rejects.toMatchObject({ argument: 'dO' });
     await expect(gdnForward(d.inputs, { precision: 'f64' as never, algorithm: 'fast' as never })).rejects.toMatchObject({
       argument: 'algorithm',
     });

@@ -3,12 +3,14 @@
 import { Command } from 'commander';
 import { version } from '../version';
 import { infoCommand } from './info';
+import { evalCommand } from './eval';
 import { TcalError } from '../errors';
 
 export function buildProgram(): Command {
   const program = new Command();
   program.name('tcal').description('Taylor-Calibrate: softmax Transformers → hybrid Gated DeltaNet').version(version);
   program.addCommand(infoCommand());
+  program.addCommand(evalCommand());
   return program;
 }
 

@@ -45,7 +45,10 @@ export interface GdnOptions {
   algorithm?: 'chunk' | 'recurrent';
   /** CPU only: 'f64' computes in double precision (the reference). */
   precision?: 'f32' | 'f64';
-  /** Dtype of o (and of dq, dk, dv in the backward): the input dtype (default) or 'f32'. */
+  /**
+   * Dtype of o (and of dq, dk, dv in the backward): the input dtype (default) or 'f32'. The CUDA backward
+   * writes gradients in the input dtype only.
+   */
   outDtype?: DType;
 }
 

@@ -10,11 +10,14 @@
 //   O = diag(e) Q S0 + (Q Kᵀ ⊙ Γ, lower incl. diagonal) ν
 //   S_L = e_L S0 + Kᵀ diag(d) ν
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "check.h"
 #include "device.h"
 #include "gdn.h"
+#include "gdn_fwd_tc.h"
 #include "types.cuh"
 
 namespace tcal::cuda {
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) gdnForwardKernel(Geo geo, const floa
   }
   int chunk = geo.chunkFirst[n];
   for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk) {
-    const int L = int(min<int64_t>(C, seqEnd - t0));
+    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
     __syncthreads();
     if (ckpt) {
       float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
@@ -255,7 +258,9 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
   float* gam = vt + C * BV;        // C
   float* ex = gam + C;
   float* bet = ex + C;
-  float* red = bet + C;            // 2 scalars
+  float* Et = bet + C;             // C
+  float* Zt = Et + C;              // C
+  float* red = Zt + C;             // 1 scalar
   const int64_t seqBegin = geo.cu[n], seqEnd = geo.cu[n + 1];
   const size_t stateBase = (size_t(n) * HV + hv) * K * V;
   for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x)
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
   const int nChunks = geo.chunkFirst[n + 1] - geo.chunkFirst[n];
   for (int ci = nChunks - 1; ci >= 0; --ci) {
     const int64_t t0 = seqBegin + int64_t(ci) * C;
-    const int L = int(min<int64_t>(C, seqEnd - t0));
+    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
     const int chunk = geo.chunkFirst[n] + ci;
     __syncthreads();
     const float* src = ckpt + (size_t(chunk) * HV + hv) * K * V;
@@ -274,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
       dOt[idx] = toF(dO[off]);
       vt[idx] = toF(v[off]);
     }
-    if (threadIdx.x < 2) red[threadIdx.x] = 0.f;
+    if (threadIdx.x == 0) red[0] = 0.f;
     loadGates(g, beta, t0, L, HV, hv, gam, ex, bet);
     __syncthreads();
     gramMatrices(qs, ks, t0, L, H, h, K, gam, KKG, QKG);
@@ -326,18 +331,10 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
       dQK[idx] = a;
       dM[idx] = j < i ? -b : 0.f;
     }
-    // Z = Σ_j d_j dSk_j·ν_j (the γ_L term of the state update)
-    float z = 0.f;
-    for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
-      int i = idx / BV;
-      z += __expf(gam[L - 1] - gam[i]) * dSk[idx] * nu[idx];
-    }
-    atomicAdd(&red[1], z);
     __syncthreads();
-    // per-token partials: dγ_i (before the reverse cumsum) and dβ_i
+    // Per-token terms: E_i (the e_i factors of O and R), Z_i (the d_i factor of the state update), dβ_i.
     if (threadIdx.x < L) {
       int i = threadIdx.x;
-      float di = __expf(gam[L - 1] - gam[i]);
       float sO = 0.f, sR = 0.f, sZ = 0.f, sB = 0.f;
       for (int c = 0; c < BV; ++c) {
         sO += dOt[i * BV + c] * Pq[i * BV + c];
@@ -345,18 +342,23 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
         sZ += dSk[i * BV + c] * nu[i * BV + c];
         sB += dR[i * BV + c] * (vt[i * BV + c] - ex[i] * Pk[i * BV + c]);
       }
-      float dg = ex[i] * sO - bet[i] * ex[i] * sR - di * sZ;
-      for (int j = 0; j <= i; ++j) dg += dQK[i * C + j] * QKG[i * C + j];
-      for (int j = i; j < L; ++j) dg -= dQK[j * C + i] * QKG[j * C + i];
-      for (int j = 0; j < i; ++j) {
-        dg += dM[i * C + j] * bet[i] * KKG[i * C + j];
-        sB += dM[i * C + j] * KKG[i * C + j];
-      }
-      for (int j = i + 1; j < L; ++j) dg -= dM[j * C + i] * bet[j] * KKG[j * C + i];
-      if (i == L - 1) dg += ex[L - 1] * red[0] + red[1];
-      size_t off = (size_t(tile) * NT + t0 + i) * HV + hv;
-      dgamP[off] = dg;
-      dbetaP[off] = sB;
+      for (int j = 0; j < i; ++j) sB += dM[i * C + j] * KKG[i * C + j];
+      Et[i] = ex[i] * sO - bet[i] * ex[i] * sR;
+      Zt[i] = __expf(gam[L - 1] - gam[i]) * sZ;
+      dbetaP[(size_t(tile) * NT + t0 + i) * HV + hv] = sB;
+    }
+    __syncthreads();
+    // dg_t = Σ_{i≥t} dγ_i, summed directly so that no two large terms cancel (strong decay): every term
+    // below carries a factor exp(g_t) or smaller.
+    //   dg_t = Σ_{i≥t} E_i + e_L <dS, S0> + Σ_{j<t} Z_j + Σ_{a≥t, b<t} (dQK_ab QKG_ab + dM_ab β_a KKG_ab)
+    if (threadIdx.x < L) {
+      int t = threadIdx.x;
+      float dg = ex[L - 1] * red[0];
+      for (int i = t; i < L; ++i) dg += Et[i];
+      for (int j = 0; j < t; ++j) dg += Zt[j];
+      for (int a = t; a < L; ++a)
+        for (int b = 0; b < t; ++b) dg += dQK[a * C + b] * QKG[a * C + b] + dM[a * C + b] * bet[a] * KKG[a * C + b];
+      dgamP[(size_t(tile) * NT + t0 + t) * HV + hv] = dg;
     }
     __syncthreads();
     // fold the decays into the weights used for dq and dk
@@ -405,7 +407,7 @@ __global__ void __launch_bounds__(kThreads) gdnBackwardKernel(
       dh0[stateBase + size_t(idx / BV) * V + v0 + idx % BV] = dS[idx];
 }
 
-// dg (reverse cumsum of dγ within each chunk) and dβ, summed over tiles; the fused gates' chain rule.
+// dg and dβ summed over tiles; the fused gates' chain rule.
 __global__ void gateGrads(const int* __restrict__ chunkStart, const int* __restrict__ chunkLen, int nChunks, int HV,
                           int tiles, int64_t NT, const float* __restrict__ dgamP, const float* __restrict__ dbetaP,
                           const float* __restrict__ gRaw, const float* __restrict__ bRaw,
@@ -417,7 +419,7 @@ __global__ void gateGrads(const int* __restrict__ chunkStart, const int* __restr
   int ch = int(idx / HV), hv = int(idx % HV);
   int64_t t0 = chunkStart[ch];
   int L = chunkLen[ch];
-  float acc = 0.f, sumA = 0.f, sumDt = 0.f;
+  float sumA = 0.f, sumDt = 0.f;
   for (int i = L - 1; i >= 0; --i) {
     size_t off = size_t(t0 + i) * HV + hv;
     float dgam = 0.f, db = 0.f;
@@ -425,8 +427,7 @@ __global__ void gateGrads(const int* __restrict__ chunkStart, const int* __restr
       dgam += dgamP[size_t(t) * NT * HV + off];
       db += dbetaP[size_t(t) * NT * HV + off];
     }
-    acc += dgam;
-    float dgi = acc;
+    float dgi = dgam;
     if (aLog) {
       float z = gRaw[off] + dtBias[hv];
       sumA += dgi * gEff[off];
@@ -609,7 +610,7 @@ Prepared prepare(const gdn::Problem& p, const gdn::Inputs& in, cudaStream_t stre
 }
 
 size_t forwardSmem(int K) { return sizeof(float) * (size_t(K) * BV + 2 * C * C + C * BV + 3 * C); }
-size_t backwardSmem(int K) { return sizeof(float) * (2 * size_t(K) * BV + 4 * C * C + 7 * C * BV + 3 * C + 2); }
+size_t backwardSmem(int K) { return sizeof(float) * (2 * size_t(K) * BV + 4 * C * C + 7 * C * BV + 5 * C + 1); }
 
 template <typename Kern>
 void allowSmem(Kern kernel, size_t bytes) {
@@ -654,6 +655,15 @@ void zeroTail(const Tensor& t, int64_t validTokens, int64_t totalTokens, cudaStr
 
 void gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out) {
   cudaStream_t stream = use(in.q.device().index);
+  // The fused tensor-core kernel where it applies (TCAL_GDN_FORWARD=simple forces version 1).
+  const char* force = std::getenv("TCAL_GDN_FORWARD");
+  bool simple = force && std::strcmp(force, "simple") == 0;
+  if (!simple && gdn_tc::eligible(p, in.q.dtype(), out.o.dtype())) {
+    Tensor cu = deviceInts(p.cu, in.q.device());
+    gdn_tc::forward(p, in, out.o, out.finalState, cu.ptr<int>(), stream);
+    zeroTail(out.o, p.cu[size_t(p.N)], p.tokens(), stream);
+    return;
+  }
   dispatchIn(in.q.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     Prepared pr = prepare<T>(p, in, stream);
@@ -682,7 +692,11 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     const int tiles = int(p.V / BV);
     const int nChunks = int(pr.chunks.start.size());
     Tensor ckpt = empty({std::max(nChunks, 1), p.HV, p.K, p.V}, DType::F32, dev);
-    launchForward<T, T>(p, pr, in, static_cast<T*>(nullptr), nullptr, ckpt.ptr<float>(), stream);
+    const char* force = std::getenv("TCAL_GDN_FORWARD");
+    if (!(force && std::strcmp(force, "simple") == 0) && gdn_tc::eligible(p, in.q.dtype(), in.q.dtype()))
+      gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, stream, ckpt.ptr<float>(), pr.geo.chunkFirst);
+    else
+      launchForward<T, T>(p, pr, in, static_cast<T*>(nullptr), nullptr, ckpt.ptr<float>(), stream);
     Tensor dqP = empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
     Tensor dkP = empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
     Tensor dgamP = empty({tiles, NT, p.HV}, DType::F32, dev);

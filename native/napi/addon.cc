@@ -25,6 +25,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   registerMatmul(env, exports);
   registerLayers(env, exports);
   registerGdn(env, exports);
+  registerAttention(env, exports);
+  registerMoments(env, exports);
   return exports;
 }
 

@@ -99,5 +99,7 @@ void registerReduce(Napi::Env env, Napi::Object exports);
 void registerMatmul(Napi::Env env, Napi::Object exports);
 void registerLayers(Napi::Env env, Napi::Object exports);
 void registerGdn(Napi::Env env, Napi::Object exports);
+void registerAttention(Napi::Env env, Napi::Object exports);
+void registerMoments(Napi::Env env, Napi::Object exports);
 
 }  // namespace tcal::napi

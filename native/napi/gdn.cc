@@ -122,6 +122,9 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
     p.N = p.B;
   }
 
+  if (onCuda(in.q) && (p.N > 65535 || p.HV > 65535))
+    throwInvalid(r.cu.defined() ? "cuSeqlens" : "q", "CUDA kernels take at most 65535 sequences and value heads");
+
   auto aLog = optionalTensor(opt(opts, "aLog"), "aLog");
   auto dtBias = optionalTensor(opt(opts, "dtBias"), "dtBias");
   if (bool(aLog) != bool(dtBias)) throwInvalid(aLog ? "dtBias" : "aLog", "fused gates need both aLog and dtBias");
@@ -311,14 +314,18 @@ Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
     if (in.v.dim(0) != a.N || (four && in.v.dim(1) != 1)) throwInvalid("v", "shape " + shapeStr(in.v.shape()) + " does not match q");
     a.HV = in.v.dim(-2);
     a.V = in.v.dim(-1);
+    if (a.H <= 0 || a.K <= 0 || a.HV <= 0 || a.V <= 0) throwInvalid("q", "head counts and head dims must be positive");
     if (a.HV % a.H != 0) throwInvalid("v", "value heads must be a multiple of key heads");
     if (onCuda(in.q) && (a.K > 256 || a.V > 256 || a.K % 32 != 0 || a.V % 32 != 0))
       throwInvalid("q", "CUDA decode takes K, V multiples of 32 up to 256");
+    if (onCuda(in.q) && (a.N > 65535 || a.HV > 65535)) throwInvalid("q", "CUDA decode takes at most 65535 sequences");
     Shape gs = four ? Shape{a.N, 1, a.HV} : Shape{a.N, a.HV};
     checkF32(in.g, gs, dev, "g");
     checkF32(in.beta, gs, dev, "beta");
     checkF32(state, {a.N, a.HV, a.K, a.V}, dev, "state");
     Napi::Value scaleV = opt(opts, "scale");
+    if (!scaleV.IsUndefined() && !scaleV.IsNull() && !(scaleV.IsNumber() && std::isfinite(scaleV.As<Napi::Number>().DoubleValue())))
+      throwInvalid("scale", "expected a finite number");
     a.scale = scaleV.IsNumber() ? scaleV.As<Napi::Number>().DoubleValue() : 1.0 / std::sqrt(double(a.K));
     a.l2norm = boolOpt(opts, "l2norm");
     auto aLog = optionalTensor(opt(opts, "aLog"), "aLog");

@@ -1,0 +1,178 @@
+/**
+ * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
+ * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer]
+ * Shapes: B8·T4096·H16·K=V=128 (reference), B2·T16384·H16·D128, B8·T4096·H32·D64; bf16 q/k/v, f32 g/β,
+ * in-kernel q/k L2 norm (as fla's use_qk_l2norm_in_kernel). Floors first (bytes / bandwidth, FLOPs / rate),
+ * then ours and fla's medians, our forward output against fla's, tokens/s. JSON under bench/results/.
+ */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { Tensor, initBackend, cudaDevices, randomFill, gdnForward, gdnBackward } from '../lib';
+import { timeDevice, runPythonPeer, printTable, writeResults } from './common';
+
+interface Shape {
+  name: string;
+  B: number;
+  T: number;
+  H: number;
+  HV: number;
+  K: number;
+  V: number;
+}
+
+const SHAPES: Shape[] = [
+  { name: 'B8 T4096 H16 D128 (ref)', B: 8, T: 4096, H: 16, HV: 16, K: 128, V: 128 },
+  { name: 'B2 T16384 H16 D128', B: 2, T: 16384, H: 16, HV: 16, K: 128, V: 128 },
+  { name: 'B8 T4096 H32 D64', B: 8, T: 4096, H: 32, HV: 32, K: 64, V: 64 },
+];
+
+/** Ceilings measured on the H200 host (DESIGN.md §6). */
+const BANDWIDTH = 4.3e12; // bytes/s
+const BF16_RATE = 790e12; // FLOP/s dense
+
+/** Minimum bytes and FLOPs of the chunked algorithm (C = 64), forward and backward. */
+function floors(s: Shape): Record<string, number> {
+  const tok = s.B * s.T;
+  const C = 64;
+  const qk = 2 * tok * s.H * s.K * 2; // q, k bf16
+  const vv = tok * s.HV * s.V * 2;
+  const gates = 2 * tok * s.HV * 4;
+  const fwdBytes = qk + vv + gates + vv; // read q, k, v, g, β; write o
+  const bwdBytes = qk + 2 * vv + gates + qk + vv + gates; // read q, k, v, dO, g, β; write dq, dk, dv, dg, dβ
+  // per token and value head: KKᵀ, QKᵀ, W = A·βK (3·C·K), U = A·βV, (QKᵀ)ν (2·C·V), W·S, Q·S, state update (3·K·V)
+  const perTok = 2 * (3 * C * s.K + 2 * C * s.V + 3 * s.K * s.V);
+  const fwdFlops = tok * s.HV * perTok;
+  const bwdFlops = 2 * fwdFlops; // the backward's products are about twice the forward's (recompute excluded)
+  const f = (bytes: number, flops: number) => Math.max(bytes / BANDWIDTH, flops / BF16_RATE) * 1e3;
+  return {
+    fwdGB: fwdBytes / 1e9,
+    bwdGB: bwdBytes / 1e9,
+    fwdGFLOP: fwdFlops / 1e9,
+    bwdGFLOP: bwdFlops / 1e9,
+    fwdFloorMs: f(fwdBytes, fwdFlops),
+    bwdFloorMs: f(bwdBytes, bwdFlops),
+    fwdBwdFloorMs: f(fwdBytes, fwdFlops) + f(bwdBytes, bwdFlops),
+  };
+}
+
+async function hostBytes(t: Tensor): Promise<Buffer> {
+  const a = await t.toArray();
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+}
+
+async function main(): Promise<void> {
+  const noPeer = process.argv.includes('--no-peer');
+  const backend = initBackend({ backend: 'cuda' });
+  const device = backend.device;
+  const gpu = cudaDevices()[0];
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tcal-gdn-'));
+  const floorRows = SHAPES.map((s) => ({ shape: s.name, ...floors(s) }));
+  console.log('floors (ms) at 4.3 TB/s and 790 TFLOP/s bf16:');
+  printTable(floorRows);
+
+  type Inputs = { q: Tensor; k: Tensor; v: Tensor; g: Tensor; beta: Tensor; dO: Tensor };
+  const inputs: Inputs[] = [];
+  const peerShapes = [];
+  for (const [i, s] of SHAPES.entries()) {
+    const dir = path.join(tmp, `s${i}`);
+    fs.mkdirSync(dir);
+    const seed = 100 * (i + 1);
+    const x: Inputs = {
+      q: await randomFill(Tensor.empty([s.B, s.T, s.H, s.K], { device, dtype: 'bf16' }), { kind: 'normal' }, seed),
+      k: await randomFill(Tensor.empty([s.B, s.T, s.H, s.K], { device, dtype: 'bf16' }), { kind: 'normal' }, seed + 1),
+      v: await randomFill(Tensor.empty([s.B, s.T, s.HV, s.V], { device, dtype: 'bf16' }), { kind: 'normal' }, seed + 2),
+      // log decays in [−0.2, −0.005], β in [0.05, 0.95]
+      g: await randomFill(Tensor.empty([s.B, s.T, s.HV], { device }), { kind: 'uniform', low: -0.2, high: -0.005 }, seed + 3),
+      beta: await randomFill(Tensor.empty([s.B, s.T, s.HV], { device }), { kind: 'uniform', low: 0.05, high: 0.95 }, seed + 4),
+      dO: await randomFill(Tensor.empty([s.B, s.T, s.HV, s.V], { device, dtype: 'bf16' }), { kind: 'normal' }, seed + 5),
+    };
+    inputs.push(x);
+    if (!noPeer) {
+      for (const name of ['q', 'k', 'v', 'g', 'beta'] as const) fs.writeFileSync(path.join(dir, `${name}.bin`), await hostBytes(x[name]));
+      peerShapes.push({ ...s, dir });
+    }
+  }
+  const peer = noPeer
+    ? { rows: [] as { name: string; fwd_ms: number; fwdbwd_ms: number }[], error: 'skipped (--no-peer)' }
+    : runPythonPeer<{ name: string; fwd_ms: number; fwdbwd_ms: number }>(
+        path.resolve(__dirname, '..', '..', 'bench', 'peers', 'fla_gdn.py'),
+        peerShapes,
+      );
+
+  const rows: Record<string, string | number>[] = [];
+  for (const [i, s] of SHAPES.entries()) {
+    const x = inputs[i];
+    const ins = { q: x.q, k: x.k, v: x.v, g: x.g, beta: x.beta };
+    const opts = { l2norm: true };
+    let agreement = NaN;
+    const oFile = path.join(tmp, `s${i}`, 'o.bin');
+    if (fs.existsSync(oFile)) {
+      const ours = await gdnForward(ins, opts);
+      const a = await ours.o.toFloat32();
+      const raw = fs.readFileSync(oFile);
+      const words = new Uint16Array(raw.buffer, raw.byteOffset, raw.byteLength / 2);
+      let num = 0;
+      let den = 0;
+      const u = new Uint32Array(1);
+      const f = new Float32Array(u.buffer);
+      for (let j = 0; j < a.length; j++) {
+        u[0] = words[j] << 16;
+        num += (a[j] - f[0]) ** 2;
+        den += f[0] ** 2;
+      }
+      agreement = Math.sqrt(num / den);
+      ours.o.dispose();
+    }
+    const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const disposeGrads = (g: Awaited<ReturnType<typeof gdnBackward>>) => {
+      for (const t of Object.values(g)) (t as Tensor | undefined)?.dispose();
+    };
+    const bwdMs = await timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, opts)), device, { warmup: 2, batches: 5, perBatch: 3 });
+    const fbMs = await timeDevice(
+      async () => {
+        (await gdnForward(ins, opts)).o.dispose();
+        disposeGrads(await gdnBackward(ins, x.dO, opts));
+      },
+      device,
+      { warmup: 2, batches: 5, perBatch: 3 },
+    );
+    const fl = floors(s);
+    const p = peer.rows.find((r) => r.name === s.name);
+    const tokens = s.B * s.T;
+    rows.push({
+      shape: s.name,
+      'fwd floor': fl.fwdFloorMs,
+      'fwd ms': fwdMs,
+      'fla fwd': p?.fwd_ms ?? NaN,
+      'fwd ×fla': p ? p.fwd_ms / fwdMs : NaN,
+      'bwd floor': fl.bwdFloorMs,
+      'bwd ms': bwdMs,
+      'f+b ms': fbMs,
+      'fla f+b': p?.fwdbwd_ms ?? NaN,
+      'f+b ×fla': p ? p.fwdbwd_ms / fbMs : NaN,
+      'fwd Mtok/s': tokens / fwdMs / 1e3,
+      'bwd Mtok/s': tokens / bwdMs / 1e3,
+      'f+b Mtok/s': tokens / fbMs / 1e3,
+      'o vs fla': agreement,
+    });
+  }
+  printTable(rows);
+  if (peer.error) console.log(`fla peer: ${peer.error}`);
+  const file = writeResults('gdn', {
+    device: gpu,
+    date: new Date().toISOString(),
+    ceilings: { bandwidth: BANDWIDTH, bf16Rate: BF16_RATE },
+    floors: floorRows,
+    rows,
+    peer: peer.rows,
+    peerError: peer.error,
+  });
+  console.log(`results: ${file}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,327 @@
+/**
+ * The Taylor attention-moment reduction (DESIGN §5.1 Pass 1): the streaming (online-softmax) path against
+ * the materialising oracle ≤ 1e-10 in f64, hand-checkable cases (a single token; uniform attention when
+ * q = 0), key/value/input moments against direct sums, batch splitting, and typed argument errors.
+ */
+import { Tensor, scope } from '../lib/tensor';
+import { rope } from '../lib/ops/layers';
+import {
+  createMomentAccumulators,
+  disposeMomentAccumulators,
+  momentBins,
+  readMomentAccumulators,
+  scanDecays,
+  taylorMoments,
+  type MomentAccumulators,
+  type TaylorMomentsOptions,
+} from '../lib/ops/moments';
+import { cudaEnabled, randn, relError, roundBf16 } from './helpers';
+
+type Stats = Partial<Record<keyof MomentAccumulators, Float64Array>>;
+
+function invFreqOf(D: number, base = 10000): Float64Array {
+  return Float64Array.from({ length: D / 2 }, (_, j) => 1 / Math.pow(base, (2 * j) / D));
+}
+
+interface Case {
+  q: Float32Array;
+  k: Float32Array;
+  v: Float32Array;
+  x?: Float32Array;
+  shape: { B: number; T: number; H: number; HKV: number; D: number; Dx?: number };
+  cu?: Int32Array;
+  include?: Int32Array;
+  decays?: Float64Array;
+  invFreq?: Float64Array;
+}
+
+async function run(
+  c: Case,
+  algorithm: 'stream' | 'materialize',
+  extra: TaylorMomentsOptions = {},
+  device = 'cpu',
+  dtype: 'f32' | 'bf16' = 'f32',
+): Promise<Stats> {
+  return scope(async () => {
+    const { B, T, H, HKV, D, Dx } = c.shape;
+    const decays = c.decays ?? scanDecays(6);
+    const inv = c.invFreq ?? invFreqOf(D);
+    const acc = await createMomentAccumulators({ heads: H, kvHeads: HKV, headDim: D, decays: decays.length, inputDim: Dx }, device);
+    const dev = { device };
+    const input = { device, dtype };
+    await taylorMoments(
+      await Tensor.fromArray(c.q, [B, T, H, D], input),
+      await Tensor.fromArray(c.k, [B, T, HKV, D], input),
+      await Tensor.fromArray(c.v, [B, T, HKV, D], input),
+      await Tensor.fromArray(inv, [D / 2], dev),
+      await Tensor.fromArray(decays, [decays.length], dev),
+      acc,
+      {
+        algorithm,
+        cuSeqlens: c.cu ? await Tensor.fromArray(c.cu, [c.cu.length], dev) : undefined,
+        include: c.include ? await Tensor.fromArray(c.include, [c.include.length], dev) : undefined,
+        x: c.x ? await Tensor.fromArray(c.x, [B, T, Dx!], dev) : undefined,
+        ...extra,
+      },
+    );
+    const out = await readMomentAccumulators(acc);
+    disposeMomentAccumulators(acc);
+    return out;
+  });
+}
+
+function expectClose(a: Stats, b: Stats, tol: number): void {
+  for (const key of Object.keys(b) as (keyof MomentAccumulators)[]) {
+    const err = relError(a[key]!, b[key]!);
+    if (!(err <= tol)) throw new Error(`${key}: relative error ${err} > ${tol}`);
+  }
+}
+
+function randomCase(seed: number, opts: { T: number; cu?: number[]; include?: number[]; H?: number; HKV?: number; D?: number; Dx?: number; qStd?: number }): Case {
+  const H = opts.H ?? 4;
+  const HKV = opts.HKV ?? 2;
+  const D = opts.D ?? 16;
+  const T = opts.T;
+  const Dx = opts.Dx;
+  return {
+    q: randn(T * H * D, seed, opts.qStd ?? 1.5),
+    k: randn(T * HKV * D, seed + 1, 1),
+    v: randn(T * HKV * D, seed + 2, 1),
+    x: Dx ? randn(T * Dx, seed + 3, 1) : undefined,
+    shape: { B: 1, T, H, HKV, D, Dx },
+    cu: opts.cu ? Int32Array.from(opts.cu) : undefined,
+    include: opts.include ? Int32Array.from(opts.include) : undefined,
+  };
+}
+
+describe('taylorMoments on the CPU', () => {
+  test('streaming path equals the materialising oracle (ragged varlen, GQA, a padding segment, a tail)', async () => {
+    // Sequences of 1, 70 (crosses key and query blocks), 3, 97, an excluded one of 20, then 9 tail tokens.
+    const cu = [0, 1, 71, 74, 171, 191];
+    const c = randomCase(11, { T: 200, cu, include: [1, 1, 1, 1, 0], Dx: 24 });
+    const oracle = await run(c, 'materialize');
+    const stream = await run(c, 'stream');
+    expectClose(stream, oracle, 1e-10);
+    expect(oracle.count![0]).toBe(171);
+    // Sharper attention (larger scores) too.
+    const sharp = randomCase(12, { T: 80, qStd: 6, H: 2, HKV: 1, D: 32 });
+    expectClose(await run(sharp, 'stream'), await run(sharp, 'materialize'), 1e-10);
+  });
+
+  test('a single-token sequence: Δ = 0, entropy 0, φ = 1, all mass on the sink, o = v', async () => {
+    const D = 8;
+    const H = 2;
+    const c = randomCase(5, { T: 1, H, HKV: 1, D });
+    const decays = Float64Array.from([1, 0.5]);
+    for (const alg of ['stream', 'materialize'] as const) {
+      const s = await run({ ...c, decays }, alg);
+      expect(s.count![0]).toBe(1);
+      for (let h = 0; h < H; h++) {
+        expect(Array.from(s.attention!.subarray(h * 5, h * 5 + 5))).toEqual([0, 0, 0, 1, 1]);
+        const hist = s.histogram!.subarray(h * momentBins(), (h + 1) * momentBins());
+        expect(hist[0]).toBe(1);
+        expect(hist.slice(1).every((x) => x === 0)).toBe(true);
+        for (let j = 0; j < D / 2; j++) {
+          expect(s.phi![h * D + 2 * j]).toBeCloseTo(1, 14);
+          expect(s.phi![h * D + 2 * j + 1]).toBeCloseTo(0, 14);
+        }
+        // y = v for every decay; ŷ = v / rms(v).
+        const v = Array.from(c.v.subarray(0, D));
+        const rms = Math.sqrt(v.reduce((a, x) => a + x * x, 0) / D + 1e-6);
+        for (let k = 0; k < 2; k++) {
+          for (let ch = 0; ch < D; ch++) {
+            expect(s.contextSum![h * D + ch]).toBeCloseTo(v[ch], 6);
+            expect(s.scanCross![(h * 2 + k) * D + ch]).toBeCloseTo((v[ch] / rms) * v[ch], 5);
+            expect(s.scanSq![(h * 2 + k) * D + ch]).toBeCloseTo((v[ch] / rms) ** 2, 5);
+          }
+        }
+      }
+    }
+  });
+
+  test('q = 0 gives uniform attention: E[Δ] = (n−1)/2, entropy ln n, φ the mean of e^{iθΔ}', async () => {
+    const D = 8;
+    const lens = [5, 40];
+    const cu = [0, 5, 45];
+    const T = 45;
+    const c = randomCase(7, { T, cu, H: 2, HKV: 1, D });
+    c.q.fill(0);
+    const inv = invFreqOf(D, 100);
+    const want = { dist: 0, dist2: 0, ent: 0, sink: 0, local: 0, hist: new Float64Array(momentBins()), phi: new Float64Array(D) };
+    for (const len of lens) {
+      for (let t = 0; t < len; t++) {
+        const n = t + 1;
+        want.dist += (n - 1) / 2;
+        want.dist2 += (t * (2 * t + 1)) / 6;
+        want.ent += Math.log(n);
+        want.sink += 1 / n;
+        want.local += Math.min(n, 16) / n;
+        for (let delta = 0; delta <= t; delta++) {
+          const bin = delta === 0 ? 0 : Math.min(Math.floor(Math.log2(delta)) + 1, momentBins() - 1);
+          want.hist[bin] += 1 / n;
+          for (let j = 0; j < D / 2; j++) {
+            want.phi[2 * j] += Math.cos(inv[j] * delta) / n;
+            want.phi[2 * j + 1] += Math.sin(inv[j] * delta) / n;
+          }
+        }
+      }
+    }
+    for (const alg of ['stream', 'materialize'] as const) {
+      const s = await run({ ...c, invFreq: inv }, alg);
+      for (let h = 0; h < 2; h++) {
+        const a = s.attention!.subarray(h * 5, h * 5 + 5);
+        expect(relError(a, [want.dist, want.dist2, want.ent, want.sink, want.local])).toBeLessThan(1e-13);
+        expect(relError(s.histogram!.subarray(h * momentBins(), (h + 1) * momentBins()), want.hist)).toBeLessThan(1e-13);
+        expect(relError(s.phi!.subarray(h * D, (h + 1) * D), want.phi)).toBeLessThan(1e-12);
+      }
+    }
+  });
+
+  test('key (pre-RoPE), value and input moments equal direct sums; the context is softmax attention', async () => {
+    const T = 37;
+    const H = 2;
+    const HKV = 1;
+    const D = 16;
+    const Dx = 12;
+    const cu = Int32Array.from([0, 20, 37]);
+    const inv = invFreqOf(D);
+    const kPre = randn(T * HKV * D, 21, 1);
+    const c = randomCase(20, { T, H, HKV, D, Dx });
+    const positions = Int32Array.from({ length: T }, (_, i) => (i < 20 ? i : i - 20));
+    const context = await scope(async () => {
+      const dev = { device: 'cpu' };
+      const k = await rope(
+        await Tensor.fromArray(kPre, [1, T, HKV, D], dev),
+        await Tensor.fromArray(positions, [1, T], dev),
+        await Tensor.fromArray(Float32Array.from(inv), [D / 2], dev),
+      );
+      c.k = (await k.toArray()) as Float32Array;
+      return Tensor.zeros([1, T, H, D], { dtype: 'f64', ...dev });
+    });
+    c.cu = cu;
+    const s = await run({ ...c, invFreq: inv }, 'stream', { context });
+    const got = (await context.toArray()) as Float64Array;
+    context.dispose();
+    // Reference context: softmax(q·k / √D) v within each sequence.
+    const ref = new Float64Array(T * H * D);
+    for (let t = 0; t < T; t++) {
+      const start = t < 20 ? 0 : 20;
+      for (let h = 0; h < H; h++) {
+        const scores: number[] = [];
+        for (let u = start; u <= t; u++) {
+          let dot = 0;
+          for (let i = 0; i < D; i++) dot += c.q[(t * H + h) * D + i] * c.k[u * D + i];
+          scores.push(dot / Math.sqrt(D));
+        }
+        const m = Math.max(...scores);
+        const w = scores.map((x) => Math.exp(x - m));
+        const l = w.reduce((a, b) => a + b, 0);
+        for (let u = start; u <= t; u++)
+          for (let i = 0; i < D; i++) ref[(t * H + h) * D + i] += (w[u - start] / l) * c.v[u * D + i];
+      }
+    }
+    expect(relError(got, ref)).toBeLessThan(1e-12);
+
+    const sum = (rows: number, width: number, get: (t: number, i: number) => number) => {
+      const s1 = new Float64Array(width);
+      const s2 = new Float64Array(width * width);
+      for (let t = 0; t < rows; t++)
+        for (let i = 0; i < width; i++) {
+          s1[i] += get(t, i);
+          for (let j = 0; j < width; j++) s2[i * width + j] += get(t, i) * get(t, j);
+        }
+      return [s1, s2];
+    };
+    const [kS, kO] = sum(T, D, (t, i) => kPre[t * D + i]);
+    expect(relError(s.keySum!, kS)).toBeLessThan(1e-5);
+    expect(relError(s.keyOuter!, kO)).toBeLessThan(1e-5);
+    const [vS, vO] = sum(T, D, (t, i) => c.v[t * D + i]);
+    expect(relError(s.valueSum!, vS)).toBeLessThan(1e-14);
+    expect(relError(s.valueOuter!, vO)).toBeLessThan(1e-14);
+    const [xS, xO] = sum(T, Dx, (t, i) => c.x![t * Dx + i]);
+    expect(relError(s.inputSum!, xS)).toBeLessThan(1e-14);
+    expect(relError(s.inputOuter!, xO)).toBeLessThan(1e-14);
+    // Σo, Σo² from the context.
+    const oS = new Float64Array(H * D);
+    for (let t = 0; t < T; t++) for (let i = 0; i < H * D; i++) oS[i] += got[t * H * D + i];
+    expect(relError(s.contextSum!, oS)).toBeLessThan(1e-12);
+  });
+
+  test('sequences streamed in two calls add up to one call over all of them, for both algorithms', async () => {
+    const cu = [0, 30, 31, 80, 100];
+    const c = randomCase(31, { T: 100, cu, Dx: 8 });
+    const split = (lo: number, hi: number): Case => {
+      const { H, HKV, D, Dx } = c.shape;
+      const a = cu[lo];
+      const b = cu[hi];
+      return {
+        q: c.q.slice(a * H * D, b * H * D),
+        k: c.k.slice(a * HKV * D, b * HKV * D),
+        v: c.v.slice(a * HKV * D, b * HKV * D),
+        x: c.x!.slice(a * Dx!, b * Dx!),
+        shape: { ...c.shape, T: b - a },
+        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
+      };
+    };
+    for (const alg of ['stream', 'materialize'] as const) {
+      const whole = await run(c, alg);
+      const p1 = await run(split(0, 2), alg);
+      const p2 = await run(split(2, 4), alg);
+      const merged: Stats = {};
+      for (const key of Object.keys(whole) as (keyof MomentAccumulators)[]) {
+        merged[key] = Float64Array.from(p1[key]!, (x, i) => x + p2[key]![i]);
+      }
+      expectClose(merged, whole, 1e-14);
+    }
+  });
+
+  test('typed errors name the argument', async () => {
+    await scope(async () => {
+      const dev = { device: 'cpu' };
+      const q = await Tensor.zeros([1, 4, 3, 8], dev);
+      const k = await Tensor.zeros([1, 4, 2, 8], dev);
+      const inv = await Tensor.fromArray(invFreqOf(8), [4], dev);
+      const dec = await Tensor.fromArray(scanDecays(3), [3], dev);
+      const acc = await createMomentAccumulators({ heads: 4, kvHeads: 2, headDim: 8, decays: 3 }, 'cpu');
+      await expect(taylorMoments(q, k, k, inv, dec, acc)).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'k' });
+      const q4 = await Tensor.zeros([1, 4, 4, 8], dev);
+      const bad = { ...acc, phi: await Tensor.zeros([4, 4], { dtype: 'f64', ...dev }) };
+      await expect(taylorMoments(q4, k, k, inv, dec, bad)).rejects.toMatchObject({ argument: 'acc.phi' });
+      await expect(taylorMoments(q4, k, k, dec, dec, acc)).rejects.toMatchObject({ argument: 'invFreq' });
+      const badDecay = await Tensor.fromArray(Float64Array.from([0.5, 1.5, 0.1]), [3], dev);
+      await expect(taylorMoments(q4, k, k, inv, badDecay, acc)).rejects.toMatchObject({ argument: 'decays' });
+      const cu = await Tensor.fromArray(Int32Array.from([0, 3, 2]), [3], dev);
+      await expect(taylorMoments(q4, k, k, inv, dec, acc, { cuSeqlens: cu })).rejects.toMatchObject({ argument: 'cuSeqlens' });
+      await taylorMoments(q4, k, k, inv, dec, acc);
+      disposeMomentAccumulators(acc);
+    });
+  });
+});
+
+(cudaEnabled() ? describe : describe.skip)('taylorMoments on CUDA against the CPU oracle', () => {
+  const cases: [string, () => Case][] = [
+    ['ragged varlen, GQA, padding, tail (D 16)', () => randomCase(11, { T: 200, cu: [0, 1, 71, 74, 171, 191], include: [1, 1, 1, 1, 0], Dx: 24 })],
+    ['sharp attention (D 32)', () => randomCase(12, { T: 80, qStd: 6, H: 2, HKV: 1, D: 32 })],
+    ['many tiles (D 64, T 300)', () => randomCase(13, { T: 300, H: 4, HKV: 1, D: 64, Dx: 40 })],
+    ['D 128', () => randomCase(14, { T: 100, cu: [0, 37, 100], H: 4, HKV: 2, D: 128 })],
+    ['D 256', () => randomCase(15, { T: 40, H: 2, HKV: 1, D: 256 })],
+  ];
+  test.each(cases)('f32: %s', async (_name, make) => {
+    const c = make();
+    expectClose(await run(c, 'stream', {}, 'cuda:0'), await run(c, 'materialize'), 1e-4);
+  });
+
+  test('bf16 inputs (the oracle sees the same rounded values); the context output', async () => {
+    const c = randomCase(16, { T: 150, cu: [0, 90, 150], H: 4, HKV: 2, D: 128, Dx: 32 });
+    const r = (a: Float32Array) => a.map(roundBf16);
+    const rounded: Case = { ...c, q: r(c.q), k: r(c.k), v: r(c.v) };
+    expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(rounded, 'materialize'), 1e-4);
+    const ctxGpu = await Tensor.zeros([1, 150, 4, 128], { device: 'cuda:0' });
+    const ctxCpu = await Tensor.zeros([1, 150, 4, 128], { device: 'cpu', dtype: 'f64' });
+    await run(c, 'stream', { context: ctxGpu }, 'cuda:0');
+    await run(c, 'materialize', { context: ctxCpu });
+    expect(relError(await ctxGpu.toFloat32(), (await ctxCpu.toArray()) as Float64Array)).toBeLessThan(1e-5);
+    ctxGpu.dispose();
+    ctxCpu.dispose();
+  });
+});
