@@ -61,6 +61,30 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 }
 
+/** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
+const FORWARD_VARIANTS: [string, { forward?: string; nw?: string; skipK?: number }][] = [
+  ['v3 (default)', {}],
+  ['v3 NW=1', { nw: '1' }],
+  ['v3 NW=2', { nw: '2' }],
+  ['v3 NW=4', { nw: '4' }],
+  ['v2', { forward: 'v2' }],
+];
+
+/** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
+function agreementWith(a: Float32Array, raw: Buffer): number {
+  const words = new Uint16Array(raw.buffer, raw.byteOffset, raw.byteLength / 2);
+  let num = 0;
+  let den = 0;
+  const u = new Uint32Array(1);
+  const f = new Float32Array(u.buffer);
+  for (let j = 0; j < a.length; j++) {
+    u[0] = words[j] << 16;
+    num += (a[j] - f[0]) ** 2;
+    den += f[0] ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
 async function main(): Promise<void> {
   const noPeer = process.argv.includes('--no-peer');
   const backend = initBackend({ backend: 'cuda' });
@@ -101,6 +125,7 @@ async function main(): Promise<void> {
       );
 
   const rows: Record<string, string | number>[] = [];
+  const variantRows: Record<string, string | number>[] = [];
   for (const [i, s] of SHAPES.entries()) {
     const x = inputs[i];
     const ins = { q: x.q, k: x.k, v: x.v, g: x.g, beta: x.beta };
@@ -123,6 +148,32 @@ async function main(): Promise<void> {
       }
       agreement = Math.sqrt(num / den);
       ours.o.dispose();
+    }
+    // Forward versions side by side (env selects: TCAL_GDN_FORWARD=v2 | simple, TCAL_GDN_V3_NW=1|2|4 for v3).
+    for (const [label, env] of FORWARD_VARIANTS) {
+      if (env.skipK && env.skipK === s.K) continue;
+      const saved = { f: process.env.TCAL_GDN_FORWARD, w: process.env.TCAL_GDN_V3_NW };
+      if (env.forward) process.env.TCAL_GDN_FORWARD = env.forward;
+      else delete process.env.TCAL_GDN_FORWARD;
+      if (env.nw) process.env.TCAL_GDN_V3_NW = env.nw;
+      else delete process.env.TCAL_GDN_V3_NW;
+      try {
+        let agree = NaN;
+        if (fs.existsSync(oFile)) {
+          const ours = await gdnForward(ins, opts);
+          agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
+          ours.o.dispose();
+        }
+        const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 2, batches: 5, perBatch: 5 });
+        variantRows.push({ shape: s.name, version: label, 'fwd ms': ms, 'o vs fla': agree });
+      } catch (e) {
+        variantRows.push({ shape: s.name, version: label, 'fwd ms': NaN, 'o vs fla': NaN, error: String(e).slice(0, 120) });
+      } finally {
+        if (saved.f === undefined) delete process.env.TCAL_GDN_FORWARD;
+        else process.env.TCAL_GDN_FORWARD = saved.f;
+        if (saved.w === undefined) delete process.env.TCAL_GDN_V3_NW;
+        else process.env.TCAL_GDN_V3_NW = saved.w;
+      }
     }
     const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
     const disposeGrads = (g: Awaited<ReturnType<typeof gdnBackward>>) => {
@@ -157,6 +208,8 @@ async function main(): Promise<void> {
       'o vs fla': agreement,
     });
   }
+  console.log('forward versions:');
+  printTable(variantRows);
   printTable(rows);
   if (peer.error) console.log(`fla peer: ${peer.error}`);
   const file = writeResults('gdn', {
@@ -165,6 +218,7 @@ async function main(): Promise<void> {
     ceilings: { bandwidth: BANDWIDTH, bf16Rate: BF16_RATE },
     floors: floorRows,
     rows,
+    forwardVersions: variantRows,
     peer: peer.rows,
     peerError: peer.error,
   });

@@ -225,7 +225,10 @@ function wrapFunction<F extends (...args: never[]) => unknown>(fn: F): F {
     } catch (e) {
       throw translateNativeError(e);
     }
-    if (r instanceof Promise) return r.catch((e: unknown) => Promise.reject(translateNativeError(e)));
+    // A thenable, not instanceof Promise: jest's sandbox has its own Promise class.
+    if (r && typeof (r as PromiseLike<unknown>).then === 'function') {
+      return (r as Promise<unknown>).then(undefined, (e: unknown) => Promise.reject(translateNativeError(e)));
+    }
     return r;
   } as F;
 }

@@ -3,13 +3,13 @@
  * run on our kernels. One explicit forward, layer by layer; hooks hand each layer's attention activations to
  * the caller (the calibration statistics consume them).
  */
-import { type TeacherConfig, loadTeacherConfig, ropeInvFreq, checkTeacherCheckpoint } from '../io/hf-config';
+import { type TeacherConfig, loadTeacherConfig, ropeInvFreq, checkTeacherCheckpoint, teacherTensorNames } from '../io/hf-config';
 import { openCheckpoint } from '../io/safetensors';
 import { InvalidArgumentError, throwIfAborted } from '../errors';
 import { native, type DType } from '../native';
 import { Tensor, scope, keep } from '../tensor';
 import { defaultDevice } from '../backend';
-import { add, cast } from '../ops/elementwise';
+import { add, cast, fill, randomFill } from '../ops/elementwise';
 import { matmul } from '../ops/matmul';
 import { rmsNorm, rope, embedding, swiglu, crossEntropy } from '../ops/layers';
 import { attentionForward } from '../ops/attention';
@@ -90,6 +90,31 @@ export class Teacher {
       throw e;
     } finally {
       await reader.close();
+    }
+  }
+
+  /**
+   * A teacher with random weights (norms 1, everything else Normal(0, 0.02), seeded): for benchmarks of
+   * real-sized shapes without a checkpoint.
+   */
+  static async random(config: TeacherConfig, options: { device?: string; dtype?: 'f32' | 'bf16'; seed?: number } = {}): Promise<Teacher> {
+    const device = options.device ?? defaultDevice();
+    const dtype = options.dtype ?? (device === 'cpu' ? 'f32' : 'bf16');
+    const weights = new Map<string, Tensor>();
+    let seed = options.seed ?? 0;
+    try {
+      for (const spec of teacherTensorNames(config)) {
+        const t = keep(Tensor.empty(spec.shape, { device, dtype }));
+        weights.set(spec.name, t);
+        if (/norm\.weight$/.test(spec.name)) await fill(t, 1);
+        else await randomFill(t, { kind: 'normal', std: 0.02 }, seed++);
+      }
+      const inv = Float32Array.from(ropeInvFreq(config));
+      const invFreq = keep(await Tensor.fromArray(inv, [inv.length], { device }));
+      return new Teacher(config, device, dtype, weights, invFreq);
+    } catch (e) {
+      for (const t of weights.values()) t.dispose();
+      throw e;
     }
   }
 

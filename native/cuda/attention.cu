@@ -124,18 +124,14 @@ struct FlashCfg {
   static constexpr int BQ = 16 * MT * W;
   static constexpr size_t smem(size_t elem) { return size_t(BQ * D + 4 * BK * D) * elem; }
 };
+// Tile shapes tried for D = 128 (bench/NOTES.md "Causal attention" has each one's time): the loader and
+// fragment-address improvements (v7, v8 there) apply to every shape; v2's shape is the default.
 // v1 (first correct version): 8 warps × 16 rows, Q in registers.
 using Cfg128v1 = FlashCfg<128, 8, 1, 64, true, 1>;
-// v2: 4 warps × 32 rows, Q from shared memory, two CTAs per SM.
+// v2 (default): 4 warps × 32 rows, Q from shared memory, two CTAs per SM (255 registers each).
 using Cfg128v2 = FlashCfg<128, 4, 2, 64, false, 2>;
 // v3: as v2 with 32-key tiles (fewer registers for S).
 using Cfg128v3 = FlashCfg<128, 4, 2, 32, false, 2>;
-// v4 / v5: occupancy instead of reuse: 4 warps × 16 rows, Q from shared memory, ≤ 128 registers (4 / 3 CTAs).
-using Cfg128v4 = FlashCfg<128, 4, 1, 32, false, 4>;
-using Cfg128v5 = FlashCfg<128, 4, 1, 64, false, 3>;
-// v6: 8 warps × 16 rows (BQ = 128, as v1, so the same L2 traffic), Q from shared memory, 32-key tiles, ≤ 128
-// registers: two CTAs, 16 warps per SM.
-using Cfg128v6 = FlashCfg<128, 8, 1, 32, false, 2>;
 using Cfg64 = FlashCfg<64, 4, 2, 64, false, 2>;
 using Cfg256 = FlashCfg<256, 8, 1, 32, false, 1>;
 
@@ -186,23 +182,30 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
   constexpr int LR = NT / DC;  // rows per pass
   const int ldRow = tid / DC, ldChunk = tid % DC;
   const unsigned ldSmem = unsigned((ldRow * D + ((ldChunk ^ (ldRow & 7)) * 8)) * 2);
-  auto loadTile = [&](unsigned dst, const E* src, long long stride, int row0, auto rowsTag) {
+  // src points at row 0 of the tile for this thread's row (ldRow) and chunk; step = LR rows.
+  // `safe` is any readable address (row 0 of the sequence), passed for the zero-filled passes.
+  auto loadTile = [&](unsigned dst, const E* src, const E* safe, long long step, int row0, auto rowsTag) {
     constexpr int ROWS = decltype(rowsTag)::value;
     static_assert(ROWS % LR == 0, "tile rows");
-    const E* g = src + (long long)(row0 + ldRow) * stride + ldChunk * 8;
-    const long long step = (long long)LR * stride;
+    const int rem = len - row0 - ldRow;  // pass k is valid while k·LR < rem
+    const E* g = src;
 #pragma unroll
     for (int k = 0; k < ROWS / LR; ++k) {
-      const bool ok = row0 + ldRow + k * LR < len;
-      cpAsync16(dst + ldSmem + unsigned(k * LR * D * 2), ok ? g + k * step : src, ok);
+      const bool ok = k * LR < rem;
+      cpAsync16(dst + ldSmem + unsigned(k * LR * D * 2), ok ? g : safe, ok);
+      g += step;
     }
   };
   using QRows = std::integral_constant<int, BQ>;
   using KRows = std::integral_constant<int, BK>;
 
-  loadTile(smemAddr(sQ), gQ, p.qStride, q0, QRows{});
-  loadTile(smemAddr(sK), gK, p.kvStride, (nKT - 1) * BK, KRows{});
-  loadTile(smemAddr(sV), gV, p.kvStride, (nKT - 1) * BK, KRows{});
+  const long long kvStep = (long long)LR * p.kvStride, kvTile = (long long)BK * p.kvStride;
+  const E* ldK = gK + (long long)(nKT - 1) * kvTile + (long long)ldRow * p.kvStride + ldChunk * 8;  // tile j = nKT-1
+  const E* ldV = gV + (ldK - gK);
+  loadTile(smemAddr(sQ), gQ + (long long)(q0 + ldRow) * p.qStride + ldChunk * 8, gQ, (long long)LR * p.qStride, q0,
+           QRows{});
+  loadTile(smemAddr(sK), ldK, gK, kvStep, (nKT - 1) * BK, KRows{});
+  loadTile(smemAddr(sV), ldV, gV, kvStep, (nKT - 1) * BK, KRows{});
   cpCommit();
 
   // Per-lane ldmatrix coordinates (all tile rows the lane addresses are ≡ lane & 7 mod 8, so the swizzle
@@ -215,6 +218,15 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
   const int vRow = (lane & 7) + ((lane >> 3) & 1) * 8;  // V (B operand, transposed)
   const int vHi = lane >> 4;
   const unsigned sQa = smemAddr(sQ), sKa = smemAddr(sK), sVa = smemAddr(sV);
+  // Chunk (2i + hi) ^ sw for i = ks or d2: bits above 3 pass through the XOR, so the address of k-step ks is
+  // base[ks & 3] + (ks >> 2)·128 bytes + row terms: per lane, four bases per operand and immediates after.
+  unsigned qBase[4], kBase4[4], vBase4[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    qBase[i] = sQa + unsigned((aRow * D + (((2 * i + aHi) ^ sw) * 8)) * 2);
+    kBase4[i] = sKa + unsigned((kRow * D + (((2 * i + kHi) ^ sw) * 8)) * 2);
+    vBase4[i] = sVa + unsigned((vRow * D + (((2 * i + vHi) ^ sw) * 8)) * 2);
+  }
 
   unsigned qf[QRegs ? MT : 1][QRegs ? KS : 1][4];
   float o[MT][DB][4];
@@ -235,8 +247,10 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
     const int j = nKT - 1 - it;
     const int stage = it & 1;
     if (it + 1 < nKT) {
-      loadTile(smemAddr(sK + (stage ^ 1) * BK * D), gK, p.kvStride, (j - 1) * BK, KRows{});
-      loadTile(smemAddr(sV + (stage ^ 1) * BK * D), gV, p.kvStride, (j - 1) * BK, KRows{});
+      ldK -= kvTile;
+      ldV -= kvTile;
+      loadTile(smemAddr(sK + (stage ^ 1) * BK * D), ldK, gK, kvStep, (j - 1) * BK, KRows{});
+      loadTile(smemAddr(sV + (stage ^ 1) * BK * D), ldV, gV, kvStep, (j - 1) * BK, KRows{});
       cpCommit();
       cpWait<1>();
     } else {
@@ -249,7 +263,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
         for (int m = 0; m < MT; ++m)
 #pragma unroll
           for (int ks = 0; ks < KS; ++ks)
-            ldsm4(qf[m][ks], sQa + unsigned(((aRow + m * 16) * D + (((ks * 2 + aHi) ^ sw) * 8)) * 2));
+            ldsm4(qf[m][ks], qBase[ks & 3] + unsigned(m * 16 * D * 2 + (ks >> 2) * 128));
       }
     }
     const int key0 = j * BK;
@@ -260,7 +274,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int n = 0; n < NB; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
-      const unsigned kBase = sKa + unsigned(stage * BK * D * 2);
+      const unsigned stageOff = unsigned(stage * BK * D * 2);
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         unsigned a[MT][4];
@@ -270,13 +284,13 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
 #pragma unroll
             for (int x = 0; x < 4; ++x) a[m][x] = qf[m][ks][x];
           } else {
-            ldsm4(a[m], sQa + unsigned(((aRow + m * 16) * D + (((ks * 2 + aHi) ^ sw) * 8)) * 2));
+            ldsm4(a[m], qBase[ks & 3] + unsigned(m * 16 * D * 2 + (ks >> 2) * 128));
           }
         }
 #pragma unroll
         for (int n2 = 0; n2 < NB / 2; ++n2) {
           unsigned b[4];
-          ldsm4(b, kBase + unsigned(((n2 * 16 + kRow) * D + (((ks * 2 + kHi) ^ sw) * 8)) * 2));
+          ldsm4(b, kBase4[ks & 3] + stageOff + unsigned(n2 * 16 * D * 2 + (ks >> 2) * 128));
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             Elem<E>::mma(s[m][2 * n2], a[m], b[0], b[1]);
@@ -334,7 +348,6 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
         }
       }
       // O += P V: the S accumulators of two adjacent n-blocks form one A fragment.
-      const unsigned vBase = sVa + unsigned(stage * BK * D * 2);
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
         unsigned a[MT][4];
@@ -348,7 +361,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashForward(FlashPar
 #pragma unroll
         for (int d2 = 0; d2 < DB / 2; ++d2) {
           unsigned b[4];
-          ldsm4t(b, vBase + unsigned(((kk * 16 + vRow) * D + (((d2 * 2 + vHi) ^ sw) * 8)) * 2));
+          ldsm4t(b, vBase4[d2 & 3] + stageOff + unsigned(kk * 16 * D * 2 + (d2 >> 2) * 128));
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             Elem<E>::mma(o[m][2 * d2], a[m], b[0], b[1]);
@@ -552,10 +565,14 @@ void runFlashFor(const attn::Problem& p, const Tensor& q, const Tensor& k, const
   const char* variant = std::getenv("TCAL_ATTN_KERNEL");
   if (variant && std::string(variant) == "v1") return runFlash<E, Cfg128v1>(p, q, k, v, out, dev, stream);
   if (variant && std::string(variant) == "v3") return runFlash<E, Cfg128v3>(p, q, k, v, out, dev, stream);
-  if (variant && std::string(variant) == "v4") return runFlash<E, Cfg128v4>(p, q, k, v, out, dev, stream);
-  if (variant && std::string(variant) == "v5") return runFlash<E, Cfg128v5>(p, q, k, v, out, dev, stream);
-  if (variant && std::string(variant) == "v6") return runFlash<E, Cfg128v6>(p, q, k, v, out, dev, stream);
   runFlash<E, Cfg128v2>(p, q, k, v, out, dev, stream);
+}
+
+// Rows of width `from` elements copied into rows of width `to` (to ≥ from; the rest left as it is).
+void copyRows(void* dst, int64_t to, const void* src, int64_t from, int64_t rows, size_t elem, cudaStream_t s) {
+  check(cudaMemcpy2DAsync(dst, size_t(to) * elem, src, size_t(from) * elem, size_t(std::min(to, from)) * elem,
+                          size_t(rows), cudaMemcpyDeviceToDevice, s),
+        "cudaMemcpy2DAsync");
 }
 
 }  // namespace
@@ -565,6 +582,24 @@ void attentionForward(const attn::Problem& p, const Tensor& q, const Tensor& k, 
   const int dev = q.device().index;
   cudaStream_t stream = use(dev);
   if (p.tokens() == 0 || p.H == 0) return;
+  if (p.D != 64 && p.D != 128 && p.D != 256) {
+    // Zero-padded head dims leave every score (q·k) and the first D output dims unchanged.
+    const int64_t Dp = p.D < 64 ? 64 : p.D < 128 ? 128 : 256, rows = p.tokens();
+    const size_t elem = dtypeSize(q.dtype());
+    attn::Problem pp = p;
+    pp.D = Dp;
+    Tensor qp = empty({p.B, p.T, p.H, Dp}, q.dtype(), q.device());
+    Tensor kp = empty({p.B, p.T, p.HKV, Dp}, q.dtype(), q.device());
+    Tensor vp = empty({p.B, p.T, p.HKV, Dp}, q.dtype(), q.device());
+    for (const Tensor* t : {&qp, &kp, &vp}) check(cudaMemsetAsync(t->data(), 0, t->nbytes(), stream), "cudaMemsetAsync");
+    copyRows(qp.data(), Dp, q.data(), p.D, rows * p.H, elem, stream);
+    copyRows(kp.data(), Dp, k.data(), p.D, rows * p.HKV, elem, stream);
+    copyRows(vp.data(), Dp, v.data(), p.D, rows * p.HKV, elem, stream);
+    attn::ForwardOut padded{empty({p.B, p.T, p.H, Dp}, q.dtype(), q.device()), out.lse};
+    attentionForward(pp, qp, kp, vp, padded);
+    copyRows(out.o.data(), p.D, padded.o.data(), Dp, rows * p.H, elem, stream);
+    return;
+  }
   const int D = int(p.D);
   switch (q.dtype()) {
     case DType::F32:

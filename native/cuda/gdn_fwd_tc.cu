@@ -9,8 +9,12 @@
 // Every exponent is γ_i − γ_j with i ≥ j, or γ_i ≤ 0.
 #include <mma.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "check.h"
 #include "gdn_fwd_tc.h"
+#include "gdn_fwd_v3.h"
 #include "types.cuh"
 
 namespace tcal::cuda::gdn_tc {
@@ -273,6 +277,13 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
              cudaStream_t stream, float* ckpt, const int* chunkFirst) {
   if (p.N == 0) return;
+  // Version 3 (gdn_fwd_v3.cu) by default where it applies; TCAL_GDN_FORWARD=v2 keeps this kernel.
+  const char* force = std::getenv("TCAL_GDN_FORWARD");
+  if (!(force && std::strcmp(force, "v2") == 0) && gdn_v3::eligible(p, in.q.dtype(), in.q.dtype()) &&
+      gdn_v3::alignedInputs(in, o)) {
+    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, chunkFirst);
+    return;
+  }
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* op = o.defined() ? o.ptr<T>() : nullptr;

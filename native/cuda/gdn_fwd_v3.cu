@@ -1,0 +1,641 @@
+// CUDA Gated DeltaNet forward, version 3: the chunk-local work runs for all chunks at once, only the state
+// recurrence is sequential, and that part is split over V so that the state lives in registers.
+//
+// Kernel 1 (prep), one block per (chunk, value head, sequence), all in parallel:
+//   γ = cumsum(g) inside the chunk, rq / rk = L2-norm factors of q / k rows (1 without l2norm),
+//   M = strictly-lower(diag(β)(K̃K̃ᵀ ⊙ exp(γ_i − γ_j))),  A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal
+//   blocks by substitution, the off-diagonal blocks by small products),
+//   Ab = A·diag(β) (bf16, [tokens, HV, C]),  W = Ab·diag(exp γ)K̃ (bf16, [tokens, HV, K]),
+//   aux = (γ, scale·rq, rk) per token (f32).
+// Kernel 2 (state pass), one block per (sequence, value head, V tile of 16·NW columns); warp w owns 16 state
+// columns and keeps Sᵀ (16 × K, fp32) in registers, so that every product takes Sᵀ or νᵀ straight from the
+// accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by ldmatrix from padded
+// shared memory filled by cp.async). Per chunk:
+//   Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i}   (shared by the block's warps)
+//   νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ,   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ,   Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃.
+// Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
+#include <mma.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../core/runtime.h"
+#include "check.h"
+#include "gdn_fwd_v3.h"
+#include "types.cuh"
+
+namespace tcal::cuda::gdn_v3 {
+
+namespace {
+
+using namespace nvcuda;
+
+constexpr int C = gdn::kChunk;  // 64
+constexpr int LDC = C + 8;      // bf16 row of a C-wide tile (144 B: conflict-free ldmatrix)
+constexpr int LDF = C + 4;      // fp32 row of a C × C tile
+
+__device__ __forceinline__ float softplusF(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Kernel 1: chunk-local preparation. 128 threads.
+constexpr int kPrepThreads = 128;
+
+template <int K>
+constexpr size_t prepSmem() {
+  // Kb (C × (K+8) bf16), Ab (C × LDC bf16), Gs / As / Ts (C × LDF f32; W (C × (K+4) f32) aliases As+Ts),
+  // 5 vectors of C floats.
+  return 2 * (size_t(C) * (K + 8) + size_t(C) * LDC) + 4 * (3 * size_t(C) * LDF + 5 * C);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict__ cu, int H, int HV,
+                                                           const T* __restrict__ q, const T* __restrict__ k,
+                                                           const float* __restrict__ g,
+                                                           const float* __restrict__ beta,
+                                                           const float* __restrict__ aLog,
+                                                           const float* __restrict__ dtBias, T* __restrict__ Wout,
+                                                           T* __restrict__ About, float4* __restrict__ aux,
+                                                           float scale, bool l2norm) {
+  constexpr int LDK = K + 8, LDW = K + 4;
+  static_assert(size_t(C) * LDW <= 2 * size_t(C) * LDF, "W must fit over As + Ts");
+  extern __shared__ __align__(128) unsigned char sm[];
+  T* Kb = reinterpret_cast<T*>(sm);                      // C × LDK
+  T* Ab = Kb + C * LDK;                                  // C × LDC
+  float* Gs = reinterpret_cast<float*>(Ab + C * LDC);    // C × LDF (K Kᵀ, then M)
+  float* As = Gs + C * LDF;                              // C × LDF
+  float* Ts = As + C * LDF;                              // C × LDF
+  float* Wf = As;                                        // C × LDW, after A is no longer needed
+  float* gam = Ts + C * LDF;
+  float* bet = gam + C;
+  float* rk = bet + C;
+  float* sq = rk + C;
+  float* ex = sq + C;
+
+  const int tid = threadIdx.x, hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const int64_t t0 = seqBegin + int64_t(blockIdx.x) * C;
+  if (t0 >= seqEnd) return;
+  const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+
+  // k rows (raw, bf16) into Kb; norms of q and k rows. A row is K/8 lanes of 16-byte vectors.
+  {
+    constexpr int G = K / 8, RPP = kPrepThreads / G;
+    const int sub = tid % G;
+    for (int i = tid / G; i < C; i += RPP) {
+      uint4 kv = make_uint4(0, 0, 0, 0), qv = make_uint4(0, 0, 0, 0);
+      if (i < L) {
+        kv = *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8);
+        if (l2norm) qv = *reinterpret_cast<const uint4*>(q + ((t0 + i) * H + h) * K + sub * 8);
+      }
+      *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = kv;
+      const T* ke = reinterpret_cast<const T*>(&kv);
+      const T* qe = reinterpret_cast<const T*>(&qv);
+      float sk = 0.f, sqq = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        float a = toF(ke[e]), b = toF(qe[e]);
+        sk += a * a;
+        sqq += b * b;
+      }
+#pragma unroll
+      for (int off = G / 2; off; off >>= 1) {
+        sk += __shfl_xor_sync(0xffffffffu, sk, off);
+        sqq += __shfl_xor_sync(0xffffffffu, sqq, off);
+      }
+      if (sub == 0) {
+        rk[i] = i < L ? (l2norm ? rsqrtf(sk + float(gdn::kNormEps)) : 1.f) : 0.f;
+        sq[i] = i < L ? (l2norm ? scale * rsqrtf(sqq + float(gdn::kNormEps)) : scale) : 0.f;
+      }
+    }
+  }
+  if (tid < C) {
+    float gi = 0.f, bi = 0.f;
+    if (tid < L) {
+      size_t gidx = size_t(t0 + tid) * HV + hv;
+      gi = g[gidx];
+      bi = beta[gidx];
+      if (aLog) {
+        gi = -__expf(aLog[hv]) * softplusF(gi + dtBias[hv]);
+        bi = 1.f / (1.f + __expf(-bi));
+      }
+    }
+    gam[tid] = gi;
+    bet[tid] = bi;
+  }
+  __syncthreads();
+  if (tid < 32) {  // inclusive scan of the log decays (2 per lane); past L the sum stays γ_{L-1}
+    const int lane = tid;
+    float a = gam[2 * lane], b = a + gam[2 * lane + 1];
+    float s = b;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      float y = __shfl_up_sync(0xffffffffu, s, off);
+      if (lane >= off) s += y;
+    }
+    float prev = s - b;
+    gam[2 * lane] = prev + a;
+    gam[2 * lane + 1] = s;
+  }
+  // K Kᵀ (raw rows) on the tensor cores: 16 tiles, 4 per warp.
+  {
+    const int warp = tid / 32;
+    for (int tile = warp; tile < 16; tile += kPrepThreads / 32) {
+      int tr = tile / 4, tc = tile % 4;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+#pragma unroll
+      for (int kk = 0; kk < K / 16; ++kk) {
+        wmma::load_matrix_sync(fa, Kb + tr * 16 * LDK + kk * 16, LDK);
+        wmma::load_matrix_sync(fb, Kb + tc * 16 * LDK + kk * 16, LDK);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(Gs + tr * 16 * LDF + tc * 16, acc, LDF, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  if (tid < C) ex[tid] = tid < L ? __expf(gam[tid]) : 0.f;
+  for (int idx = tid; idx < C * C; idx += kPrepThreads) {
+    int i = idx / C, j = idx % C;
+    float m = 0.f;
+    if (j < i && i < L) m = bet[i] * rk[i] * rk[j] * Gs[i * LDF + j] * __expf(gam[i] - gam[j]);
+    Gs[i * LDF + j] = m;
+    As[i * LDF + j] = 0.f;
+  }
+  __syncthreads();
+  // A = (I + M)⁻¹. Diagonal 16×16 blocks: one thread per column, forward substitution.
+  if (tid < C) {
+    const int b = tid / 16, j = tid;
+    As[j * LDF + j] = 1.f;
+    for (int i = j + 1; i < 16 * b + 16; ++i) {
+      float s = 0.f;
+      for (int m = j; m < i; ++m) s += Gs[i * LDF + m] * As[m * LDF + j];
+      As[i * LDF + j] = -s;
+    }
+  }
+  __syncthreads();
+  // Block row I: A_IJ = −A_II Σ_{J ≤ m-block < I} M_I,m A_m,J for all J < I at once.
+  for (int I = 1; I < 4; ++I) {
+    const int cols = 16 * I, r0 = 16 * I;
+    for (int e = tid; e < 16 * cols; e += kPrepThreads) {
+      int r = r0 + e / cols, col = e % cols;
+      float s = 0.f;
+      for (int m = col; m < r0; ++m) s += Gs[r * LDF + m] * As[m * LDF + col];  // A_m,col = 0 for m < col
+      Ts[(r - r0) * LDF + col] = s;
+    }
+    __syncthreads();
+    for (int e = tid; e < 16 * cols; e += kPrepThreads) {
+      int r = r0 + e / cols, col = e % cols;
+      float s = 0.f;
+      for (int m = r0; m <= r; ++m) s += As[r * LDF + m] * Ts[(m - r0) * LDF + col];
+      As[r * LDF + col] = -s;
+    }
+    __syncthreads();
+  }
+  // Ab = A·diag(β) (zero past L), to shared memory and to device memory (rows < L).
+  for (int idx = tid; idx < C * C; idx += kPrepThreads) {
+    int i = idx / C, j = idx % C;
+    T a = fromF<T>(As[i * LDF + j] * bet[j]);
+    Ab[i * LDC + j] = a;
+    if (i < L) About[((t0 + i) * HV + hv) * C + j] = a;
+  }
+  // K̃ scaled by exp(γ_j)·rk_j in place (rows past L are zero already).
+  for (int idx = tid; idx < C * K; idx += kPrepThreads) {
+    int j = idx / K, c = idx % K;
+    Kb[j * LDK + c] = fromF<T>(toF(Kb[j * LDK + c]) * ex[j] * rk[j]);
+  }
+  if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], 0.f);
+  __syncthreads();
+  // W = Ab · diag(exp γ · rk) K  (C × K), 4 × K/16 tiles.
+  {
+    const int warp = tid / 32;
+    for (int tile = warp; tile < 4 * (K / 16); tile += kPrepThreads / 32) {
+      int tr = tile / (K / 16), tc = tile % (K / 16);
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+#pragma unroll
+      for (int kk = 0; kk < C / 16; ++kk) {
+        wmma::load_matrix_sync(fa, Ab + tr * 16 * LDC + kk * 16, LDC);
+        wmma::load_matrix_sync(fb, Kb + kk * 16 * LDK + tc * 16, LDK);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(Wf + tr * 16 * LDW + tc * 16, acc, LDW, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < L * (K / 8); idx += kPrepThreads) {
+    int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
+    alignas(16) T out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = fromF<T>(Wf[i * LDW + c + e]);
+    *reinterpret_cast<uint4*>(Wout + ((t0 + i) * HV + hv) * K + c) = *reinterpret_cast<const uint4*>(out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Kernel 2: the state pass.
+
+__device__ __forceinline__ unsigned smemAddr(const void* p) {
+  return unsigned(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smemAddr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cpAsyncCommitWait() {
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smemAddr(p)));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smemAddr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+  __half2 v = __floats2half2_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int K, int NW>
+constexpr size_t stateSmem() {
+  // Qs, Ks, Ws (C × (K+8)), Abs, AQs (C × LDC), Vs (C × (16·NW + 8)), aux (C float4).
+  return 2 * (3 * size_t(C) * (K + 8) + 2 * size_t(C) * LDC + size_t(C) * (16 * NW + 8)) + 16 * C;
+}
+
+template <typename T, int K, int NW>
+__global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ cu, int H, int HV, int V,
+                                                       const T* __restrict__ q, const T* __restrict__ k,
+                                                       const T* __restrict__ v, const T* __restrict__ W,
+                                                       const T* __restrict__ Ab, const float4* __restrict__ aux,
+                                                       const float* __restrict__ h0, T* __restrict__ o,
+                                                       float* __restrict__ hT, float* __restrict__ ckpt,
+                                                       const int* __restrict__ chunkFirst) {
+  constexpr int LDK = K + 8, VT = 16 * NW, LDV = VT + 8, NT = 32 * NW;
+  constexpr int KS = K / 16;  // k-steps over K
+  extern __shared__ __align__(128) unsigned char sm[];
+  T* Qs = reinterpret_cast<T*>(sm);
+  T* Ks = Qs + C * LDK;
+  T* Ws = Ks + C * LDK;
+  T* Abs = Ws + C * LDK;
+  T* AQs = Abs + C * LDC;
+  T* Vs = AQs + C * LDC;
+  float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tq = lane % 4;          // mma fragment coordinates
+  const int lr = lane % 8, lm = lane / 8;          // ldmatrix: row in matrix, matrix index
+  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int v0 = blockIdx.x * VT, vw = 16 * warp;  // this warp's columns: v0 + vw + [0, 16)
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const size_t stateBase = (size_t(n) * HV + hv) * K * V;
+
+  // Sᵀ (16 × K): element [nt][e] is state (kk = 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
+  float S[K / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+      S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
+    }
+
+  int chunk = chunkFirst ? chunkFirst[n] : 0;
+  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk) {
+    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+    __syncthreads();  // the previous chunk's reads of shared memory are done
+    {
+      constexpr int RV = K / 8;  // 16-byte vectors per q / k / W row
+      for (int idx = tid; idx < C * RV; idx += NT) {
+        int i = idx / RV, c = (idx % RV) * 8;
+        bool ok = i < L;
+        int64_t tt = ok ? t0 + i : seqBegin;
+        cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
+        cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
+        cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
+      }
+      for (int idx = tid; idx < C * (C / 8); idx += NT) {
+        int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+        bool ok = i < L;
+        int64_t tt = ok ? t0 + i : seqBegin;
+        cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
+      }
+      for (int idx = tid; idx < C * (VT / 8); idx += NT) {
+        int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
+        bool ok = i < L;
+        int64_t tt = ok ? t0 + i : seqBegin;
+        cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
+      }
+      for (int i = tid; i < C; i += NT) {
+        bool ok = i < L;
+        int64_t tt = ok ? t0 + i : seqBegin;
+        cpAsync16(auxs + i, aux + tt * HV + hv, ok);
+      }
+    }
+    if (ckpt) {  // chunk-start state, overlapping the loads
+      float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
+#pragma unroll
+      for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+          dst[size_t(kk) * V + col] = S[nt][e];
+        }
+    }
+    // Sᵀ as A fragments (bf16/f16), one per 16 rows of K.
+    uint32_t Sa[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      Sa[ks][0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
+      Sa[ks][1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
+      Sa[ks][2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
+      Sa[ks][3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
+    }
+    cpAsyncCommitWait();
+    __syncthreads();
+
+    // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L}: the 10 lower 16×16 blocks, shared among the warps.
+    for (int job = warp; job < 10; job += NW) {
+      int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
+      int ni = job - mi * (mi + 1) / 2;
+      float acc[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4], b[4];
+        ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+        ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+        mma<T>(acc[0], a, b[0], b[1]);
+        mma<T>(acc[1], a, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          int i = 16 * mi + gq + 4 * e;  // e = 0 → row gq, e = 2 → row gq + 8
+          int j = 16 * ni + 8 * nt + 2 * tq;
+          float4 ai = auxs[i], aj0 = auxs[j], aj1 = auxs[j + 1];
+          float x0 = 0.f, x1 = 0.f;
+          if (i < L) {
+            if (j <= i) x0 = acc[nt][e] * ai.y * aj0.z * __expf(ai.x - aj0.x);
+            if (j + 1 <= i) x1 = acc[nt][e + 1] * ai.y * aj1.z * __expf(ai.x - aj1.x);
+          }
+          *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
+        }
+    }
+
+    // νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ  (16 × C). Ab is lower triangular: k-block ks only feeds n-blocks np ≥ ks.
+    float N[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t a[4];
+      ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+#pragma unroll
+      for (int np = ks; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+        mma<T>(N[2 * np], a, b[0], b[1]);
+        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+        mma<T>(N[2 * np], a, b[0], b[1]);
+        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // Oᵀ = Sᵀ Qᵀ, then columns scaled by sq_i exp(γ_i).
+    float O[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+        mma<T>(O[2 * np], Sa[ks], b[0], b[1]);
+        mma<T>(O[2 * np + 1], Sa[ks], b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float4 ai = auxs[8 * nt + 2 * tq + c];
+        float f = ai.y * __expf(ai.x);
+        O[nt][c] *= f;
+        O[nt][c + 2] *= f;
+      }
+    __syncthreads();  // Aqk complete
+    // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t a[4];
+      a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
+      a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
+      a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
+      a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
+#pragma unroll
+      for (int np = ks; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+        mma<T>(O[2 * np], a, b[0], b[1]);
+        mma<T>(O[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // o: stage Oᵀ in this warp's own columns of Vs (only this warp reads them), then 16-byte stores.
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int i = 8 * nt + 2 * tq + (e & 1), col = vw + gq + 8 * (e >> 1);
+        Vs[i * LDV + col] = fromF<T>(O[nt][e]);
+      }
+    __syncwarp();
+    if (o) {
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        int i = (lane + 32 * it) / 2, half = lane % 2;
+        if (i < L)
+          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
+              *reinterpret_cast<const uint4*>(Vs + i * LDV + vw + 8 * half);
+      }
+    }
+    // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K
+    const float gL = auxs[L - 1].x, eL = __expf(gL);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        int j = 8 * nt + 2 * tq + c;
+        float4 aj = auxs[j];
+        float f = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
+        N[nt][c] *= f;
+        N[nt][c + 2] *= f;
+      }
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t a[4];
+      a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
+      a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
+      a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
+      a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
+#pragma unroll
+      for (int np = 0; np < K / 16; ++np) {
+        uint32_t b[4];
+        ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + 16 * np + (lm >> 1) * 8);
+        mma<T>(S[2 * np], a, b[0], b[1]);
+        mma<T>(S[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  if (hT) {
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+        hT[stateBase + size_t(kk) * V + col] = S[nt][e];
+      }
+  }
+}
+
+// Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else the widest tile that still gives
+// at least 128 blocks.
+int chooseNW(const gdn::Problem& p) {
+  if (const char* e = std::getenv("TCAL_GDN_V3_NW")) {
+    int w = std::atoi(e);
+    if ((w == 1 || w == 2 || w == 4) && p.V % (16 * w) == 0) return w;
+  }
+  const int64_t heads = p.N * p.HV;
+  if (heads * (p.V / 64) >= 128) return 4;
+  if (heads * (p.V / 32) >= 128) return 2;
+  return 1;
+}
+
+template <typename T, int K, int NW>
+void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
+                 const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  constexpr size_t smem = stateSmem<K, NW>();
+  auto kern = stateKernel<T, K, NW>;
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "cudaFuncSetAttribute(gdn v3 state)");
+  dim3 grid(unsigned(p.V / (16 * NW)), unsigned(p.HV), unsigned(p.N));
+  kern<<<grid, 32 * NW, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
+                                        in.v.ptr<T>(), W, Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
+                                        ckpt, chunkFirst);
+  checkLaunch("gdn v3 state");
+}
+
+template <typename T, int K>
+void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, float* ckpt,
+         const int* chunkFirst, cudaStream_t stream) {
+  const Device dev = in.q.device();
+  const int64_t NT = p.tokens();
+  Tensor W = empty({NT, p.HV, p.K}, in.q.dtype(), dev);
+  Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
+  Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
+  int64_t maxLen = 0;
+  for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
+  if (maxLen > 0) {
+    constexpr size_t smem = prepSmem<K>();
+    auto kern = prepKernel<T, K>;
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute(gdn v3 prep)");
+    dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));
+    kern<<<grid, kPrepThreads, smem, stream>>>(
+        cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
+        p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
+        W.ptr<T>(), Ab.ptr<T>(), aux.ptr<float4>(), float(p.scale), p.l2norm);
+    checkLaunch("gdn v3 prep");
+  }
+  const T* Wp = W.ptr<T>();
+  const T* Abp = Ab.ptr<T>();
+  const float4* auxp = aux.ptr<float4>();
+  switch (chooseNW(p)) {
+    case 4: launchState<T, K, 4>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
+    case 2: launchState<T, K, 2>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
+    default: launchState<T, K, 1>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
+  }
+}
+
+bool aligned16(const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data()) & 15u) == 0; }
+
+}  // namespace
+
+bool alignedInputs(const gdn::Inputs& in, const Tensor& o);
+
+bool eligible(const gdn::Problem& p, DType in, DType out) {
+  return (in == DType::BF16 || in == DType::F16) && out == in && (p.K == 64 || p.K == 128) && p.V % 64 == 0;
+}
+
+void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
+             cudaStream_t stream, float* ckpt, const int* chunkFirst) {
+  if (p.N == 0) return;
+  if (!alignedInputs(in, o)) throwInvalid("q", "GDN v3 forward needs 16-byte aligned q, k, v, o");
+  auto go = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* op = o.defined() ? o.ptr<T>() : nullptr;
+    float* hT = finalState.defined() ? finalState.ptr<float>() : nullptr;
+    if (p.K == 64)
+      run<T, 64>(p, in, cu, op, hT, ckpt, chunkFirst, stream);
+    else
+      run<T, 128>(p, in, cu, op, hT, ckpt, chunkFirst, stream);
+  };
+  if (in.q.dtype() == DType::BF16)
+    go(DevTag<__nv_bfloat16>{});
+  else
+    go(DevTag<__half>{});
+}
+
+bool alignedInputs(const gdn::Inputs& in, const Tensor& o) {
+  return aligned16(in.q) && aligned16(in.k) && aligned16(in.v) && (!o.defined() || aligned16(o));
+}
+
+}  // namespace tcal::cuda::gdn_v3
