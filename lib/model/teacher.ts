@@ -82,9 +82,7 @@ export class Teacher {
         weights.set(name, stored === dtype ? keep(raw) : keep(await castAndFree(raw, dtype)));
         options.onProgress?.({ loaded: ++loaded, total: names.length, tensor: name });
       }
-      const inv = Float32Array.from(ropeInvFreq(config));
-      const invFreq = keep(await Tensor.fromArray(inv, [inv.length], { device }));
-      return new Teacher(config, device, dtype, weights, invFreq);
+      return await Teacher.assemble(config, device, dtype, weights);
     } catch (e) {
       for (const t of weights.values()) t.dispose();
       throw e;
@@ -109,13 +107,18 @@ export class Teacher {
         if (/norm\.weight$/.test(spec.name)) await fill(t, 1);
         else await randomFill(t, { kind: 'normal', std: 0.02 }, seed++);
       }
-      const inv = Float32Array.from(ropeInvFreq(config));
-      const invFreq = keep(await Tensor.fromArray(inv, [inv.length], { device }));
-      return new Teacher(config, device, dtype, weights, invFreq);
+      return await Teacher.assemble(config, device, dtype, weights);
     } catch (e) {
       for (const t of weights.values()) t.dispose();
       throw e;
     }
+  }
+
+  /** The teacher over loaded weights, with its RoPE frequencies on the device. */
+  private static async assemble(config: TeacherConfig, device: string, dtype: 'f32' | 'bf16', weights: Map<string, Tensor>): Promise<Teacher> {
+    const inv = Float32Array.from(ropeInvFreq(config));
+    const invFreq = keep(await Tensor.fromArray(inv, [inv.length], { device }));
+    return new Teacher(config, device, dtype, weights, invFreq);
   }
 
   /** A named weight (Hugging Face name). */

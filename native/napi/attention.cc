@@ -14,38 +14,6 @@ namespace tcal::napi {
 
 namespace {
 
-Napi::Value opt(const Napi::Object& o, const char* key) { return o.Has(key) ? o.Get(key) : o.Env().Undefined(); }
-
-bool boolOpt(const Napi::Object& o, const char* key) {
-  Napi::Value v = opt(o, key);
-  return !v.IsUndefined() && !v.IsNull() && v.ToBoolean();
-}
-
-Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& shape, DType dtype, Device device) {
-  if (auto t = optionalTensor(given, arg)) {
-    checkShape(*t, shape, arg);
-    checkDType(*t, dtype, arg);
-    checkSameDevice(*t, device, arg);
-    return *t;
-  }
-  return empty(shape, dtype, device);
-}
-
-// Reads cu_seqlens (on the worker thread) and checks its values; without varlen, uniform offsets.
-void resolveOffsets(attn::Problem& p, const Tensor& cu) {
-  p.cu.assign(size_t(p.N + 1), 0);
-  if (!cu.defined()) {
-    for (int64_t n = 0; n <= p.N; ++n) p.cu[size_t(n)] = int32_t(n * p.T);
-    return;
-  }
-  copyToHost(p.cu.data(), cu, p.cu.size() * sizeof(int32_t));
-  if (p.cu[0] != 0) throwInvalid("cuSeqlens", "must start at 0, got " + std::to_string(p.cu[0]));
-  for (int64_t n = 0; n < p.N; ++n)
-    if (p.cu[size_t(n + 1)] < p.cu[size_t(n)])
-      throwInvalid("cuSeqlens", "must be non-decreasing (entry " + std::to_string(n + 1) + ")");
-  if (p.cu[size_t(p.N)] > p.T)
-    throwInvalid("cuSeqlens", "last entry " + std::to_string(p.cu[size_t(p.N)]) + " exceeds T = " + std::to_string(p.T));
-}
 
 // attentionForward(q, k, v, opts) → Promise<{o, lse}>
 Napi::Value Forward(const Napi::CallbackInfo& info) {
@@ -84,16 +52,9 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     checkSameDevice(v, dev, "v");
     if (p.B * p.T > INT32_MAX / 2) throwInvalid("q", "too many tokens");
 
-    Napi::Value scaleV = opt(opts, "scale");
-    if (scaleV.IsUndefined() || scaleV.IsNull()) {
-      p.scale = 1.0 / std::sqrt(double(p.D));
-    } else {
-      if (!scaleV.IsNumber()) throwInvalid("scale", "expected a number");
-      p.scale = scaleV.As<Napi::Number>().DoubleValue();
-      if (!std::isfinite(p.scale) || p.scale <= 0) throwInvalid("scale", "must be finite and positive");
-    }
+    p.scale = scaleOption(opts, p.D);
     Tensor cu;
-    if (auto c = optionalTensor(opt(opts, "cuSeqlens"), "cuSeqlens")) {
+    if (auto c = optionalTensor(optionValue(opts, "cuSeqlens"), "cuSeqlens")) {
       checkDType(*c, DType::I32, "cuSeqlens");
       checkNdim(*c, 1, "cuSeqlens");
       if (c->dim(0) < 2) throwInvalid("cuSeqlens", "needs at least 2 entries (N+1 offsets)");
@@ -107,16 +68,16 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     } else {
       p.N = p.B;
     }
-    const bool wantLse = boolOpt(opts, "returnLse");
+    const bool wantLse = boolOption(opts, "returnLse");
     // out: a tensor (o) or {o, lse}.
-    Napi::Value outV = opt(opts, "out");
+    Napi::Value outV = optionValue(opts, "out");
     Napi::Value oGiven = info.Env().Undefined(), lseGiven = info.Env().Undefined();
     if (JsTensor::Is(outV)) {
       oGiven = outV;
     } else if (outV.IsObject()) {
       Napi::Object outs = outV.As<Napi::Object>();
-      oGiven = opt(outs, "o");
-      lseGiven = opt(outs, "lse");
+      oGiven = optionValue(outs, "o");
+      lseGiven = optionValue(outs, "lse");
     } else if (!outV.IsUndefined() && !outV.IsNull()) {
       throwInvalid("out", "expected a tensor or {o, lse}");
     }
@@ -128,7 +89,7 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     return runAsync(
         info.Env(), "attentionForward",
         [pp, q, k, v, cu, out] {
-          resolveOffsets(*pp, cu);
+          pp->cu = readSeqOffsets(cu, pp->N, pp->T, pp->tokens());
 #ifdef TCAL_WITH_CUDA
           if (q.device().kind == Device::CUDA) return cuda::attentionForward(*pp, q, k, v, out);
 #endif

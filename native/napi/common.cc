@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include <cmath>
+
 namespace tcal::napi {
 
 namespace {
@@ -168,6 +170,51 @@ Shape parseShape(const Napi::Value& v, const std::string& argument) {
 std::optional<Tensor> optionalTensor(const Napi::Value& v, const std::string& argument) {
   if (v.IsUndefined() || v.IsNull()) return std::nullopt;
   return JsTensor::Get(v, argument);
+}
+
+Napi::Value optionValue(const Napi::Object& o, const char* key) {
+  return o.Has(key) ? o.Get(key) : o.Env().Undefined();
+}
+
+bool boolOption(const Napi::Object& o, const char* key) {
+  Napi::Value v = optionValue(o, key);
+  return !v.IsUndefined() && !v.IsNull() && v.ToBoolean();
+}
+
+double scaleOption(const Napi::Object& o, int64_t headDim) {
+  Napi::Value v = optionValue(o, "scale");
+  if (v.IsUndefined() || v.IsNull()) return 1.0 / std::sqrt(double(headDim));
+  if (!v.IsNumber()) throwInvalid("scale", "expected a number");
+  double s = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(s) || s <= 0) throwInvalid("scale", "must be finite and positive");
+  return s;
+}
+
+Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& shape, DType dtype, Device device) {
+  if (auto t = optionalTensor(given, arg)) {
+    checkShape(*t, shape, arg);
+    checkDType(*t, dtype, arg);
+    checkSameDevice(*t, device, arg);
+    return *t;
+  }
+  return empty(shape, dtype, device);
+}
+
+std::vector<int32_t> readSeqOffsets(const Tensor& cu, int64_t N, int64_t T, int64_t tokens) {
+  std::vector<int32_t> r(size_t(N + 1), 0);
+  if (!cu.defined()) {
+    for (int64_t n = 0; n <= N; ++n) r[size_t(n)] = int32_t(n * T);
+    return r;
+  }
+  copyToHost(r.data(), cu, r.size() * sizeof(int32_t));
+  if (r[0] != 0) throwInvalid("cuSeqlens", "must start at 0, got " + std::to_string(r[0]));
+  for (int64_t n = 0; n < N; ++n)
+    if (r[size_t(n + 1)] < r[size_t(n)])
+      throwInvalid("cuSeqlens", "must be non-decreasing (entry " + std::to_string(n + 1) + ")");
+  if (r[size_t(N)] > tokens)
+    throwInvalid("cuSeqlens", "last entry " + std::to_string(r[size_t(N)]) + " exceeds the " + std::to_string(tokens) +
+                                  " tokens");
+  return r;
 }
 
 // ---- promise workers ----

@@ -63,6 +63,20 @@ Shape parseShape(const Napi::Value& v, const std::string& argument);
 // Optional tensor argument: undefined / null → nullopt.
 std::optional<Tensor> optionalTensor(const Napi::Value& v, const std::string& argument);
 
+// Option objects: a key's value (undefined when absent), a boolean option, and the attention-style score
+// scale (`scale` key, default 1/sqrt(headDim), finite and positive).
+Napi::Value optionValue(const Napi::Object& o, const char* key);
+bool boolOption(const Napi::Object& o, const char* key);
+double scaleOption(const Napi::Object& o, int64_t headDim);
+
+// The output tensor of an op: the caller's (checked against shape, dtype and device, errors naming `arg`)
+// or a fresh one.
+Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& shape, DType dtype, Device device);
+
+// Host copy of varlen offsets: cu_seqlens (N+1 entries, checked: starts at 0, non-decreasing, ends within
+// `tokens`) or, when undefined, uniform rows [0, T, 2T, ..., N·T]. Reads device memory: call on a worker.
+std::vector<int32_t> readSeqOffsets(const Tensor& cu, int64_t N, int64_t T, int64_t tokens);
+
 // Runs `work` on a libuv worker thread and settles a promise on the JS thread with `done`'s value.
 // `keep` holds JS objects (buffers, output tensors) alive until the promise settles.
 class PromiseWorker : public Napi::AsyncWorker {

@@ -21,24 +21,13 @@ void checkFloat(const Tensor& t, const std::string& arg) {
   if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
 }
 
-// The output tensor: the caller's `out` (checked) or a fresh one.
-Tensor outputFor(const Napi::Value& outArg, const Shape& shape, DType dtype, Device device) {
-  if (auto out = optionalTensor(outArg, "out")) {
-    checkShape(*out, shape, "out");
-    checkDType(*out, dtype, "out");
-    checkSameDevice(*out, device, "out");
-    return *out;
-  }
-  return empty(shape, dtype, device);
-}
-
 Napi::Value Cast(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor x = JsTensor::Get(info[0], "x");
     DType dtype = parseDTypeArg(info[1], "dtype");
     checkFloat(x, "x");
     if (!isFloat(dtype)) throwInvalid("dtype", "cast supports floating dtypes only");
-    Tensor out = outputFor(info[2], x.shape(), dtype, x.device());
+    Tensor out = outputFor(info[2], "out", x.shape(), dtype, x.device());
     return runOp(info.Env(), "cast", [x, out] { TCAL_DISPATCH(x, cast, x, out); }, info[2], out);
   });
 }
@@ -57,7 +46,7 @@ Napi::Value Binary(const Napi::CallbackInfo& info) {
     bool suffix = sb.size() <= sa.size() && std::equal(sb.begin(), sb.end(), sa.end() - sb.size());
     if (!suffix || (b.numel() == 0 && a.numel() != 0))
       throwInvalid("b", "shape " + shapeStr(sb) + " is neither " + shapeStr(sa) + " nor a suffix of it");
-    Tensor out = outputFor(info[2], sa, a.dtype(), a.device());
+    Tensor out = outputFor(info[2], "out", sa, a.dtype(), a.device());
     return runOp(
         info.Env(), Op == 0 ? "add" : "mul",
         [a, b, out] {
@@ -76,7 +65,7 @@ Napi::Value Scale(const Napi::CallbackInfo& info) {
     checkFloat(x, "x");
     if (!info[1].IsNumber()) throwInvalid("alpha", "expected a number");
     double alpha = info[1].As<Napi::Number>().DoubleValue();
-    Tensor out = outputFor(info[2], x.shape(), x.dtype(), x.device());
+    Tensor out = outputFor(info[2], "out", x.shape(), x.dtype(), x.device());
     return runOp(info.Env(), "scale", [x, alpha, out] { TCAL_DISPATCH(x, scale, x, alpha, out); }, info[2], out);
   });
 }

@@ -16,16 +16,6 @@ namespace {
 #define TCAL_LAYER(t, fn, ...) cpu::fn(__VA_ARGS__)
 #endif
 
-Tensor outputLike(const Napi::Value& outArg, const Shape& shape, DType dtype, Device device) {
-  if (auto out = optionalTensor(outArg, "out")) {
-    checkShape(*out, shape, "out");
-    checkDType(*out, dtype, "out");
-    checkSameDevice(*out, device, "out");
-    return *out;
-  }
-  return empty(shape, dtype, device);
-}
-
 void checkFloatTensor(const Tensor& t, const char* arg) {
   if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
 }
@@ -43,7 +33,7 @@ Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
       throwInvalid("x", "last dimension of " + shapeStr(x.shape()) + " differs from the weight's " + shapeStr(w.shape()));
     if (!info[2].IsNumber()) throwInvalid("eps", "expected a number");
     double eps = info[2].As<Napi::Number>().DoubleValue();
-    Tensor y = outputLike(info[3], x.shape(), x.dtype(), x.device());
+    Tensor y = outputFor(info[3], "out", x.shape(), x.dtype(), x.device());
     return runOp(info.Env(), "rmsNorm", [x, w, eps, y] { TCAL_LAYER(x, rmsNorm, x, w, eps, y); }, info[3], y);
   });
 }
@@ -63,7 +53,7 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
     checkShape(inv, {x.dim(3) / 2}, "invFreq");
     checkSameDevice(pos, x.device(), "positions");
     checkSameDevice(inv, x.device(), "invFreq");
-    Tensor y = outputLike(info[3], x.shape(), x.dtype(), x.device());
+    Tensor y = outputFor(info[3], "out", x.shape(), x.dtype(), x.device());
     return runOp(info.Env(), "rope", [x, pos, inv, y] { TCAL_LAYER(x, rope, x, pos, inv, y); }, info[3], y);
   });
 }
@@ -78,7 +68,7 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
     checkSameDevice(ids, table.device(), "ids");
     Shape s = ids.shape();
     s.push_back(table.dim(1));
-    Tensor out = outputLike(info[2], s, table.dtype(), table.device());
+    Tensor out = outputFor(info[2], "out", s, table.dtype(), table.device());
     return runOp(info.Env(), "embedding", [table, ids, out] { TCAL_LAYER(table, embedding, table, ids, out); },
                  info[2], out);
   });
@@ -93,7 +83,7 @@ Napi::Value Swiglu(const Napi::CallbackInfo& info) {
     checkDType(u, g.dtype(), "up");
     checkShape(u, g.shape(), "up");
     checkSameDevice(u, g.device(), "up");
-    Tensor out = outputLike(info[2], g.shape(), g.dtype(), g.device());
+    Tensor out = outputFor(info[2], "out", g.shape(), g.dtype(), g.device());
     return runOp(info.Env(), "swiglu", [g, u, out] { TCAL_LAYER(g, swiglu, g, u, out); }, info[2], out);
   });
 }
@@ -108,7 +98,7 @@ Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
     checkSameDevice(targets, logits.device(), "targets");
     if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())
       throwInvalid("targets", "shape " + shapeStr(targets.shape()) + " does not match logits " + shapeStr(logits.shape()));
-    Tensor loss = outputLike(info[2], targets.shape(), DType::F32, logits.device());
+    Tensor loss = outputFor(info[2], "out", targets.shape(), DType::F32, logits.device());
     return runOp(info.Env(), "crossEntropy",
                  [logits, targets, loss] { TCAL_LAYER(logits, crossEntropy, logits, targets, loss); }, info[2], loss);
   });

@@ -10,7 +10,6 @@ namespace tcal::napi {
 
 namespace {
 
-bool boolOpt(const Napi::Object& o, const char* key) { return o.Has(key) && o.Get(key).ToBoolean(); }
 double numOpt(const Napi::Object& o, const char* key, double dflt) {
   if (!o.Has(key) || o.Get(key).IsUndefined()) return dflt;
   if (!o.Get(key).IsNumber()) throwInvalid(key, "expected a number");
@@ -42,8 +41,8 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
     checkDType(b, a.dtype(), "b");
     checkSameDevice(b, a.device(), "b");
     cpu::GemmShape s{};
-    s.transA = boolOpt(opts, "transA");
-    s.transB = boolOpt(opts, "transB");
+    s.transA = boolOption(opts, "transA");
+    s.transB = boolOption(opts, "transB");
     int64_t ba, ra, ca, bb, rb, cb;
     dims3(a, "a", ba, ra, ca);
     dims3(b, "b", bb, rb, cb);
@@ -63,7 +62,7 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
     Shape cShape = (a.ndim() == 3 || b.ndim() == 3) ? Shape{s.batch, s.m, s.n} : Shape{s.m, s.n};
     double alpha = numOpt(opts, "alpha", 1.0);
     double beta = numOpt(opts, "beta", 0.0);
-    bool allowTf32 = boolOpt(opts, "allowTf32");
+    bool allowTf32 = boolOption(opts, "allowTf32");
     Napi::Value cArg = opts.Has("c") ? opts.Get("c") : info.Env().Undefined();
     Tensor c;
     if (auto given = optionalTensor(cArg, "c")) {

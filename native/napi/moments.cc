@@ -16,7 +16,6 @@ namespace tcal::napi {
 
 namespace {
 
-Napi::Value opt(const Napi::Object& o, const char* key) { return o.Has(key) ? o.Get(key) : o.Env().Undefined(); }
 
 // The CUDA kernel (native/cuda/moments.cu) takes the same Problem / Inputs / Accumulators.
 #ifdef TCAL_WITH_CUDA
@@ -33,7 +32,7 @@ void checkAcc(const Tensor& t, const Shape& shape, Device dev, const std::string
 
 Tensor accFor(const Napi::Object& acc, const char* name, const Shape& shape, Device dev) {
   const std::string arg = std::string("acc.") + name;
-  auto t = optionalTensor(opt(acc, name), arg);
+  auto t = optionalTensor(optionValue(acc, name), arg);
   if (!t) throwInvalid(arg, "missing accumulator (f64 " + shapeStr(shape) + ")");
   checkAcc(*t, shape, dev, arg);
   return *t;
@@ -54,19 +53,7 @@ std::vector<double> readDoubles(const Tensor& t) {
 }
 
 void resolve(moments::Problem& p, const Tensor& cu, const Tensor& include, const Tensor& invFreq, const Tensor& decays) {
-  p.cu.assign(size_t(p.N + 1), 0);
-  if (!cu.defined()) {
-    for (int64_t n = 0; n <= p.N; ++n) p.cu[size_t(n)] = int32_t(n * p.T);
-  } else {
-    copyToHost(p.cu.data(), cu, p.cu.size() * sizeof(int32_t));
-    if (p.cu[0] != 0) throwInvalid("cuSeqlens", "must start at 0, got " + std::to_string(p.cu[0]));
-    for (int64_t n = 0; n < p.N; ++n)
-      if (p.cu[size_t(n + 1)] < p.cu[size_t(n)])
-        throwInvalid("cuSeqlens", "must be non-decreasing (entry " + std::to_string(n + 1) + ")");
-    if (p.cu[size_t(p.N)] > p.tokens())
-      throwInvalid("cuSeqlens", "last entry " + std::to_string(p.cu[size_t(p.N)]) + " exceeds the " +
-                                    std::to_string(p.tokens()) + " tokens");
-  }
+  p.cu = readSeqOffsets(cu, p.N, p.T, p.tokens());
   if (include.defined()) {
     std::vector<int32_t> inc = readVector<int32_t>(include);
     p.include.resize(inc.size());
@@ -136,16 +123,9 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
     if (decays.device() != dev && decays.device().kind != Device::CPU) throwInvalid("decays", "expected a tensor on " + dev.str() + " or the CPU");
     const int64_t K0 = decays.dim(0);
 
-    Napi::Value scaleV = opt(opts, "scale");
-    if (scaleV.IsUndefined() || scaleV.IsNull()) {
-      p.scale = 1.0 / std::sqrt(double(p.D));
-    } else {
-      if (!scaleV.IsNumber()) throwInvalid("scale", "expected a number");
-      p.scale = scaleV.As<Napi::Number>().DoubleValue();
-      if (!std::isfinite(p.scale) || p.scale <= 0) throwInvalid("scale", "must be finite and positive");
-    }
+    p.scale = scaleOption(opts, p.D);
     Tensor cu, include;
-    if (auto c = optionalTensor(opt(opts, "cuSeqlens"), "cuSeqlens")) {
+    if (auto c = optionalTensor(optionValue(opts, "cuSeqlens"), "cuSeqlens")) {
       checkDType(*c, DType::I32, "cuSeqlens");
       checkNdim(*c, 1, "cuSeqlens");
       if (c->dim(0) < 2) throwInvalid("cuSeqlens", "needs at least 2 entries (N+1 offsets)");
@@ -157,13 +137,13 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
     } else {
       p.N = p.B;
     }
-    if (auto c = optionalTensor(opt(opts, "include"), "include")) {
+    if (auto c = optionalTensor(optionValue(opts, "include"), "include")) {
       checkDType(*c, DType::I32, "include");
       checkShape(*c, {p.N}, "include");
       if (c->device() != dev && c->device().kind != Device::CPU) throwInvalid("include", "expected a tensor on " + dev.str() + " or the CPU");
       include = *c;
     }
-    if (auto x = optionalTensor(opt(opts, "x"), "x")) {
+    if (auto x = optionalTensor(optionValue(opts, "x"), "x")) {
       checkNdim(*x, 3, "x");
       if (!isFloat(x->dtype())) throwInvalid("x", std::string("expected a floating dtype, got ") + dtypeName(x->dtype()));
       if (x->dim(0) != p.B || x->dim(1) != p.T)
@@ -174,7 +154,7 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
       if (p.Dx <= 0) throwInvalid("x", "needs a positive last dimension");
     }
     moments::Algorithm algorithm = moments::Algorithm::Stream;
-    Napi::Value algV = opt(opts, "algorithm");
+    Napi::Value algV = optionValue(opts, "algorithm");
     if (!algV.IsUndefined() && !algV.IsNull()) {
       std::string a = algV.IsString() ? algV.As<Napi::String>().Utf8Value() : "";
       if (a == "materialize")
@@ -185,7 +165,7 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
         throwInvalid("algorithm", "'materialize' (the oracle) runs on the CPU only");
     }
     moments::Outputs out;
-    if (auto c = optionalTensor(opt(opts, "context"), "context")) {
+    if (auto c = optionalTensor(optionValue(opts, "context"), "context")) {
       checkShape(*c, in.q.shape(), "context");
       if (c->dtype() != DType::F32 && c->dtype() != DType::F64) throwInvalid("context", "expected dtype f32 or f64");
       checkSameDevice(*c, dev, "context");

@@ -38,15 +38,7 @@ Napi::Value ReduceSum(const Napi::CallbackInfo& info) {
     } else if (keepDims) {
       outShape.assign(s.size(), 1);
     }
-    Tensor out;
-    if (auto given = optionalTensor(info[4], "out")) {
-      checkShape(*given, outShape, "out");
-      checkDType(*given, x.dtype(), "out");
-      checkSameDevice(*given, x.device(), "out");
-      out = *given;
-    } else {
-      out = empty(outShape, x.dtype(), x.device());
-    }
+    Tensor out = outputFor(info[4], "out", outShape, x.dtype(), x.device());
     return runOp(
         info.Env(), "reduceSum",
         [x, out, outer, n, inner, mean] {
