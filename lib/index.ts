@@ -11,3 +11,6 @@ export { version } from './version';
 export { rmsNorm, rope, embedding, swiglu, crossEntropy } from './ops/layers';
 export * from './ops/moments';
 export * from './calibrate/statistics';
+export * from './calibrate/collect';
+export { statsPlotSpec, renderVegaLiteSvg, writeStatsPlot, writeSvg, distanceBinLabel, type VegaLiteSpec, type StatsPlotOptions } from './report/stats-plot';
+export { formatHeadTable, HEAD_TABLE_COLUMNS } from './report/stats-table';

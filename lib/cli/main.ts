@@ -4,6 +4,7 @@ import { Command } from 'commander';
 import { version } from '../version';
 import { infoCommand } from './info';
 import { evalCommand } from './eval';
+import { statsCommand } from './stats';
 import { TcalError } from '../errors';
 
 export function buildProgram(): Command {
@@ -11,6 +12,7 @@ export function buildProgram(): Command {
   program.name('tcal').description('Taylor-Calibrate: softmax Transformers → hybrid Gated DeltaNet').version(version);
   program.addCommand(infoCommand());
   program.addCommand(evalCommand());
+  program.addCommand(statsCommand());
   return program;
 }
 
