@@ -14,3 +14,8 @@ export * from './calibrate/statistics';
 export * from './calibrate/collect';
 export { statsPlotSpec, renderVegaLiteSvg, writeStatsPlot, writeSvg, distanceBinLabel, type VegaLiteSpec, type StatsPlotOptions } from './report/stats-plot';
 export { formatHeadTable, HEAD_TABLE_COLUMNS } from './report/stats-table';
+export { adamwStep, gradNormSquared, gradNormSquaredValue, type AdamwGroup, type AdamwBuffers, type AdamwHyperparameters, type AdamwStepOptions } from './ops/adamw';
+export { clipFactor, clipGradients, type ClipResult } from './train/clip';
+export { lrFactor, lrAt, checkSchedule, tokensPerStep, stepsForTokens, parseTokenCount, type LrSchedule, type BatchShape } from './train/schedule';
+export { saveCheckpoint, loadCheckpoint, latestCheckpoint, listCheckpoints, type TrainingCheckpoint, type HostTensor, type SaveOptions } from './train/checkpoint';
+export { AdamW, type OptimizerGroup, type OptimizerParam, type OptimizerStepResult } from './train/adamw';

@@ -112,6 +112,20 @@ export interface TaylorMomentsNativeOptions {
   algorithm?: 'stream' | 'materialize';
 }
 
+/** One parameter of a fused AdamW step (native/napi/adamw.cc); hyperparameters already resolved per item. */
+export interface AdamwNativeItem {
+  param: NativeTensor;
+  grad: NativeTensor;
+  m: NativeTensor;
+  v: NativeTensor;
+  compute?: NativeTensor | null;
+  lr: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weightDecay?: number;
+}
+
 export interface NativeAddon {
   readonly sourceHash: string;
   readonly buildSystem: string;
@@ -165,6 +179,8 @@ export interface NativeAddon {
     q: NativeTensor, k: NativeTensor, v: NativeTensor, invFreq: NativeTensor, decays: NativeTensor,
     acc: Record<string, NativeTensor>, opts: TaylorMomentsNativeOptions,
   ): Promise<void>;
+  adamwStep(items: AdamwNativeItem[], opts: { step: number; gradScale?: number }): Promise<void>;
+  gradNormSquared(grads: NativeTensor[], out?: NativeTensor | null): Promise<NativeTensor>;
   readonly taylorMomentsBins: number;
   readonly taylorMomentsLocalWindow: number;
   readonly taylorMomentsCuda: boolean;

@@ -27,6 +27,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   registerGdn(env, exports);
   registerAttention(env, exports);
   registerMoments(env, exports);
+  registerAdamw(env, exports);
   return exports;
 }
 

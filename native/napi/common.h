@@ -115,5 +115,6 @@ void registerLayers(Napi::Env env, Napi::Object exports);
 void registerGdn(Napi::Env env, Napi::Object exports);
 void registerAttention(Napi::Env env, Napi::Object exports);
 void registerMoments(Napi::Env env, Napi::Object exports);
+void registerAdamw(Napi::Env env, Napi::Object exports);
 
 }  // namespace tcal::napi
