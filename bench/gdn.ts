@@ -62,11 +62,13 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
 }
 
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
-const FORWARD_VARIANTS: [string, { forward?: string; nw?: string; skipK?: number }][] = [
+const FORWARD_VARIANTS: [string, { forward?: string; nw?: string; stages?: string; skip?: string }][] = [
   ['v3 (default)', {}],
-  ['v3 NW=1', { nw: '1' }],
-  ['v3 NW=2', { nw: '2' }],
-  ['v3 NW=4', { nw: '4' }],
+  ['v3 NW=4 ST=1', { nw: '4', stages: '1' }],
+  ['v3 NW=4 ST=2', { nw: '4', stages: '2' }],
+  ['v3 NW=2 ST=1', { nw: '2', stages: '1' }],
+  ['v3 prep kernel alone', { skip: 'state' }],
+  ['v3 state kernel alone', { skip: 'prep' }],
   ['v2', { forward: 'v2' }],
 ];
 
@@ -117,6 +119,7 @@ async function main(): Promise<void> {
       peerShapes.push({ ...s, dir });
     }
   }
+  const peerT0 = Date.now();
   const peer = noPeer
     ? { rows: [] as { name: string; fwd_ms: number; fwdbwd_ms: number }[], error: 'skipped (--no-peer)' }
     : runPythonPeer<{ name: string; fwd_ms: number; fwdbwd_ms: number }>(
@@ -124,6 +127,7 @@ async function main(): Promise<void> {
         peerShapes,
       );
 
+  console.log(`fla peer: ${peer.rows.map((r) => `${r.name} fwd ${r.fwd_ms.toFixed(3)} f+b ${r.fwdbwd_ms.toFixed(3)}`).join('; ')} (${((Date.now() - peerT0) / 1e3).toFixed(0)} s)`);
   const rows: Record<string, string | number>[] = [];
   const variantRows: Record<string, string | number>[] = [];
   for (const [i, s] of SHAPES.entries()) {
@@ -151,21 +155,25 @@ async function main(): Promise<void> {
     }
     // Forward versions side by side (env selects: TCAL_GDN_FORWARD=v2 | simple, TCAL_GDN_V3_NW=1|2|4 for v3).
     for (const [label, env] of FORWARD_VARIANTS) {
-      if (env.skipK && env.skipK === s.K) continue;
-      const saved = { f: process.env.TCAL_GDN_FORWARD, w: process.env.TCAL_GDN_V3_NW };
+      const saved = { f: process.env.TCAL_GDN_FORWARD, w: process.env.TCAL_GDN_V3_NW, st: process.env.TCAL_GDN_V3_STAGES };
+      if (env.skip) process.env.TCAL_GDN_V3_SKIP = env.skip;
+      else delete process.env.TCAL_GDN_V3_SKIP;
+      if (env.stages) process.env.TCAL_GDN_V3_STAGES = env.stages;
+      else delete process.env.TCAL_GDN_V3_STAGES;
       if (env.forward) process.env.TCAL_GDN_FORWARD = env.forward;
       else delete process.env.TCAL_GDN_FORWARD;
       if (env.nw) process.env.TCAL_GDN_V3_NW = env.nw;
       else delete process.env.TCAL_GDN_V3_NW;
       try {
         let agree = NaN;
-        if (fs.existsSync(oFile)) {
+        if (fs.existsSync(oFile) && !env.skip) {
           const ours = await gdnForward(ins, opts);
           agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
           ours.o.dispose();
         }
         const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 2, batches: 5, perBatch: 5 });
         variantRows.push({ shape: s.name, version: label, 'fwd ms': ms, 'o vs fla': agree });
+        console.log(`  ${s.name} ${label}: fwd ${ms.toFixed(3)} ms, o vs fla ${agree.toExponential(2)}`);
       } catch (e) {
         variantRows.push({ shape: s.name, version: label, 'fwd ms': NaN, 'o vs fla': NaN, error: String(e).slice(0, 120) });
       } finally {
@@ -173,6 +181,9 @@ async function main(): Promise<void> {
         else process.env.TCAL_GDN_FORWARD = saved.f;
         if (saved.w === undefined) delete process.env.TCAL_GDN_V3_NW;
         else process.env.TCAL_GDN_V3_NW = saved.w;
+        if (saved.st === undefined) delete process.env.TCAL_GDN_V3_STAGES;
+        else process.env.TCAL_GDN_V3_STAGES = saved.st;
+        delete process.env.TCAL_GDN_V3_SKIP;
       }
     }
     const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });

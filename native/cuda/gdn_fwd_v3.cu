@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../core/runtime.h"
 #include "check.h"
@@ -43,9 +44,9 @@ constexpr int kPrepThreads = 128;
 
 template <int K>
 constexpr size_t prepSmem() {
-  // Kb (C × (K+8) bf16), Ab (C × LDC bf16), Gs / As / Ts (C × LDF f32; W (C × (K+4) f32) aliases As+Ts),
-  // 5 vectors of C floats.
-  return 2 * (size_t(C) * (K + 8) + size_t(C) * LDC) + 4 * (3 * size_t(C) * LDF + 5 * C);
+  // Kb (C × (K+8) bf16), Ab (C × LDC bf16), Gs / As (C × LDF f32; W (C × (K+4) f32) aliases Gs+As once both
+  // are dead), Ts (16 × LDF f32), 5 vectors of C floats: 67 KB at K = 128, three blocks per SM.
+  return 2 * (size_t(C) * (K + 8) + size_t(C) * LDC) + 4 * (2 * size_t(C) * LDF + 16 * LDF + 5 * C);
 }
 
 template <typename T, int K>
@@ -58,15 +59,15 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
                                                            T* __restrict__ About, float4* __restrict__ aux,
                                                            float scale, bool l2norm) {
   constexpr int LDK = K + 8, LDW = K + 4;
-  static_assert(size_t(C) * LDW <= 2 * size_t(C) * LDF, "W must fit over As + Ts");
+  static_assert(size_t(C) * LDW <= 2 * size_t(C) * LDF, "W must fit over Gs + As");
   extern __shared__ __align__(128) unsigned char sm[];
   T* Kb = reinterpret_cast<T*>(sm);                      // C × LDK
   T* Ab = Kb + C * LDK;                                  // C × LDC
   float* Gs = reinterpret_cast<float*>(Ab + C * LDC);    // C × LDF (K Kᵀ, then M)
   float* As = Gs + C * LDF;                              // C × LDF
-  float* Ts = As + C * LDF;                              // C × LDF
-  float* Wf = As;                                        // C × LDW, after A is no longer needed
-  float* gam = Ts + C * LDF;
+  float* Ts = As + C * LDF;                              // 16 × LDF
+  float* Wf = Gs;                                        // C × LDW, after M and A are no longer needed
+  float* gam = Ts + 16 * LDF;
   float* bet = gam + C;
   float* rk = bet + C;
   float* sq = rk + C;
@@ -78,19 +79,34 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
   if (t0 >= seqEnd) return;
   const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
 
-  // k rows (raw, bf16) into Kb; norms of q and k rows. A row is K/8 lanes of 16-byte vectors.
+  // k rows (raw, bf16) into Kb; norms of q and k rows. A row is K/8 lanes of 16-byte vectors; every load
+  // (k, q, g, β) is issued before the first use.
   {
-    constexpr int G = K / 8, RPP = kPrepThreads / G;
+    constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;
     const int sub = tid % G;
-    for (int i = tid / G; i < C; i += RPP) {
-      uint4 kv = make_uint4(0, 0, 0, 0), qv = make_uint4(0, 0, 0, 0);
+    uint4 kv[IT], qv[IT];
+#pragma unroll
+    for (int u = 0; u < IT; ++u) {
+      const int i = tid / G + u * RPP;
+      kv[u] = make_uint4(0, 0, 0, 0);
+      qv[u] = make_uint4(0, 0, 0, 0);
       if (i < L) {
-        kv = *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8);
-        if (l2norm) qv = *reinterpret_cast<const uint4*>(q + ((t0 + i) * H + h) * K + sub * 8);
+        kv[u] = *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8);
+        if (l2norm) qv[u] = *reinterpret_cast<const uint4*>(q + ((t0 + i) * H + h) * K + sub * 8);
       }
-      *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = kv;
-      const T* ke = reinterpret_cast<const T*>(&kv);
-      const T* qe = reinterpret_cast<const T*>(&qv);
+    }
+    float gi = 0.f, bi = 0.f;
+    if (tid < L) {
+      size_t gidx = size_t(t0 + tid) * HV + hv;
+      gi = g[gidx];
+      bi = beta[gidx];
+    }
+#pragma unroll
+    for (int u = 0; u < IT; ++u) {
+      const int i = tid / G + u * RPP;
+      *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = kv[u];
+      const T* ke = reinterpret_cast<const T*>(&kv[u]);
+      const T* qe = reinterpret_cast<const T*>(&qv[u]);
       float sk = 0.f, sqq = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -108,20 +124,14 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
         sq[i] = i < L ? (l2norm ? scale * rsqrtf(sqq + float(gdn::kNormEps)) : scale) : 0.f;
       }
     }
-  }
-  if (tid < C) {
-    float gi = 0.f, bi = 0.f;
-    if (tid < L) {
-      size_t gidx = size_t(t0 + tid) * HV + hv;
-      gi = g[gidx];
-      bi = beta[gidx];
-      if (aLog) {
+    if (tid < C) {
+      if (tid < L && aLog) {
         gi = -__expf(aLog[hv]) * softplusF(gi + dtBias[hv]);
         bi = 1.f / (1.f + __expf(-bi));
       }
+      gam[tid] = gi;
+      bet[tid] = bi;
     }
-    gam[tid] = gi;
-    bet[tid] = bi;
   }
   __syncthreads();
   if (tid < 32) {  // inclusive scan of the log decays (2 per lane); past L the sum stays γ_{L-1}
@@ -246,9 +256,10 @@ __device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smemAddr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cpAsyncCommitWait() {
-  asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -294,12 +305,18 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
 }
 
 template <int K, int NW>
-constexpr size_t stateSmem() {
-  // Qs, Ks, Ws (C × (K+8)), Abs, AQs (C × LDC), Vs (C × (16·NW + 8)), aux (C float4).
-  return 2 * (3 * size_t(C) * (K + 8) + 2 * size_t(C) * LDC + size_t(C) * (16 * NW + 8)) + 16 * C;
+__host__ __device__ constexpr size_t stageBytes() {
+  // Qs, Ks, Ws (C × (K+8)), Abs (C × LDC), Vs (C × (16·NW + 8)) bf16/f16, aux (C float4).
+  return 2 * (3 * size_t(C) * (K + 8) + size_t(C) * LDC + size_t(C) * (16 * NW + 8)) + 16 * C;
+}
+template <int K, int NW, int ST>
+__host__ __device__ constexpr size_t stateSmem() {
+  return 2 * size_t(C) * LDC + ST * stageBytes<K, NW>();  // AQs + ST load stages
 }
 
-template <typename T, int K, int NW>
+// ST = 1: one load stage (the loads of a chunk wait at its top); ST = 2: the next chunk's loads are issued
+// before this chunk's products (cp.async double buffering).
+template <typename T, int K, int NW, int ST>
 __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ cu, int H, int HV, int V,
                                                        const T* __restrict__ q, const T* __restrict__ k,
                                                        const T* __restrict__ v, const T* __restrict__ W,
@@ -309,14 +326,10 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
                                                        const int* __restrict__ chunkFirst) {
   constexpr int LDK = K + 8, VT = 16 * NW, LDV = VT + 8, NT = 32 * NW;
   constexpr int KS = K / 16;  // k-steps over K
+  constexpr size_t SB = stageBytes<K, NW>();
   extern __shared__ __align__(128) unsigned char sm[];
-  T* Qs = reinterpret_cast<T*>(sm);
-  T* Ks = Qs + C * LDK;
-  T* Ws = Ks + C * LDK;
-  T* Abs = Ws + C * LDK;
-  T* AQs = Abs + C * LDC;
-  T* Vs = AQs + C * LDC;
-  float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+  T* AQs = reinterpret_cast<T*>(sm);
+  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4;          // mma fragment coordinates
@@ -325,6 +338,43 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
   const int v0 = blockIdx.x * VT, vw = 16 * warp;  // this warp's columns: v0 + vw + [0, 16)
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
   const size_t stateBase = (size_t(n) * HV + hv) * K * V;
+
+  // Loads of the chunk starting at tc into stage st (rows past the sequence's end are zero-filled).
+  auto issue = [&](int64_t tc, int st) {
+    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
+    T* Ks = Qs + C * LDK;
+    T* Ws = Ks + C * LDK;
+    T* Abs = Ws + C * LDK;
+    T* Vs = Abs + C * LDC;
+    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+    const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
+    constexpr int RV = K / 8;  // 16-byte vectors per q / k / W row
+    for (int idx = tid; idx < C * RV; idx += NT) {
+      int i = idx / RV, c = (idx % RV) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
+      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
+      cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
+    }
+    for (int idx = tid; idx < C * (C / 8); idx += NT) {
+      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
+    }
+    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
+      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
+    }
+    for (int i = tid; i < C; i += NT) {
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
+    }
+  };
 
   // Sᵀ (16 × K): element [nt][e] is state (kk = 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
   float S[K / 8][4];
@@ -336,37 +386,27 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
       S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
     }
 
+  if (ST == 2 && seqBegin < seqEnd) {
+    issue(seqBegin, 0);
+    cpAsyncCommit();
+  }
   int chunk = chunkFirst ? chunkFirst[n] : 0;
-  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk) {
+  int st = 0;
+  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
     const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
+    T* Ks = Qs + C * LDK;
+    T* Ws = Ks + C * LDK;
+    T* Abs = Ws + C * LDK;
+    T* Vs = Abs + C * LDC;
+    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
     __syncthreads();  // the previous chunk's reads of shared memory are done
-    {
-      constexpr int RV = K / 8;  // 16-byte vectors per q / k / W row
-      for (int idx = tid; idx < C * RV; idx += NT) {
-        int i = idx / RV, c = (idx % RV) * 8;
-        bool ok = i < L;
-        int64_t tt = ok ? t0 + i : seqBegin;
-        cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
-        cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
-        cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
-      }
-      for (int idx = tid; idx < C * (C / 8); idx += NT) {
-        int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-        bool ok = i < L;
-        int64_t tt = ok ? t0 + i : seqBegin;
-        cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
-      }
-      for (int idx = tid; idx < C * (VT / 8); idx += NT) {
-        int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-        bool ok = i < L;
-        int64_t tt = ok ? t0 + i : seqBegin;
-        cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
-      }
-      for (int i = tid; i < C; i += NT) {
-        bool ok = i < L;
-        int64_t tt = ok ? t0 + i : seqBegin;
-        cpAsync16(auxs + i, aux + tt * HV + hv, ok);
-      }
+    if (ST == 1) {
+      issue(t0, 0);
+      cpAsyncCommit();
+    } else {
+      if (t0 + C < seqEnd) issue(t0 + C, st ^ 1);
+      cpAsyncCommit();  // possibly empty: keeps one group per chunk
     }
     if (ckpt) {  // chunk-start state, overlapping the loads
       float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
@@ -387,7 +427,7 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
       Sa[ks][2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
       Sa[ks][3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
     }
-    cpAsyncCommitWait();
+    cpAsyncWait<ST - 1>();
     __syncthreads();
 
     // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L}: the 10 lower 16×16 blocks, shared among the warps.
@@ -548,22 +588,28 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
 
 // Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else the widest tile that still gives
 // at least 128 blocks.
+// Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else 4 (measured best on the H200 at
+// all three bench shapes, 2026-11-23).
 int chooseNW(const gdn::Problem& p) {
   if (const char* e = std::getenv("TCAL_GDN_V3_NW")) {
     int w = std::atoi(e);
     if ((w == 1 || w == 2 || w == 4) && p.V % (16 * w) == 0) return w;
   }
-  const int64_t heads = p.N * p.HV;
-  if (heads * (p.V / 64) >= 128) return 4;
-  if (heads * (p.V / 32) >= 128) return 2;
-  return 1;
+  return 4;
 }
 
-template <typename T, int K, int NW>
+// Benchmark-only switch: TCAL_GDN_V3_SKIP=prep | state leaves one kernel out (the output is then wrong) so
+// that the other can be timed alone.
+bool skipped(const char* which) {
+  const char* e = std::getenv("TCAL_GDN_V3_SKIP");
+  return e && std::strcmp(e, which) == 0;
+}
+
+template <typename T, int K, int NW, int ST>
 void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
                  const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
-  constexpr size_t smem = stateSmem<K, NW>();
-  auto kern = stateKernel<T, K, NW>;
+  constexpr size_t smem = stateSmem<K, NW, ST>();
+  auto kern = stateKernel<T, K, NW, ST>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
         "cudaFuncSetAttribute(gdn v3 state)");
   dim3 grid(unsigned(p.V / (16 * NW)), unsigned(p.HV), unsigned(p.N));
@@ -583,7 +629,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
   int64_t maxLen = 0;
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
-  if (maxLen > 0) {
+  if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
     auto kern = prepKernel<T, K>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -598,10 +644,34 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const T* Wp = W.ptr<T>();
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
-  switch (chooseNW(p)) {
-    case 4: launchState<T, K, 4>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
-    case 2: launchState<T, K, 2>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
-    default: launchState<T, K, 1>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream); break;
+  if (skipped("state")) return;
+  // Two load stages (cp.async double buffering) where they still leave two blocks per SM, or where the grid
+  // has no more blocks than SMs anyway; else one. TCAL_GDN_V3_STAGES=1|2 overrides.
+  const int nw = chooseNW(p);
+  const size_t twoStage = nw == 4 ? stateSmem<K, 4, 2>() : nw == 2 ? stateSmem<K, 2, 2>() : stateSmem<K, 1, 2>();
+  int sms = 132;
+  {
+    int dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  const int64_t blocks = p.N * p.HV * (p.V / (16 * nw));
+  int stages = (twoStage <= 113 * 1024 || blocks <= sms) ? 2 : 1;
+  if (const char* e = std::getenv("TCAL_GDN_V3_STAGES")) stages = std::atoi(e) == 1 ? 1 : 2;
+  auto go = [&](auto nwTag, auto stTag) {
+    launchState<T, K, decltype(nwTag)::value, decltype(stTag)::value>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt,
+                                                                      chunkFirst, stream);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  if (stages == 1) {
+    if (nw == 4) go(I4{}, I1{});
+    else if (nw == 2) go(I2{}, I1{});
+    else go(I1{}, I1{});
+  } else {
+    if (nw == 4) go(I4{}, I2{});
+    else if (nw == 2) go(I2{}, I2{});
+    else go(I1{}, I2{});
   }
 }
 
