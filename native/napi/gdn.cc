@@ -15,15 +15,8 @@ namespace {
 
 bool onCuda(const Tensor& t) { return t.device().kind == Device::CUDA; }
 
-Napi::Value opt(const Napi::Object& o, const char* key) {
-  return o.Has(key) ? o.Get(key) : o.Env().Undefined();
-}
-bool boolOpt(const Napi::Object& o, const char* key) {
-  Napi::Value v = opt(o, key);
-  return !v.IsUndefined() && !v.IsNull() && v.ToBoolean();
-}
 std::string strOpt(const Napi::Object& o, const char* key, const std::string& dflt) {
-  Napi::Value v = opt(o, key);
+  Napi::Value v = optionValue(o, key);
   if (v.IsUndefined() || v.IsNull()) return dflt;
   if (!v.IsString()) throwInvalid(key, "expected a string");
   return v.As<Napi::String>().Utf8Value();
@@ -31,14 +24,7 @@ std::string strOpt(const Napi::Object& o, const char* key, const std::string& df
 
 // An output: the caller's tensor in opts.out[name] (checked), or a new one.
 Tensor outputFor(const Napi::Object& outs, const char* name, const Shape& shape, DType dtype, Device device) {
-  std::string arg = std::string("out.") + name;
-  if (auto t = optionalTensor(opt(outs, name), arg)) {
-    checkShape(*t, shape, arg);
-    checkDType(*t, dtype, arg);
-    checkSameDevice(*t, device, arg);
-    return *t;
-  }
-  return empty(shape, dtype, device);
+  return napi::outputFor(optionValue(outs, name), std::string("out.") + name, shape, dtype, device);
 }
 
 void checkF32(const Tensor& t, const Shape& shape, Device dev, const std::string& arg, DType want = DType::F32) {
@@ -99,7 +85,7 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
   checkF32(in.beta, {p.B, p.T, p.HV}, r.dev, "beta", r.sd);
   if (p.B * p.T > INT32_MAX / 2) throwInvalid("q", "too many tokens");
 
-  Napi::Value scaleV = opt(opts, "scale");
+  Napi::Value scaleV = optionValue(opts, "scale");
   if (scaleV.IsUndefined() || scaleV.IsNull()) {
     p.scale = 1.0 / std::sqrt(double(p.K));
   } else {
@@ -107,9 +93,9 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
     p.scale = scaleV.As<Napi::Number>().DoubleValue();
     if (!std::isfinite(p.scale)) throwInvalid("scale", "must be finite");
   }
-  p.l2norm = boolOpt(opts, "l2norm");
+  p.l2norm = boolOption(opts, "l2norm");
 
-  if (auto cu = optionalTensor(opt(opts, "cuSeqlens"), "cuSeqlens")) {
+  if (auto cu = optionalTensor(optionValue(opts, "cuSeqlens"), "cuSeqlens")) {
     checkDType(*cu, DType::I32, "cuSeqlens");
     checkNdim(*cu, 1, "cuSeqlens");
     if (cu->dim(0) < 2) throwInvalid("cuSeqlens", "needs at least 2 entries (N+1 offsets)");
@@ -125,8 +111,8 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
   if (onCuda(in.q) && (p.N > 65535 || p.HV > 65535))
     throwInvalid(r.cu.defined() ? "cuSeqlens" : "q", "CUDA kernels take at most 65535 sequences and value heads");
 
-  auto aLog = optionalTensor(opt(opts, "aLog"), "aLog");
-  auto dtBias = optionalTensor(opt(opts, "dtBias"), "dtBias");
+  auto aLog = optionalTensor(optionValue(opts, "aLog"), "aLog");
+  auto dtBias = optionalTensor(optionValue(opts, "dtBias"), "dtBias");
   if (bool(aLog) != bool(dtBias)) throwInvalid(aLog ? "dtBias" : "aLog", "fused gates need both aLog and dtBias");
   if (aLog) {
     checkF32(*aLog, {p.HV}, r.dev, "aLog", r.sd);
@@ -135,7 +121,7 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
     in.dtBias = *dtBias;
     p.fusedGates = true;
   }
-  if (auto h0 = optionalTensor(opt(opts, "initialState"), "initialState")) {
+  if (auto h0 = optionalTensor(optionValue(opts, "initialState"), "initialState")) {
     checkF32(*h0, {p.N, p.HV, p.K, p.V}, r.dev, "initialState", r.sd);
     in.h0 = *h0;
     p.hasH0 = true;
@@ -147,21 +133,6 @@ Parsed parse(const Napi::CallbackInfo& info, const Napi::Object& opts) {
   return r;
 }
 
-// Reads cu_seqlens (on the worker thread) and checks its values; without varlen, uniform offsets.
-void resolveOffsets(gdn::Problem& p, const Tensor& cu) {
-  p.cu.assign(size_t(p.N + 1), 0);
-  if (!cu.defined()) {
-    for (int64_t n = 0; n <= p.N; ++n) p.cu[size_t(n)] = int32_t(n * p.T);
-    return;
-  }
-  copyToHost(p.cu.data(), cu, p.cu.size() * sizeof(int32_t));
-  if (p.cu[0] != 0) throwInvalid("cuSeqlens", "must start at 0, got " + std::to_string(p.cu[0]));
-  for (int64_t n = 0; n < p.N; ++n)
-    if (p.cu[size_t(n + 1)] < p.cu[size_t(n)])
-      throwInvalid("cuSeqlens", "must be non-decreasing (entry " + std::to_string(n + 1) + ")");
-  if (p.cu[size_t(p.N)] > p.T)
-    throwInvalid("cuSeqlens", "last entry " + std::to_string(p.cu[size_t(p.N)]) + " exceeds T = " + std::to_string(p.T));
-}
 
 struct CpuMode {
   cpu::GdnAlgorithm algo = cpu::GdnAlgorithm::Chunk;
@@ -194,10 +165,10 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Object opts = optsOf(info, 5);
     Parsed r = parse(info, opts);
     CpuMode mode = parseCpuMode(opts, r.dev);
-    Napi::Object outs = opt(opts, "out").IsObject() ? opt(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
+    Napi::Object outs = optionValue(opts, "out").IsObject() ? optionValue(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
     gdn::ForwardOut out;
     out.o = outputFor(outs, "o", r.in.v.shape(), r.outType, r.dev);
-    if (boolOpt(opts, "outputFinalState"))
+    if (boolOption(opts, "outputFinalState"))
       out.finalState = outputFor(outs, "finalState", {r.p.N, r.p.HV, r.p.K, r.p.V}, r.sd, r.dev);
     auto p = std::make_shared<gdn::Problem>(r.p);
     gdn::Inputs in = r.in;
@@ -206,7 +177,7 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     return runAsync(
         info.Env(), "gdnForward",
         [p, in, cu, out, mode] {
-          resolveOffsets(*p, cu);
+          p->cu = readSeqOffsets(cu, p->N, p->T, p->tokens());
 #ifdef TCAL_WITH_CUDA
           if (onCuda(in.q)) return cuda::gdnForward(*p, in, out);
 #endif
@@ -235,11 +206,11 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
     if (dO.dtype() != r.in.v.dtype() && dO.dtype() != DType::F32)
       throwInvalid("dO", std::string("dtype must be ") + dtypeName(r.in.v.dtype()) + " or f32");
     Tensor dFinal;
-    if (auto t = optionalTensor(opt(opts, "dFinalState"), "dFinalState")) {
+    if (auto t = optionalTensor(optionValue(opts, "dFinalState"), "dFinalState")) {
       checkF32(*t, {p.N, p.HV, p.K, p.V}, r.dev, "dFinalState", r.sd);
       dFinal = *t;
     }
-    Napi::Object outs = opt(opts, "out").IsObject() ? opt(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
+    Napi::Object outs = optionValue(opts, "out").IsObject() ? optionValue(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
     gdn::BackwardOut out;
     DType gt = r.outType == DType::F32 ? DType::F32 : r.in.q.dtype();
     out.dq = outputFor(outs, "dq", r.in.q.shape(), gt, r.dev);
@@ -258,7 +229,7 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
     return runAsync(
         info.Env(), "gdnBackward",
         [pp, in, cu, dO, dFinal, out, mode] {
-          resolveOffsets(*pp, cu);
+          pp->cu = readSeqOffsets(cu, pp->N, pp->T, pp->tokens());
 #ifdef TCAL_WITH_CUDA
           if (onCuda(in.q)) return cuda::gdnBackward(*pp, in, dO, dFinal, out);
 #endif
@@ -323,13 +294,13 @@ Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
     checkF32(in.g, gs, dev, "g");
     checkF32(in.beta, gs, dev, "beta");
     checkF32(state, {a.N, a.HV, a.K, a.V}, dev, "state");
-    Napi::Value scaleV = opt(opts, "scale");
+    Napi::Value scaleV = optionValue(opts, "scale");
     if (!scaleV.IsUndefined() && !scaleV.IsNull() && !(scaleV.IsNumber() && std::isfinite(scaleV.As<Napi::Number>().DoubleValue())))
       throwInvalid("scale", "expected a finite number");
     a.scale = scaleV.IsNumber() ? scaleV.As<Napi::Number>().DoubleValue() : 1.0 / std::sqrt(double(a.K));
-    a.l2norm = boolOpt(opts, "l2norm");
-    auto aLog = optionalTensor(opt(opts, "aLog"), "aLog");
-    auto dtBias = optionalTensor(opt(opts, "dtBias"), "dtBias");
+    a.l2norm = boolOption(opts, "l2norm");
+    auto aLog = optionalTensor(optionValue(opts, "aLog"), "aLog");
+    auto dtBias = optionalTensor(optionValue(opts, "dtBias"), "dtBias");
     if (bool(aLog) != bool(dtBias)) throwInvalid(aLog ? "dtBias" : "aLog", "fused gates need both aLog and dtBias");
     if (aLog) {
       checkF32(*aLog, {a.HV}, dev, "aLog");
@@ -338,7 +309,7 @@ Napi::Value DecodeStep(const Napi::CallbackInfo& info) {
       in.dtBias = *dtBias;
       a.fusedGates = true;
     }
-    Napi::Value outArg = opt(opts, "out");
+    Napi::Value outArg = optionValue(opts, "out");
     Tensor o;
     if (auto t = optionalTensor(outArg, "out")) {
       checkShape(*t, in.v.shape(), "out");
