@@ -23,6 +23,7 @@ import {
   createMomentAccumulators,
   disposeMomentAccumulators,
   momentBins,
+  momentAccumulatorShapes,
   momentLocalWindow,
   readMomentAccumulators,
   scanDecays,
@@ -320,23 +321,16 @@ export async function collectTaylorStats(
 type Stacked = Partial<Record<keyof MomentAccumulators, Float64Array>>;
 
 function layerShapes(meta: TaylorStatsMeta): Record<Exclude<keyof MomentAccumulators, 'count'>, number[]> {
-  const { numHeads: H, numKvHeads: HKV, headDim: D, hiddenSize: Dx, bins } = meta;
-  const K0 = meta.decays.length;
-  return {
-    attention: [H, ATTENTION_COLUMNS.length],
-    histogram: [H, bins],
-    phi: [H, D / 2, 2],
-    contextSum: [H, D],
-    contextSq: [H, D],
-    scanCross: [H, K0, D],
-    scanSq: [H, K0, D],
-    keySum: [HKV, D],
-    keyOuter: [HKV, D, D],
-    valueSum: [HKV, D],
-    valueOuter: [HKV, D, D],
-    inputSum: [Dx],
-    inputOuter: [Dx, Dx],
-  };
+  const shapes = momentAccumulatorShapes({
+    heads: meta.numHeads,
+    kvHeads: meta.numKvHeads,
+    headDim: meta.headDim,
+    decays: meta.decays.length,
+    inputDim: meta.hiddenSize,
+  });
+  const { count: _count, ...perLayer } = shapes;
+  // The bin count saved with the statistics, not the op's current one.
+  return { ...perLayer, histogram: [meta.numHeads, meta.bins] } as Record<Exclude<keyof MomentAccumulators, 'count'>, number[]>;
 }
 
 function slice(a: Float64Array, i: number, width: number): Float64Array {

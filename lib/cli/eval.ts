@@ -2,7 +2,7 @@
 import { Command } from 'commander';
 import { evaluatePerplexity } from '../eval';
 import { initBackend, type BackendChoice } from '../backend';
-import { progressBar, type Bar } from './progress';
+import { withCliProgress } from './progress';
 
 export function evalCommand(): Command {
   return new Command('eval')
@@ -17,11 +17,7 @@ export function evalCommand(): Command {
     .option('--json', 'print JSON')
     .action(async (opts: { model: string; data: string; seqLen: number; batch: number; maxTokens?: number; backend: BackendChoice; dtype?: 'f32' | 'bf16'; json?: boolean }) => {
       const backend = initBackend({ backend: opts.backend });
-      const bars = new Map<string, Bar>();
-      const controller = new AbortController();
-      const onSigint = (): void => controller.abort();
-      process.once('SIGINT', onSigint);
-      try {
+      await withCliProgress(async ({ signal, onProgress, stopBars }) => {
         const r = await evaluatePerplexity({
           model: opts.model,
           data: opts.data,
@@ -30,23 +26,16 @@ export function evalCommand(): Command {
           maxTokens: opts.maxTokens,
           device: backend.device,
           dtype: opts.dtype,
-          signal: controller.signal,
-          onProgress: (p) => {
-            let bar = bars.get(p.stage);
-            if (!bar) bars.set(p.stage, (bar = progressBar(p.stage, p.total)));
-            bar.update(p.done, p.total);
-          },
+          signal,
+          onProgress,
         });
-        for (const b of bars.values()) b.stop();
+        stopBars();
         const out = { model: opts.model, data: opts.data, backend: backend.backend, ...r };
         process.stdout.write(
           opts.json
             ? JSON.stringify(out, null, 2) + '\n'
             : `perplexity ${r.perplexity.toFixed(3)} (mean loss ${r.meanLoss.toFixed(4)} nats over ${r.tokens} tokens, ${r.documents} documents, seq ${r.seqLen}, ${backend.backend})\n`,
         );
-      } finally {
-        process.removeListener('SIGINT', onSigint);
-        for (const b of bars.values()) b.stop();
-      }
+      });
     });
 }

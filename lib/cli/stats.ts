@@ -10,7 +10,7 @@ import { collectTaylorStatsFromDataset, parseLayerList } from '../calibrate/coll
 import { saveTaylorStats, TAYLOR_STATS_JSON, TAYLOR_STATS_TENSORS } from '../calibrate/statistics';
 import { writeStatsPlot } from '../report/stats-plot';
 import { formatHeadTable } from '../report/stats-table';
-import { progressBar, type Bar } from './progress';
+import { withCliProgress } from './progress';
 
 export const STATS_PLOT_FILE = 'taylor-stats.svg';
 
@@ -46,11 +46,7 @@ export function statsCommand(): Command {
       const layers = opts.layers !== undefined ? parseLayerList(opts.layers) : undefined;
       const backend = initBackend({ backend: opts.backend });
       const out = path.resolve(opts.out ?? path.join(opts.teacher, 'taylor-stats'));
-      const bars = new Map<string, Bar>();
-      const controller = new AbortController();
-      const onSigint = (): void => controller.abort();
-      process.once('SIGINT', onSigint);
-      try {
+      await withCliProgress(async ({ signal, onProgress, stopBars }) => {
         const r = await collectTaylorStatsFromDataset({
           teacher: opts.teacher,
           data: opts.data,
@@ -61,20 +57,16 @@ export function statsCommand(): Command {
           device: backend.device,
           dtype: opts.dtype,
           cacheDir: opts.cacheDir,
-          signal: controller.signal,
-          onProgress: (p) => {
-            let bar = bars.get(p.stage);
-            if (!bar) bars.set(p.stage, (bar = progressBar(p.stage, p.total)));
-            bar.update(p.done, p.total);
-          },
+          signal,
+          onProgress,
         });
-        for (const b of bars.values()) b.stop();
+        stopBars();
         await saveTaylorStats(out, r.stats);
         const plot = path.join(out, STATS_PLOT_FILE);
         await writeStatsPlot(plot, r.stats, {
           summary: r.summary,
           title: `Taylor statistics of ${path.basename(path.resolve(opts.teacher))}: ${r.stats.tokens} tokens, ${r.stats.sequences} sequences`,
-          signal: controller.signal,
+          signal,
         });
         const files = { stats: path.join(out, TAYLOR_STATS_JSON), tensors: path.join(out, TAYLOR_STATS_TENSORS), plot };
         if (opts.json) {
@@ -99,9 +91,6 @@ export function statsCommand(): Command {
               `wrote ${files.stats}, ${files.tensors}, ${files.plot}\n`,
           );
         }
-      } finally {
-        process.removeListener('SIGINT', onSigint);
-        for (const b of bars.values()) b.stop();
-      }
+      });
     });
 }
