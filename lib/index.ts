@@ -9,6 +9,7 @@ export * from './ops/gdn';
 export * from './ops/attention';
 export { version } from './version';
 export { rmsNorm, rope, embedding, swiglu, crossEntropy } from './ops/layers';
+export { rmsNormBackward, ropeBackward, swigluBackward, embeddingBackward, crossEntropyBackward, crossEntropyForwardBackward } from './ops/layers-backward';
 export * from './ops/moments';
 export * from './calibrate/statistics';
 export * from './calibrate/collect';

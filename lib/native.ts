@@ -161,6 +161,20 @@ export interface NativeAddon {
   embedding(table: NativeTensor, ids: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
   swiglu(gate: NativeTensor, up: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
   crossEntropy(logits: NativeTensor, targets: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  rmsNormBackward(
+    x: NativeTensor, weight: NativeTensor, dy: NativeTensor, eps: number, out?: { dx?: NativeTensor; dw?: NativeTensor } | null,
+  ): Promise<{ dx: NativeTensor; dw: NativeTensor }>;
+  ropeBackward(dy: NativeTensor, positions: NativeTensor, invFreq: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  swigluBackward(
+    gate: NativeTensor, up: NativeTensor, dOut: NativeTensor, out?: { dGate?: NativeTensor; dUp?: NativeTensor } | null,
+  ): Promise<{ dGate: NativeTensor; dUp: NativeTensor }>;
+  embeddingBackward(ids: NativeTensor, dOut: NativeTensor, vocabSize: number, out?: NativeTensor | null): Promise<NativeTensor>;
+  crossEntropyBackward(
+    logits: NativeTensor, targets: NativeTensor, dLoss: NativeTensor, out?: NativeTensor | null,
+  ): Promise<NativeTensor>;
+  crossEntropyForwardBackward(
+    logits: NativeTensor, targets: NativeTensor, scale: number, out?: { loss?: NativeTensor; dLogits?: NativeTensor } | null,
+  ): Promise<{ loss: NativeTensor; dLogits: NativeTensor }>;
   gdnForward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, opts: GdnNativeOptions,
   ): Promise<{ o: NativeTensor; finalState: NativeTensor | null }>;

@@ -7,6 +7,8 @@
 //   blocks by substitution, the off-diagonal blocks by small products),
 //   Ab = A·diag(β) (bf16, [tokens, HV, C]),  W = Ab·diag(exp γ)K̃ (bf16, [tokens, HV, K]),
 //   aux = (γ, scale·rq, rk) per token (f32).
+//   v3.1 (default; TCAL_GDN_V3_PREP=old selects the v3 prep): diagonal blocks in registers (one warp each),
+//   off-diagonal blocks by 3×TF32 tile products, 16-byte vector loops.
 // Kernel 2 (state pass), one block per (sequence, value head, V tile of 16·NW columns); warp w owns 16 state
 // columns and keeps Sᵀ (16 × K, fp32) in registers, so that every product takes Sᵀ or νᵀ straight from the
 // accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by ldmatrix from padded
@@ -49,8 +51,38 @@ constexpr size_t prepSmem() {
   return 2 * (size_t(C) * (K + 8) + size_t(C) * LDC) + 4 * (2 * size_t(C) * LDF + 16 * LDF + 5 * C);
 }
 
-template <typename T, int K>
-__global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict__ cu, int H, int HV,
+// 3×TF32 tile products for the off-diagonal blocks of the inverse (v3.1 prep): x = hi + lo with both parts
+// in tf32; hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
+using TfA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TfB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TfC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void splitTf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int t = 0; t < hi.num_elements; ++t) {
+    const float v = hi.x[t], h = wmma::__float_to_tf32(v);
+    hi.x[t] = h;
+    lo.x[t] = wmma::__float_to_tf32(v - h);
+  }
+}
+// acc += a (16 × 8, row-major at lda) · b (8 × 16, row-major at ldb), both fp32 in shared memory.
+__device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, const float* b, int ldb) {
+  TfA ah, al;
+  TfB bh, bl;
+  wmma::load_matrix_sync(ah, a, lda);
+  wmma::load_matrix_sync(bh, b, ldb);
+  splitTf32(ah, al);
+  splitTf32(bh, bl);
+  wmma::mma_sync(acc, al, bh, acc);
+  wmma::mma_sync(acc, ah, bl, acc);
+  wmma::mma_sync(acc, ah, bh, acc);
+}
+
+// NEW = false: the v3 prep (TCAL_GDN_V3_PREP=old); NEW = true: v3.1 (register / tensor-core inverse, 16-byte
+// vector loops). Both compute the same values up to fp32 rounding in the off-diagonal blocks of A.
+template <typename T, int K, bool NEW>
+__global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
@@ -147,11 +179,19 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
     gam[2 * lane] = prev + a;
     gam[2 * lane + 1] = s;
   }
-  // K Kᵀ (raw rows) on the tensor cores: 16 tiles, 4 per warp.
+  // K Kᵀ (raw rows) on the tensor cores: 16 tiles, 4 per warp (NEW: only the 10 tiles on or below the
+  // diagonal, the only ones M reads).
   {
     const int warp = tid / 32;
-    for (int tile = warp; tile < 16; tile += kPrepThreads / 32) {
-      int tr = tile / 4, tc = tile % 4;
+    for (int tile = warp; tile < (NEW ? 10 : 16); tile += kPrepThreads / 32) {
+      int tr, tc;
+      if constexpr (NEW) {
+        tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
+        tc = tile - tr * (tr + 1) / 2;
+      } else {
+        tr = tile / 4;
+        tc = tile % 4;
+      }
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
@@ -167,54 +207,154 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
   }
   __syncthreads();
   if (tid < C) ex[tid] = tid < L ? __expf(gam[tid]) : 0.f;
-  for (int idx = tid; idx < C * C; idx += kPrepThreads) {
-    int i = idx / C, j = idx % C;
-    float m = 0.f;
-    if (j < i && i < L) m = bet[i] * rk[i] * rk[j] * Gs[i * LDF + j] * __expf(gam[i] - gam[j]);
-    Gs[i * LDF + j] = m;
-    As[i * LDF + j] = 0.f;
-  }
-  __syncthreads();
-  // A = (I + M)⁻¹. Diagonal 16×16 blocks: one thread per column, forward substitution.
-  if (tid < C) {
-    const int b = tid / 16, j = tid;
-    As[j * LDF + j] = 1.f;
-    for (int i = j + 1; i < 16 * b + 16; ++i) {
-      float s = 0.f;
-      for (int m = j; m < i; ++m) s += Gs[i * LDF + m] * As[m * LDF + j];
-      As[i * LDF + j] = -s;
+  if constexpr (NEW) {
+    // One column per thread (C = 64 columns, 2 rows per pass); As needs no zeroing (only its lower blocks
+    // are read, and the Ab loop masks the upper ones).
+    static_assert(kPrepThreads % C == 0, "prep: whole rows per pass");
+    const int j = tid % C;
+    const float rkj = rk[j], gj = gam[j];
+    for (int i = tid / C; i < C; i += kPrepThreads / C) {
+      float m = 0.f;
+      if (j < i && i < L) m = bet[i] * rk[i] * rkj * Gs[i * LDF + j] * __expf(gam[i] - gj);
+      Gs[i * LDF + j] = m;
+    }
+  } else {
+    for (int idx = tid; idx < C * C; idx += kPrepThreads) {
+      int i = idx / C, j = idx % C;
+      float m = 0.f;
+      if (j < i && i < L) m = bet[i] * rk[i] * rk[j] * Gs[i * LDF + j] * __expf(gam[i] - gam[j]);
+      Gs[i * LDF + j] = m;
+      As[i * LDF + j] = 0.f;
     }
   }
   __syncthreads();
-  // Block row I: A_IJ = −A_II Σ_{J ≤ m-block < I} M_I,m A_m,J for all J < I at once.
-  for (int I = 1; I < 4; ++I) {
-    const int cols = 16 * I, r0 = 16 * I;
-    for (int e = tid; e < 16 * cols; e += kPrepThreads) {
-      int r = r0 + e / cols, col = e % cols;
-      float s = 0.f;
-      for (int m = col; m < r0; ++m) s += Gs[r * LDF + m] * As[m * LDF + col];  // A_m,col = 0 for m < col
-      Ts[(r - r0) * LDF + col] = s;
+  if constexpr (NEW) {
+    static_assert(kPrepThreads == 128, "v3.1 prep: one warp per diagonal block");
+    const int warp = tid / 32, lane = tid % 32;
+    // A = (I + M)⁻¹. Diagonal block `warp` in registers: lane j (and its twin j + 16) owns column j,
+    // x[i] = A_ij; rows of M by broadcast float4 loads that do not depend on x. Same summation order as the
+    // v3 substitution (the terms with m < j add exact zeros).
+    {
+      const int j = lane & 15;
+      const float* Mb = Gs + 16 * warp * LDF + 16 * warp;
+      float x[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        float mr[16];
+#pragma unroll
+        for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
+          const float4 v = *reinterpret_cast<const float4*>(Mb + i * LDF + 4 * q4);
+          mr[4 * q4] = v.x;
+          mr[4 * q4 + 1] = v.y;
+          mr[4 * q4 + 2] = v.z;
+          mr[4 * q4 + 3] = v.w;
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int m = 0; m < i; ++m) s += mr[m] * x[m];
+        x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
+      }
+      if (lane < 16) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) As[(16 * warp + i) * LDF + 16 * warp + j] = x[i];
+      }
     }
     __syncthreads();
-    for (int e = tid; e < 16 * cols; e += kPrepThreads) {
-      int r = r0 + e / cols, col = e % cols;
-      float s = 0.f;
-      for (int m = r0; m <= r; ++m) s += As[r * LDF + m] * Ts[(m - r0) * LDF + col];
-      As[r * LDF + col] = -s;
+    // Block row I: warp J < I computes A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32), through
+    // its own 16 columns of Ts.
+    for (int I = 1; I < 4; ++I) {
+      const int J = warp;
+      if (J < I) {
+        TfC acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int m = J; m < I; ++m)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk)
+            mma3xTf32(acc, Gs + 16 * I * LDF + 16 * m + 8 * kk, LDF, As + (16 * m + 8 * kk) * LDF + 16 * J, LDF);
+        float* Tw = Ts + 16 * warp;
+        wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
+        __syncwarp();
+        TfC d;
+        wmma::fill_fragment(d, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+          mma3xTf32(d, As + 16 * I * LDF + 16 * I + 8 * kk, LDF, Tw + 8 * kk * LDF, LDF);
+#pragma unroll
+        for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
+        wmma::store_matrix_sync(As + 16 * I * LDF + 16 * J, d, LDF, wmma::mem_row_major);
+      }
+      __syncthreads();
+    }
+  } else {
+    // A = (I + M)⁻¹. Diagonal 16×16 blocks: one thread per column, forward substitution.
+    if (tid < C) {
+      const int b = tid / 16, j = tid;
+      As[j * LDF + j] = 1.f;
+      for (int i = j + 1; i < 16 * b + 16; ++i) {
+        float s = 0.f;
+        for (int m = j; m < i; ++m) s += Gs[i * LDF + m] * As[m * LDF + j];
+        As[i * LDF + j] = -s;
+      }
     }
     __syncthreads();
+    // Block row I: A_IJ = −A_II Σ_{J ≤ m-block < I} M_I,m A_m,J for all J < I at once.
+    for (int I = 1; I < 4; ++I) {
+      const int cols = 16 * I, r0 = 16 * I;
+      for (int e = tid; e < 16 * cols; e += kPrepThreads) {
+        int r = r0 + e / cols, col = e % cols;
+        float s = 0.f;
+        for (int m = col; m < r0; ++m) s += Gs[r * LDF + m] * As[m * LDF + col];  // A_m,col = 0 for m < col
+        Ts[(r - r0) * LDF + col] = s;
+      }
+      __syncthreads();
+      for (int e = tid; e < 16 * cols; e += kPrepThreads) {
+        int r = r0 + e / cols, col = e % cols;
+        float s = 0.f;
+        for (int m = r0; m <= r; ++m) s += As[r * LDF + m] * Ts[(m - r0) * LDF + col];
+        As[r * LDF + col] = -s;
+      }
+      __syncthreads();
+    }
   }
-  // Ab = A·diag(β) (zero past L), to shared memory and to device memory (rows < L).
-  for (int idx = tid; idx < C * C; idx += kPrepThreads) {
-    int i = idx / C, j = idx % C;
-    T a = fromF<T>(As[i * LDF + j] * bet[j]);
-    Ab[i * LDC + j] = a;
-    if (i < L) About[((t0 + i) * HV + hv) * C + j] = a;
-  }
-  // K̃ scaled by exp(γ_j)·rk_j in place (rows past L are zero already).
-  for (int idx = tid; idx < C * K; idx += kPrepThreads) {
-    int j = idx / K, c = idx % K;
-    Kb[j * LDK + c] = fromF<T>(toF(Kb[j * LDK + c]) * ex[j] * rk[j]);
+  if constexpr (NEW) {
+    // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
+    for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
+      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      const bool live = c / 16 <= i / 16;
+      const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
+      const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
+      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      alignas(16) T out[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
+      const uint4 vv = *reinterpret_cast<const uint4*>(out);
+      *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
+      if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
+    }
+    // K̃ scaled by exp(γ_j)·rk_j in place, 8 elements per thread and pass.
+    for (int idx = tid; idx < C * (K / 8); idx += kPrepThreads) {
+      const int j = idx / (K / 8), c = (idx % (K / 8)) * 8;
+      const uint4 raw = *reinterpret_cast<const uint4*>(Kb + j * LDK + c);
+      const T* ke = reinterpret_cast<const T*>(&raw);
+      const float ej = ex[j], rj = rk[j];
+      alignas(16) T out[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(toF(ke[e]) * ej * rj);
+      *reinterpret_cast<uint4*>(Kb + j * LDK + c) = *reinterpret_cast<const uint4*>(out);
+    }
+  } else {
+    // Ab = A·diag(β) (zero past L), to shared memory and to device memory (rows < L).
+    for (int idx = tid; idx < C * C; idx += kPrepThreads) {
+      int i = idx / C, j = idx % C;
+      T a = fromF<T>(As[i * LDF + j] * bet[j]);
+      Ab[i * LDC + j] = a;
+      if (i < L) About[((t0 + i) * HV + hv) * C + j] = a;
+    }
+    // K̃ scaled by exp(γ_j)·rk_j in place (rows past L are zero already).
+    for (int idx = tid; idx < C * K; idx += kPrepThreads) {
+      int j = idx / K, c = idx % K;
+      Kb[j * LDK + c] = fromF<T>(toF(Kb[j * LDK + c]) * ex[j] * rk[j]);
+    }
   }
   if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], 0.f);
   __syncthreads();
@@ -240,8 +380,16 @@ __global__ void __launch_bounds__(kPrepThreads) prepKernel(const int* __restrict
   for (int idx = tid; idx < L * (K / 8); idx += kPrepThreads) {
     int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
     alignas(16) T out[8];
+    if constexpr (NEW) {
+      const float4 w0 = *reinterpret_cast<const float4*>(Wf + i * LDW + c);
+      const float4 w1 = *reinterpret_cast<const float4*>(Wf + i * LDW + c + 4);
+      const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = fromF<T>(Wf[i * LDW + c + e]);
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(wv[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(Wf[i * LDW + c + e]);
+    }
     *reinterpret_cast<uint4*>(Wout + ((t0 + i) * HV + hv) * K + c) = *reinterpret_cast<const uint4*>(out);
   }
 }
@@ -631,7 +779,10 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    auto kern = prepKernel<T, K>;
+    // TCAL_GDN_V3_PREP=old selects the v3 prep (SIMT inverse from shared memory); default v3.1.
+    const char* pe = std::getenv("TCAL_GDN_V3_PREP");
+    const bool oldPrep = pe && std::strcmp(pe, "old") == 0;
+    auto kern = oldPrep ? prepKernel<T, K, false> : prepKernel<T, K, true>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v3 prep)");
     dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));

@@ -24,6 +24,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   registerReduce(env, exports);
   registerMatmul(env, exports);
   registerLayers(env, exports);
+  registerLayersBackward(env, exports);
   registerGdn(env, exports);
   registerAttention(env, exports);
   registerMoments(env, exports);

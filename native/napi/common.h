@@ -112,6 +112,7 @@ void registerElementwise(Napi::Env env, Napi::Object exports);
 void registerReduce(Napi::Env env, Napi::Object exports);
 void registerMatmul(Napi::Env env, Napi::Object exports);
 void registerLayers(Napi::Env env, Napi::Object exports);
+void registerLayersBackward(Napi::Env env, Napi::Object exports);
 void registerGdn(Napi::Env env, Napi::Object exports);
 void registerAttention(Napi::Env env, Napi::Object exports);
 void registerMoments(Napi::Env env, Napi::Object exports);
