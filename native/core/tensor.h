@@ -105,6 +105,9 @@ inline void checkShape(const Tensor& t, const Shape& want, const std::string& ar
 inline void checkSameDevice(const Tensor& t, Device d, const std::string& arg) {
   if (t.device() != d) throwInvalid(arg, "expected a tensor on " + d.str() + ", got one on " + t.device().str());
 }
+inline void checkFloating(const Tensor& t, const std::string& arg) {
+  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
+}
 inline void checkNdim(const Tensor& t, int n, const std::string& arg) {
   if (t.ndim() != n)
     throwInvalid(arg, "expected " + std::to_string(n) + " dimensions, got shape " + shapeStr(t.shape()));

@@ -200,6 +200,18 @@ Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& 
   return empty(shape, dtype, device);
 }
 
+void checkRopeArgs(const Tensor& x, const char* xArg, const Tensor& positions, const Tensor& invFreq) {
+  checkFloating(x, xArg);
+  checkNdim(x, 4, xArg);
+  if (x.dim(3) % 2) throwInvalid(xArg, "head dimension must be even");
+  checkDType(positions, DType::I32, "positions");
+  checkShape(positions, {x.dim(0), x.dim(1)}, "positions");
+  checkDType(invFreq, DType::F32, "invFreq");
+  checkShape(invFreq, {x.dim(3) / 2}, "invFreq");
+  checkSameDevice(positions, x.device(), "positions");
+  checkSameDevice(invFreq, x.device(), "invFreq");
+}
+
 std::vector<int32_t> readSeqOffsets(const Tensor& cu, int64_t N, int64_t T, int64_t tokens) {
   std::vector<int32_t> r(size_t(N + 1), 0);
   if (!cu.defined()) {

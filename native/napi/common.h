@@ -73,6 +73,9 @@ double scaleOption(const Napi::Object& o, int64_t headDim);
 // or a fresh one.
 Tensor outputFor(const Napi::Value& given, const std::string& arg, const Shape& shape, DType dtype, Device device);
 
+// RoPE arguments: x [B,T,H,D] floating with D even, positions int32 [B,T], invFreq f32 [D/2], one device.
+void checkRopeArgs(const Tensor& x, const char* xArg, const Tensor& positions, const Tensor& invFreq);
+
 // Host copy of varlen offsets: cu_seqlens (N+1 entries, checked: starts at 0, non-decreasing, ends within
 // `tokens`) or, when undefined, uniform rows [0, T, 2T, ..., N·T]. Reads device memory: call on a worker.
 std::vector<int32_t> readSeqOffsets(const Tensor& cu, int64_t N, int64_t T, int64_t tokens);

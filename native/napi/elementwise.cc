@@ -17,15 +17,11 @@ bool onCuda(const Tensor& t) { return t.device().kind == Device::CUDA; }
 #define TCAL_DISPATCH(t, fn, ...) cpu::fn(__VA_ARGS__)
 #endif
 
-void checkFloat(const Tensor& t, const std::string& arg) {
-  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
-}
-
 Napi::Value Cast(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor x = JsTensor::Get(info[0], "x");
     DType dtype = parseDTypeArg(info[1], "dtype");
-    checkFloat(x, "x");
+    checkFloating(x, "x");
     if (!isFloat(dtype)) throwInvalid("dtype", "cast supports floating dtypes only");
     Tensor out = outputFor(info[2], "out", x.shape(), dtype, x.device());
     return runOp(info.Env(), "cast", [x, out] { TCAL_DISPATCH(x, cast, x, out); }, info[2], out);
@@ -37,7 +33,7 @@ Napi::Value Binary(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor a = JsTensor::Get(info[0], "a");
     Tensor b = JsTensor::Get(info[1], "b");
-    checkFloat(a, "a");
+    checkFloating(a, "a");
     checkDType(b, a.dtype(), "b");
     checkSameDevice(b, a.device(), "b");
     // b equals a's shape or a suffix of it (broadcast over a's leading dimensions).
@@ -62,7 +58,7 @@ Napi::Value Binary(const Napi::CallbackInfo& info) {
 Napi::Value Scale(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor x = JsTensor::Get(info[0], "x");
-    checkFloat(x, "x");
+    checkFloating(x, "x");
     if (!info[1].IsNumber()) throwInvalid("alpha", "expected a number");
     double alpha = info[1].As<Napi::Number>().DoubleValue();
     Tensor out = outputFor(info[2], "out", x.shape(), x.dtype(), x.device());
@@ -83,7 +79,7 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
 Napi::Value Random(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor t = JsTensor::Get(info[0], "t");
-    checkFloat(t, "t");
+    checkFloating(t, "t");
     std::string kind = info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
     if (kind != "uniform" && kind != "normal") throwInvalid("kind", "expected 'uniform' or 'normal'");
     for (int i = 2; i < 5; ++i)

@@ -16,16 +16,12 @@ namespace {
 #define TCAL_LAYER(t, fn, ...) cpu::fn(__VA_ARGS__)
 #endif
 
-void checkFloatTensor(const Tensor& t, const char* arg) {
-  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
-}
-
 // rmsNorm(x, w, eps, out?)
 Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor x = JsTensor::Get(info[0], "x");
     Tensor w = JsTensor::Get(info[1], "weight");
-    checkFloatTensor(x, "x");
+    checkFloating(x, "x");
     checkDType(w, x.dtype(), "weight");
     checkSameDevice(w, x.device(), "weight");
     checkNdim(w, 1, "weight");
@@ -44,15 +40,7 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
     Tensor x = JsTensor::Get(info[0], "x");
     Tensor pos = JsTensor::Get(info[1], "positions");
     Tensor inv = JsTensor::Get(info[2], "invFreq");
-    checkFloatTensor(x, "x");
-    checkNdim(x, 4, "x");
-    if (x.dim(3) % 2) throwInvalid("x", "head dimension must be even");
-    checkDType(pos, DType::I32, "positions");
-    checkShape(pos, {x.dim(0), x.dim(1)}, "positions");
-    checkDType(inv, DType::F32, "invFreq");
-    checkShape(inv, {x.dim(3) / 2}, "invFreq");
-    checkSameDevice(pos, x.device(), "positions");
-    checkSameDevice(inv, x.device(), "invFreq");
+    checkRopeArgs(x, "x", pos, inv);
     Tensor y = outputFor(info[3], "out", x.shape(), x.dtype(), x.device());
     return runOp(info.Env(), "rope", [x, pos, inv, y] { TCAL_LAYER(x, rope, x, pos, inv, y); }, info[3], y);
   });
@@ -79,7 +67,7 @@ Napi::Value Swiglu(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor g = JsTensor::Get(info[0], "gate");
     Tensor u = JsTensor::Get(info[1], "up");
-    checkFloatTensor(g, "gate");
+    checkFloating(g, "gate");
     checkDType(u, g.dtype(), "up");
     checkShape(u, g.shape(), "up");
     checkSameDevice(u, g.device(), "up");
@@ -93,7 +81,7 @@ Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor logits = JsTensor::Get(info[0], "logits");
     Tensor targets = JsTensor::Get(info[1], "targets");
-    checkFloatTensor(logits, "logits");
+    checkFloating(logits, "logits");
     checkDType(targets, DType::I32, "targets");
     checkSameDevice(targets, logits.device(), "targets");
     if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())

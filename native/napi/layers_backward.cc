@@ -20,10 +20,6 @@ namespace {
 #define TCAL_LAYER_BWD(t, fn, ...) cpu::fn(__VA_ARGS__)
 #endif
 
-void checkFloatTensor(const Tensor& t, const char* arg) {
-  if (!isFloat(t.dtype())) throwInvalid(arg, std::string("expected a floating dtype, got ") + dtypeName(t.dtype()));
-}
-
 void checkLike(const Tensor& t, const Tensor& ref, const char* arg) {
   checkDType(t, ref.dtype(), arg);
   checkShape(t, ref.shape(), arg);
@@ -72,7 +68,7 @@ Napi::Promise runMulti(Napi::Env env, const char* name, PromiseWorker::Work work
 }
 
 void checkLogitsTargets(const Tensor& logits, const Tensor& targets) {
-  checkFloatTensor(logits, "logits");
+  checkFloating(logits, "logits");
   checkDType(targets, DType::I32, "targets");
   checkSameDevice(targets, logits.device(), "targets");
   if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())
@@ -85,7 +81,7 @@ Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
     Tensor x = JsTensor::Get(info[0], "x");
     Tensor w = JsTensor::Get(info[1], "weight");
     Tensor dy = JsTensor::Get(info[2], "dy");
-    checkFloatTensor(x, "x");
+    checkFloating(x, "x");
     checkDType(w, x.dtype(), "weight");
     checkSameDevice(w, x.device(), "weight");
     checkNdim(w, 1, "weight");
@@ -111,15 +107,7 @@ Napi::Value RopeBackward(const Napi::CallbackInfo& info) {
     Tensor dy = JsTensor::Get(info[0], "dy");
     Tensor pos = JsTensor::Get(info[1], "positions");
     Tensor inv = JsTensor::Get(info[2], "invFreq");
-    checkFloatTensor(dy, "dy");
-    checkNdim(dy, 4, "dy");
-    if (dy.dim(3) % 2) throwInvalid("dy", "head dimension must be even");
-    checkDType(pos, DType::I32, "positions");
-    checkShape(pos, {dy.dim(0), dy.dim(1)}, "positions");
-    checkDType(inv, DType::F32, "invFreq");
-    checkShape(inv, {dy.dim(3) / 2}, "invFreq");
-    checkSameDevice(pos, dy.device(), "positions");
-    checkSameDevice(inv, dy.device(), "invFreq");
+    checkRopeArgs(dy, "dy", pos, inv);
     Tensor dx = outputFor(info[3], "out", dy.shape(), dy.dtype(), dy.device());
     return runOp(info.Env(), "ropeBackward", [dy, pos, inv, dx] { TCAL_LAYER_BWD(dy, ropeBackward, dy, pos, inv, dx); },
                  info[3], dx);
@@ -132,7 +120,7 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     Tensor g = JsTensor::Get(info[0], "gate");
     Tensor u = JsTensor::Get(info[1], "up");
     Tensor d = JsTensor::Get(info[2], "dOut");
-    checkFloatTensor(g, "gate");
+    checkFloating(g, "gate");
     checkLike(u, g, "up");
     checkLike(d, g, "dOut");
     Napi::Object outs = outObject(info, 3, "{dGate?, dUp?}");
@@ -152,7 +140,7 @@ Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
     Tensor ids = JsTensor::Get(info[0], "ids");
     Tensor d = JsTensor::Get(info[1], "dOut");
     checkDType(ids, DType::I32, "ids");
-    checkFloatTensor(d, "dOut");
+    checkFloating(d, "dOut");
     checkSameDevice(ids, d.device(), "ids");
     if (d.ndim() != ids.ndim() + 1)
       throwInvalid("dOut", "expected shape [..." + shapeStr(ids.shape()) + ", D], got " + shapeStr(d.shape()));
