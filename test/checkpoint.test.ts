@@ -241,14 +241,16 @@ test('SIGKILL at random moments while saving never leaves a latest checkpoint th
     ]) {
       expect(bytes(got).equals(Buffer.from(exp.data.buffer))).toBe(true);
     }
-    // keep: 2 — never more than two complete checkpoints.
-    expect((await listCheckpoints(out)).length).toBeLessThanOrEqual(2);
+    // keep: 2. Older checkpoints are pruned only after the new one is complete, so a kill between the
+    // rename and the pruning can leave one extra; the next completed save prunes it (asserted below).
+    expect((await listCheckpoints(out)).length).toBeLessThanOrEqual(3);
   }
   // A later save by a live process removes what killed ones left behind.
   const latest = (await latestCheckpoint(out))!;
   const next = Number(path.basename(latest).slice('step-'.length)) + 1;
   await saveCheckpoint(out, stateForStep(next), { keep: 2 });
   expect((await fsp.readdir(out)).filter((e) => e.startsWith('.'))).toEqual([]);
+  expect((await listCheckpoints(out)).length).toBeLessThanOrEqual(2);
   // Not asserted (timing-dependent), but reported when no kill landed mid-write.
   if (!sawTemporary) console.warn('checkpoint kill test: no kill landed inside a save this time');
 });
