@@ -17,13 +17,30 @@ const manifest = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'manifest.json')
 };
 const names = manifest.fixtures.map((f) => f.name);
 
-async function reference(name: string): Promise<{ ids: Int32Array; shape: [number, number]; read(t: string): Promise<Float32Array> }> {
+interface Reference {
+  ids: Int32Array;
+  shape: [number, number];
+  tensors: Map<string, Float32Array>;
+}
+
+/** The fixture's reference tensors, read once and the file closed. */
+async function reference(name: string): Promise<Reference & { read(t: string): Promise<Float32Array> }> {
   const r = await openSafetensors(path.join(FIXTURES, name, 'ref_logits.safetensors'));
-  const info = r.info('input_ids');
-  const raw = await r.readTensor('input_ids');
-  const ids64 = new BigInt64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
-  const read = async (t: string) => toFloat32(r.info(t).dtype, await r.readTensor(t));
-  return { ids: Int32Array.from(ids64, Number), shape: [info.shape[0], info.shape[1]], read };
+  try {
+    const info = r.info('input_ids');
+    const raw = await r.readTensor('input_ids');
+    const ids64 = new BigInt64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    const tensors = new Map<string, Float32Array>();
+    for (const n of r.names) if (n !== 'input_ids') tensors.set(n, toFloat32(r.info(n).dtype, await r.readTensor(n)));
+    const read = async (t: string): Promise<Float32Array> => {
+      const v = tensors.get(t);
+      if (!v) throw new Error(`no reference tensor ${t}`);
+      return v;
+    };
+    return { ids: Int32Array.from(ids64, Number), shape: [info.shape[0], info.shape[1]], tensors, read };
+  } finally {
+    await r.close();
+  }
 }
 
 /** max |a − b| / max |b|: the measure the fixtures script and DESIGN §4 use. */
