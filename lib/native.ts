@@ -195,6 +195,21 @@ export interface NativeAddon {
   ): Promise<void>;
   adamwStep(items: AdamwNativeItem[], opts: { step: number; gradScale?: number }): Promise<void>;
   gradNormSquared(grads: NativeTensor[], out?: NativeTensor | null): Promise<NativeTensor>;
+  // GDN student layer ops (native/napi/gdn_layer_ops.cc)
+  causalConv1d(
+    x: NativeTensor, weight: NativeTensor, opts?: { cuSeqlens?: NativeTensor | null; out?: NativeTensor | null },
+  ): Promise<NativeTensor>;
+  causalConv1dBackward(
+    x: NativeTensor, weight: NativeTensor, dy: NativeTensor,
+    opts?: { cuSeqlens?: NativeTensor | null; accumulate?: boolean; out?: { dx?: NativeTensor; dw?: NativeTensor } },
+  ): Promise<{ dx: NativeTensor; dw: NativeTensor }>;
+  gatedRmsNorm(x: NativeTensor, weight: NativeTensor, gate: NativeTensor, eps: number, out?: NativeTensor | null): Promise<NativeTensor>;
+  gatedRmsNormBackward(
+    x: NativeTensor, weight: NativeTensor, gate: NativeTensor, dy: NativeTensor, eps: number,
+    opts?: { accumulate?: boolean; out?: { dx?: NativeTensor; dw?: NativeTensor; dGate?: NativeTensor } },
+  ): Promise<{ dx: NativeTensor; dw: NativeTensor; dGate: NativeTensor }>;
+  silu(x: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
+  siluBackward(x: NativeTensor, dy: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
   readonly taylorMomentsBins: number;
   readonly taylorMomentsLocalWindow: number;
   readonly taylorMomentsCuda: boolean;

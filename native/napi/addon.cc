@@ -14,6 +14,8 @@
 
 namespace tcal::napi {
 
+void registerGdnLayerOps(Napi::Env env, Napi::Object exports);  // native/napi/gdn_layer_ops.cc
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeTensor", JsTensor::Init(env));
   exports.Set("sourceHash", TCAL_SOURCE_HASH);
@@ -29,6 +31,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   registerAttention(env, exports);
   registerMoments(env, exports);
   registerAdamw(env, exports);
+  registerGdnLayerOps(env, exports);
   return exports;
 }
 
