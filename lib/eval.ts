@@ -6,7 +6,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { Teacher } from './model/teacher';
 import { loadTokenizer } from './io/tokenizer';
-import { tokenizeDataset, iteratePackedBatches } from './io/dataset';
+import { tokenizeDataset, iteratePackedBatches, nextTokenTargets } from './io/dataset';
 import { throwIfAborted } from './errors';
 
 export interface EvaluateOptions {
@@ -54,13 +54,7 @@ export async function evaluatePerplexity(o: EvaluateOptions): Promise<EvaluateRe
     for (const batch of iteratePackedBatches(data, { seqLen, mode: 'concat', keepBoundaries: true, batchSize, specialTokens: tokenizer })) {
       throwIfAborted(o.signal);
       const n = batch.rows * batch.seqLen;
-      // Next token inside the same segment; the last token of a segment and padding are not scored.
-      const targets = new Int32Array(n).fill(-1);
-      const cu = batch.cuSeqlens;
-      for (let s = 0; s + 1 < cu.length; s++) {
-        for (let i = cu[s]; i + 1 < cu[s + 1]; i++) if (batch.attentionMask[i + 1]) targets[i] = batch.inputIds[i + 1];
-      }
-      const r = await teacher.loss(batch.inputIds, targets, [1, n], { cuSeqlens: cu, signal: o.signal });
+      const r = await teacher.loss(batch.inputIds, nextTokenTargets(batch), [1, n], { cuSeqlens: batch.cuSeqlens, signal: o.signal });
       sum += r.sum;
       count += r.count;
       o.onProgress?.({ stage: 'score', done: Math.min(count, total), total });

@@ -16,7 +16,7 @@ import {
   type HostTensor,
   type TrainingCheckpoint,
 } from '../lib/train/checkpoint';
-import { rng } from './helpers';
+import { rng, tsChildPrelude } from './helpers';
 
 jest.setTimeout(120_000);
 
@@ -165,16 +165,8 @@ function stateForStep(step: number) {
 
 /** A child that registers a TypeScript loader (transpile only) and saves checkpoints from `first` on, forever. */
 function childScript(out: string, first: number): string {
-  const tsPath = require.resolve('typescript');
   const checkpointPath = path.resolve(__dirname, '../lib/train/checkpoint.ts');
-  return `
-const fs = require('fs');
-const ts = require(${JSON.stringify(tsPath)});
-require.extensions['.ts'] = (m, file) => {
-  const src = fs.readFileSync(file, 'utf8');
-  const js = ts.transpileModule(src, { fileName: file, compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022 } }).outputText;
-  m._compile(js, file);
-};
+  return `${tsChildPrelude()}
 const { saveCheckpoint } = require(${JSON.stringify(checkpointPath)});
 const stateForStep = ${stateForStep.toString()};
 (async () => {

@@ -55,3 +55,19 @@ export function roundBf16(x: number): number {
   u[0] = (u[0] + 0x7fff + ((u[0] >> 16) & 1)) & 0xffff0000;
   return f[0];
 }
+
+/**
+ * The start of a `node -e` script that can require our TypeScript sources (transpiled on load, no type check):
+ * for tests that kill a child process mid-work.
+ */
+export function tsChildPrelude(): string {
+  return `
+const fs = require('fs');
+const ts = require(${JSON.stringify(require.resolve('typescript'))});
+require.extensions['.ts'] = (m, file) => {
+  const src = fs.readFileSync(file, 'utf8');
+  const js = ts.transpileModule(src, { fileName: file, compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022 } }).outputText;
+  m._compile(js, file);
+};
+`;
+}

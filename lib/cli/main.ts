@@ -5,6 +5,7 @@ import { version } from '../version';
 import { infoCommand } from './info';
 import { evalCommand } from './eval';
 import { statsCommand } from './stats';
+import { pretrainCommand } from './pretrain';
 import { TcalError } from '../errors';
 
 export function buildProgram(): Command {
@@ -13,6 +14,7 @@ export function buildProgram(): Command {
   program.addCommand(infoCommand());
   program.addCommand(evalCommand());
   program.addCommand(statsCommand());
+  program.addCommand(pretrainCommand());
   return program;
 }
 

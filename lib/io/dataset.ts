@@ -437,6 +437,19 @@ export interface PackedBatch {
   numTokens: number;
 }
 
+/**
+ * Next-token targets of a packed batch: targets[i] = the id at i + 1 when i + 1 is a real token of the same
+ * segment, else −1 (the last token of a segment and padding are not scored).
+ */
+export function nextTokenTargets(batch: Pick<PackedBatch, 'inputIds' | 'attentionMask' | 'cuSeqlens'>): Int32Array {
+  const targets = new Int32Array(batch.inputIds.length).fill(-1);
+  const cu = batch.cuSeqlens;
+  for (let s = 0; s + 1 < cu.length; s++) {
+    for (let i = cu[s]; i + 1 < cu[s + 1]; i++) if (batch.attentionMask[i + 1]) targets[i] = batch.inputIds[i + 1];
+  }
+  return targets;
+}
+
 /** The same batches as iteratePackedBatches, all at once. */
 export function packSequences(data: Pick<TokenizedDataset, 'tokens' | 'docOffsets'>, options: PackOptions): PackedBatch[] {
   return [...iteratePackedBatches(data, options)];

@@ -9,27 +9,12 @@ import { InvalidArgumentError, throwIfAborted } from '../errors';
 import { native, type DType } from '../native';
 import { Tensor, scope, keep } from '../tensor';
 import { defaultDevice } from '../backend';
-import { add, cast, fill, randomFill } from '../ops/elementwise';
+import { cast, fill, randomFill } from '../ops/elementwise';
 import { matmul } from '../ops/matmul';
-import { rmsNorm, rope, embedding, swiglu, crossEntropy } from '../ops/layers';
-import { attentionForward } from '../ops/attention';
+import type { LayerActivations } from './decoder-layer';
+import { decoderHidden, lmHeadLoss, lmHeadWeight, tokenLayout } from './decoder';
 
-/** What a layer hook receives. Tensors live only during the callback unless the hook calls keep(). */
-export interface LayerActivations {
-  layer: number;
-  /** The attention input after input_layernorm, [B, T, hidden]. */
-  input: Tensor;
-  /** Post-RoPE queries [B, T, H, headDim] (after q_norm for Qwen3). */
-  q: Tensor;
-  /** Post-RoPE keys [B, T, HKV, headDim]. */
-  k: Tensor;
-  /** Values [B, T, HKV, headDim]. */
-  v: Tensor;
-  /** Per-head attention context A·V before o_proj, [B, T, H, headDim]. */
-  context: Tensor;
-  /** The attention block's output after o_proj (before the residual), [B, T, hidden]. */
-  output: Tensor;
-}
+export type { LayerActivations } from './decoder-layer';
 
 export interface ForwardOptions {
   /** Document boundaries over the flattened B·T tokens (int32, N+1 entries, last = B·T): attention and RoPE
@@ -137,101 +122,27 @@ export class Teacher {
     this.invFreq.dispose();
   }
 
-  /** x·Wᵀ (+ b) for a [rows, in] activation and a [out, in] weight. */
-  private async linear(x: Tensor, prefix: string): Promise<Tensor> {
-    const y = await matmul(x, this.weight(`${prefix}.weight`), { transB: true });
-    const b = this.optionalWeight(`${prefix}.bias`);
-    return b ? add(y, b, y) : y;
-  }
+  /** Weights by Hugging Face name, as the shared decoder code reads them. */
+  private readonly lookup = (name: string): Tensor | undefined => this.weights.get(name);
 
   /**
    * The final normalised hidden states [B, T, hidden] of token ids [B, T] (row-major Int32Array).
    * Hooks see every layer's attention activations.
    */
   async hidden(ids: Int32Array, shape: [number, number], options: ForwardOptions = {}): Promise<Tensor> {
-    const c = this.config;
     const [B, T] = shape;
-    const N = B * T;
-    if (ids.length !== N) throw new InvalidArgumentError('ids', `${ids.length} ids for shape [${B}, ${T}]`);
-    for (let i = 0; i < N; i++) {
-      if (ids[i] < 0 || ids[i] >= c.vocabSize) {
-        throw new InvalidArgumentError('ids', `token id ${ids[i]} at ${i} is outside the vocabulary (${c.vocabSize})`);
-      }
-    }
-    const cu = options.cuSeqlens ?? rowBoundaries(B, T);
-    checkBoundaries(cu, N);
-    const positions = positionsFrom(cu, N);
-    const lastLayer = Math.min(options.stopAfterLayer ?? c.numLayers - 1, c.numLayers - 1);
-    const dev = { device: this.device };
     return scope(async () => {
-      const idsT = await Tensor.fromArray(ids, [N], dev);
-      const posT = await Tensor.fromArray(positions, [1, N], dev);
-      const cuT = await Tensor.fromArray(cu, [cu.length], dev);
-      let h = await embedding(this.weight('model.embed_tokens.weight'), idsT);
-      for (let l = 0; l <= lastLayer; l++) {
-        throwIfAborted(options.signal);
-        h = await this.layer(l, h, posT, cuT, [B, T], options.onLayer);
-      }
-      if (options.stopAfterLayer !== undefined) return h.view([B, T, c.hiddenSize]);
-      const out = await rmsNorm(h, this.weight('model.norm.weight'), c.rmsNormEps);
-      return out.view([B, T, c.hiddenSize]);
+      const { layout, idsT } = await tokenLayout(this.config, ids, shape, options.cuSeqlens, this.invFreq, this.device);
+      const h = await decoderHidden(this.config, this.lookup, idsT, layout, options);
+      return h.view([B, T, this.config.hiddenSize]);
     });
-  }
-
-  private async layer(
-    l: number,
-    hIn: Tensor,
-    positions: Tensor,
-    cuSeqlens: Tensor,
-    [B, T]: [number, number],
-    onLayer: ForwardOptions['onLayer'],
-  ): Promise<Tensor> {
-    const c = this.config;
-    const p = `model.layers.${l}`;
-    const N = B * T;
-    const hd = c.headDim;
-    return scope(async () => {
-      const x = await rmsNorm(hIn, this.weight(`${p}.input_layernorm.weight`), c.rmsNormEps);
-      let q = (await this.linear(x, `${p}.self_attn.q_proj`)).view([1, N, c.numHeads, hd]);
-      let k = (await this.linear(x, `${p}.self_attn.k_proj`)).view([1, N, c.numKvHeads, hd]);
-      const v = (await this.linear(x, `${p}.self_attn.v_proj`)).view([1, N, c.numKvHeads, hd]);
-      if (c.qkNorm) {
-        await rmsNorm(q, this.weight(`${p}.self_attn.q_norm.weight`), c.rmsNormEps, q);
-        await rmsNorm(k, this.weight(`${p}.self_attn.k_norm.weight`), c.rmsNormEps, k);
-      }
-      q = await rope(q, positions, this.invFreq, q);
-      k = await rope(k, positions, this.invFreq, k);
-      const context = await attentionForward(q, k, v, { cuSeqlens });
-      const o = await this.linear(context.view([N, c.numHeads * hd]), `${p}.self_attn.o_proj`);
-      if (onLayer) {
-        await onLayer({
-          layer: l,
-          input: x.view([B, T, c.hiddenSize]),
-          q: q.view([B, T, c.numHeads, hd]),
-          k: k.view([B, T, c.numKvHeads, hd]),
-          v: v.view([B, T, c.numKvHeads, hd]),
-          context: context.view([B, T, c.numHeads, hd]),
-          output: o.view([B, T, c.hiddenSize]),
-        });
-      }
-      const h = await add(hIn, o);
-      const x2 = await rmsNorm(h, this.weight(`${p}.post_attention_layernorm.weight`), c.rmsNormEps);
-      const g = await this.linear(x2, `${p}.mlp.gate_proj`);
-      const u = await this.linear(x2, `${p}.mlp.up_proj`);
-      const d = await this.linear(await swiglu(g, u, g), `${p}.mlp.down_proj`);
-      return add(h, d, h);
-    });
-  }
-
-  private lmHead(): Tensor {
-    return this.optionalWeight('lm_head.weight') ?? this.weight('model.embed_tokens.weight');
   }
 
   /** Logits [B, T, vocab] in f32. For long batches prefer `loss`, which never holds all logits. */
   async logits(ids: Int32Array, shape: [number, number], options: ForwardOptions = {}): Promise<Tensor> {
     return scope(async () => {
       const h = await this.hidden(ids, shape, options);
-      const y = await matmul(h.view([shape[0] * shape[1], this.config.hiddenSize]), this.lmHead(), {
+      const y = await matmul(h.view([shape[0] * shape[1], this.config.hiddenSize]), lmHeadWeight(this.config, this.lookup), {
         transB: true,
         outDtype: 'f32',
       });
@@ -251,33 +162,18 @@ export class Teacher {
   ): Promise<{ sum: number; count: number }> {
     const N = shape[0] * shape[1];
     if (targets.length !== N) throw new InvalidArgumentError('targets', `${targets.length} targets for ${N} tokens`);
+    let count = 0;
     for (let i = 0; i < N; i++) {
       if (targets[i] >= this.config.vocabSize) {
         throw new InvalidArgumentError('targets', `target ${targets[i]} at ${i} is outside the vocabulary`);
       }
+      if (targets[i] >= 0) count++;
     }
-    const chunk = options.chunkRows ?? 2048;
     return scope(async () => {
       const h = (await this.hidden(ids, shape, options)).view([N, this.config.hiddenSize]);
       const tgt = await Tensor.fromArray(targets, [N], { device: this.device });
-      let sum = 0;
-      let count = 0;
-      for (let r0 = 0; r0 < N; r0 += chunk) {
-        const rows = Math.min(chunk, N - r0);
-        await scope(async () => {
-          const part = h.rows(r0, r0 + rows);
-          const logits = await matmul(part, this.lmHead(), { transB: true, outDtype: 'f32' });
-          const t = tgt.rows(r0, r0 + rows);
-          const l = await (await crossEntropy(logits, t)).toFloat32();
-          for (let i = 0; i < rows; i++) {
-            if (targets[r0 + i] >= 0) {
-              sum += l[i];
-              count++;
-            }
-          }
-        });
-      }
-      return { sum, count };
+      const total = await lmHeadLoss(h, lmHeadWeight(this.config, this.lookup), tgt, { chunkRows: options.chunkRows });
+      return { sum: (await total.toFloat32())[0], count };
     });
   }
 }
@@ -288,24 +184,4 @@ async function castAndFree(t: Tensor, dtype: DType): Promise<Tensor> {
   } finally {
     t.dispose();
   }
-}
-
-function rowBoundaries(B: number, T: number): Int32Array {
-  return Int32Array.from({ length: B + 1 }, (_, i) => i * T);
-}
-
-function checkBoundaries(cu: Int32Array, N: number): void {
-  if (cu.length < 2 || cu[0] !== 0 || cu[cu.length - 1] !== N) {
-    throw new InvalidArgumentError('cuSeqlens', `must start at 0 and end at ${N}`);
-  }
-  for (let i = 1; i < cu.length; i++) {
-    if (cu[i] < cu[i - 1]) throw new InvalidArgumentError('cuSeqlens', `decreases at entry ${i}`);
-  }
-}
-
-/** RoPE positions restart at every boundary. */
-function positionsFrom(cu: Int32Array, N: number): Int32Array {
-  const pos = new Int32Array(N);
-  for (let s = 0; s + 1 < cu.length; s++) for (let i = cu[s]; i < cu[s + 1]; i++) pos[i] = i - cu[s];
-  return pos;
 }

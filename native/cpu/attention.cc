@@ -1,5 +1,7 @@
 #include "attention.h"
 
+#include <type_traits>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,7 +22,8 @@ struct Task {
 };
 
 // Dot product in double with four independent partial sums (vectorisable, still fp64 accumulation).
-inline double dot(const float* a, const float* b, int64_t n) {
+template <typename S>
+inline double dot(const S* a, const S* b, int64_t n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
@@ -47,8 +50,10 @@ void forwardTyped(const attn::Problem& p, const T* q, const T* k, const T* v, T*
     return a.row1 - p.cu[size_t(a.seq)] > b.row1 - p.cu[size_t(b.seq)];
   });
   const double scale = p.scale;
+  // Inputs are staged in fp32 (exact for bf16 / f16 / f32), in fp64 for f64 (gradient checks).
+  using S = std::conditional_t<std::is_same_v<T, double>, double, float>;
   parallelFor(int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(size_t(kQueryBlock * D)), kf(size_t(kKeyBlock * D)), vf(size_t(kKeyBlock * D));
+    std::vector<S> qf(size_t(kQueryBlock * D)), kf(size_t(kKeyBlock * D)), vf(size_t(kKeyBlock * D));
     std::vector<double> acc(size_t(kQueryBlock * D)), m(kQueryBlock), l(kQueryBlock), s(kKeyBlock);
     for (int64_t ti = t0; ti < t1; ++ti) {
       const Task& task = tasks[size_t(ti)];
@@ -75,7 +80,7 @@ void forwardTyped(const attn::Problem& p, const T* q, const T* k, const T* v, T*
           const int64_t row = task.row0 + i;
           const int64_t jn = std::min(kn, row - kb + 1);  // causal: keys ≤ row
           if (jn <= 0) continue;
-          const float* qi = qf.data() + i * D;
+          const S* qi = qf.data() + i * D;
           double mx = m[size_t(i)];
           for (int64_t j = 0; j < jn; ++j) {
             s[size_t(j)] = scale * dot(qi, kf.data() + j * D, D);
@@ -88,7 +93,7 @@ void forwardTyped(const attn::Problem& p, const T* q, const T* k, const T* v, T*
           for (int64_t j = 0; j < jn; ++j) {
             const double pj = std::exp(s[size_t(j)] - mx);
             li += pj;
-            const float* vj = vf.data() + j * D;
+            const S* vj = vf.data() + j * D;
             for (int64_t d = 0; d < D; ++d) ai[d] += pj * double(vj[d]);
           }
           m[size_t(i)] = mx;

@@ -1,11 +1,19 @@
 #include "layers.h"
 
 #include <cmath>
+#include <type_traits>
 
 #include "../core/dispatch.h"
 #include "../core/parallel.h"
 
 namespace tcal::cpu {
+
+namespace {
+// Arithmetic type of the per-token layers: fp32 as transformers computes them, fp64 for f64 tensors (the
+// finite-difference checks of the training engine need the whole forward in double).
+template <typename T>
+using LayerMath = std::conditional_t<std::is_same_v<T, double>, double, float>;
+}  // namespace
 
 void rmsNorm(const Tensor& x, const Tensor& w, double eps, const Tensor& y) {
   int64_t d = w.numel(), rows = x.numel() / std::max<int64_t>(d, 1);
@@ -21,9 +29,10 @@ void rmsNorm(const Tensor& x, const Tensor& w, double eps, const Tensor& y) {
           double v = toFloat(px[r * d + i]);
           ss += v * v;
         }
-        float inv = float(1.0 / std::sqrt(ss / double(d) + eps));
+        using M = LayerMath<T>;
+        M inv = M(1.0 / std::sqrt(ss / double(d) + eps));
         for (int64_t i = 0; i < d; ++i)
-          py[r * d + i] = fromFloat<T>(float(toFloat(px[r * d + i])) * inv * float(toFloat(pw[i])));
+          py[r * d + i] = fromFloat<T>(M(toFloat(px[r * d + i])) * inv * M(toFloat(pw[i])));
       }
     });
   });
@@ -42,10 +51,11 @@ void rope(const Tensor& x, const Tensor& positions, const Tensor& invFreq, const
         float p = float(pos[bt]);
         for (int64_t j = 0; j < half; ++j) {
           float angle = p * inv[j];  // fp32 product, as transformers computes it
-          float c = std::cos(angle), sn = std::sin(angle);
+          using M = LayerMath<E>;
+          M c = std::cos(angle), sn = std::sin(angle);
           for (int64_t h = 0; h < H; ++h) {
             int64_t base = (bt * H + h) * D;
-            float x1 = toFloat(px[base + j]), x2 = toFloat(px[base + j + half]);
+            M x1 = toFloat(px[base + j]), x2 = toFloat(px[base + j + half]);
             py[base + j] = fromFloat<E>(x1 * c - x2 * sn);
             py[base + j + half] = fromFloat<E>(x2 * c + x1 * sn);
           }
@@ -78,8 +88,9 @@ void swiglu(const Tensor& gate, const Tensor& up, const Tensor& out) {
     T* po = out.ptr<T>();
     parallelFor(gate.numel(), 1 << 15, [&](int64_t s, int64_t e) {
       for (int64_t i = s; i < e; ++i) {
-        float g = toFloat(pg[i]);
-        po[i] = fromFloat<T>(g / (1.0f + std::exp(-g)) * float(toFloat(pu[i])));
+        using M = LayerMath<T>;
+        M g = toFloat(pg[i]);
+        po[i] = fromFloat<T>(g / (M(1) + std::exp(-g)) * M(toFloat(pu[i])));
       }
     });
   });
@@ -88,7 +99,13 @@ void swiglu(const Tensor& gate, const Tensor& up, const Tensor& out) {
 void crossEntropy(const Tensor& logits, const Tensor& targets, const Tensor& loss) {
   int64_t V = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(V, 1);
   const int32_t* pt = targets.ptr<int32_t>();
-  float* pl = loss.ptr<float>();
+  // f64 logits give an f64 loss (finite-difference checks need it); everything else f32.
+  float* pl = loss.dtype() == DType::F64 ? nullptr : loss.ptr<float>();
+  double* pl64 = loss.dtype() == DType::F64 ? loss.ptr<double>() : nullptr;
+  auto put = [&](int64_t r, double v) {
+    if (pl64) pl64[r] = v;
+    else pl[r] = float(v);
+  };
   dispatchFloat(logits.dtype(), "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* px = logits.ptr<T>();
@@ -96,7 +113,7 @@ void crossEntropy(const Tensor& logits, const Tensor& targets, const Tensor& los
       for (int64_t r = s; r < e; ++r) {
         int32_t t = pt[r];
         if (t < 0) {
-          pl[r] = 0;
+          put(r, 0);
           continue;
         }
         if (t >= V) throwInvalid("targets", "target " + std::to_string(t) + " outside the vocabulary");
@@ -105,7 +122,7 @@ void crossEntropy(const Tensor& logits, const Tensor& targets, const Tensor& los
         for (int64_t i = 0; i < V; ++i) m = std::max(m, double(toFloat(row[i])));
         double z = 0;
         for (int64_t i = 0; i < V; ++i) z += std::exp(double(toFloat(row[i])) - m);
-        pl[r] = float(m + std::log(z) - double(toFloat(row[t])));
+        put(r, m + std::log(z) - double(toFloat(row[t])));
       }
     });
   });

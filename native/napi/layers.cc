@@ -76,7 +76,7 @@ Napi::Value Swiglu(const Napi::CallbackInfo& info) {
   });
 }
 
-// crossEntropy(logits [..., V], targets int32 [...], out?) → f32 [...]
+// crossEntropy(logits [..., V], targets int32 [...], out?) → f32 [...] (f64 for f64 logits: gradient checks)
 Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor logits = JsTensor::Get(info[0], "logits");
@@ -86,7 +86,8 @@ Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
     checkSameDevice(targets, logits.device(), "targets");
     if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())
       throwInvalid("targets", "shape " + shapeStr(targets.shape()) + " does not match logits " + shapeStr(logits.shape()));
-    Tensor loss = outputFor(info[2], "out", targets.shape(), DType::F32, logits.device());
+    DType lossType = logits.dtype() == DType::F64 ? DType::F64 : DType::F32;
+    Tensor loss = outputFor(info[2], "out", targets.shape(), lossType, logits.device());
     return runOp(info.Env(), "crossEntropy",
                  [logits, targets, loss] { TCAL_LAYER(logits, crossEntropy, logits, targets, loss); }, info[2], loss);
   });
