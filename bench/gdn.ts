@@ -62,15 +62,18 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
 }
 
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
-const FORWARD_VARIANTS: [string, { forward?: string; nw?: string; stages?: string; skip?: string }][] = [
-  ['v3 (default)', {}],
-  ['v3 NW=4 ST=1', { nw: '4', stages: '1' }],
-  ['v3 NW=4 ST=2', { nw: '4', stages: '2' }],
-  ['v3 NW=2 ST=1', { nw: '2', stages: '1' }],
-  ['v3 prep kernel alone', { skip: 'state' }],
-  ['v3 state kernel alone', { skip: 'prep' }],
-  ['v2', { forward: 'v2' }],
+const FORWARD_VARIANTS: [string, Record<string, string>][] = [
+  ['v4 (default)', {}],
+  ['v4 CG=4 ST=2', { TCAL_GDN_V4_CG: '4', TCAL_GDN_V4_STAGES: '2' }],
+  ['v4 CG=4 ST=1', { TCAL_GDN_V4_CG: '4', TCAL_GDN_V4_STAGES: '1' }],
+  ['v4 CG=2 ST=2', { TCAL_GDN_V4_CG: '2', TCAL_GDN_V4_STAGES: '2' }],
+  ['v4 CG=2 ST=1', { TCAL_GDN_V4_CG: '2', TCAL_GDN_V4_STAGES: '1' }],
+  ['v4 prep + v3 state', { TCAL_GDN_STATE: 'v3' }],
+  ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
+  ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
 ];
+/** Every variable a variant may set; each is cleared between variants. */
+const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V4_CG', 'TCAL_GDN_V4_STAGES', 'TCAL_GDN_V3_SKIP'];
 
 /** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
 function agreementWith(a: Float32Array, raw: Buffer): number {
@@ -138,35 +141,18 @@ async function main(): Promise<void> {
     const oFile = path.join(tmp, `s${i}`, 'o.bin');
     if (fs.existsSync(oFile)) {
       const ours = await gdnForward(ins, opts);
-      const a = await ours.o.toFloat32();
-      const raw = fs.readFileSync(oFile);
-      const words = new Uint16Array(raw.buffer, raw.byteOffset, raw.byteLength / 2);
-      let num = 0;
-      let den = 0;
-      const u = new Uint32Array(1);
-      const f = new Float32Array(u.buffer);
-      for (let j = 0; j < a.length; j++) {
-        u[0] = words[j] << 16;
-        num += (a[j] - f[0]) ** 2;
-        den += f[0] ** 2;
-      }
-      agreement = Math.sqrt(num / den);
+      agreement = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
       ours.o.dispose();
     }
-    // Forward versions side by side (env selects: TCAL_GDN_FORWARD=v2 | simple, TCAL_GDN_V3_NW=1|2|4 for v3).
+    // Forward versions side by side (environment switches, see FORWARD_VARIANTS).
     for (const [label, env] of FORWARD_VARIANTS) {
-      const saved = { f: process.env.TCAL_GDN_FORWARD, w: process.env.TCAL_GDN_V3_NW, st: process.env.TCAL_GDN_V3_STAGES };
-      if (env.skip) process.env.TCAL_GDN_V3_SKIP = env.skip;
-      else delete process.env.TCAL_GDN_V3_SKIP;
-      if (env.stages) process.env.TCAL_GDN_V3_STAGES = env.stages;
-      else delete process.env.TCAL_GDN_V3_STAGES;
-      if (env.forward) process.env.TCAL_GDN_FORWARD = env.forward;
-      else delete process.env.TCAL_GDN_FORWARD;
-      if (env.nw) process.env.TCAL_GDN_V3_NW = env.nw;
-      else delete process.env.TCAL_GDN_V3_NW;
+      const saved = Object.fromEntries(VARIANT_KEYS.map((k) => [k, process.env[k]]));
+      for (const k of VARIANT_KEYS) delete process.env[k];
+      Object.assign(process.env, env);
+      const skip = env.TCAL_GDN_V3_SKIP !== undefined;
       try {
         let agree = NaN;
-        if (fs.existsSync(oFile) && !env.skip) {
+        if (fs.existsSync(oFile) && !skip) {
           const ours = await gdnForward(ins, opts);
           agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
           ours.o.dispose();
@@ -177,13 +163,10 @@ async function main(): Promise<void> {
       } catch (e) {
         variantRows.push({ shape: s.name, version: label, 'fwd ms': NaN, 'o vs fla': NaN, error: String(e).slice(0, 120) });
       } finally {
-        if (saved.f === undefined) delete process.env.TCAL_GDN_FORWARD;
-        else process.env.TCAL_GDN_FORWARD = saved.f;
-        if (saved.w === undefined) delete process.env.TCAL_GDN_V3_NW;
-        else process.env.TCAL_GDN_V3_NW = saved.w;
-        if (saved.st === undefined) delete process.env.TCAL_GDN_V3_STAGES;
-        else process.env.TCAL_GDN_V3_STAGES = saved.st;
-        delete process.env.TCAL_GDN_V3_SKIP;
+        for (const k of VARIANT_KEYS) {
+          if (saved[k] === undefined) delete process.env[k];
+          else process.env[k] = saved[k];
+        }
       }
     }
     const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });

@@ -41,18 +41,23 @@ constexpr int LDF = C + 4;      // fp32 row of a C × C tile
 __device__ __forceinline__ float softplusF(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Kernel 1: chunk-local preparation. 128 threads.
+// Kernel 1: chunk-local preparation. 128 threads, four blocks per SM (v4: A aliases the raw k rows, which are
+// read again from L2 for W; W leaves through a per-warp 16×16 tile instead of a C × K fp32 buffer).
 constexpr int kPrepThreads = 128;
 
 template <int K>
+__host__ __device__ constexpr size_t prepRegion() {  // raw k rows (C × (K+8) bf16), later A (C × LDF f32), later K̃ (bf16)
+  return 2 * size_t(C) * (K + 8) > 4 * size_t(C) * LDF ? 2 * size_t(C) * (K + 8) : 4 * size_t(C) * LDF;
+}
+template <int K>
 constexpr size_t prepSmem() {
-  // Kb (C × (K+8) bf16), Ab (C × LDC bf16), Gs / As (C × LDF f32; W (C × (K+4) f32) aliases Gs+As once both
-  // are dead), Ts (16 × LDF f32), 5 vectors of C floats: 67 KB at K = 128, three blocks per SM.
-  return 2 * (size_t(C) * (K + 8) + size_t(C) * LDC) + 4 * (2 * size_t(C) * LDF + 16 * LDF + 5 * C);
+  // region, Gs (C × LDF f32: K Kᵀ, then M), Ab (C × LDC bf16), Ts (16 × LDF f32), 5 vectors of C floats:
+  // 49.6 KB at K = 64 and 128.
+  return prepRegion<K>() + 4 * size_t(C) * LDF + 2 * size_t(C) * LDC + 4 * (16 * LDF + 5 * C);
 }
 
-// 3×TF32 tile products for the off-diagonal blocks of the inverse (v3.1 prep): x = hi + lo with both parts
-// in tf32; hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
+// 3×TF32 tile products for the off-diagonal blocks of the inverse: x = hi + lo with both parts in tf32;
+// hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
 using TfA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
 using TfB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
 using TfC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
@@ -79,10 +84,8 @@ __device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, con
   wmma::mma_sync(acc, ah, bh, acc);
 }
 
-// NEW = false: the v3 prep (TCAL_GDN_V3_PREP=old); NEW = true: v3.1 (register / tensor-core inverse, 16-byte
-// vector loops). Both compute the same values up to fp32 rounding in the off-diagonal blocks of A.
-template <typename T, int K, bool NEW>
-__global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restrict__ cu, int H, int HV,
+template <typename T, int K>
+__global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
@@ -90,15 +93,14 @@ __global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restr
                                                            const float* __restrict__ dtBias, T* __restrict__ Wout,
                                                            T* __restrict__ About, float4* __restrict__ aux,
                                                            float scale, bool l2norm) {
-  constexpr int LDK = K + 8, LDW = K + 4;
-  static_assert(size_t(C) * LDW <= 2 * size_t(C) * LDF, "W must fit over Gs + As");
+  constexpr int LDK = K + 8;
+  constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
-  T* Kb = reinterpret_cast<T*>(sm);                      // C × LDK
-  T* Ab = Kb + C * LDK;                                  // C × LDC
-  float* Gs = reinterpret_cast<float*>(Ab + C * LDC);    // C × LDF (K Kᵀ, then M)
-  float* As = Gs + C * LDF;                              // C × LDF
-  float* Ts = As + C * LDF;                              // 16 × LDF
-  float* Wf = Gs;                                        // C × LDW, after M and A are no longer needed
+  T* Kb = reinterpret_cast<T*>(sm);                                 // C × LDK (raw k, later K̃)
+  float* As = reinterpret_cast<float*>(sm);                         // C × LDF (aliases Kb)
+  float* Gs = reinterpret_cast<float*>(sm + prepRegion<K>());       // C × LDF (K Kᵀ, then M)
+  T* Ab = reinterpret_cast<T*>(Gs + C * LDF);                       // C × LDC
+  float* Ts = reinterpret_cast<float*>(Ab + C * LDC);               // 16 × LDF
   float* gam = Ts + 16 * LDF;
   float* bet = gam + C;
   float* rk = bet + C;
@@ -106,16 +108,14 @@ __global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restr
   float* ex = sq + C;
 
   const int tid = threadIdx.x, hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int warp = tid / 32, lane = tid % 32, sub = tid % G;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
   const int64_t t0 = seqBegin + int64_t(blockIdx.x) * C;
   if (t0 >= seqEnd) return;
   const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
 
-  // k rows (raw, bf16) into Kb; norms of q and k rows. A row is K/8 lanes of 16-byte vectors; every load
-  // (k, q, g, β) is issued before the first use.
+  // k rows (raw) into Kb; norms of q and k rows. Every load (k, q, g, β) is issued before the first use.
   {
-    constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;
-    const int sub = tid % G;
     uint4 kv[IT], qv[IT];
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
@@ -167,7 +167,6 @@ __global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restr
   }
   __syncthreads();
   if (tid < 32) {  // inclusive scan of the log decays (2 per lane); past L the sum stays γ_{L-1}
-    const int lane = tid;
     float a = gam[2 * lane], b = a + gam[2 * lane + 1];
     float s = b;
 #pragma unroll
@@ -179,37 +178,27 @@ __global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restr
     gam[2 * lane] = prev + a;
     gam[2 * lane + 1] = s;
   }
-  // K Kᵀ (raw rows) on the tensor cores: 16 tiles, 4 per warp (NEW: only the 10 tiles on or below the
-  // diagonal, the only ones M reads).
-  {
-    const int warp = tid / 32;
-    for (int tile = warp; tile < (NEW ? 10 : 16); tile += kPrepThreads / 32) {
-      int tr, tc;
-      if constexpr (NEW) {
-        tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
-        tc = tile - tr * (tr + 1) / 2;
-      } else {
-        tr = tile / 4;
-        tc = tile % 4;
-      }
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+  // K Kᵀ (raw rows) on the tensor cores: the 10 tiles on or below the diagonal (the only ones M reads).
+  for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
+    const int tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
+    const int tc = tile - tr * (tr + 1) / 2;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
 #pragma unroll
-      for (int kk = 0; kk < K / 16; ++kk) {
-        wmma::load_matrix_sync(fa, Kb + tr * 16 * LDK + kk * 16, LDK);
-        wmma::load_matrix_sync(fb, Kb + tc * 16 * LDK + kk * 16, LDK);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      wmma::store_matrix_sync(Gs + tr * 16 * LDF + tc * 16, acc, LDF, wmma::mem_row_major);
+    for (int kk = 0; kk < K / 16; ++kk) {
+      wmma::load_matrix_sync(fa, Kb + tr * 16 * LDK + kk * 16, LDK);
+      wmma::load_matrix_sync(fb, Kb + tc * 16 * LDK + kk * 16, LDK);
+      wmma::mma_sync(acc, fa, fb, acc);
     }
+    wmma::store_matrix_sync(Gs + tr * 16 * LDF + tc * 16, acc, LDF, wmma::mem_row_major);
   }
-  __syncthreads();
+  __syncthreads();  // Kb is dead from here on: As takes its place
   if (tid < C) ex[tid] = tid < L ? __expf(gam[tid]) : 0.f;
-  if constexpr (NEW) {
-    // One column per thread (C = 64 columns, 2 rows per pass); As needs no zeroing (only its lower blocks
-    // are read, and the Ab loop masks the upper ones).
+  {
+    // M, one column per thread (2 rows per pass). As needs no zeroing: only its lower blocks are read, and
+    // the Ab loop masks the upper ones.
     static_assert(kPrepThreads % C == 0, "prep: whole rows per pass");
     const int j = tid % C;
     const float rkj = rk[j], gj = gam[j];
@@ -218,179 +207,124 @@ __global__ void __launch_bounds__(kPrepThreads, 3) prepKernel(const int* __restr
       if (j < i && i < L) m = bet[i] * rk[i] * rkj * Gs[i * LDF + j] * __expf(gam[i] - gj);
       Gs[i * LDF + j] = m;
     }
-  } else {
-    for (int idx = tid; idx < C * C; idx += kPrepThreads) {
-      int i = idx / C, j = idx % C;
-      float m = 0.f;
-      if (j < i && i < L) m = bet[i] * rk[i] * rk[j] * Gs[i * LDF + j] * __expf(gam[i] - gam[j]);
-      Gs[i * LDF + j] = m;
-      As[i * LDF + j] = 0.f;
+  }
+  __syncthreads();
+  static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
+  // A = (I + M)⁻¹. Diagonal block `warp` in registers: lane j (and its twin j + 16) owns column j,
+  // x[i] = A_ij; rows of M by broadcast float4 loads that do not depend on x.
+  {
+    const int j = lane & 15;
+    const float* Mb = Gs + 16 * warp * LDF + 16 * warp;
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      float mr[16];
+#pragma unroll
+      for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
+        const float4 v = *reinterpret_cast<const float4*>(Mb + i * LDF + 4 * q4);
+        mr[4 * q4] = v.x;
+        mr[4 * q4 + 1] = v.y;
+        mr[4 * q4 + 2] = v.z;
+        mr[4 * q4 + 3] = v.w;
+      }
+      float s = 0.f;
+#pragma unroll
+      for (int m = 0; m < i; ++m) s += mr[m] * x[m];
+      x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
+    }
+    if (lane < 16) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) As[(16 * warp + i) * LDF + 16 * warp + j] = x[i];
     }
   }
   __syncthreads();
-  if constexpr (NEW) {
-    static_assert(kPrepThreads == 128, "v3.1 prep: one warp per diagonal block");
-    const int warp = tid / 32, lane = tid % 32;
-    // A = (I + M)⁻¹. Diagonal block `warp` in registers: lane j (and its twin j + 16) owns column j,
-    // x[i] = A_ij; rows of M by broadcast float4 loads that do not depend on x. Same summation order as the
-    // v3 substitution (the terms with m < j add exact zeros).
-    {
-      const int j = lane & 15;
-      const float* Mb = Gs + 16 * warp * LDF + 16 * warp;
-      float x[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        float mr[16];
-#pragma unroll
-        for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
-          const float4 v = *reinterpret_cast<const float4*>(Mb + i * LDF + 4 * q4);
-          mr[4 * q4] = v.x;
-          mr[4 * q4 + 1] = v.y;
-          mr[4 * q4 + 2] = v.z;
-          mr[4 * q4 + 3] = v.w;
-        }
-        float s = 0.f;
-#pragma unroll
-        for (int m = 0; m < i; ++m) s += mr[m] * x[m];
-        x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
-      }
-      if (lane < 16) {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) As[(16 * warp + i) * LDF + 16 * warp + j] = x[i];
-      }
-    }
-    __syncthreads();
-    // Block row I: warp J < I computes A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32), through
-    // its own 16 columns of Ts.
-    for (int I = 1; I < 4; ++I) {
-      const int J = warp;
-      if (J < I) {
-        TfC acc;
-        wmma::fill_fragment(acc, 0.f);
-        for (int m = J; m < I; ++m)
-#pragma unroll
-          for (int kk = 0; kk < 2; ++kk)
-            mma3xTf32(acc, Gs + 16 * I * LDF + 16 * m + 8 * kk, LDF, As + (16 * m + 8 * kk) * LDF + 16 * J, LDF);
-        float* Tw = Ts + 16 * warp;
-        wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
-        __syncwarp();
-        TfC d;
-        wmma::fill_fragment(d, 0.f);
+  // Block row I: warp J < I computes A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32), through its
+  // own 16 columns of Ts.
+  for (int I = 1; I < 4; ++I) {
+    const int J = warp;
+    if (J < I) {
+      TfC acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int m = J; m < I; ++m)
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk)
-          mma3xTf32(d, As + 16 * I * LDF + 16 * I + 8 * kk, LDF, Tw + 8 * kk * LDF, LDF);
+          mma3xTf32(acc, Gs + 16 * I * LDF + 16 * m + 8 * kk, LDF, As + (16 * m + 8 * kk) * LDF + 16 * J, LDF);
+      float* Tw = Ts + 16 * warp;
+      wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
+      __syncwarp();
+      TfC d;
+      wmma::fill_fragment(d, 0.f);
 #pragma unroll
-        for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
-        wmma::store_matrix_sync(As + 16 * I * LDF + 16 * J, d, LDF, wmma::mem_row_major);
-      }
-      __syncthreads();
-    }
-  } else {
-    // A = (I + M)⁻¹. Diagonal 16×16 blocks: one thread per column, forward substitution.
-    if (tid < C) {
-      const int b = tid / 16, j = tid;
-      As[j * LDF + j] = 1.f;
-      for (int i = j + 1; i < 16 * b + 16; ++i) {
-        float s = 0.f;
-        for (int m = j; m < i; ++m) s += Gs[i * LDF + m] * As[m * LDF + j];
-        As[i * LDF + j] = -s;
-      }
+      for (int kk = 0; kk < 2; ++kk) mma3xTf32(d, As + 16 * I * LDF + 16 * I + 8 * kk, LDF, Tw + 8 * kk * LDF, LDF);
+#pragma unroll
+      for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
+      wmma::store_matrix_sync(As + 16 * I * LDF + 16 * J, d, LDF, wmma::mem_row_major);
     }
     __syncthreads();
-    // Block row I: A_IJ = −A_II Σ_{J ≤ m-block < I} M_I,m A_m,J for all J < I at once.
-    for (int I = 1; I < 4; ++I) {
-      const int cols = 16 * I, r0 = 16 * I;
-      for (int e = tid; e < 16 * cols; e += kPrepThreads) {
-        int r = r0 + e / cols, col = e % cols;
-        float s = 0.f;
-        for (int m = col; m < r0; ++m) s += Gs[r * LDF + m] * As[m * LDF + col];  // A_m,col = 0 for m < col
-        Ts[(r - r0) * LDF + col] = s;
-      }
-      __syncthreads();
-      for (int e = tid; e < 16 * cols; e += kPrepThreads) {
-        int r = r0 + e / cols, col = e % cols;
-        float s = 0.f;
-        for (int m = r0; m <= r; ++m) s += As[r * LDF + m] * Ts[(m - r0) * LDF + col];
-        As[r * LDF + col] = -s;
-      }
-      __syncthreads();
-    }
   }
-  if constexpr (NEW) {
-    // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
-    for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
-      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      const bool live = c / 16 <= i / 16;
-      const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
-      const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
-      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      alignas(16) T out[8];
+  // The raw k rows again (from L2), issued before the Ab loop so that their latency hides behind it.
+  uint4 kv[IT];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
-      const uint4 vv = *reinterpret_cast<const uint4*>(out);
-      *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
-      if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
-    }
-    // K̃ scaled by exp(γ_j)·rk_j in place, 8 elements per thread and pass.
-    for (int idx = tid; idx < C * (K / 8); idx += kPrepThreads) {
-      const int j = idx / (K / 8), c = (idx % (K / 8)) * 8;
-      const uint4 raw = *reinterpret_cast<const uint4*>(Kb + j * LDK + c);
-      const T* ke = reinterpret_cast<const T*>(&raw);
-      const float ej = ex[j], rj = rk[j];
-      alignas(16) T out[8];
+  for (int u = 0; u < IT; ++u) {
+    const int i = tid / G + u * RPP;
+    kv[u] = i < L ? *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8) : make_uint4(0, 0, 0, 0);
+  }
+  // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
+  for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
+    const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+    const bool live = c / 16 <= i / 16;
+    const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
+    const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
+    const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    alignas(16) T out[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(toF(ke[e]) * ej * rj);
-      *reinterpret_cast<uint4*>(Kb + j * LDK + c) = *reinterpret_cast<const uint4*>(out);
-    }
-  } else {
-    // Ab = A·diag(β) (zero past L), to shared memory and to device memory (rows < L).
-    for (int idx = tid; idx < C * C; idx += kPrepThreads) {
-      int i = idx / C, j = idx % C;
-      T a = fromF<T>(As[i * LDF + j] * bet[j]);
-      Ab[i * LDC + j] = a;
-      if (i < L) About[((t0 + i) * HV + hv) * C + j] = a;
-    }
-    // K̃ scaled by exp(γ_j)·rk_j in place (rows past L are zero already).
-    for (int idx = tid; idx < C * K; idx += kPrepThreads) {
-      int j = idx / K, c = idx % K;
-      Kb[j * LDK + c] = fromF<T>(toF(Kb[j * LDK + c]) * ex[j] * rk[j]);
-    }
+    for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
+    const uint4 vv = *reinterpret_cast<const uint4*>(out);
+    *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
+    if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
   }
   if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], 0.f);
+  __syncthreads();  // As is dead: K̃ = diag(exp γ · rk) k takes its place
+#pragma unroll
+  for (int u = 0; u < IT; ++u) {
+    const int i = tid / G + u * RPP;
+    const T* ke = reinterpret_cast<const T*>(&kv[u]);
+    const float f = ex[i] * rk[i];  // 0 past L
+    alignas(16) T out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = fromF<T>(toF(ke[e]) * f);
+    *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = *reinterpret_cast<const uint4*>(out);
+  }
   __syncthreads();
-  // W = Ab · diag(exp γ · rk) K  (C × K), 4 × K/16 tiles.
+  // W = Ab · K̃ (C × K), 4 × K/16 tiles, each out through this warp's 16 columns of Ts as 16-byte stores.
   {
-    const int warp = tid / 32;
+    float* Tw = Ts + 16 * warp;
     for (int tile = warp; tile < 4 * (K / 16); tile += kPrepThreads / 32) {
-      int tr = tile / (K / 16), tc = tile % (K / 16);
+      const int tr = tile / (K / 16), tc = tile % (K / 16);
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
 #pragma unroll
-      for (int kk = 0; kk < C / 16; ++kk) {
+      for (int kk = 0; kk <= tr; ++kk) {  // Ab is block lower triangular
         wmma::load_matrix_sync(fa, Ab + tr * 16 * LDC + kk * 16, LDC);
         wmma::load_matrix_sync(fb, Kb + kk * 16 * LDK + tc * 16, LDK);
         wmma::mma_sync(acc, fa, fb, acc);
       }
-      wmma::store_matrix_sync(Wf + tr * 16 * LDW + tc * 16, acc, LDW, wmma::mem_row_major);
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < L * (K / 8); idx += kPrepThreads) {
-    int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
-    alignas(16) T out[8];
-    if constexpr (NEW) {
-      const float4 w0 = *reinterpret_cast<const float4*>(Wf + i * LDW + c);
-      const float4 w1 = *reinterpret_cast<const float4*>(Wf + i * LDW + c + 4);
+      __syncwarp();  // the previous tile's reads of Tw are done
+      wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
+      __syncwarp();
+      const int r = lane / 2, half = lane % 2, i = 16 * tr + r;
+      const float4 w0 = *reinterpret_cast<const float4*>(Tw + r * LDF + 8 * half);
+      const float4 w1 = *reinterpret_cast<const float4*>(Tw + r * LDF + 8 * half + 4);
       const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+      alignas(16) T out[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) out[e] = fromF<T>(wv[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(Wf[i * LDW + c + e]);
+      if (i < L)
+        *reinterpret_cast<uint4*>(Wout + ((t0 + i) * HV + hv) * K + 16 * tc + 8 * half) =
+            *reinterpret_cast<const uint4*>(out);
     }
-    *reinterpret_cast<uint4*>(Wout + ((t0 + i) * HV + hv) * K + c) = *reinterpret_cast<const uint4*>(out);
   }
 }
 
@@ -734,6 +668,372 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Kernel 2, v4: the state pass with K split between the two warps of a pair. Warp w = 2·cg + kh owns state
+// columns v0 + 16·cg + [0, 16) and rows kh·K/2 + [0, K/2) of S, so each warp's chain of dependent products
+// per chunk is half of v3's and a block has twice the warps. Per chunk, warp (cg, kh):
+//   partial νᵀ_kh = −Sᵀ_kh Wᵀ_kh (+ its share of Vᵀ Abᵀ),  partial Oᵀ_kh = Sᵀ_kh Q̃ᵀ_kh     (all 64 tokens)
+//   reduce-scatter through shared memory (fp32): warp kh completes ν and O for token blocks T_kh
+//   (T_0 = {0, 3}, T_1 = {1, 2}: equal shares of the triangular νᵀAqkᵀ work)
+//   all-gather of ν as bf16/f16 A fragments (plain and scaled by rk_j exp(γ_L − γ_j)), raw per lane
+//   Oᵀ(T_kh) += νᵀ Aqkᵀ,  o stores;  Sᵀ_kh ← exp(γ_L) Sᵀ_kh + ν̂ᵀ K̃_kh.
+// The pair synchronises with a named barrier of 64 threads; the block only at the top of a chunk (loads) and
+// once for Aqk.
+template <int K, int CG>
+__host__ __device__ constexpr size_t xchgBytes() {
+  // per warp: 4 KB of fp32 partials (2 token blocks × {ν, O} × 2 n-tiles × 4 × 32 lanes) + 2 KB of fragments
+  return size_t(2 * CG) * (4096 + 2048);
+}
+template <int K, int CG, int ST>
+__host__ __device__ constexpr size_t state4Smem() {
+  return 2 * size_t(C) * LDC + ST * stageBytes<K, CG>() + xchgBytes<K, CG>();
+}
+
+__device__ __forceinline__ void pairBarrier(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory"); }
+
+template <typename T, int K, int CG, int ST>
+__global__ void __launch_bounds__(64 * CG) state4Kernel(const int* __restrict__ cu, int H, int HV, int V,
+                                                        const T* __restrict__ q, const T* __restrict__ k,
+                                                        const T* __restrict__ v, const T* __restrict__ W,
+                                                        const T* __restrict__ Ab, const float4* __restrict__ aux,
+                                                        const float* __restrict__ h0, T* __restrict__ o,
+                                                        float* __restrict__ hT, float* __restrict__ ckpt,
+                                                        const int* __restrict__ chunkFirst) {
+  constexpr int LDK = K + 8, VT = 16 * CG, LDV = VT + 8, NT = 64 * CG;
+  constexpr int KH = K / 2, KSH = KH / 16;  // this warp's rows of S and its k-steps over them
+  constexpr int KS = K / 16;
+  constexpr size_t SB = stageBytes<K, CG>();
+  extern __shared__ __align__(128) unsigned char sm[];
+  T* AQs = reinterpret_cast<T*>(sm);
+  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
+  float* X1all = reinterpret_cast<float*>(stage0 + ST * SB);       // [warp][1024] fp32 partials
+  uint32_t* X2all = reinterpret_cast<uint32_t*>(X1all + 2 * CG * 1024);  // [warp][512] fragments
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int cg = warp >> 1, kh = warp & 1, kb = kh * KH;
+  const int gq = lane / 4, tq = lane % 4;
+  const int lr = lane % 8, lm = lane / 8;
+  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int v0 = blockIdx.x * VT, vw = 16 * cg;
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const size_t stateBase = (size_t(n) * HV + hv) * K * V;
+  float* X1me = X1all + warp * 1024;
+  float* X1pa = X1all + (warp ^ 1) * 1024;
+  uint32_t* X2me = X2all + warp * 512;
+  uint32_t* X2pa = X2all + (warp ^ 1) * 512;
+  // token block np belongs to this warp (T_kh); its exchange slot is np >> 1 in either warp's sets
+  auto own = [&](int np) { return ((np == 0) | (np == 3)) == (kh == 0); };
+
+  auto issue = [&](int64_t tc, int st) {
+    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
+    T* Ks = Qs + C * LDK;
+    T* Ws = Ks + C * LDK;
+    T* Abs = Ws + C * LDK;
+    T* Vs = Abs + C * LDC;
+    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+    const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
+    constexpr int RV = K / 8;
+    for (int idx = tid; idx < C * RV; idx += NT) {
+      int i = idx / RV, c = (idx % RV) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
+      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
+      cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
+    }
+    for (int idx = tid; idx < C * (C / 8); idx += NT) {
+      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
+    }
+    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
+      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
+    }
+    for (int i = tid; i < C; i += NT) {
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
+    }
+  };
+
+  // Sᵀ_kh (16 × K/2): element [nt][e] is state (kk = kb + 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
+  float S[KH / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+      S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
+    }
+
+  if (ST == 2 && seqBegin < seqEnd) {
+    issue(seqBegin, 0);
+    cpAsyncCommit();
+  }
+  int chunk = chunkFirst ? chunkFirst[n] : 0;
+  int st = 0;
+  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
+    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
+    T* Ks = Qs + C * LDK;
+    T* Ws = Ks + C * LDK;
+    T* Abs = Ws + C * LDK;
+    T* Vs = Abs + C * LDC;
+    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+    __syncthreads();  // the previous chunk's reads of shared memory are done
+    if (ST == 1) {
+      issue(t0, 0);
+      cpAsyncCommit();
+    } else {
+      if (t0 + C < seqEnd) issue(t0 + C, st ^ 1);
+      cpAsyncCommit();
+    }
+    if (ckpt) {
+      float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
+#pragma unroll
+      for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+          dst[size_t(kk) * V + col] = S[nt][e];
+        }
+    }
+    uint32_t Sa[KSH][4];
+#pragma unroll
+    for (int ks = 0; ks < KSH; ++ks) {
+      Sa[ks][0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
+      Sa[ks][1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
+      Sa[ks][2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
+      Sa[ks][3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
+    }
+    cpAsyncWait<ST - 1>();
+    __syncthreads();
+
+    // Aqk: the 10 lower 16×16 blocks, shared among the block's warps.
+    for (int job = warp; job < 10; job += 2 * CG) {
+      int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
+      int ni = job - mi * (mi + 1) / 2;
+      float acc[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4], b[4];
+        ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+        ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+        mma<T>(acc[0], a, b[0], b[1]);
+        mma<T>(acc[1], a, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          int i = 16 * mi + gq + 4 * e;
+          int j = 16 * ni + 8 * nt + 2 * tq;
+          float4 ai = auxs[i], aj0 = auxs[j], aj1 = auxs[j + 1];
+          float x0 = 0.f, x1 = 0.f;
+          if (i < L) {
+            if (j <= i) x0 = acc[nt][e] * ai.y * aj0.z * __expf(ai.x - aj0.x);
+            if (j + 1 <= i) x1 = acc[nt][e + 1] * ai.y * aj1.z * __expf(ai.x - aj1.x);
+          }
+          *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
+        }
+    }
+
+    // Partial νᵀ: this warp's share of Vᵀ Abᵀ (k-blocks {0, 3} or {1, 2}: 5 block pairs each) − Sᵀ_kh Wᵀ_kh.
+    float N[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      if (!own(ks)) continue;
+      uint32_t a[4];
+      ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+#pragma unroll
+      for (int np = ks; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+        mma<T>(N[2 * np], a, b[0], b[1]);
+        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < KSH; ++ks) {
+      uint32_t a[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
+        mma<T>(N[2 * np], a, b[0], b[1]);
+        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // Partial Oᵀ = Sᵀ_kh Q̃ᵀ_kh.
+    float O[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < KSH; ++ks) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
+        mma<T>(O[2 * np], Sa[ks], b[0], b[1]);
+        mma<T>(O[2 * np + 1], Sa[ks], b[2], b[3]);
+      }
+    }
+    // Reduce-scatter: the partner's token blocks go to this warp's X1 (slot np >> 1), then this warp adds
+    // the partner's partials of its own blocks.
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (own(np)) continue;
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        float* base = X1me + (((np >> 1) * 2 + t) * 2) * 128 + lane * 4;
+        *reinterpret_cast<float4*>(base) = make_float4(N[2 * np + t][0], N[2 * np + t][1], N[2 * np + t][2], N[2 * np + t][3]);
+        *reinterpret_cast<float4*>(base + 128) =
+            make_float4(O[2 * np + t][0], O[2 * np + t][1], O[2 * np + t][2], O[2 * np + t][3]);
+      }
+    }
+    __syncthreads();  // Aqk complete; partials written
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (!own(np)) continue;
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const float* base = X1pa + (((np >> 1) * 2 + t) * 2) * 128 + lane * 4;
+        const float4 pn = *reinterpret_cast<const float4*>(base);
+        const float4 po = *reinterpret_cast<const float4*>(base + 128);
+        N[2 * np + t][0] += pn.x;
+        N[2 * np + t][1] += pn.y;
+        N[2 * np + t][2] += pn.z;
+        N[2 * np + t][3] += pn.w;
+        O[2 * np + t][0] += po.x;
+        O[2 * np + t][1] += po.y;
+        O[2 * np + t][2] += po.z;
+        O[2 * np + t][3] += po.w;
+      }
+    }
+    // Own blocks: O scaled by sq_i exp(γ_i); ν as A fragments, plain (for O) and scaled by
+    // rk_j exp(γ_L − γ_j) (for the state update); all-gather of the fragments through X2.
+    const float gL = auxs[L - 1].x, eL = __expf(gL);
+    uint32_t Nf[4][4], Nh[4][4];
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (!own(np)) continue;
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int j = 16 * np + 8 * t + 2 * tq + c;
+          const float4 aj = auxs[j];
+          const float fo = aj.y * __expf(aj.x);
+          O[2 * np + t][c] *= fo;
+          O[2 * np + t][c + 2] *= fo;
+        }
+      float f[2][2];
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int j = 16 * np + 8 * t + 2 * tq + c;
+          const float4 aj = auxs[j];
+          f[t][c] = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
+        }
+      Nf[np][0] = pack2<T>(N[2 * np][0], N[2 * np][1]);
+      Nf[np][1] = pack2<T>(N[2 * np][2], N[2 * np][3]);
+      Nf[np][2] = pack2<T>(N[2 * np + 1][0], N[2 * np + 1][1]);
+      Nf[np][3] = pack2<T>(N[2 * np + 1][2], N[2 * np + 1][3]);
+      Nh[np][0] = pack2<T>(N[2 * np][0] * f[0][0], N[2 * np][1] * f[0][1]);
+      Nh[np][1] = pack2<T>(N[2 * np][2] * f[0][0], N[2 * np][3] * f[0][1]);
+      Nh[np][2] = pack2<T>(N[2 * np + 1][0] * f[1][0], N[2 * np + 1][1] * f[1][1]);
+      Nh[np][3] = pack2<T>(N[2 * np + 1][2] * f[1][0], N[2 * np + 1][3] * f[1][1]);
+      uint32_t* base = X2me + (np >> 1) * 256 + lane * 4;
+      *reinterpret_cast<uint4*>(base) = make_uint4(Nf[np][0], Nf[np][1], Nf[np][2], Nf[np][3]);
+      *reinterpret_cast<uint4*>(base + 128) = make_uint4(Nh[np][0], Nh[np][1], Nh[np][2], Nh[np][3]);
+    }
+    pairBarrier(1 + cg);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (own(np)) continue;
+      const uint32_t* base = X2pa + (np >> 1) * 256 + lane * 4;
+      const uint4 a = *reinterpret_cast<const uint4*>(base);
+      const uint4 b = *reinterpret_cast<const uint4*>(base + 128);
+      Nf[np][0] = a.x;
+      Nf[np][1] = a.y;
+      Nf[np][2] = a.z;
+      Nf[np][3] = a.w;
+      Nh[np][0] = b.x;
+      Nh[np][1] = b.y;
+      Nh[np][2] = b.z;
+      Nh[np][3] = b.w;
+    }
+    // Oᵀ(own blocks) += νᵀ Aqkᵀ.
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (!own(np)) continue;
+#pragma unroll
+      for (int ks = 0; ks <= np; ++ks) {
+        uint32_t b[4];
+        ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+        mma<T>(O[2 * np], Nf[ks], b[0], b[1]);
+        mma<T>(O[2 * np + 1], Nf[ks], b[2], b[3]);
+      }
+    }
+    // o: stage this warp's 32 tokens × 16 columns in its own X1 (the partner has read it: it passed the pair
+    // barrier after its reads), rows of 24 elements, then 16-byte stores.
+    if (o) {
+      T* Os = reinterpret_cast<T*>(X1me);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (!own(np)) continue;
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int r = 16 * (np >> 1) + 8 * t + 2 * tq + (e & 1), col = gq + 8 * (e >> 1);
+            Os[r * 24 + col] = fromF<T>(O[2 * np + t][e]);
+          }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int it = 0; it < 2; ++it) {
+        const int r = (lane + 32 * it) / 2, half = lane % 2;
+        const int b = r / 16;
+        const int np = kh == 0 ? (b == 0 ? 0 : 3) : (b == 0 ? 1 : 2);
+        const int i = 16 * np + r % 16;
+        if (i < L)
+          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
+              *reinterpret_cast<const uint4*>(Os + r * 24 + 8 * half);
+      }
+    }
+    // Sᵀ_kh ← exp(γ_L) Sᵀ_kh + ν̂ᵀ K̃_kh
+#pragma unroll
+    for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+      for (int np = 0; np < KSH; ++np) {
+        uint32_t b[4];
+        ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + kb + 16 * np + (lm >> 1) * 8);
+        mma<T>(S[2 * np], Nh[ks], b[0], b[1]);
+        mma<T>(S[2 * np + 1], Nh[ks], b[2], b[3]);
+      }
+    }
+  }
+  if (hT) {
+#pragma unroll
+    for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+        hT[stateBase + size_t(kk) * V + col] = S[nt][e];
+      }
+  }
+}
+
 // Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else the widest tile that still gives
 // at least 128 blocks.
 // Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else 4 (measured best on the H200 at
@@ -767,6 +1067,41 @@ void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, co
   checkLaunch("gdn v3 state");
 }
 
+template <typename T, int K, int CG, int ST>
+void launchState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
+                  const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  constexpr size_t smem = state4Smem<K, CG, ST>();
+  auto kern = state4Kernel<T, K, CG, ST>;
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "cudaFuncSetAttribute(gdn v4 state)");
+  dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
+  kern<<<grid, 64 * CG, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
+                                        in.v.ptr<T>(), W, Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
+                                        ckpt, chunkFirst);
+  checkLaunch("gdn v4 state");
+}
+
+int smCount() {
+  int sms = 132, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// v4 state pass: 64-column tiles (4 warp pairs) where that still gives a block per SM, else 32-column tiles;
+// two load stages. TCAL_GDN_V4_CG=2|4 and TCAL_GDN_V4_STAGES=1|2 override (benchmark variants).
+template <typename T, int K>
+void runState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
+               const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  int cg = p.N * p.HV * (p.V / 64) >= smCount() ? 4 : 2;
+  if (const char* e = std::getenv("TCAL_GDN_V4_CG")) cg = std::atoi(e) == 2 ? 2 : 4;
+  int st = 2;
+  if (const char* e = std::getenv("TCAL_GDN_V4_STAGES")) st = std::atoi(e) == 1 ? 1 : 2;
+  if (cg == 4 && st == 2) launchState4<T, K, 4, 2>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  else if (cg == 4) launchState4<T, K, 4, 1>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  else if (st == 2) launchState4<T, K, 2, 2>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  else launchState4<T, K, 2, 1>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+}
+
 template <typename T, int K>
 void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, float* ckpt,
          const int* chunkFirst, cudaStream_t stream) {
@@ -779,12 +1114,11 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    // TCAL_GDN_V3_PREP=old selects the v3 prep (SIMT inverse from shared memory); default v3.1.
-    const char* pe = std::getenv("TCAL_GDN_V3_PREP");
-    const bool oldPrep = pe && std::strcmp(pe, "old") == 0;
-    auto kern = oldPrep ? prepKernel<T, K, false> : prepKernel<T, K, true>;
+    auto kern = prepKernel<T, K>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute(gdn v3 prep)");
+          "cudaFuncSetAttribute(gdn v4 prep)");
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
+          "cudaFuncSetAttribute(gdn v4 prep carveout)");
     dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
@@ -796,6 +1130,11 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
+  // v4 state pass by default; TCAL_GDN_STATE=v3 keeps the v3 one (benchmark comparison).
+  if (const char* e = std::getenv("TCAL_GDN_STATE"); !(e && std::strcmp(e, "v3") == 0)) {
+    runState4<T, K>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+    return;
+  }
   // Two load stages (cp.async double buffering) where they still leave two blocks per SM, or where the grid
   // has no more blocks than SMs anyway; else one. TCAL_GDN_V3_STAGES=1|2 overrides.
   const int nw = chooseNW(p);
