@@ -103,6 +103,12 @@ export interface AttentionNativeOptions {
   out?: NativeTensor | { o?: NativeTensor; lse?: NativeTensor } | null;
 }
 
+export interface AttentionBackwardNativeOptions {
+  scale?: number;
+  cuSeqlens?: NativeTensor | null;
+  out?: { dq?: NativeTensor; dk?: NativeTensor; dv?: NativeTensor } | null;
+}
+
 export interface TaylorMomentsNativeOptions {
   scale?: number;
   cuSeqlens?: NativeTensor | null;
@@ -189,6 +195,10 @@ export interface NativeAddon {
   attentionForward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, opts: AttentionNativeOptions,
   ): Promise<{ o: NativeTensor; lse: NativeTensor | null }>;
+  attentionBackward(
+    q: NativeTensor, k: NativeTensor, v: NativeTensor, o: NativeTensor, lse: NativeTensor, dO: NativeTensor,
+    opts: AttentionBackwardNativeOptions,
+  ): Promise<{ dq: NativeTensor; dk: NativeTensor; dv: NativeTensor }>;
   taylorMoments(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, invFreq: NativeTensor, decays: NativeTensor,
     acc: Record<string, NativeTensor>, opts: TaylorMomentsNativeOptions,

@@ -63,3 +63,46 @@ export async function attentionForward(
   }
   return { o, lse: outLse ?? new Tensor(r.lse!) };
 }
+
+export interface AttentionBackwardOptions {
+  /** The forward's score scale; default D^-1/2. */
+  scale?: number;
+  /** The forward's varlen offsets (i32 [N+1]); tokens past the last one get zero gradients. */
+  cuSeqlens?: Tensor;
+  /** Preallocated gradients (each written entirely). */
+  out?: { dq?: Tensor; dk?: Tensor; dv?: Tensor };
+}
+
+export interface AttentionGrads {
+  /** [B,T,H,D] like q. */
+  dq: Tensor;
+  /** [B,T,HKV,D] like k, summed over the query heads of each KV head. */
+  dk: Tensor;
+  /** [B,T,HKV,D] like v, summed over the query heads of each KV head. */
+  dv: Tensor;
+}
+
+/**
+ * Gradients of attentionForward given its o and lse (`returnLse: true`) and dO = ∂loss/∂o [B,T,H,D]; q, k, v,
+ * o and dO share one dtype, which the gradients take. CUDA: FlashAttention-2-style, deterministic (no atomics);
+ * bf16 / f16 on the tensor cores with fp32 accumulation, f32 on CUDA cores. CPU: fp64 reference.
+ */
+export async function attentionBackward(
+  q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dO: Tensor, options: AttentionBackwardOptions = {},
+): Promise<AttentionGrads> {
+  const { out, cuSeqlens, scale } = options;
+  const r = await native().attentionBackward(q.native, k.native, v.native, o.native, lse.native, dO.native, {
+    scale,
+    cuSeqlens: cuSeqlens?.native,
+    out: out === undefined ? undefined : { dq: out.dq?.native, dk: out.dk?.native, dv: out.dv?.native },
+  });
+  // Caller-given outputs come back as second handles on the same memory: drop those handles.
+  const pick = (given: Tensor | undefined, h: typeof r.dq): Tensor => {
+    if (given) {
+      h.dispose();
+      return given;
+    }
+    return new Tensor(h);
+  };
+  return { dq: pick(out?.dq, r.dq), dk: pick(out?.dk, r.dk), dv: pick(out?.dv, r.dv) };
+}
