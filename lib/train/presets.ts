@@ -18,8 +18,8 @@ export interface PretrainPreset {
 
 export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
   tiny: {
-    description: 'tiny Llama GQA 2:1, 4 layers, d=256, head_dim 64, tied (≈ 4M parameters): the README demo and CPU tests',
-    model: { family: 'llama', hiddenSize: 256, numLayers: 4, numHeads: 4, numKvHeads: 2, intermediateSize: 688, tieWordEmbeddings: true },
+    description: 'tiny Llama GQA 3:1, 4 layers, d=192, 3 heads of 64, tied (≈ 2.4M parameters): the README demo and CPU tests',
+    model: { family: 'llama', hiddenSize: 192, numLayers: 4, numHeads: 3, numKvHeads: 1, intermediateSize: 512, tieWordEmbeddings: true },
     seqLen: 256,
     batchSize: 32,
     lr: 3e-3,
