@@ -1,7 +1,7 @@
 /**
  * The trainable decoder (lib/model/decoder.ts, lib/train/decoder-trainer.ts): the analytic gradient of the whole
- * model against central finite differences in f64 on the CPU (Llama GQA untied, Qwen3 q/k norm tied, with and
- * without activation recomputation), and a two-layer model trained on a fixed batch: the loss goes down step by
+ * model against central finite differences in f64 on the CPU (Llama GQA untied, Qwen3 q/k norm tied with
+ * activation recomputation, Qwen2 q/k/v biases), and a two-layer model trained on a fixed batch: the loss goes down step by
  * step, and CPU and CUDA give the same curve within tolerance.
  */
 import { parseTeacherConfig, type TeacherConfig } from '../lib/io/hf-config';
@@ -12,9 +12,11 @@ import type { TokenBatch } from '../lib/model/decoder';
 import { DecoderTrainer } from '../lib/train/decoder-trainer';
 import { cudaEnabled, relError, rng } from './helpers';
 
-function tinyConfig(family: 'llama' | 'qwen3', over: Record<string, unknown> = {}): TeacherConfig {
+const ARCH = { llama: 'LlamaForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM' };
+
+function tinyConfig(family: keyof typeof ARCH, over: Record<string, unknown> = {}): TeacherConfig {
   return parseTeacherConfig({
-    architectures: [family === 'llama' ? 'LlamaForCausalLM' : 'Qwen3ForCausalLM'],
+    architectures: [ARCH[family]],
     vocab_size: 24,
     hidden_size: 16,
     intermediate_size: 20,
@@ -51,6 +53,7 @@ describe('decoder backward: finite differences (CPU, f64)', () => {
   const cases: Array<[string, TeacherConfig, boolean]> = [
     ['llama GQA 2:1, untied', tinyConfig('llama'), false],
     ['qwen3 q/k norm, tied, recompute', tinyConfig('qwen3', { tie_word_embeddings: true }), true],
+    ['qwen2 q/k/v biases', tinyConfig('qwen2', { head_dim: undefined, num_attention_heads: 2, hidden_size: 16 }), false],
   ];
   test.each(cases)('%s: every parameter', async (_name, c, recompute) => {
     const trainer = await DecoderTrainer.create(c, { device: 'cpu', dtype: 'f64', seed: 3, lr: 1e-3, weightDecay: 0, schedule });

@@ -174,8 +174,7 @@ export async function decoderLayerBackward(
     const dAct = (await linearBackward(s.act, need(w, `${mlp('down_proj')}.weight`), dOut, linearGrads(g, w, mlp('down_proj'))))!;
     const { dGate, dUp } = await swigluBackward(s.gate, s.up, dAct);
     const dx2 = (await linearBackward(s.x2, need(w, `${mlp('gate_proj')}.weight`), dGate, linearGrads(g, w, mlp('gate_proj'))))!;
-    const dx2u = (await linearBackward(s.x2, need(w, `${mlp('up_proj')}.weight`), dUp, linearGrads(g, w, mlp('up_proj'))))!;
-    await add(dx2, dx2u, dx2);
+    await linearBackward(s.x2, need(w, `${mlp('up_proj')}.weight`), dUp, linearGrads(g, w, mlp('up_proj')), { dxInto: dx2 });
     const dh = await normGrad(s.h, `${p}.post_attention_layernorm`, dx2);
     await add(dh, dOut, dh);
     // Attention block: h = h_in + o_proj(attention(rope(q), rope(k), v)).
@@ -192,8 +191,7 @@ export async function decoderLayerBackward(
     }
     const dx = (await linearBackward(s.x, need(w, `${att('q_proj')}.weight`), dqRaw.view([N, c.numHeads * hd]), linearGrads(g, w, att('q_proj'))))!;
     for (const [name, d] of [['k_proj', dkRaw], ['v_proj', dv]] as const) {
-      const part = (await linearBackward(s.x, need(w, `${att(name)}.weight`), d.view([N, c.numKvHeads * hd]), linearGrads(g, w, att(name))))!;
-      await add(dx, part, dx);
+      await linearBackward(s.x, need(w, `${att(name)}.weight`), d.view([N, c.numKvHeads * hd]), linearGrads(g, w, att(name)), { dxInto: dx });
     }
     const dhIn = await normGrad(s.hIn, `${p}.input_layernorm`, dx);
     return add(dhIn, dh, dhIn);

@@ -230,8 +230,7 @@ export class GdnLayer {
       const { dx: dO, dGate } = await gatedRmsNormBackward(saved.o, this.p('o_norm.weight'), saved.gate, dn.view(saved.o.shape), c.eps, {
         accumulate: true, out: { dw: g('o_norm.weight') },
       });
-      const dx = (await linearBackward(saved.x, this.p('g_proj.weight'), dGate, { dw: g('g_proj.weight') }))!;
-      await addBiasGrad(g('g_proj.bias'), dGate.view([B * T, H * D]));
+      const dx = (await linearBackward(saved.x, this.p('g_proj.weight'), dGate, { dw: g('g_proj.weight'), db: g('g_proj.bias') }))!;
       // o = GDN(q, k, v, a, b)
       const gr = await gdnBackward(
         gdnInputs(saved.q, saved.k, saved.v, saved.a, saved.b, [B, T, H]),
@@ -242,8 +241,8 @@ export class GdnLayer {
       await addInto(g('dt_bias'), gr.dDtBias!);
       const da = await toDtype(gr.dg, dtype);
       const db = await toDtype(gr.dbeta, dtype);
-      await add(dx, (await linearBackward(saved.x, this.p('a_proj.weight'), da, { dw: g('a_proj.weight') }))!, dx);
-      await add(dx, (await linearBackward(saved.x, this.p('b_proj.weight'), db, { dw: g('b_proj.weight') }))!, dx);
+      await linearBackward(saved.x, this.p('a_proj.weight'), da, { dw: g('a_proj.weight') }, { dxInto: dx });
+      await linearBackward(saved.x, this.p('b_proj.weight'), db, { dw: g('b_proj.weight') }, { dxInto: dx });
       await addBiasGrad(g('b_proj.bias'), gr.dbeta); // the f32 d b, before rounding
       // q, k, v = act(conv(W x))
       const dOut: Record<BranchName, Tensor> = { q: gr.dq, k: gr.dk, v: gr.dv };
@@ -258,7 +257,7 @@ export class GdnLayer {
           });
           d = r.dx.view([B * T, H * D]);
         }
-        await add(dx, (await linearBackward(saved.x, this.p(`${name}_proj.weight`), d, { dw: g(`${name}_proj.weight`) }))!, dx);
+        await linearBackward(saved.x, this.p(`${name}_proj.weight`), d, { dw: g(`${name}_proj.weight`) }, { dxInto: dx });
       }
       return dx.view([B, T, c.hidden]);
     });
@@ -297,10 +296,7 @@ async function addInto(acc: Tensor, t: Tensor): Promise<void> {
   await add(acc, await toDtype(t, acc.dtype), acc);
 }
 
-/**
- * db += Σ_rows dy. linearBackward's own `db` adds Σ dy in dy's dtype to the f32 accumulator, which the add op
- * refuses for bf16 dy; this casts first. (Reported to the lead: once linear.ts casts, pass `db` to it instead.)
- */
+/** db += Σ_rows dy for an f32 dy (b_proj's bias takes the GDN's f32 d b, before its rounding to the compute dtype). */
 async function addBiasGrad(acc: Tensor, dy: Tensor): Promise<void> {
   await addInto(acc, await sum(dy.view([dy.numel / acc.numel, acc.numel]), { axis: 0 }));
 }

@@ -3,9 +3,8 @@
  * backward needs). Weights follow PyTorch: W [out, in], y = x·Wᵀ (+ b). Parameter gradients accumulate in
  * f32 (`beta = 1` GEMMs), so micro-batches of an accumulated step just call the backward again.
  */
-import { add } from '../ops/elementwise';
+import { add, fill } from '../ops/elementwise';
 import { matmul } from '../ops/matmul';
-import { sum } from '../ops/reduce';
 import { Tensor, scope } from '../tensor';
 
 /** y = x·Wᵀ (+ b) for x [rows, in] (or any [..., in]: flattened), W [out, in], b [out]. */
@@ -23,15 +22,15 @@ export interface LinearGradients {
 }
 
 /**
- * Accumulates dW (and db) into `grads` and returns dx = dy·W [rows, in] in dy's dtype (or nothing with
- * `needDx: false`, e.g. for the first layer's input).
+ * Accumulates dW (and db) into `grads` and returns dx = dy·W [rows, in] in dy's dtype — or adds it into
+ * `options.dxInto` (and returns that), or nothing with `needDx: false` (e.g. for the first layer's input).
  */
 export async function linearBackward(
   x: Tensor,
   w: Tensor,
   dy: Tensor,
   grads: LinearGradients,
-  options: { needDx?: boolean } = {},
+  options: { needDx?: boolean; dxInto?: Tensor } = {},
 ): Promise<Tensor | undefined> {
   const inF = w.shape[1];
   const outF = w.shape[0];
@@ -41,10 +40,13 @@ export async function linearBackward(
   await matmul(dy2, x2, { transA: true, c: grads.dw, beta: 1 });
   if (grads.db) {
     const db = grads.db;
+    // db += 1ᵀ·dy as a GEMM: f32 accumulation straight into the f32 buffer, whatever dy's dtype.
     await scope(async () => {
-      await add(db, await sum(dy2, { axis: 0 }), db);
+      const ones = await fill(Tensor.empty([1, rows], { device: dy.device, dtype: dy.dtype }), 1);
+      await matmul(ones, dy2, { c: db.view([1, outF]), beta: 1 });
     });
   }
+  if (options.dxInto) return matmul(dy2, w, { c: options.dxInto.view([rows, inF]), beta: 1 }).then(() => options.dxInto);
   if (options.needDx === false) return undefined;
   return matmul(dy2, w);
 }
