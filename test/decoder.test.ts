@@ -119,3 +119,32 @@ describe('a two-layer model on a fixed batch', () => {
     expect(relError(cuda, cpu)).toBeLessThan(1e-4);
   });
 });
+
+describe('gradient accumulation', () => {
+  test('two micro-batches in one step equal one batch holding both (CPU, f32)', async () => {
+    const c = tinyConfig('llama', { vocab_size: 48, hidden_size: 32, intermediate_size: 40, num_attention_heads: 2, head_dim: 16 });
+    const a = batchFor(c, 40, 31, [17]);
+    const b = batchFor(c, 24, 32, [5, 6]);
+    const both: TokenBatch = {
+      ids: Int32Array.from([...a.ids, ...b.ids]),
+      targets: Int32Array.from([...a.targets, ...b.targets]),
+      cuSeqlens: Int32Array.from([...a.cuSeqlens, ...Array.from(b.cuSeqlens.slice(1), (x) => x + a.T)]),
+      B: 1,
+      T: a.T + b.T,
+    };
+    const run = async (micro: TokenBatch[]) => {
+      const t = await DecoderTrainer.create(c, { device: 'cpu', dtype: 'f32', seed: 2, lr: 1e-2, weightDecay: 0.1, schedule });
+      try {
+        const r = await t.step(micro, { maxGradNorm: 0.5 });
+        return { loss: r.loss, norm: r.gradNorm, w: await t.params[3].param.toFloat32() };
+      } finally {
+        t.dispose();
+      }
+    };
+    const split = await run([a, b]);
+    const whole = await run([both]);
+    expect(Math.abs(split.loss - whole.loss)).toBeLessThan(1e-5 * whole.loss);
+    expect(Math.abs(split.norm - whole.norm)).toBeLessThan(1e-5 * whole.norm);
+    expect(relError(split.w, whole.w)).toBeLessThan(1e-5);
+  });
+});
