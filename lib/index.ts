@@ -9,7 +9,7 @@ export * from './ops/gdn';
 export * from './ops/attention';
 export { version } from './version';
 export { rmsNorm, rope, embedding, swiglu, crossEntropy } from './ops/layers';
-export { rmsNormBackward, ropeBackward, swigluBackward, embeddingBackward, crossEntropyBackward, crossEntropyForwardBackward } from './ops/layers-backward';
+export { rmsNormBackward, ropeBackward, swigluBackward, embeddingBackward, crossEntropyBackward, crossEntropyForwardBackward, klForwardBackward } from './ops/layers-backward';
 export { causalConv1d, causalConv1dBackward, gatedRmsNorm, gatedRmsNormBackward, silu, siluBackward, type CausalConv1dOptions } from './ops/gdn-layer-ops';
 export { GdnLayer, type GdnLayerConfig, type GdnLayerSaved } from './model/gdn-layer';
 export * from './ops/moments';

@@ -181,6 +181,10 @@ export interface NativeAddon {
   crossEntropyForwardBackward(
     logits: NativeTensor, targets: NativeTensor, scale: number, out?: { loss?: NativeTensor; dLogits?: NativeTensor } | null,
   ): Promise<{ loss: NativeTensor; dLogits: NativeTensor }>;
+  klForwardBackward(
+    student: NativeTensor, teacher: NativeTensor, rowMask: NativeTensor, scale: number,
+    out?: { loss?: NativeTensor; dLogits?: NativeTensor } | null,
+  ): Promise<{ loss: NativeTensor; dLogits: NativeTensor }>;
   gdnForward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, opts: GdnNativeOptions,
   ): Promise<{ o: NativeTensor; finalState: NativeTensor | null }>;

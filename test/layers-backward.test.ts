@@ -1,11 +1,11 @@
 /**
- * Backward passes of RMSNorm, RoPE, SwiGLU, embedding and cross-entropy: central differences of a random scalar loss
+ * Backward passes of RMSNorm, RoPE, SwiGLU, embedding, cross-entropy and the distillation KL: central differences of a random scalar loss
  * L = Σ r ⊙ y on the CPU in f64, then every enabled device (f32, bf16; poisoned outputs, ragged shapes) against the
  * CPU f64 oracle run on the same rounded inputs, and bit-identical reruns on CUDA.
  */
 import {
   Tensor, rmsNormBackward, ropeBackward, swigluBackward, embeddingBackward, crossEntropyBackward,
-  crossEntropyForwardBackward, rmsNorm, rope, swiglu, crossEntropy,
+  crossEntropyForwardBackward, klForwardBackward, rmsNorm, rope, swiglu, crossEntropy,
 } from '../lib';
 import { randn, relError, testDevices } from './helpers';
 
@@ -67,6 +67,26 @@ function ceRef(logits: Float64Array, targets: number[]): Float64Array {
     return m + Math.log(z) - row[t];
   });
 }
+/** Per-row KL(softmax(t) ‖ softmax(s)) in float64; rows with a negative mask give 0. */
+function klRef(student: Float64Array, teacher: Float64Array, mask: number[]): Float64Array {
+  const V = student.length / mask.length, out = new Float64Array(mask.length);
+  const lse = (a: Float64Array, o: number) => {
+    let m = -Infinity;
+    for (let i = 0; i < V; i++) m = Math.max(m, a[o + i]);
+    let z = 0;
+    for (let i = 0; i < V; i++) z += Math.exp(a[o + i] - m);
+    return m + Math.log(z);
+  };
+  for (let r = 0; r < mask.length; r++) {
+    if (mask[r] < 0) continue;
+    const ls = lse(student, r * V), lt = lse(teacher, r * V);
+    for (let i = 0; i < V; i++) {
+      const p = Math.exp(teacher[r * V + i] - lt);
+      out[r] += p * (teacher[r * V + i] - lt - (student[r * V + i] - ls));
+    }
+  }
+  return out;
+}
 
 describe('layer backward: central differences on the CPU (f64)', () => {
   test('rmsNormBackward (dx and dw) and the f64 forward it differentiates', async () => {
@@ -126,6 +146,26 @@ describe('layer backward: central differences on the CPU (f64)', () => {
     const want2 = numericGrad(logits, (p) => ceRef(p, targets), new Float64Array(rows).fill(scale));
     expect(relError(await host(fb.dLogits), want2)).toBeLessThan(1e-7);
     await expect(crossEntropyForwardBackward(await f64(logits, [rows, V]), await i32([0, 5, 0, 0], [rows]), 1)).rejects.toMatchObject({ argument: 'targets' });
+  });
+
+  test('klForwardBackward: the KL and its student gradient (masked rows ignored, in place)', async () => {
+    const rows = 4, V = 6, mask = [0, -1, 3, 1];
+    const student = Float64Array.from(randn(rows * V, 55, 2)), teacher = Float64Array.from(randn(rows * V, 56, 2));
+    const scale = 0.61;
+    const s = await f64(student, [rows, V]);
+    const r = await klForwardBackward(s, await f64(teacher, [rows, V]), await i32(mask, [rows]), scale, { dLogits: s });
+    expect(r.dLogits).toBe(s);
+    const want = klRef(student, teacher, mask);
+    expect(relError(await host(r.loss), want)).toBeLessThan(1e-6);
+    expect(want[0]).toBeGreaterThan(0);
+    const grad = numericGrad(student, (p) => klRef(p, teacher, mask), new Float64Array(rows).fill(scale));
+    expect(relError(await host(r.dLogits), grad)).toBeLessThan(1e-7);
+    // KL of a distribution with itself is 0 and so is its gradient.
+    const same = await klForwardBackward(await f64(teacher, [rows, V]), await f64(teacher, [rows, V]), await i32(mask, [rows]), 1);
+    expect(Math.max(...Array.from(await host(same.loss), Math.abs))).toBeLessThan(1e-12);
+    const t = await f64(teacher, [rows, V]);
+    await expect(klForwardBackward(t, t, await i32(mask, [rows]), 1, { dLogits: t })).rejects.toMatchObject({ argument: 'out.dLogits' });
+    await expect(klForwardBackward(s, await f64(teacher.slice(0, V * 2), [2, V]), await i32(mask, [rows]), 1)).rejects.toMatchObject({ argument: 'teacherLogits' });
   });
 });
 
@@ -213,6 +253,27 @@ describe.each(testDevices())('layer backward on %s against the CPU f64 oracle', 
     expect(relError(await work.toFloat32(), await host(ref2.dLogits))).toBeLessThan(TOL[dtype]);
     if (cuda) {
       const a = await crossEntropyForwardBackward(logits, targets, scale), b2 = await crossEntropyForwardBackward(logits, targets, scale);
+      expect(await sameBits(a.dLogits, b2.dLogits)).toBe(true);
+      expect(await sameBits(a.loss, b2.loss)).toBe(true);
+    }
+  });
+
+  test.each(['f32', 'bf16'] as const)('klForwardBackward (%s), chunked rows in place', async (dtype) => {
+    const rows = 7, V = 3001;
+    const mask = await i32([0, 4, -1, 2, 9, -5, 1], [rows], device);
+    const student = await make(randn(rows * V, 95, 2), [rows, V], dtype);
+    const teacher = await make(randn(rows * V, 96, 2), [rows, V], dtype);
+    const scale = 0.25;
+    const work = await student.to(device);
+    const loss = await nan([rows], 'f32');
+    for (const [b, e] of [[0, 3], [3, 7]]) {
+      await klForwardBackward(work.rows(b, e), teacher.rows(b, e), mask.rows(b, e), scale, { loss: loss.rows(b, e), dLogits: work.rows(b, e) });
+    }
+    const ref = await klForwardBackward(await asF64(student), await asF64(teacher), await mask.to('cpu'), scale);
+    expect(relError(await loss.toFloat32(), await host(ref.loss))).toBeLessThan(1e-5);
+    expect(relError(await work.toFloat32(), await host(ref.dLogits))).toBeLessThan(TOL[dtype]);
+    if (cuda) {
+      const a = await klForwardBackward(student, teacher, mask, scale), b2 = await klForwardBackward(student, teacher, mask, scale);
       expect(await sameBits(a.dLogits, b2.dLogits)).toBe(true);
       expect(await sameBits(a.loss, b2.loss)).toBe(true);
     }

@@ -66,3 +66,18 @@ export async function crossEntropyForwardBackward(
   });
   return { loss: out?.loss ?? new Tensor(h.loss), dLogits: out?.dLogits ?? new Tensor(h.dLogits) };
 }
+
+/**
+ * The distillation loss of a chunk of rows: forward KL(softmax(teacher) ‖ softmax(student)) per row (f32,
+ * unscaled) and dStudent = scale · (softmax(student) − softmax(teacher)), in one pass; rows with a negative
+ * `rowMask` (e.g. the CE targets) give 0 and 0. Teacher and student logits share dtype and shape;
+ * `out.dLogits` may be the student logits (overwritten in place), never the teacher's.
+ */
+export async function klForwardBackward(
+  studentLogits: Tensor, teacherLogits: Tensor, rowMask: Tensor, scale: number, out?: { loss?: Tensor; dLogits?: Tensor },
+): Promise<{ loss: Tensor; dLogits: Tensor }> {
+  const h = await native().klForwardBackward(studentLogits.native, teacherLogits.native, rowMask.native, scale, {
+    loss: out?.loss?.native, dLogits: out?.dLogits?.native,
+  });
+  return { loss: out?.loss ?? new Tensor(h.loss), dLogits: out?.dLogits ?? new Tensor(h.dLogits) };
+}

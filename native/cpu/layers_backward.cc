@@ -207,4 +207,51 @@ void crossEntropyForwardBackward(const Tensor& logits, const Tensor& targets, do
   crossEntropyRows(logits, targets, [scale](int64_t) { return scale; }, loss.ptr<float>(), dLogits);
 }
 
+void klForwardBackward(const Tensor& student, const Tensor& teacher, const Tensor& rowMask, double scale,
+                       const Tensor& loss, const Tensor& dStudent) {
+  int64_t V = student.dim(-1), rows = student.numel() / std::max<int64_t>(V, 1);
+  const int32_t* pm = rowMask.ptr<int32_t>();
+  float* pl = loss.ptr<float>();
+  dispatchFloat(student.dtype(), "studentLogits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = typename AccOf<T>::type;
+    const T* ps = student.ptr<T>();
+    const T* pt = teacher.ptr<T>();
+    T* pd = dStudent.ptr<T>();
+    parallelFor(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* srow = ps + r * V;
+        const T* trow = pt + r * V;
+        T* drow = pd + r * V;
+        if (pm[r] < 0) {
+          pl[r] = 0;
+          for (int64_t i = 0; i < V; ++i) drow[i] = fromFloat<T>(0.0);
+          continue;
+        }
+        double ms = -INFINITY, mt = -INFINITY;
+        for (int64_t i = 0; i < V; ++i) {
+          ms = std::max(ms, double(toFloat(srow[i])));
+          mt = std::max(mt, double(toFloat(trow[i])));
+        }
+        double zs = 0, zt = 0;
+        for (int64_t i = 0; i < V; ++i) {
+          zs += std::exp(double(toFloat(srow[i])) - ms);
+          zt += std::exp(double(toFloat(trow[i])) - mt);
+        }
+        const double lses = ms + std::log(zs), lset = mt + std::log(zt);
+        // KL(p‖q) = Σ p (t − s) − lse_t + lse_s; d/ds = q − p. Each element is read before it is overwritten.
+        double cross = 0;
+        const C sc = C(scale);
+        for (int64_t i = 0; i < V; ++i) {
+          const double si = double(toFloat(srow[i])), ti = double(toFloat(trow[i]));
+          const double p = std::exp(ti - lset), q = std::exp(si - lses);
+          cross += p * (ti - si);
+          drow[i] = fromFloat<T>(double(sc * C(q - p)));
+        }
+        pl[r] = float(cross - lset + lses);
+      }
+    });
+  });
+}
+
 }  // namespace tcal::cpu

@@ -28,4 +28,9 @@ void crossEntropyBackward(const Tensor& logits, const Tensor& targets, const Ten
 void crossEntropyForwardBackward(const Tensor& logits, const Tensor& targets, double scale, const Tensor& loss,
                                  const Tensor& dLogits);
 
+// Forward KL(softmax(teacher) ‖ softmax(student)) per row (f32 loss) and dStudent = scale · (q − p); rows with a
+// negative rowMask give 0 and 0. dStudent may be the student logits themselves.
+void klForwardBackward(const Tensor& student, const Tensor& teacher, const Tensor& rowMask, double scale,
+                       const Tensor& loss, const Tensor& dStudent);
+
 }  // namespace tcal::cpu

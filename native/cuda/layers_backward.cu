@@ -225,6 +225,51 @@ __global__ void crossEntropyBackwardKernel(const T* logits, const int32_t* __res
   }
 }
 
+// One block per row of forward KL(softmax(t) ‖ softmax(s)): both rows' (max, Σexp) online, then one pass that
+// sums p·(t − s) and writes dS = scale·(q − p) (each element is read by the thread that overwrites it).
+template <typename T>
+__global__ void klKernel(const T* student, const T* __restrict__ teacher, const int32_t* __restrict__ mask,
+                         float scale, float* __restrict__ loss, T* dStudent, int64_t V) {
+  using A = typename AccT<T>::type;
+  __shared__ A sm[32], ss[32];
+  const T* srow = student + blockIdx.x * V;
+  const T* trow = teacher + blockIdx.x * V;
+  T* drow = dStudent + blockIdx.x * V;
+  if (mask[blockIdx.x] < 0) {
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) drow[i] = store<T>(A(0));
+    if (threadIdx.x == 0) loss[blockIdx.x] = 0;
+    return;
+  }
+  A ms = A(-FLT_MAX), zs = 0, mt = A(-FLT_MAX), zt = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    A v = toF(srow[i]), u = toF(trow[i]);
+    if (v > ms) {
+      zs = zs * exp(ms - v) + A(1);
+      ms = v;
+    } else {
+      zs += exp(v - ms);
+    }
+    if (u > mt) {
+      zt = zt * exp(mt - u) + A(1);
+      mt = u;
+    } else {
+      zt += exp(u - mt);
+    }
+  }
+  blockLse(ms, zs, sm, ss);
+  blockLse(mt, zt, sm, ss);
+  const A lses = ms + log(zs), lset = mt + log(zt);
+  A cross = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    A v = toF(srow[i]), u = toF(trow[i]);
+    A p = exp(u - lset), q = exp(v - lses);
+    cross += p * (u - v);
+    drow[i] = store<T>(A(scale) * (q - p));
+  }
+  cross = blockSum(cross, sm);
+  if (threadIdx.x == 0) loss[blockIdx.x] = float(cross - lset + lses);
+}
+
 void crossEntropyLaunch(const Tensor& logits, const Tensor& targets, const float* dLoss, double scale, float* loss,
                         const Tensor& dLogits, const char* name) {
   cudaStream_t s = use(logits.device().index);
@@ -335,6 +380,20 @@ void crossEntropyBackward(const Tensor& logits, const Tensor& targets, const Ten
 void crossEntropyForwardBackward(const Tensor& logits, const Tensor& targets, double scale, const Tensor& loss,
                                  const Tensor& dLogits) {
   crossEntropyLaunch(logits, targets, nullptr, scale, loss.ptr<float>(), dLogits, "crossEntropyForwardBackward");
+}
+
+void klForwardBackward(const Tensor& student, const Tensor& teacher, const Tensor& rowMask, double scale,
+                       const Tensor& loss, const Tensor& dStudent) {
+  cudaStream_t s = use(student.device().index);
+  int64_t V = student.dim(-1), rows = student.numel() / std::max<int64_t>(V, 1);
+  if (rows == 0 || V == 0) return;
+  int threads = V >= 8192 ? 512 : (V >= 1024 ? 256 : 128);
+  dispatchDeviceFloat(student.dtype(), "studentLogits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    klKernel<T><<<unsigned(rows), threads, 0, s>>>(student.ptr<T>(), teacher.ptr<T>(), rowMask.ptr<int32_t>(),
+                                                   float(scale), loss.ptr<float>(), dStudent.ptr<T>(), V);
+    checkLaunch("klForwardBackward");
+  });
 }
 
 }  // namespace tcal::cuda

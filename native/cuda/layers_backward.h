@@ -14,5 +14,7 @@ void embeddingBackward(const Tensor& ids, const Tensor& dOut, const Tensor& dTab
 void crossEntropyBackward(const Tensor& logits, const Tensor& targets, const Tensor& dLoss, const Tensor& dLogits);
 void crossEntropyForwardBackward(const Tensor& logits, const Tensor& targets, double scale, const Tensor& loss,
                                  const Tensor& dLogits);
+void klForwardBackward(const Tensor& student, const Tensor& teacher, const Tensor& rowMask, double scale,
+                       const Tensor& loss, const Tensor& dStudent);
 
 }  // namespace tcal::cuda

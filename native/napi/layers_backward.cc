@@ -67,12 +67,13 @@ Napi::Promise runMulti(Napi::Env env, const char* name, PromiseWorker::Work work
       std::move(keep));
 }
 
-void checkLogitsTargets(const Tensor& logits, const Tensor& targets) {
-  checkFloating(logits, "logits");
-  checkDType(targets, DType::I32, "targets");
-  checkSameDevice(targets, logits.device(), "targets");
+void checkLogitsTargets(const Tensor& logits, const Tensor& targets, const char* logitsName = "logits",
+                        const char* targetsName = "targets") {
+  checkFloating(logits, logitsName);
+  checkDType(targets, DType::I32, targetsName);
+  checkSameDevice(targets, logits.device(), targetsName);
   if (logits.ndim() == 0 || targets.numel() * logits.dim(-1) != logits.numel())
-    throwInvalid("targets", "shape " + shapeStr(targets.shape()) + " does not match logits " + shapeStr(logits.shape()));
+    throwInvalid(targetsName, "shape " + shapeStr(targets.shape()) + " does not match " + logitsName + " " + shapeStr(logits.shape()));
 }
 
 // rmsNormBackward(x [..., d], w [d], dy [..., d], eps, out?: {dx?, dw?}) → {dx, dw (f32; f64 for f64 inputs)}
@@ -197,6 +198,34 @@ Napi::Value CrossEntropyForwardBackward(const Napi::CallbackInfo& info) {
   });
 }
 
+// klForwardBackward(studentLogits, teacherLogits, rowMask int32, scale, out?: {loss?, dLogits?})
+//   → {loss f32 [...] (KL(teacher ‖ student) per row), dLogits (d/d student, may be the student logits)}
+Napi::Value KlForwardBackward(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    Tensor student = JsTensor::Get(info[0], "studentLogits");
+    Tensor teacher = JsTensor::Get(info[1], "teacherLogits");
+    Tensor mask = JsTensor::Get(info[2], "rowMask");
+    checkLogitsTargets(student, mask, "studentLogits", "rowMask");
+    checkDType(teacher, student.dtype(), "teacherLogits");
+    checkShape(teacher, student.shape(), "teacherLogits");
+    checkSameDevice(teacher, student.device(), "teacherLogits");
+    if (!info[3].IsNumber()) throwInvalid("scale", "expected a number");
+    double scale = info[3].As<Napi::Number>().DoubleValue();
+    if (!std::isfinite(scale)) throwInvalid("scale", "must be finite");
+    Napi::Object outs = outObject(info, 4, "{loss?, dLogits?}");
+    Napi::Value lossGiven = optionValue(outs, "loss"), dlGiven = optionValue(outs, "dLogits");
+    Tensor loss = outputFor(lossGiven, "out.loss", mask.shape(), DType::F32, student.device());
+    Tensor dl = outputFor(dlGiven, "out.dLogits", student.shape(), student.dtype(), student.device());
+    if (dl.data() == teacher.data()) throwInvalid("out.dLogits", "must not be the teacher logits");
+    return runMulti(
+        info.Env(), "klForwardBackward",
+        [student, teacher, mask, scale, loss, dl] {
+          TCAL_LAYER_BWD(student, klForwardBackward, student, teacher, mask, scale, loss, dl);
+        },
+        {{"loss", lossGiven, loss}, {"dLogits", dlGiven, dl}}, {outs});
+  });
+}
+
 }  // namespace
 
 void registerLayersBackward(Napi::Env env, Napi::Object exports) {
@@ -206,6 +235,7 @@ void registerLayersBackward(Napi::Env env, Napi::Object exports) {
   exports.Set("embeddingBackward", Napi::Function::New(env, EmbeddingBackward));
   exports.Set("crossEntropyBackward", Napi::Function::New(env, CrossEntropyBackward));
   exports.Set("crossEntropyForwardBackward", Napi::Function::New(env, CrossEntropyForwardBackward));
+  exports.Set("klForwardBackward", Napi::Function::New(env, KlForwardBackward));
 }
 
 }  // namespace tcal::napi
