@@ -9,22 +9,23 @@
  *
  * Floors (B=8, T=4096, H=32, HKV=8, D=128; causal, so T²/2 visible (query, key) pairs per sequence and head):
  *   attention:   QKᵀ 2D + PV 2D flops per pair                → 4D · B·H·T²/2           = 1.10 TFLOP
- *   moments:     QKᵀ 2D + P·V 2D (the context o) + P·[cos θ_jσ, sin θ_jσ] 2D (φ, D/2 pairs × 2)
- *                + ~7 masked row sums of P (20 distance bins are one add each, sink, local, l, entropy,
- *                Σ A s, Σ A s²: count 2·7)                      → (6D + 14) · B·H·T²/2    = 1.68 TFLOP
- *                So the T² work alone is 1.53× attention's: the §6 bar of 1.5× is the floor ratio, reachable
- *                only if the moment kernel runs its GEMMs as efficiently as attention does.
- *   plus O(N) terms, N = B·T tokens, in f64 as the kernel accumulates them:
- *                γ₀ scan: y ← γy + v, Σŷ², Σŷ∘o per (token, head, decay, channel), ~6 flops  → 6·N·H·K0·D = 38.7 GFLOP
- *                Σ k̄k̄ᵀ, Σ vvᵀ per KV head: 2 · 2·N·HKV·D²                                   = 17.2 GFLOP
- *                (with x: Σ xxᵀ, 2·N·Dx²; Dx = 4096 → 1.10 TFLOP in f64 — as much as the attention itself)
- *   bytes (algorithmic minimum): q, k, v read once in bf16: 2·N·D·(H + 2·HKV) = 403 MB; the accumulators
- *                are < 10 MB. This kernel also writes and reads back the f32 context (N·H·D·4 = 537 MB each way).
- *   Rates: 790 TFLOP/s bf16 dense and 4.3 TB/s measured on the host (DESIGN §6); f64: 34 TFLOP/s vector,
- *   67 TFLOP/s tensor core (H200 datasheet, not measured). The floor shown is the largest of: T² flops at the
- *   bf16 rate, O(N) f64 flops at the f64 vector rate, bytes at the bandwidth (they can overlap).
+ *   moments (the tensor-core pass, the teacher's context given, so A·V is not formed again):
+ *                QKᵀ 2D + P·[cos θ_jσ | sin θ_jσ] 2D (φ: D/2 pairs × 2 columns) → 4D per pair on the tensor
+ *                cores, the same as attention; plus per pair on CUDA cores ~6 flops (Σp, Σp·x, Σp·c, Σp·c²
+ *                or the exact Δ forms near the diagonal) and one exp, as attention has. So the T² floor is
+ *                attention's; the extra is issue slots for the per-pair FMAs.
+ *   plus O(N) terms, N = B·T tokens:
+ *                γ₀ scan: y ← γy + v, rms, Σŷ² per (token, KV head, decay, channel), Σŷ∘o per query head:
+ *                ~2·N·K0·D·(HKV·4 + H) flops in fp32 (chunk-parallel, f64 chunk carries)        = 32 GFLOP
+ *                Σ k̄k̄ᵀ, Σ vvᵀ per KV head as bf16 hi/lo GEMMs (3 for k̄, 1 for bf16 v): 8·N·HKV·D² = 34 GFLOP
+ *                (with x: Σ xxᵀ, 2·N·Dx² as one bf16 GEMM; Dx = 4096 → 1.10 TFLOP at the bf16 rate)
+ *   bytes (algorithmic minimum): q, k, v and the context read once in bf16: 2·N·D·(2H + 2·HKV) = 671 MB; the
+ *                scan re-reads the context once per decay (from L2 mostly).
+ *   Rates: 790 TFLOP/s bf16 dense and 4.3 TB/s measured on the host (DESIGN §6); fp32 CUDA cores 67 TFLOP/s
+ *   (datasheet). The floor shown is the largest of: tensor-core flops at the bf16 rate, the O(N) fp32 flops
+ *   at the fp32 rate, bytes at the bandwidth (they can overlap).
  */
-import { Tensor, attentionForward, initBackend, cudaDevices, randomFill, cast, synchronize } from '../lib';
+import { Tensor, attentionForward, initBackend, cudaDevices, randomFill, synchronize } from '../lib';
 import { parseTeacherConfig, type TeacherConfig } from '../lib/io/hf-config';
 import { Teacher } from '../lib/model/teacher';
 import {
@@ -53,20 +54,23 @@ const SHAPE: Shape = SMOKE ? { B: 2, T: 128, H: 4, HKV: 2, D: 32, Dx: 64 } : { B
 const K0 = 48;
 
 const PEAK_BF16 = 790e12;
-const PEAK_F64 = 34e12;
+const PEAK_F32 = 67e12;
 const PEAK_BYTES = 4.3e12;
 
 const pairs = (s: Shape): number => (s.B * s.H * s.T * s.T) / 2;
 const attentionFlops = (s: Shape): number => 4 * s.D * pairs(s);
-const momentFlopsT2 = (s: Shape): number => (6 * s.D + 14) * pairs(s);
-const momentFlopsLinear = (s: Shape, withX: boolean): number => {
+/** Tensor-core flops of the moment pass (QKᵀ and P·F) plus the bf16 GEMMs of the outer products. */
+const momentFlopsT2 = (s: Shape): number => 4 * s.D * pairs(s);
+const outerFlops = (s: Shape, withX: boolean): number => {
   const N = s.B * s.T;
-  return 6 * N * s.H * K0 * s.D + 4 * N * s.HKV * s.D * s.D + (withX ? 2 * N * s.Dx * s.Dx : 0);
+  return 8 * N * s.HKV * s.D * s.D + (withX ? 2 * N * s.Dx * s.Dx : 0);
 };
+/** fp32 CUDA-core flops of the O(N) terms (the γ₀ scan). */
+const momentFlopsLinear = (s: Shape, k0 = K0): number => 2 * s.B * s.T * k0 * s.D * (4 * s.HKV + s.H);
 const inputBytes = (s: Shape, bytesPerElement: number): number => bytesPerElement * s.B * s.T * s.D * (s.H + 2 * s.HKV);
 
-function floorMs(t2Flops: number, f64Flops: number, bytes: number): number {
-  return Math.max(t2Flops / PEAK_BF16, f64Flops / PEAK_F64, bytes / PEAK_BYTES) * 1e3;
+function floorMs(tcFlops: number, f32Flops: number, bytes: number): number {
+  return Math.max(tcFlops / PEAK_BF16, f32Flops / PEAK_F32, bytes / PEAK_BYTES) * 1e3;
 }
 
 /** Llama-3.2-1B's shape (as bench/teacher.ts), or a tiny one for --smoke. */
@@ -102,6 +106,8 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
   const cu = await Tensor.fromArray(packed, [s.B + 1], opts);
   const acc: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0, inputDim: s.Dx }, device);
   const accNoX: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0 }, device);
+  const acc1: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: 1 }, device);
+  const decay1 = await Tensor.fromArray(Float64Array.from([meta.decays[0]]), [1], opts);
   const view = (t: Tensor, shape: number[]): Tensor => t.view(shape);
   const slow = SMOKE ? { warmup: 1, batches: 3, perBatch: 1 } : { warmup: 2, batches: 5, perBatch: 3 };
   const rows: Record<string, string | number>[] = [];
@@ -112,39 +118,44 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
     rows.push({ op: 'attention fwd', inputs: 'bf16', 'GFLOP': attentionFlops(s) / 1e9, 'floor ms': attnFloor, ms: attnMs, 'TFLOP/s': attentionFlops(s) / attnMs / 1e9, '× attention': 1 });
     rows.push({ op: 'attention fwd + lse', inputs: 'bf16', 'GFLOP': attentionFlops(s) / 1e9, 'floor ms': attnFloor, ms: attnLseMs, 'TFLOP/s': attentionFlops(s) / attnLseMs / 1e9, '× attention': attnLseMs / attnMs });
 
-    const momentRow = async (name: string, inputs: string, run: () => Promise<void>, withX: boolean): Promise<void> => {
-      const ms = await timeDevice(run, device, slow);
-      const flops = momentFlopsT2(s) + momentFlopsLinear(s, withX);
-      const bytes = inputBytes(s, inputs === 'f32' ? 4 : 2) + (withX ? (inputs === 'f32' ? 4 : 2) * N * s.Dx : 0);
+    const momentRow = async (
+      name: string,
+      run: () => Promise<void>,
+      o: { withX?: boolean; k0?: number; timing?: { warmup: number; batches: number; perBatch: number } } = {},
+    ): Promise<void> => {
+      const ms = await timeDevice(run, device, o.timing ?? slow);
+      const tc = momentFlopsT2(s) + outerFlops(s, o.withX === true);
+      const lin = momentFlopsLinear(s, o.k0);
+      const bytes = inputBytes(s, 2) + 2 * N * s.H * s.D + (o.withX ? 2 * N * s.Dx : 0);
       rows.push({
         op: name,
-        inputs,
-        'GFLOP': flops / 1e9,
-        'floor ms': floorMs(momentFlopsT2(s), momentFlopsLinear(s, withX), bytes),
+        inputs: 'bf16',
+        'GFLOP': (tc + lin) / 1e9,
+        'floor ms': floorMs(tc, lin, bytes),
         ms,
-        'TFLOP/s': flops / ms / 1e9,
+        'TFLOP/s': (tc + lin) / ms / 1e9,
         '× attention': ms / attnMs,
       });
     };
-    await momentRow('moments [B,T]', 'bf16', () => taylorMoments(q, k, v, invFreq, decays, accNoX, {}), false);
-    await momentRow(
-      'moments varlen (B=1, cuSeqlens)',
-      'bf16',
-      () => taylorMoments(view(q, [1, N, s.H, s.D]), view(k, [1, N, s.HKV, s.D]), view(v, [1, N, s.HKV, s.D]), invFreq, decays, accNoX, { cuSeqlens: cu }),
-      false,
+    // The teacher's context (o of the attention forward above) is handed over, as collectTaylorStats does.
+    await momentRow('moments [B,T] + context (tensor cores)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, { context: o }));
+    await momentRow('moments varlen + context (B=1, cuSeqlens)', () =>
+      taylorMoments(view(q, [1, N, s.H, s.D]), view(k, [1, N, s.HKV, s.D]), view(v, [1, N, s.HKV, s.D]), invFreq, decays, accNoX, {
+        cuSeqlens: cu,
+        context: view(o, [1, N, s.H, s.D]),
+      }),
     );
-    await momentRow(`moments + Σxxᵀ (Dx=${s.Dx})`, 'bf16', () => taylorMoments(q, k, v, invFreq, decays, acc, { x }), true);
-    // f32 inputs, as a check that the dtype does not matter much (the kernel computes in f32 either way).
-    const [q32, k32, v32] = [await cast(q, 'f32'), await cast(k, 'f32'), await cast(v, 'f32')];
-    try {
-      await momentRow('moments [B,T]', 'f32', () => taylorMoments(q32, k32, v32, invFreq, decays, accNoX, {}), false);
-    } finally {
-      for (const t of [q32, k32, v32]) t.dispose();
-    }
+    await momentRow('moments [B,T] + context, K0 = 1 (scan share)', () => taylorMoments(q, k, v, invFreq, decay1, acc1, { context: o }), { k0: 1 });
+    await momentRow(`moments + context + Σxxᵀ (Dx=${s.Dx})`, () => taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o }), { withX: true });
+    // Without the context the CUDA-core pass forms A·V itself (~1 s per call here): timed once.
+    await momentRow('moments [B,T], no context (CUDA-core pass)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, {}), {
+      timing: SMOKE ? slow : { warmup: 0, batches: 1, perBatch: 1 },
+    });
   } finally {
     disposeMomentAccumulators(acc);
     disposeMomentAccumulators(accNoX);
-    for (const t of [q, k, v, x, o, lse, invFreq, decays, cu]) t.dispose();
+    disposeMomentAccumulators(acc1);
+    for (const t of [q, k, v, x, o, lse, invFreq, decays, decay1, cu]) t.dispose();
   }
   return rows;
 }
@@ -209,14 +220,15 @@ async function main(): Promise<void> {
   if (SMOKE) notes.push('smoke run: CPU, tiny shapes; timings mean nothing');
   console.log(
     `shape B${s.B} T${s.T} H${s.H}/${s.HKV} D${s.D}, K0=${K0}: attention ${(attentionFlops(s) / 1e9).toFixed(1)} GFLOP; ` +
-      `moments T² part ${(momentFlopsT2(s) / 1e9).toFixed(1)} GFLOP (${(momentFlopsT2(s) / attentionFlops(s)).toFixed(3)}× attention), ` +
-      `O(N) f64 part ${(momentFlopsLinear(s, false) / 1e9).toFixed(1)} GFLOP (+${((2 * s.B * s.T * s.Dx * s.Dx) / 1e9).toFixed(1)} with Σxxᵀ, Dx=${s.Dx}); ` +
+      `moments tensor-core T² part ${(momentFlopsT2(s) / 1e9).toFixed(1)} GFLOP (${(momentFlopsT2(s) / attentionFlops(s)).toFixed(3)}× attention), ` +
+      `k/v outer GEMMs ${(outerFlops(s, false) / 1e9).toFixed(1)} GFLOP, scan ${(momentFlopsLinear(s) / 1e9).toFixed(1)} GFLOP fp32 ` +
+      `(+${((2 * s.B * s.T * s.Dx * s.Dx) / 1e9).toFixed(1)} with Σxxᵀ, Dx=${s.Dx}); ` +
       `q,k,v bf16 ${(inputBytes(s, 2) / 1e6).toFixed(0)} MB`,
   );
-  console.log(`floors at ${PEAK_BF16 / 1e12} TFLOP/s bf16, ${PEAK_F64 / 1e12} TFLOP/s f64 (vector), ${PEAK_BYTES / 1e12} TB/s`);
+  console.log(`floors at ${PEAK_BF16 / 1e12} TFLOP/s bf16, ${PEAK_F32 / 1e12} TFLOP/s fp32 (CUDA cores), ${PEAK_BYTES / 1e12} TB/s`);
   const kernels = await kernelRows(device, notes);
   printTable(kernels);
-  const moments = kernels.find((r) => r.op === 'moments [B,T]' && r.inputs === 'bf16');
+  const moments = kernels.find((r) => r.op === 'moments [B,T] + context (tensor cores)');
   if (moments) console.log(`moments / attention = ${(moments['× attention'] as number).toFixed(2)} (DESIGN §6 bar: ≤ 1.5)`);
   const collect = await collectRows(device);
   console.log(`\ncollecting statistics: ${JSON.stringify(collect.info)}`);
@@ -231,8 +243,8 @@ async function main(): Promise<void> {
     device: cudaDevices()[0],
     date: new Date().toISOString(),
     shape: { ...s, K0 },
-    floors: { peakBf16Tflops: PEAK_BF16 / 1e12, peakF64Tflops: PEAK_F64 / 1e12, peakTBs: PEAK_BYTES / 1e12 },
-    flops: { attention: attentionFlops(s), momentsT2: momentFlopsT2(s), momentsLinear: momentFlopsLinear(s, false), inputOuterX: 2 * s.B * s.T * s.Dx * s.Dx },
+    floors: { peakBf16Tflops: PEAK_BF16 / 1e12, peakF32Tflops: PEAK_F32 / 1e12, peakTBs: PEAK_BYTES / 1e12 },
+    flops: { attention: attentionFlops(s), momentsTensorCore: momentFlopsT2(s), outerKV: outerFlops(s, false), scan: momentFlopsLinear(s), inputOuterX: 2 * s.B * s.T * s.Dx * s.Dx },
     kernels,
     collect,
     notes,

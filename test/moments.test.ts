@@ -33,6 +33,8 @@ interface Case {
   include?: Int32Array;
   decays?: Float64Array;
   invFreq?: Float64Array;
+  /** The teacher's context [B,T,H,D] handed to the op (else the op forms it). */
+  context?: Float32Array;
 }
 
 async function run(
@@ -40,7 +42,7 @@ async function run(
   algorithm: 'stream' | 'materialize',
   extra: TaylorMomentsOptions = {},
   device = 'cpu',
-  dtype: 'f32' | 'bf16' = 'f32',
+  dtype: 'f32' | 'bf16' | 'f16' = 'f32',
 ): Promise<Stats> {
   return scope(async () => {
     const { B, T, H, HKV, D, Dx } = c.shape;
@@ -61,6 +63,7 @@ async function run(
         cuSeqlens: c.cu ? await Tensor.fromArray(c.cu, [c.cu.length], dev) : undefined,
         include: c.include ? await Tensor.fromArray(c.include, [c.include.length], dev) : undefined,
         x: c.x ? await Tensor.fromArray(c.x, [B, T, Dx!], dev) : undefined,
+        context: c.context ? await Tensor.fromArray(c.context, [B, T, H, D], dev) : undefined,
         ...extra,
       },
     );
@@ -188,7 +191,7 @@ describe('taylorMoments on the CPU', () => {
     const kPre = randn(T * HKV * D, 21, 1);
     const c = randomCase(20, { T, H, HKV, D, Dx });
     const positions = Int32Array.from({ length: T }, (_, i) => (i < 20 ? i : i - 20));
-    const context = await scope(async () => {
+    await scope(async () => {
       const dev = { device: 'cpu' };
       const k = await rope(
         await Tensor.fromArray(kPre, [1, T, HKV, D], dev),
@@ -196,12 +199,9 @@ describe('taylorMoments on the CPU', () => {
         await Tensor.fromArray(Float32Array.from(inv), [D / 2], dev),
       );
       c.k = (await k.toArray()) as Float32Array;
-      return Tensor.zeros([1, T, H, D], { dtype: 'f64', ...dev });
     });
     c.cu = cu;
-    const s = await run({ ...c, invFreq: inv }, 'stream', { context });
-    const got = (await context.toArray()) as Float64Array;
-    context.dispose();
+    const s = await run({ ...c, invFreq: inv }, 'stream');
     // Reference context: softmax(q·k / √D) v within each sequence.
     const ref = new Float64Array(T * H * D);
     for (let t = 0; t < T; t++) {
@@ -220,7 +220,6 @@ describe('taylorMoments on the CPU', () => {
           for (let i = 0; i < D; i++) ref[(t * H + h) * D + i] += (w[u - start] / l) * c.v[u * D + i];
       }
     }
-    expect(relError(got, ref)).toBeLessThan(1e-12);
 
     const sum = (rows: number, width: number, get: (t: number, i: number) => number) => {
       const s1 = new Float64Array(width);
@@ -241,10 +240,19 @@ describe('taylorMoments on the CPU', () => {
     const [xS, xO] = sum(T, Dx, (t, i) => c.x![t * Dx + i]);
     expect(relError(s.inputSum!, xS)).toBeLessThan(1e-14);
     expect(relError(s.inputOuter!, xO)).toBeLessThan(1e-14);
-    // Σo, Σo² from the context.
+    // Σo, Σo² of the context the op formed; handing it that context (f32-rounded) changes nothing but the rounding.
     const oS = new Float64Array(H * D);
-    for (let t = 0; t < T; t++) for (let i = 0; i < H * D; i++) oS[i] += got[t * H * D + i];
+    const oQ = new Float64Array(H * D);
+    for (let t = 0; t < T; t++)
+      for (let i = 0; i < H * D; i++) {
+        oS[i] += ref[t * H * D + i];
+        oQ[i] += ref[t * H * D + i] ** 2;
+      }
     expect(relError(s.contextSum!, oS)).toBeLessThan(1e-12);
+    expect(relError(s.contextSq!, oQ)).toBeLessThan(1e-12);
+    const given = await run({ ...c, invFreq: inv, context: Float32Array.from(ref) }, 'stream');
+    for (const key of ['contextSum', 'contextSq', 'scanCross'] as const) expect(relError(given[key]!, s[key]!)).toBeLessThan(1e-6);
+    for (const key of ['attention', 'histogram', 'phi', 'scanSq', 'keyOuter'] as const) expect(given[key]).toEqual(s[key]);
   });
 
   test('sequences streamed in two calls add up to one call over all of them, for both algorithms', async () => {
@@ -305,23 +313,74 @@ describe('taylorMoments on the CPU', () => {
     ['many tiles (D 64, T 300)', () => randomCase(13, { T: 300, H: 4, HKV: 1, D: 64, Dx: 40 })],
     ['D 128', () => randomCase(14, { T: 100, cu: [0, 37, 100], H: 4, HKV: 2, D: 128 })],
     ['D 256', () => randomCase(15, { T: 40, H: 2, HKV: 1, D: 256 })],
+    // Several 128-row query tiles and 64-key tiles, lengths off both, a 1-token sequence, GQA 4:1.
+    ['long ragged (D 64, T 700)', () => randomCase(17, { T: 700, cu: [0, 300, 301, 650, 700], include: [1, 1, 1, 0], H: 8, HKV: 2, D: 64, Dx: 16 })],
+    ['long, sharp (D 128, T 520)', () => randomCase(18, { T: 520, cu: [0, 389, 520], qStd: 4, H: 4, HKV: 1, D: 128 })],
   ];
-  test.each(cases)('f32: %s', async (_name, make) => {
+  const withContext = (c: Case, seed: number): Case => {
+    const { T, H, D } = c.shape;
+    return { ...c, context: randn(T * H * D, seed, 0.5) };
+  };
+  const rounded = (c: Case): Case => {
+    const r = (a: Float32Array) => a.map(roundBf16);
+    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v) };
+  };
+
+  test.each(cases)('f32, the CUDA-core pass forming o: %s', async (_name, make) => {
     const c = make();
     expectClose(await run(c, 'stream', {}, 'cuda:0'), await run(c, 'materialize'), 1e-4);
   });
 
-  test('bf16 inputs (the oracle sees the same rounded values); the context output', async () => {
-    const c = randomCase(16, { T: 150, cu: [0, 90, 150], H: 4, HKV: 2, D: 128, Dx: 32 });
-    const r = (a: Float32Array) => a.map(roundBf16);
-    const rounded: Case = { ...c, q: r(c.q), k: r(c.k), v: r(c.v) };
-    expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(rounded, 'materialize'), 1e-4);
-    const ctxGpu = await Tensor.zeros([1, 150, 4, 128], { device: 'cuda:0' });
-    const ctxCpu = await Tensor.zeros([1, 150, 4, 128], { device: 'cpu', dtype: 'f64' });
-    await run(c, 'stream', { context: ctxGpu }, 'cuda:0');
-    await run(c, 'materialize', { context: ctxCpu });
-    expect(relError(await ctxGpu.toFloat32(), (await ctxCpu.toArray()) as Float64Array)).toBeLessThan(1e-5);
-    ctxGpu.dispose();
-    ctxCpu.dispose();
+  test.each(cases)('bf16 with the context, the tensor-core pass: %s', async (_name, make) => {
+    // The oracle sees the same bf16-rounded q, k, v and the same context.
+    const c = withContext(make(), 99);
+    expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(rounded(c), 'materialize'), 1e-4);
+  });
+
+  test('f16 inputs with the context; bf16 without it (the CUDA-core pass)', async () => {
+    const c = withContext(randomCase(16, { T: 150, cu: [0, 90, 150], H: 4, HKV: 2, D: 128, Dx: 32 }), 98);
+    const roundF16 = (a: Float32Array): Float32Array => {
+      const h = new Float32Array(a.length);
+      for (let i = 0; i < a.length; i++) {
+        // Round to the nearest f16 (11-bit significand; the values here are normal f16 numbers).
+        const x = a[i];
+        if (x === 0) continue;
+        const e = Math.floor(Math.log2(Math.abs(x)));
+        const ulp = Math.pow(2, e - 10);
+        h[i] = Math.round(x / ulp) * ulp;
+      }
+      return h;
+    };
+    const f16: Case = { ...c, q: roundF16(c.q), k: roundF16(c.k), v: roundF16(c.v) };
+    expectClose(await run(c, 'stream', {}, 'cuda:0', 'f16'), await run(f16, 'materialize'), 1e-4);
+    const noCtx: Case = { ...c, context: undefined };
+    expectClose(await run(noCtx, 'stream', {}, 'cuda:0', 'bf16'), await run(rounded(noCtx), 'materialize'), 1e-4);
+  });
+
+  test('batch-split invariance on the tensor-core pass: two calls add up to one', async () => {
+    const cu = [0, 130, 131, 400, 520];
+    const c = withContext(randomCase(19, { T: 520, cu, H: 4, HKV: 2, D: 64, Dx: 8 }), 97);
+    const { H, HKV, D, Dx } = c.shape;
+    const split = (lo: number, hi: number): Case => {
+      const a = cu[lo];
+      const b = cu[hi];
+      return {
+        q: c.q.slice(a * H * D, b * H * D),
+        k: c.k.slice(a * HKV * D, b * HKV * D),
+        v: c.v.slice(a * HKV * D, b * HKV * D),
+        x: c.x!.slice(a * Dx!, b * Dx!),
+        context: c.context!.slice(a * H * D, b * H * D),
+        shape: { ...c.shape, T: b - a },
+        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
+      };
+    };
+    const whole = await run(c, 'stream', {}, 'cuda:0', 'bf16');
+    const p1 = await run(split(0, 2), 'stream', {}, 'cuda:0', 'bf16');
+    const p2 = await run(split(2, 4), 'stream', {}, 'cuda:0', 'bf16');
+    const merged: Stats = {};
+    for (const key of Object.keys(whole) as (keyof MomentAccumulators)[]) merged[key] = Float64Array.from(p1[key]!, (x, i) => x + p2[key]![i]);
+    expectClose(merged, whole, 1e-6);
+    // And deterministic: the same call twice gives the same bits.
+    expect(await run(c, 'stream', {}, 'cuda:0', 'bf16')).toEqual(whole);
   });
 });

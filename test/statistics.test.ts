@@ -20,6 +20,7 @@ import {
 } from '../lib/calibrate/statistics';
 import { cudaEnabled, relError, rng } from './helpers';
 import { Tensor, scope } from '../lib/tensor';
+import { cast } from '../lib/ops/elementwise';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'hf', 'llama-gqa-llama3-sharded');
 
@@ -241,27 +242,46 @@ describe('summarizeHeads', () => {
 });
 
 (cudaEnabled() ? describe : describe.skip)('collectTaylorStats reducing on CUDA', () => {
-  test('the CUDA reduction equals the CPU reduction of the same activations', async () => {
-    // The fixture's head dim (16) is below what the CUDA attention takes, so the teacher runs on the CPU and
-    // a wrapper hands its activations over on the GPU: the statistics then reduce there.
-    const onGpu: StatsTeacher = {
-      config: teacher.config,
-      device: 'cuda:0',
-      hidden: (ids, shape, opts = {}) =>
-        teacher.hidden(ids, shape, {
-          ...opts,
-          onLayer: async (a: LayerActivations) => {
-            await scope(async () => {
-              const to = (x: Tensor) => x.to('cuda:0');
-              const acts = { ...a, input: await to(a.input), q: await to(a.q), k: await to(a.k), v: await to(a.v) };
-              await opts.onLayer?.(acts);
-            });
-          },
-        }),
-    };
+  // The fixture's head dim (16) is below what the CUDA attention takes, so the teacher runs on the CPU and a
+  // wrapper hands its activations (optionally cast to bf16 first) to the reduction on `device`.
+  const handOver = (device: string, dtype?: 'bf16'): StatsTeacher => ({
+    config: teacher.config,
+    device,
+    hidden: (ids, shape, opts = {}) =>
+      teacher.hidden(ids, shape, {
+        ...opts,
+        onLayer: async (a: LayerActivations) => {
+          await scope(async () => {
+            const to = async (x: Tensor) => {
+              const y = await x.to(device);
+              return dtype ? cast(y, dtype) : y;
+            };
+            const acts = { ...a, input: await to(a.input), q: await to(a.q), k: await to(a.k), v: await to(a.v), context: await a.context.to(device) };
+            await opts.onLayer?.(acts);
+          });
+        },
+      }),
+  });
+
+  test('the CUDA reduction equals the CPU reduction of the same activations (f32: the CUDA-core pass)', async () => {
     const batch = packed([5, 1, 24, 18, 33], teacher.config.vocabSize, 6);
-    const gpu = await collectTaylorStats(onGpu, [batch]);
+    const gpu = await collectTaylorStats(handOver('cuda:0'), [batch]);
     const cpu = await collectTaylorStats(teacher, [batch]);
     expect(relError(flatten(gpu), flatten(cpu))).toBeLessThan(1e-4);
+  });
+
+  test('bf16 activations with the teacher context: the tensor-core pass equals the CPU oracle on the same values', async () => {
+    const batch = packed([5, 1, 24, 18, 133, 70], teacher.config.vocabSize, 7);
+    const gpu = await collectTaylorStats(handOver('cuda:0', 'bf16'), [batch]);
+    const cpu = await collectTaylorStats(handOver('cpu', 'bf16'), [batch], { algorithm: 'materialize' });
+    expect(relError(flatten(gpu), flatten(cpu))).toBeLessThan(1e-4);
+    // Per statistic as well (the flattened norm is dominated by the largest sums).
+    for (let l = 0; l < gpu.layers.length; l++)
+      for (let h = 0; h < gpu.layers[l].heads.length; h++) {
+        const g = gpu.layers[l].heads[h];
+        const c = cpu.layers[l].heads[h];
+        expect(relError([g.distance, g.distanceSq, g.entropy, g.sink, g.local], [c.distance, c.distanceSq, c.entropy, c.sink, c.local])).toBeLessThan(1e-4);
+        for (const key of ['histogram', 'phi', 'contextSum', 'contextSq', 'scanCross', 'scanSq'] as const) expect(relError(g[key], c[key])).toBeLessThan(1e-4);
+      }
   });
 });

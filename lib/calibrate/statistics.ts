@@ -273,10 +273,13 @@ export async function collectTaylorStats(
             const k = await flat(a.k, [1, N, c.numKvHeads, c.headDim]);
             const v = await flat(a.v, [1, N, c.numKvHeads, c.headDim]);
             const x = await flat(a.input, [1, N, c.hiddenSize]);
+            // The teacher's own context: the moments of what it computed, and A·V is not formed again.
+            const context = await flat(a.context, [1, N, c.numHeads, c.headDim]);
             await taylorMoments(q, k, v, invFreq, decays, acc, {
               cuSeqlens: cuT,
               include: incT,
               x,
+              context,
               scale: meta.scale,
               algorithm: options.algorithm,
             });

@@ -10,7 +10,8 @@
  *                              token (sink), Σ mass on Δ < 16 (local)             (columns: ATTENTION_COLUMNS)
  *   histogram [H,bins]         Σ mass with Δ = 0, Δ ∈ [1,2), [2,4), …, [2^(bins−2), ∞)
  *   phi [H,D/2,2]              Σ Re / Im of φ_j = E_A[exp(iθ_j Δ)]
- *   contextSum, contextSq [H,D]   Σ o, Σ o² of the context o_t = Σ_s A_ts v_s
+ *   contextSum, contextSq [H,D]   Σ o, Σ o² of the context o_t = Σ_s A_ts v_s (the caller's `context` when
+ *                                 given: the teacher's own A·V, which its forward has already formed)
  *   scanCross, scanSq [H,K0,D]    γ₀ scan: y_t = γ_k y_{t−1} + v_t per sequence, ŷ = y / rms(y) (ε 1e-6):
  *                                 Σ ŷ∘o, Σ ŷ²
  *   keySum [HKV,D], keyOuter [HKV,D,D]      Σ k̄, Σ k̄k̄ᵀ of the pre-RoPE keys k̄ = R_{−pos} k
@@ -22,9 +23,11 @@
  *
  * Algorithms (CPU): 'stream' (default) — the online-softmax formulation over key blocks that the CUDA kernel
  * follows (native/cpu/moments.h spells it out); 'materialize' — the oracle, each attention row formed
- * explicitly. Both run in f64. CUDA (bf16 / f16 / f32 inputs, head dim ≤ 256): the same streaming
- * formulation in fp32 with f64 sums (native/cuda/moments.cu); `taylorMomentsOnDevice(device)` says whether
- * the reduction runs where the tensors are.
+ * explicitly. Both run in f64. CUDA (head dim ≤ 256): bf16 / f16 inputs with `context` given run the
+ * attention statistics as a flash-style tensor-core pass (QKᵀ in bf16/f16, φ as an fp16 P·[cos θσ | sin θσ]
+ * product; native/cuda/moments_tc.cu) and never form A·V; f32 inputs, or no context, run a CUDA-core pass
+ * in fp32 that forms o itself (much slower). Sums in f64 in a fixed order. `taylorMomentsOnDevice(device)`
+ * says whether the reduction runs where the tensors are.
  */
 import { native, type NativeTensor } from '../native';
 import { Tensor } from '../tensor';
@@ -137,7 +140,11 @@ export interface TaylorMomentsOptions {
   include?: Tensor;
   /** The layer's normalised attention input [B,T,Dx]: adds Σx and Σxxᵀ (acc.inputSum / inputOuter needed). */
   x?: Tensor;
-  /** Written with the context o [B,T,H,D] (f32 or f64) the statistics used; 0 outside included sequences. */
+  /**
+   * The teacher's per-head context A·V [B,T,H,D] (any floating dtype; f64 on the CPU only), as its forward
+   * produced it: the context moments and the γ₀ scan use it, and on CUDA it lets the fast tensor-core pass
+   * run (which does not form A·V). Omitted: the reduction forms o itself.
+   */
   context?: Tensor;
   algorithm?: 'stream' | 'materialize';
 }

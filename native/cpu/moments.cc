@@ -268,6 +268,7 @@ void reduceRows(const Data& d, const Accumulators& acc) {
 // Context moments and the γ₀ scan, per query head, in token order. Materialize sums y_t = Σ_s γ^{t−s} v_s
 // explicitly; Stream runs the recurrence y_t = γ y_{t−1} + v_t.
 void contextAndScan(const Data& d, const Accumulators& acc, Algorithm algorithm) {
+  // o: the caller's context when given (Data::o holds it then), else the pass's own.
   const Problem& p = d.p;
   const int64_t H = p.H, HKV = p.HKV, D = p.D, G = p.group(), K0 = p.K0();
   double* oSum = acc.contextSum.ptr<double>();
@@ -380,23 +381,9 @@ void inputMoments(const Data& d, const Tensor& x, const Accumulators& acc) {
   outerMoments(rows, Dx, acc.inputSum.ptr<double>(), acc.inputOuter.ptr<double>());
 }
 
-void writeContext(const Data& d, const Tensor& out) {
-  const int64_t HD = d.p.H * d.p.D, tokens = d.p.tokens();
-  std::vector<uint8_t> inSeq(size_t(tokens), 0);
-  for (const Seq& s : d.seqs) std::fill(inSeq.begin() + s.start, inSeq.begin() + s.end, 1);
-  dispatchFloat(out.dtype(), "out.context", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* dst = out.ptr<T>();
-    parallelFor(tokens, 256, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        for (int64_t i = 0; i < HD; ++i) dst[t * HD + i] = fromFloat<T>(inSeq[size_t(t)] ? d.o[size_t(t * HD + i)] : 0.0);
-    });
-  });
-}
-
 }  // namespace
 
-void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc, const Outputs& out, Algorithm algorithm) {
+void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc, Algorithm algorithm) {
   Data d{p, {}, {}, {}, {}, {}, {}};
   int64_t counted = 0;
   for (int64_t n = 0; n < p.N; ++n) {
@@ -415,12 +402,12 @@ void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc, 
     attentionMaterialize(d);
   else
     attentionStream(d);
+  if (in.context.defined()) d.o = toDoubles(in.context, "context");
   acc.count.ptr<double>()[0] += double(counted);
   reduceRows(d, acc);
   contextAndScan(d, acc, algorithm);
   keyValueMoments(d, acc);
   if (in.x.defined()) inputMoments(d, in.x, acc);
-  if (out.context.defined()) writeContext(d, out.context);
 }
 
 }  // namespace tcal::cpu

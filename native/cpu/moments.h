@@ -20,6 +20,7 @@
 //   each sequence), ŷ_t = y_t / sqrt(mean_c y_{t,c}² + kScanEps); Σ ŷ_c o_c and Σ ŷ_c².
 //   Per KV head: Σ k̄, Σ k̄ k̄ᵀ of the pre-RoPE keys k̄ = R_{−σ} k (RoPE undone at the token's position), Σ v,
 //   Σ v vᵀ.  Per head: Σ o, Σ o² (per channel).  Per layer: token count, Σ x, Σ x xᵀ.
+// o is the teacher's context when the caller passes it (Inputs::context), else the one the pass forms.
 // Every accumulator is a sum (batches and devices combine by addition); the op adds into the caller's
 // tensors, so zero them once and stream batches through.
 //
@@ -95,6 +96,10 @@ struct Problem {
 struct Inputs {
   Tensor q, k, v;  // any floating dtype (all three the same)
   Tensor x;        // [B,T,Dx] any floating dtype, or undefined
+  // [B,T,H,D] any floating dtype, or undefined: the teacher's own per-head context A·V. When given, the context
+  // moments (Σ o, Σ o²) and the γ₀ scan's Σ ŷ∘o are taken from it, and the reduction need not form A·V (the
+  // CUDA tensor-core pass does not); when undefined the reduction forms o itself.
+  Tensor context;
 };
 
 // f64 sums the op adds into (all on the inputs' device). x-moments are defined iff x is.
@@ -115,12 +120,6 @@ struct Accumulators {
   Tensor inputOuter;  // [Dx, Dx]  (symmetric: the upper triangle is summed and mirrored)
 };
 
-// Optional per-token output: the context o [B,T,H,D] (f32 or f64) the statistics were computed from; tokens
-// outside every included sequence are written as 0.
-struct Outputs {
-  Tensor context;
-};
-
 enum class Algorithm { Stream, Materialize };
 
 }  // namespace tcal::moments
@@ -131,6 +130,6 @@ namespace tcal::cpu {
 // sums do not depend on the thread count, and streaming a set through in several calls gives the same
 // additions, in the same order, as one call over the concatenation of its sequences.
 void taylorMoments(const moments::Problem& p, const moments::Inputs& in, const moments::Accumulators& acc,
-                   const moments::Outputs& out, moments::Algorithm algorithm);
+                   moments::Algorithm algorithm);
 
 }  // namespace tcal::cpu

@@ -1,31 +1,33 @@
-// The Taylor attention-moment reduction on the GPU: the streaming formulation of native/cpu/moments.h.
-//
-// First version, CUDA cores, correctness first (the tensor-core version — P·[V | cos θσ | sin θσ | σ−ρ |
-// (σ−ρ)²] through mma with the masked row sums on the P fragments — is the follow-up for the §6 target):
+// The Taylor attention-moment reduction on the GPU (the statistics and the streaming formulation:
+// native/cpu/moments.h).
 //   1. trigTable: cos / sin(θ_j σ) for every position σ < the longest sequence, made in f64, stored f32.
-//   2. momentsAttention: one CTA of 4 warps per (query block of 16 rows, head); the rows share ρ. Key tiles of
-//      32 keys (K, V, and the key-only trig channels) stream through shared memory. Per row a warp keeps the
-//      online-softmax state: lane j scores key j, the warp takes the tile max and rescales, then walks the
-//      tile's keys in order (p_j, a_j − m' by shuffle): every lane adds p_j·v_j into its channels of O and
-//      p_j·(cos, sin) into its pairs of C / Sn, and lane r adds into its "role" scalar r: the distance bins
-//      (lanes 0..19), the sink, local, l, entropy (max-relative), S1 and S2 channels (lanes 20..25). Rows are
-//      finalised as in moments.h and written (f32) to a per-(token, head) row buffer; o to a context buffer.
-//   3. reduceRows: per head and column, f64 sums of the row buffer over fixed chunks of 256 included tokens,
-//      then over the chunks in order, added into the accumulators (deterministic).
-//   4. scan: one warp per (head, decay), sequential over the included tokens in order (f64 y and sums).
-//   5. outer: Σ z and Σ z zᵀ (keys with RoPE undone, values, x) in f64, 32×32 output tiles, token order.
+//   2. The attention statistics (E[Δ], E[Δ²], entropy, sink, local, histogram, φ):
+//      bf16 / f16 inputs with the teacher's context given — the tensor-core pass of moments_tc.cu;
+//      otherwise (f32 inputs, or no context) momentsAttention below, on CUDA cores in fp32, which also forms
+//      the context o: one CTA of 4 warps per (query block of 16 rows, head), key tiles of 32 keys through
+//      shared memory, per row a warp keeps the online-softmax state (lane j scores key j; lanes hold O and the
+//      φ channels; lane r a "role" scalar: bins, sink, local, l, entropy, S1, S2), rows written (f32) to a
+//      row buffer summed in f64 over fixed chunks of tokens (deterministic).
+//   3. The γ₀ scan and the context moments, chunk-parallel over the included tokens (scanChunkState …
+//      scanFinal below), from the given context or the CUDA-core pass's o.
+//   4. Σ k̄k̄ᵀ (RoPE undone), Σ vvᵀ, Σ xxᵀ as bf16 hi/lo GEMMs through cuBLAS (f64 CUDA-core sums when
+//      cuBLAS cannot be loaded).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/runtime.h"
 #include "check.h"
 #include "device.h"
+#include "cublas.h"
 #include "moments.h"
+#include "moments_tc.h"
 #include "types.cuh"
 
 namespace tcal::cuda {
@@ -55,11 +57,6 @@ __device__ __forceinline__ int binOf(int delta) {
 __device__ __forceinline__ float warpMax(float x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
-  return x;
-}
-__device__ __forceinline__ double warpSum(double x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
   return x;
 }
 
@@ -269,79 +266,6 @@ __global__ void reduceRowsFinal(const double* __restrict__ partial, int chunks, 
   }
 }
 
-struct ScanParams {
-  const void* v;
-  const float* o;        // [tokens, H, D]
-  const int2* seqs;      // included sequences, in order
-  int nSeqs;
-  const double* decays;  // [K0]
-  int H, group, D, K0;
-  long long kvStride;
-  double* cross;         // [H, K0, D]
-  double* sq;            // [H, K0, D]
-  double* oSum;          // [H, D]
-  double* oSq;           // [H, D]
-};
-
-// One warp per (head, decay): y_t = γ y_{t−1} + v_t per sequence, ŷ = y / sqrt(mean y² + ε); Σ ŷ∘o, Σ ŷ².
-// The decay-0 warp of each head also sums o and o².
-template <typename E, int CPL>
-__global__ void __launch_bounds__(128) momentsScan(ScanParams p) {
-  const int lane = threadIdx.x & 31;
-  const long long wid = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (wid >= (long long)p.H * p.K0) return;
-  const int h = int(wid / p.K0), kk = int(wid % p.K0), hk = h / p.group, D = p.D;
-  const double g = p.decays[kk];
-  const bool ctx = kk == 0;
-  const E* v = static_cast<const E*>(p.v);
-  double y[CPL], cr[CPL], sq[CPL], os[CPL], oq[CPL];
-#pragma unroll
-  for (int u = 0; u < CPL; ++u) cr[u] = sq[u] = os[u] = oq[u] = 0;
-  for (int n = 0; n < p.nSeqs; ++n) {
-    const int2 s = p.seqs[n];
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) y[u] = 0;
-    for (int t = s.x; t < s.y; ++t) {
-      double ms = 0;
-#pragma unroll
-      for (int u = 0; u < CPL; ++u) {
-        const int c = lane + 32 * u;
-        const double vt = c < D ? double(toF(v[(long long)t * p.kvStride + (long long)hk * D + c])) : 0.0;
-        y[u] = g * y[u] + vt;
-        ms += y[u] * y[u];
-      }
-      ms = warpSum(ms);
-      const double rs = 1.0 / sqrt(ms / double(D) + kScanEps);
-#pragma unroll
-      for (int u = 0; u < CPL; ++u) {
-        const int c = lane + 32 * u;
-        if (c < D) {
-          const double o = p.o[((long long)t * p.H + h) * D + c];
-          const double yh = y[u] * rs;
-          cr[u] += yh * o;
-          sq[u] += yh * yh;
-          if (ctx) {
-            os[u] += o;
-            oq[u] += o * o;
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < CPL; ++u) {
-    const int c = lane + 32 * u;
-    if (c < D) {
-      p.cross[((long long)h * p.K0 + kk) * D + c] += cr[u];
-      p.sq[((long long)h * p.K0 + kk) * D + c] += sq[u];
-      if (ctx) {
-        p.oSum[(long long)h * D + c] += os[u];
-        p.oSq[(long long)h * D + c] += oq[u];
-      }
-    }
-  }
-}
-
 struct OuterParams {
   const void* z;         // element (token t, column c) at z[t·stride + c]
   long long stride;
@@ -404,27 +328,292 @@ __global__ void __launch_bounds__(256) outerSums(OuterParams p) {
   }
 }
 
-__global__ void addScalar(double* p, double v) { *p += v; }
+// ---- The γ₀ scan, chunk-parallel (y depends only on the KV head and the decay; the cross term on the query
+// head). Over the included tokens in order (list entry i → token tok[i], first[i] = 1 at a sequence start),
+// y_i = (first_i ? 0 : γ) y_{i−1} + v_i, cut into chunks of L entries:
+//   1. scanChunkState: per (chunk, KV head, decay) the chunk's own end state from y = 0 (f64);
+//   2. scanCarry: per (KV head, decay, channel) the state entering each chunk, in chunk order (f64):
+//      Y_in(c+1) = a_c·Y_in(c) + e_c, a_c = 0 if the chunk holds a sequence start, else γ^len;
+//   3. scanChunkApply: per (chunk, KV head, decay, ≤ 8 query heads) rerun the chunk from Y_in in fp32
+//      (γ y as y − (1−γ) y, so decays near 1 keep their precision), ŷ = y·rsqrt(mean y² + ε), and the chunk's
+//      Σ ŷ∘o (per query head) and Σ ŷ² (per KV head) in fp32;
+//   4. scanFinal: f64 sums of the chunk partials in chunk order into the accumulators (deterministic).
+// Channels: lane owns CPL consecutive channels.
 
-// context[t] = o[t] for included tokens (the rest was zeroed).
-template <typename T>
-__global__ void scatterContext(const float* __restrict__ o, const int* __restrict__ tokens, int count, long long HD,
-                               T* __restrict__ out) {
-  const long long n = (long long)count * HD;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const long long t = tokens[i / HD], c = i % HD;
-    out[t * HD + c] = T(o[t * HD + c]);
+struct ScanList {
+  const int* tok;           // [count]
+  const int* first;         // [count]
+  const int* chunkReset;    // [chunks]: the chunk holds a sequence start
+  int count, L, chunks;
+};
+
+template <typename E, int CPL>
+__global__ void __launch_bounds__(128) scanChunkState(const E* __restrict__ v, ScanList sl, const double* __restrict__ decays,
+                                                      int HKV, int K0, int D, long long kvStride, double* __restrict__ state) {
+  const int lane = threadIdx.x & 31;
+  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (wid >= (long long)sl.chunks * HKV * K0) return;
+  const int c = int(wid / (HKV * K0)), rem = int(wid % (HKV * K0)), hk = rem / K0, kk = rem % K0;
+  const double g = decays[kk];
+  double y[CPL];
+#pragma unroll
+  for (int u = 0; u < CPL; ++u) y[u] = 0;
+  const int i1 = min(sl.count, (c + 1) * sl.L);
+  for (int i = c * sl.L; i < i1; ++i) {
+    const double m = sl.first[i] ? 0.0 : g;
+    const E* vr = v + (long long)sl.tok[i] * kvStride + (long long)hk * D;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      y[u] = m * y[u] + (ch < D ? double(toF(vr[ch])) : 0.0);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < CPL; ++u) {
+    const int ch = lane * CPL + u;
+    if (ch < D) state[(((long long)c * HKV + hk) * K0 + kk) * D + ch] = y[u];
   }
 }
 
-template <typename E>
-void outerFor(const OuterParams& prm, cudaStream_t stream) {
-  columnSums<E><<<unsigned((prm.n + 127) / 128), 128, 0, stream>>>(prm);
-  checkLaunch("taylorMoments (column sums)");
-  const unsigned tiles = unsigned((prm.n + 31) / 32);
-  outerSums<E><<<dim3(tiles, tiles), dim3(32, 8), 0, stream>>>(prm);
-  checkLaunch("taylorMoments (outer sums)");
+__global__ void scanCarry(double* __restrict__ state, ScanList sl, const double* __restrict__ decays, int HKV, int K0, int D) {
+  const long long n = (long long)HKV * K0 * D;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int kk = int((i / D) % K0);
+  const double g = decays[kk];
+  double Y = 0;
+  for (int c = 0; c < sl.chunks; ++c) {
+    const long long at = (long long)c * n + i;
+    const double e = state[at];
+    state[at] = Y;
+    const int len = min(sl.count, (c + 1) * sl.L) - c * sl.L;
+    const double a = sl.chunkReset[c] ? 0.0 : pow(g, double(len));
+    Y = a * Y + e;
+  }
 }
+
+constexpr int kScanHeads = 8;  // query heads per warp in scanChunkApply
+
+template <typename E, typename O, int CPL>
+__global__ void __launch_bounds__(128) scanChunkApply(const E* __restrict__ v, const O* __restrict__ o, ScanList sl,
+                                                      const double* __restrict__ decays, const double* __restrict__ state,
+                                                      int H, int HKV, int K0, int D, long long kvStride, long long oStride,
+                                                      float* __restrict__ crossPart, float* __restrict__ sqPart) {
+  const int lane = threadIdx.x & 31;
+  const int G = H / HKV, gBlocks = (G + kScanHeads - 1) / kScanHeads;
+  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (wid >= (long long)sl.chunks * HKV * K0 * gBlocks) return;
+  const int c = int(wid / ((long long)HKV * K0 * gBlocks));
+  int rem = int(wid % ((long long)HKV * K0 * gBlocks));
+  const int hk = rem / (K0 * gBlocks);
+  rem %= K0 * gBlocks;
+  const int kk = rem / gBlocks, gb = rem % gBlocks;
+  const int h0 = hk * G + gb * kScanHeads, nh = min(kScanHeads, G - gb * kScanHeads);
+  const float rho = float(1.0 - decays[kk]);
+  float y[CPL], sq[CPL], cross[kScanHeads][CPL];
+#pragma unroll
+  for (int u = 0; u < CPL; ++u) {
+    const int ch = lane * CPL + u;
+    y[u] = ch < D ? float(state[(((long long)c * HKV + hk) * K0 + kk) * D + ch]) : 0.f;
+    sq[u] = 0.f;
+#pragma unroll
+    for (int g = 0; g < kScanHeads; ++g) cross[g][u] = 0.f;
+  }
+  const float invD = 1.f / float(D);
+  const int i1 = min(sl.count, (c + 1) * sl.L);
+  for (int i = c * sl.L; i < i1; ++i) {
+    const long long t = sl.tok[i];
+    const bool first = sl.first[i] != 0;
+    const E* vr = v + t * kvStride + (long long)hk * D;
+    float ms = 0.f;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      const float vt = ch < D ? toF(vr[ch]) : 0.f;
+      y[u] = first ? vt : fmaf(-rho, y[u], y[u] + vt);
+      ms = fmaf(y[u], y[u], ms);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ms += __shfl_xor_sync(0xffffffffu, ms, off);
+    const float rs = rsqrtf(ms * invD + float(kScanEps));
+    const O* orow = o + t * oStride + (long long)h0 * D;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      const float yh = y[u] * rs;
+      sq[u] = fmaf(yh, yh, sq[u]);
+      if (ch < D) {
+#pragma unroll
+        for (int g = 0; g < kScanHeads; ++g)
+          if (g < nh) cross[g][u] = fmaf(yh, float(toF(orow[g * D + ch])), cross[g][u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < CPL; ++u) {
+    const int ch = lane * CPL + u;
+    if (ch >= D) continue;
+#pragma unroll
+    for (int g = 0; g < kScanHeads; ++g)
+      if (g < nh) crossPart[(((long long)c * H + h0 + g) * K0 + kk) * D + ch] = cross[g][u];
+    if (gb == 0) sqPart[(((long long)c * HKV + hk) * K0 + kk) * D + ch] = sq[u];
+  }
+}
+
+__global__ void scanFinal(const float* __restrict__ crossPart, const float* __restrict__ sqPart, int chunks, int H, int HKV,
+                          int K0, int D, double* __restrict__ cross, double* __restrict__ sq) {
+  const long long n = (long long)H * K0 * D;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int h = int(i / ((long long)K0 * D)), hk = h / (H / HKV);
+  const long long kd = i % ((long long)K0 * D);
+  const long long nKv = (long long)HKV * K0 * D;
+  double a = 0, b = 0;
+  for (int c = 0; c < chunks; ++c) {
+    a += double(crossPart[(long long)c * n + i]);
+    b += double(sqPart[(long long)c * nKv + (long long)hk * K0 * D + kd]);
+  }
+  cross[i] += a;
+  sq[i] += b;
+}
+
+// Σ o, Σ o² per (head, channel): fp32 over chunks of L list entries, then f64 over the chunks in order.
+template <typename O>
+__global__ void contextPartials(const O* __restrict__ o, ScanList sl, int HD, long long oStride, float2* __restrict__ part) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
+  if (col >= HD) return;
+  float s = 0.f, q = 0.f;
+  const int i1 = min(sl.count, (c + 1) * sl.L);
+  for (int i = c * sl.L; i < i1; ++i) {
+    const float x = float(toF(o[(long long)sl.tok[i] * oStride + col]));
+    s += x;
+    q = fmaf(x, x, q);
+  }
+  part[(long long)c * HD + col] = make_float2(s, q);
+}
+
+__global__ void contextFinal(const float2* __restrict__ part, int chunks, int HD, double* __restrict__ sum, double* __restrict__ sq) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= HD) return;
+  double a = 0, b = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const float2 x = part[(long long)c * HD + col];
+    a += double(x.x);
+    b += double(x.y);
+  }
+  sum[col] += a;
+  sq[col] += b;
+}
+
+// ---- Σ z, Σ z zᵀ through cuBLAS: rows of included tokens gathered (keys with RoPE undone) into bf16 hi and
+// lo = bf16(z − hi) halves, per chunk of rows Σ z zᵀ ≈ hi·hiᵀ + hi·loᵀ + lo·hiᵀ as bf16 GEMMs with fp32
+// accumulation (products of bf16 are exact; the dropped lo·loᵀ is ≤ 2^-16 relative), the fp32 chunk result
+// added into the f64 accumulator. bf16 sources without RoPE are exact in hi: one GEMM.
+
+constexpr int kOuterRows = 8192;  // rows per GEMM chunk
+
+template <typename T>
+__global__ void gatherSplit(const T* __restrict__ src, long long stride, int width, const int* __restrict__ tok,
+                            const int* __restrict__ pos, int i0, int rows, int ropeHalf, int D, const float2* __restrict__ trig,
+                            __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo) {
+  const long long n = (long long)rows * width;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+    const int r = int(e / width), col = int(e % width);
+    const T* row = src + (long long)tok[i0 + r] * stride;
+    float z;
+    if (ropeHalf > 0) {
+      const int head = col / D, c = col % D, j = c < ropeHalf ? c : c - ropeHalf;
+      const float2 cs = trig[(long long)pos[i0 + r] * ropeHalf + j];
+      const float a = toF(row[head * D + j]), b = toF(row[head * D + j + ropeHalf]);
+      z = c < ropeHalf ? fmaf(a, cs.x, b * cs.y) : fmaf(b, cs.x, -a * cs.y);
+    } else {
+      z = toF(row[col]);
+    }
+    const __nv_bfloat16 zh = __float2bfloat16_rn(z);
+    hi[e] = zh;
+    if (lo) lo[e] = __float2bfloat16_rn(z - __bfloat162float(zh));
+  }
+}
+
+// part[rb, col] = Σ over rows [128·rb, 128·rb + 128) of hi + lo (fp32).
+__global__ void columnPartials(const __nv_bfloat16* __restrict__ hi, const __nv_bfloat16* __restrict__ lo, int rows, int width,
+                               float* __restrict__ part) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x, rb = blockIdx.y;
+  if (col >= width) return;
+  float s = 0.f;
+  const int r1 = min(rows, (rb + 1) * 128);
+  for (int r = rb * 128; r < r1; ++r) {
+    const long long e = (long long)r * width + col;
+    s += __bfloat162float(hi[e]) + (lo ? __bfloat162float(lo[e]) : 0.f);
+  }
+  part[(long long)rb * width + col] = s;
+}
+
+__global__ void columnFinal(const float* __restrict__ part, int blocks, int width, double* __restrict__ sum) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= width) return;
+  double s = 0;
+  for (int b = 0; b < blocks; ++b) s += double(part[(long long)b * width + col]);
+  sum[col] += s;
+}
+
+__global__ void addInto(double* __restrict__ dst, const float* __restrict__ src, long long n) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    dst[i] += double(src[i]);
+}
+
+struct OuterJob {
+  const void* src;
+  DType dtype;
+  long long stride;   // elements between tokens
+  int heads, D;       // columns = heads·D; one D×D outer product per head
+  int ropeHalf;       // > 0: undo RoPE on the pairs (c, c + ropeHalf) of each head
+  double* sum;        // [heads·D]
+  double* outer;      // [heads, D, D]
+};
+
+void outerBlas(const OuterJob& j, const int* tok, const int* pos, int count, const float2* trig, Device dev, cudaStream_t stream) {
+  const int width = j.heads * j.D;
+  const bool split = j.ropeHalf > 0 || j.dtype != DType::BF16;
+  const int chunkRows = std::min(count, kOuterRows);
+  Tensor hi = empty({int64_t(chunkRows) * width}, DType::BF16, dev);
+  Tensor lo = split ? empty({int64_t(chunkRows) * width}, DType::BF16, dev) : Tensor();
+  Tensor c32 = empty({int64_t(j.heads) * j.D * j.D}, DType::F32, dev);
+  const int rowBlocks = (chunkRows + 127) / 128;
+  Tensor part = empty({int64_t(rowBlocks) * width}, DType::F32, dev);
+  auto* hiP = reinterpret_cast<__nv_bfloat16*>(hi.data());
+  auto* loP = split ? reinterpret_cast<__nv_bfloat16*>(lo.data()) : nullptr;
+  const float one = 1.f, zero = 0.f;
+  for (int i0 = 0; i0 < count; i0 += kOuterRows) {
+    const int rows = std::min(kOuterRows, count - i0);
+    dispatchDeviceFloat(j.dtype, "k", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      gatherSplit<T><<<gridFor(int64_t(rows) * width, 256), 256, 0, stream>>>(static_cast<const T*>(j.src), j.stride, width, tok, pos, i0,
+                                                                             rows, j.ropeHalf, j.D, trig, hiP, loP);
+    });
+    checkLaunch("taylorMoments (gather)");
+    const int rb = (rows + 127) / 128;
+    columnPartials<<<dim3(unsigned((width + 127) / 128), unsigned(rb)), 128, 0, stream>>>(hiP, loP, rows, width, part.ptr<float>());
+    columnFinal<<<unsigned((width + 127) / 128), 128, 0, stream>>>(part.ptr<float>(), rb, width, j.sum);
+    checkLaunch("taylorMoments (column sums)");
+    // Column-major: head h's rows are a D × rows matrix at hi + h·D with leading dimension `width`.
+    auto gemm = [&](const void* a, const void* b, const float* beta) {
+      blas::gemmStridedBatched(dev.index, stream, blas::OpN, blas::OpT, j.D, j.D, rows, &one, a, CUDA_R_16BF, width, j.D, b,
+                               CUDA_R_16BF, width, j.D, beta, c32.data(), CUDA_R_32F, j.D, (long long)j.D * j.D, j.heads,
+                               blas::Compute32F);
+    };
+    gemm(hiP, hiP, &zero);
+    if (split) {
+      gemm(hiP, loP, &one);
+      gemm(loP, hiP, &one);
+    }
+    const long long n = (long long)j.heads * j.D * j.D;
+    addInto<<<gridFor(n, 256), 256, 0, stream>>>(j.outer, c32.ptr<float>(), n);
+    checkLaunch("taylorMoments (outer sums)");
+  }
+}
+
+__global__ void addScalar(double* p, double v) { *p += v; }
 
 template <typename E, int CPL>
 void launchAttention(const AttnParams& prm, long long blocks, size_t smem, cudaStream_t stream) {
@@ -434,52 +623,30 @@ void launchAttention(const AttnParams& prm, long long blocks, size_t smem, cudaS
   checkLaunch("taylorMoments (attention)");
 }
 
-template <typename E, int CPL>
-void launchScan(const ScanParams& prm, cudaStream_t stream) {
-  const long long warps = (long long)prm.H * prm.K0;
-  momentsScan<E, CPL><<<unsigned((warps + 3) / 4), 128, 0, stream>>>(prm);
-  checkLaunch("taylorMoments (scan)");
+template <typename E>
+void outerFallback(const OuterParams& prm, cudaStream_t stream) {
+  columnSums<E><<<unsigned((prm.n + 127) / 128), 128, 0, stream>>>(prm);
+  checkLaunch("taylorMoments (column sums)");
+  const unsigned tiles = unsigned((prm.n + 31) / 32);
+  outerSums<E><<<dim3(tiles, tiles), dim3(32, 8), 0, stream>>>(prm);
+  checkLaunch("taylorMoments (outer sums)");
 }
 
+// The CUDA-core statistics pass (f32 inputs, or no context given): rows → per-head sums; o into obuf.
 template <typename E>
-void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const Outputs& out,
-              const std::vector<int2>& seqs, const std::vector<int>& tokens, const std::vector<int4>& work, int maxLen,
-              cudaStream_t stream) {
-  const Device dev = in.q.device();
-  const int H = int(p.H), HKV = int(p.HKV), D = int(p.D), half = D / 2, K0 = int(p.K0());
+void statsCudaCores(const Problem& p, const Inputs& in, const Accumulators& acc, const std::vector<int4>& work, const Tensor& tokD,
+                    int count, const float2* trig, const Tensor& obuf, Device dev, cudaStream_t stream) {
+  const int H = int(p.H), D = int(p.D), half = D / 2;
   const int R = kRowScalars + kBins + D;
-  const int count = int(tokens.size());
-  // Device copies of the host lists.
-  auto upload = [&](const void* data, int64_t n, DType t) {
-    Tensor d = empty({n}, t, dev);
-    copyFromHost(d, data, size_t(n) * dtypeSize(t));
-    return d;
-  };
-  std::vector<int> pos(tokens.size());
-  {
-    size_t i = 0;
-    for (const int2& s : seqs)
-      for (int t = s.x; t < s.y; ++t) pos[i++] = t - s.x;
-  }
-  Tensor workD = upload(work.data(), int64_t(work.size()) * 4, DType::I32);
-  Tensor seqsD = upload(seqs.data(), int64_t(seqs.size()) * 2, DType::I32);
-  Tensor tokD = upload(tokens.data(), count, DType::I32);
-  Tensor posD = upload(pos.data(), count, DType::I32);
-  Tensor thetaD = upload(p.invFreq.data(), half, DType::F64);
-  Tensor decayD = upload(p.decays.data(), K0, DType::F64);
-  Tensor trig = empty({int64_t(maxLen) * half * 2}, DType::F32, dev);
-  trigTable<<<gridFor(int64_t(maxLen) * half, 256), 256, 0, stream>>>(reinterpret_cast<float2*>(trig.data()),
-                                                                         thetaD.ptr<double>(), maxLen, half);
-  checkLaunch("taylorMoments (trig table)");
+  Tensor workD = empty({int64_t(work.size()) * 4}, DType::I32, dev);
+  copyFromHost(workD, work.data(), work.size() * sizeof(int4));
   Tensor rows = empty({p.tokens() * H * R}, DType::F32, dev);
-  Tensor obuf = empty({p.tokens() * H * D}, DType::F32, dev);
-
   AttnParams ap{};
   ap.q = in.q.data();
   ap.k = in.k.data();
   ap.v = in.v.data();
   ap.work = reinterpret_cast<const int4*>(workD.data());
-  ap.trig = reinterpret_cast<const float2*>(trig.data());
+  ap.trig = trig;
   ap.rows = rows.ptr<float>();
   ap.o = obuf.ptr<float>();
   ap.H = H;
@@ -492,119 +659,202 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   ap.scale = float(p.scale);
   const long long blocks = (long long)work.size() * H;
   if (blocks > INT32_MAX) throwInvalid("q", "too many query blocks for one launch");
-  const size_t smem = sizeof(float) * (size_t(kRows) * D + size_t(kTile) * (D + 1) + size_t(kTile) * D) +
-                      sizeof(float2) * size_t(kTile) * half;
+  const size_t smem = sizeof(float) * (size_t(kRows) * D + size_t(kTile) * (D + 1) + size_t(kTile) * D) + sizeof(float2) * size_t(kTile) * half;
   if (D <= 32) launchAttention<E, 1>(ap, blocks, smem, stream);
   else if (D <= 64) launchAttention<E, 2>(ap, blocks, smem, stream);
   else if (D <= 128) launchAttention<E, 4>(ap, blocks, smem, stream);
   else launchAttention<E, 8>(ap, blocks, smem, stream);
-
   const int chunks = (count + kChunk - 1) / kChunk;
   Tensor partial = empty({int64_t(chunks) * H * R}, DType::F64, dev);
-  reduceRowsPartial<<<dim3(unsigned(chunks), unsigned(H)), 128, 0, stream>>>(rows.ptr<float>(), tokD.ptr<int>(), count, H,
-                                                                             R, partial.ptr<double>());
+  reduceRowsPartial<<<dim3(unsigned(chunks), unsigned(H)), 128, 0, stream>>>(rows.ptr<float>(), tokD.ptr<int>(), count, H, R,
+                                                                             partial.ptr<double>());
   checkLaunch("taylorMoments (row partials)");
-  reduceRowsFinal<<<gridFor(int64_t(H) * R, 256), 256, 0, stream>>>(partial.ptr<double>(), chunks, H, R, D,
-                                                                     acc.attention.ptr<double>(),
+  reduceRowsFinal<<<gridFor(int64_t(H) * R, 256), 256, 0, stream>>>(partial.ptr<double>(), chunks, H, R, D, acc.attention.ptr<double>(),
                                                                      acc.histogram.ptr<double>(), acc.phi.ptr<double>());
   checkLaunch("taylorMoments (row sums)");
+}
 
-  ScanParams sp{};
-  sp.v = in.v.data();
-  sp.o = obuf.ptr<float>();
-  sp.seqs = reinterpret_cast<const int2*>(seqsD.data());
-  sp.nSeqs = int(seqs.size());
-  sp.decays = decayD.ptr<double>();
-  sp.H = H;
-  sp.group = int(p.group());
-  sp.D = D;
-  sp.K0 = K0;
-  sp.kvStride = p.HKV * p.D;
-  sp.cross = acc.scanCross.ptr<double>();
-  sp.sq = acc.scanSq.ptr<double>();
-  sp.oSum = acc.contextSum.ptr<double>();
-  sp.oSq = acc.contextSq.ptr<double>();
-  if (D <= 32) launchScan<E, 1>(sp, stream);
-  else if (D <= 64) launchScan<E, 2>(sp, stream);
-  else if (D <= 128) launchScan<E, 4>(sp, stream);
-  else launchScan<E, 8>(sp, stream);
+template <typename E, typename O, int CPL>
+void scanFor(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc, Device dev,
+             cudaStream_t stream) {
+  const int H = int(p.H), HKV = int(p.HKV), D = int(p.D), K0 = int(p.K0());
+  const long long kvStride = p.HKV * p.D, oStride = p.H * p.D;
+  Tensor state = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F64, dev);
+  const long long w1 = (long long)sl.chunks * HKV * K0;
+  scanChunkState<E, CPL><<<unsigned((w1 + 3) / 4), 128, 0, stream>>>(v, sl, decays, HKV, K0, D, kvStride, state.ptr<double>());
+  checkLaunch("taylorMoments (scan states)");
+  const long long nc = (long long)HKV * K0 * D;
+  scanCarry<<<unsigned((nc + 127) / 128), 128, 0, stream>>>(state.ptr<double>(), sl, decays, HKV, K0, D);
+  checkLaunch("taylorMoments (scan carry)");
+  Tensor crossPart = empty({int64_t(sl.chunks) * H * K0 * D}, DType::F32, dev);
+  Tensor sqPart = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F32, dev);
+  const int G = H / HKV, gBlocks = (G + kScanHeads - 1) / kScanHeads;
+  const long long w3 = w1 * gBlocks;
+  scanChunkApply<E, O, CPL><<<unsigned((w3 + 3) / 4), 128, 0, stream>>>(v, o, sl, decays, state.ptr<double>(), H, HKV, K0, D, kvStride,
+                                                                       oStride, crossPart.ptr<float>(), sqPart.ptr<float>());
+  checkLaunch("taylorMoments (scan)");
+  const long long nf = (long long)H * K0 * D;
+  scanFinal<<<unsigned((nf + 127) / 128), 128, 0, stream>>>(crossPart.ptr<float>(), sqPart.ptr<float>(), sl.chunks, H, HKV, K0, D,
+                                                            acc.scanCross.ptr<double>(), acc.scanSq.ptr<double>());
+  checkLaunch("taylorMoments (scan sums)");
+  // Context moments from the same list.
+  const int HD = H * D;
+  Tensor part = empty({int64_t(sl.chunks) * HD * 2}, DType::F32, dev);
+  contextPartials<O><<<dim3(unsigned((HD + 127) / 128), unsigned(sl.chunks)), 128, 0, stream>>>(o, sl, HD, oStride,
+                                                                                                reinterpret_cast<float2*>(part.data()));
+  contextFinal<<<unsigned((HD + 127) / 128), 128, 0, stream>>>(reinterpret_cast<const float2*>(part.data()), sl.chunks, HD,
+                                                               acc.contextSum.ptr<double>(), acc.contextSq.ptr<double>());
+  checkLaunch("taylorMoments (context moments)");
+}
 
-  OuterParams op{};
-  op.trig = reinterpret_cast<const float2*>(trig.data());
-  op.tokens = tokD.ptr<int>();
-  op.pos = posD.ptr<int>();
-  op.count = count;
-  op.n = D;
-  op.stride = p.HKV * p.D;
-  for (int hk = 0; hk < HKV; ++hk) {
-    op.z = static_cast<const E*>(in.k.data()) + int64_t(hk) * D;
-    op.ropeHalf = half;
-    op.sum = acc.keySum.ptr<double>() + int64_t(hk) * D;
-    op.outer = acc.keyOuter.ptr<double>() + int64_t(hk) * D * D;
-    outerFor<E>(op, stream);
-    op.z = static_cast<const E*>(in.v.data()) + int64_t(hk) * D;
-    op.ropeHalf = 0;
-    op.sum = acc.valueSum.ptr<double>() + int64_t(hk) * D;
-    op.outer = acc.valueOuter.ptr<double>() + int64_t(hk) * D * D;
-    outerFor<E>(op, stream);
+template <typename E, typename O>
+void scanDispatch(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc,
+                  Device dev, cudaStream_t stream) {
+  if (p.D <= 32) scanFor<E, O, 1>(p, v, o, sl, decays, acc, dev, stream);
+  else if (p.D <= 64) scanFor<E, O, 2>(p, v, o, sl, decays, acc, dev, stream);
+  else if (p.D <= 128) scanFor<E, O, 4>(p, v, o, sl, decays, acc, dev, stream);
+  else scanFor<E, O, 8>(p, v, o, sl, decays, acc, dev, stream);
+}
+
+struct Lists {
+  std::vector<int2> seqs;
+  std::vector<int> tokens, pos;
+  std::vector<int> first;
+  std::vector<int4> work;  // CUDA-core pass: {start, end, first row, 0} per block of kRows, longest first
+  int maxLen = 1;
+};
+
+template <typename E>
+void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const Lists& ls, cudaStream_t stream) {
+  const Device dev = in.q.device();
+  const int H = int(p.H), D = int(p.D), half = D / 2, K0 = int(p.K0());
+  const int count = int(ls.tokens.size());
+  auto upload = [&](const void* data, int64_t n, DType t) {
+    Tensor d = empty({n}, t, dev);
+    copyFromHost(d, data, size_t(n) * dtypeSize(t));
+    return d;
+  };
+  Tensor tokD = upload(ls.tokens.data(), count, DType::I32);
+  Tensor posD = upload(ls.pos.data(), count, DType::I32);
+  Tensor firstD = upload(ls.first.data(), count, DType::I32);
+  Tensor thetaD = upload(p.invFreq.data(), half, DType::F64);
+  Tensor decayD = upload(p.decays.data(), K0, DType::F64);
+  Tensor trig = empty({int64_t(ls.maxLen) * half * 2}, DType::F32, dev);
+  trigTable<<<gridFor(int64_t(ls.maxLen) * half, 256), 256, 0, stream>>>(reinterpret_cast<float2*>(trig.data()), thetaD.ptr<double>(),
+                                                                          ls.maxLen, half);
+  checkLaunch("taylorMoments (trig table)");
+  const float2* trigP = reinterpret_cast<const float2*>(trig.data());
+
+  // Attention statistics: tensor cores for 16-bit inputs with the teacher's context given, else CUDA cores
+  // (which also form the context o, in fp32).
+  const bool tensorCores = !std::is_same<E, float>::value && in.context.defined();
+  Tensor obuf;
+  if (tensorCores) {
+    momentStatsTensorCore(p, in.q, in.k, trigP, ls.seqs, ls.maxLen, acc, stream);
+  } else {
+    obuf = empty({p.tokens() * H * D}, DType::F32, dev);
+    statsCudaCores<E>(p, in, acc, ls.work, tokD, count, trigP, obuf, dev, stream);
   }
-  if (in.x.defined()) {
-    dispatchDeviceFloat(in.x.dtype(), "x", [&](auto tag) {
-      using X = typename decltype(tag)::type;
-      OuterParams xp = op;
-      xp.z = in.x.data();
-      xp.stride = p.Dx;
-      xp.n = int(p.Dx);
-      xp.ropeHalf = 0;
-      xp.sum = acc.inputSum.ptr<double>();
-      xp.outer = acc.inputOuter.ptr<double>();
-      outerFor<X>(xp, stream);
+
+  // γ₀ scan and context moments.
+  ScanList sl{};
+  sl.count = count;
+  sl.L = count >= 16384 ? 512 : 64;
+  sl.chunks = (count + sl.L - 1) / sl.L;
+  std::vector<int> chunkReset(size_t(sl.chunks), 0);
+  for (int i = 0; i < count; ++i)
+    if (ls.first[size_t(i)]) chunkReset[size_t(i / sl.L)] = 1;
+  Tensor resetD = upload(chunkReset.data(), sl.chunks, DType::I32);
+  sl.tok = tokD.ptr<int>();
+  sl.first = firstD.ptr<int>();
+  sl.chunkReset = resetD.ptr<int>();
+  const E* v = static_cast<const E*>(in.v.data());
+  if (!in.context.defined()) {
+    scanDispatch<E, float>(p, v, obuf.ptr<float>(), sl, decayD.ptr<double>(), acc, dev, stream);
+  } else {  // the caller's context, whichever pass ran
+    dispatchDeviceFloat(in.context.dtype(), "context", [&](auto tag) {
+      using O = typename decltype(tag)::type;
+      scanDispatch<E, O>(p, v, static_cast<const O*>(in.context.data()), sl, decayD.ptr<double>(), acc, dev, stream);
     });
+  }
+
+  // Σ k̄, Σ k̄k̄ᵀ (RoPE undone), Σ v, Σ vvᵀ per KV head; Σ x, Σ xxᵀ.
+  std::string why;
+  if (blas::available(&why)) {
+    OuterJob kj{in.k.data(), in.k.dtype(), p.HKV * p.D, int(p.HKV), D, half, acc.keySum.ptr<double>(), acc.keyOuter.ptr<double>()};
+    outerBlas(kj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    OuterJob vj{in.v.data(), in.v.dtype(), p.HKV * p.D, int(p.HKV), D, 0, acc.valueSum.ptr<double>(), acc.valueOuter.ptr<double>()};
+    outerBlas(vj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    if (in.x.defined()) {
+      OuterJob xj{in.x.data(), in.x.dtype(), p.Dx, 1, int(p.Dx), 0, acc.inputSum.ptr<double>(), acc.inputOuter.ptr<double>()};
+      outerBlas(xj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    }
+  } else {
+    // No cuBLAS on this machine: f64 CUDA-core sums.
+    OuterParams op{};
+    op.trig = trigP;
+    op.tokens = tokD.ptr<int>();
+    op.pos = posD.ptr<int>();
+    op.count = count;
+    op.n = D;
+    op.stride = p.HKV * p.D;
+    for (int hk = 0; hk < int(p.HKV); ++hk) {
+      op.z = static_cast<const E*>(in.k.data()) + int64_t(hk) * D;
+      op.ropeHalf = half;
+      op.sum = acc.keySum.ptr<double>() + int64_t(hk) * D;
+      op.outer = acc.keyOuter.ptr<double>() + int64_t(hk) * D * D;
+      outerFallback<E>(op, stream);
+      op.z = static_cast<const E*>(in.v.data()) + int64_t(hk) * D;
+      op.ropeHalf = 0;
+      op.sum = acc.valueSum.ptr<double>() + int64_t(hk) * D;
+      op.outer = acc.valueOuter.ptr<double>() + int64_t(hk) * D * D;
+      outerFallback<E>(op, stream);
+    }
+    if (in.x.defined()) {
+      dispatchDeviceFloat(in.x.dtype(), "x", [&](auto tag) {
+        using X = typename decltype(tag)::type;
+        OuterParams xp = op;
+        xp.z = in.x.data();
+        xp.stride = p.Dx;
+        xp.n = int(p.Dx);
+        xp.ropeHalf = 0;
+        xp.sum = acc.inputSum.ptr<double>();
+        xp.outer = acc.inputOuter.ptr<double>();
+        outerFallback<X>(xp, stream);
+      });
+    }
   }
   addScalar<<<1, 1, 0, stream>>>(acc.count.ptr<double>(), double(count));
   checkLaunch("taylorMoments (count)");
-  if (out.context.defined()) {
-    check(cudaMemsetAsync(out.context.data(), 0, out.context.nbytes(), stream), "cudaMemsetAsync");
-    const long long n = (long long)count * H * D;
-    if (out.context.dtype() == DType::F64)
-      scatterContext<double><<<gridFor(n, 256), 256, 0, stream>>>(obuf.ptr<float>(), tokD.ptr<int>(), count,
-                                                                   (long long)H * D, out.context.ptr<double>());
-    else
-      scatterContext<float><<<gridFor(n, 256), 256, 0, stream>>>(obuf.ptr<float>(), tokD.ptr<int>(), count,
-                                                                  (long long)H * D, out.context.ptr<float>());
-    checkLaunch("taylorMoments (context)");
-  }
 }
 
 }  // namespace
 
-void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc, const Outputs& out) {
+void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc) {
   if (p.D > 256) throwInvalid("q", "the CUDA moment reduction takes head dims up to 256, got " + std::to_string(p.D));
   const int dev = in.q.device().index;
   cudaStream_t stream = use(dev);
-  std::vector<int2> seqs;
-  std::vector<int> tokens;
-  std::vector<int4> work;
-  int maxLen = 1;
+  Lists ls;
   for (int64_t n = 0; n < p.N; ++n) {
     const int s0 = p.cu[size_t(n)], s1 = p.cu[size_t(n + 1)];
     if (s1 <= s0 || !p.included(n)) continue;
-    seqs.push_back(make_int2(s0, s1));
-    for (int t = s0; t < s1; ++t) tokens.push_back(t);
-    for (int r = s0; r < s1; r += kRows) work.push_back(make_int4(s0, s1, r, 0));
-    maxLen = std::max(maxLen, s1 - s0);
+    ls.seqs.push_back(make_int2(s0, s1));
+    for (int t = s0; t < s1; ++t) {
+      ls.tokens.push_back(t);
+      ls.pos.push_back(t - s0);
+      ls.first.push_back(t == s0 ? 1 : 0);
+    }
+    for (int r = s0; r < s1; r += kRows) ls.work.push_back(make_int4(s0, s1, r, 0));
+    ls.maxLen = std::max(ls.maxLen, s1 - s0);
   }
-  if (tokens.empty()) return;
-  // Longest first: a query block's cost is its number of keys.
-  std::stable_sort(work.begin(), work.end(), [](const int4& a, const int4& b) {
+  if (ls.tokens.empty()) return;
+  std::stable_sort(ls.work.begin(), ls.work.end(), [](const int4& a, const int4& b) {
     return std::min(a.z + kRows, a.y) - a.x > std::min(b.z + kRows, b.y) - b.x;
   });
-  if (int64_t(tokens.size()) * p.H * int64_t(p.D + kRowScalars + kBins) > (int64_t(1) << 40))
-    throwInvalid("q", "problem too large");
   switch (in.q.dtype()) {
-    case DType::F32: runTyped<float>(p, in, acc, out, seqs, tokens, work, maxLen, stream); break;
-    case DType::BF16: runTyped<__nv_bfloat16>(p, in, acc, out, seqs, tokens, work, maxLen, stream); break;
-    case DType::F16: runTyped<__half>(p, in, acc, out, seqs, tokens, work, maxLen, stream); break;
+    case DType::F32: runTyped<float>(p, in, acc, ls, stream); break;
+    case DType::BF16: runTyped<__nv_bfloat16>(p, in, acc, ls, stream); break;
+    case DType::F16: runTyped<__half>(p, in, acc, ls, stream); break;
     default: throwInvalid("q", std::string("the CUDA moment reduction takes bf16, f16 or f32, got ") + dtypeName(in.q.dtype()));
   }
 }

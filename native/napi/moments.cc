@@ -1,5 +1,6 @@
 // The Taylor attention-moment reduction (DESIGN.md §5.1 Pass 1):
 //   taylorMoments(q, k, v, invFreq, decays, acc, {scale, cuSeqlens, include, x, context, algorithm})
+//     (context: the teacher's per-head A·V [B,T,H,D], an input)
 //     → Promise<void>, adding into the caller's f64 accumulators `acc` (see native/cpu/moments.h).
 // Shapes, dtypes and devices are validated here (typed InvalidArgument errors naming the argument);
 // cu_seqlens, include, invFreq and decays are read and checked on the worker.
@@ -164,12 +165,12 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
       if (algorithm == moments::Algorithm::Materialize && dev.kind != Device::CPU)
         throwInvalid("algorithm", "'materialize' (the oracle) runs on the CPU only");
     }
-    moments::Outputs out;
     if (auto c = optionalTensor(optionValue(opts, "context"), "context")) {
       checkShape(*c, in.q.shape(), "context");
-      if (c->dtype() != DType::F32 && c->dtype() != DType::F64) throwInvalid("context", "expected dtype f32 or f64");
+      if (!isFloat(c->dtype())) throwInvalid("context", std::string("expected a floating dtype, got ") + dtypeName(c->dtype()));
+      if (dev.kind == Device::CUDA && c->dtype() == DType::F64) throwInvalid("context", "f64 runs on the CPU only");
       checkSameDevice(*c, dev, "context");
-      out.context = *c;
+      in.context = *c;
     }
 
     moments::Accumulators acc;
@@ -193,13 +194,13 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
     auto pp = std::make_shared<moments::Problem>(std::move(p));
     return runAsync(
         env, "taylorMoments",
-        [pp, in, acc, out, cu, include, invFreq, decays, algorithm] {
+        [pp, in, acc, cu, include, invFreq, decays, algorithm] {
           resolve(*pp, cu, include, invFreq, decays);
           if (!pp->include.empty() && int64_t(pp->include.size()) != pp->N) throwInvalid("include", "expected one flag per sequence");
 #ifdef TCAL_WITH_CUDA
-          if (in.q.device().kind == Device::CUDA) return cuda::taylorMoments(*pp, in, acc, out);
+          if (in.q.device().kind == Device::CUDA) return cuda::taylorMoments(*pp, in, acc);
 #endif
-          cpu::taylorMoments(*pp, in, acc, out, algorithm);
+          cpu::taylorMoments(*pp, in, acc, algorithm);
         },
         [](Napi::Env e) -> Napi::Value { return e.Undefined(); }, {accObj, opts});
   });

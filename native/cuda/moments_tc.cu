@@ -1,0 +1,643 @@
+// The attention statistics of the Taylor moment reduction on the tensor cores (DESIGN.md §5.1 Pass 1;
+// the statistics and the streaming formulation: native/cpu/moments.h).
+//
+// A flash-style pass modelled on native/cuda/attention.cu's forward (kept self-contained: that file is not
+// shared): one CTA of W warps per (query tile of BQ rows, head) of one sequence, K tiles of BK keys through
+// shared memory (cp.async, two stages, XOR-swizzled rows), S = QKᵀ with mma.sync m16n8k16 (bf16 / f16 →
+// fp32), online softmax in registers with ex2. The context A·V is NOT formed: the teacher's forward already
+// produced it and its moments are taken from it (native/cuda/moments.cu). Instead:
+//   φ: C_j = Σ p cos θ_j σ, Sn_j = Σ p sin θ_j σ is a second "PV" product P·F with the position features
+//      F[σ] = [cos θ_j σ | sin θ_j σ] (D columns, an fp16 table), P and F in fp16 (11-bit mantissa: the
+//      bf16 P of attention would miss the 1e-4 bar), fp32 accumulation; the rotation e^{iθ_j τ} is applied
+//      per row in fp32 at the end (φ = e^{iθτ}(C − i Sn)/l).
+//   Per-element FMAs on the probability tile, per row: l = Σ p, E = Σ p·x (x = log2 p relative to the running
+//      max: entropy H = ln l − ln2·E/l), S1 = Σ p Δ, S2 = Σ p Δ² (Δ = τ − σ exact near the diagonal; on far
+//      tiles Σ p c, Σ p c² over the tile-local key offset c, expanded per row), Z = p at σ = 0 (sink).
+//   Histogram (bins Δ = 0, [2^{b−1}, 2^b)): per (m-tile, key tile) the bin range of the tile's Δ span; a
+//      tile inside one bin (every far tile) adds its row sums; a tile crossing bin edges adds tail masses
+//      Σ_{Δ ≥ 2^{b−1}} p per crossed edge. Bins live in shared memory per row, rescaled with the row's max
+//      only when it moves. local (Δ < 16) = bins 0..4.
+// Rows are finalised in fp32, summed over the CTA's rows in a fixed order, written per CTA in f64, and a
+// second kernel sums the CTAs in work-list order into the accumulators (deterministic).
+#include "moments_tc.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../core/runtime.h"
+#include "check.h"
+#include "device.h"
+#include "types.cuh"
+
+namespace tcal::cuda {
+
+namespace {
+
+using namespace moments;
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kLocalBins = 5;  // Δ < kLocalWindow = 16 ⟺ bins 0..4
+static_assert(kLocalWindow == 16, "local mass is bins 0..4");
+constexpr int kScalars = 5;  // dist, distSq, entropy, sink, local (AttentionColumn order)
+
+__device__ __forceinline__ unsigned smemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void cpAsync16(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cpWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4t(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ void mmaBf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mmaF16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <typename E>
+__device__ __forceinline__ void mmaQK(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same<E, __half>::value) mmaF16(c, a, b0, b1);
+  else mmaBf16(c, a, b0, b1);
+}
+__device__ __forceinline__ unsigned packHalf(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+__device__ __forceinline__ int binOf(int delta) {
+  if (delta <= 0) return 0;
+  const int b = 32 - __clz(delta);  // delta ∈ [2^{b−1}, 2^b)
+  return b < kBins - 1 ? b : kBins - 1;
+}
+
+struct StatParams {
+  const void* q;
+  const void* k;
+  const __half* feat;   // [maxLen, D]: cos θ_j σ at column j, sin θ_j σ at D/2 + j (0 for j ≥ half)
+  const float2* trig;   // [maxLen, half]
+  const int4* work;     // {rowStart, len, tile, 0}, longest first
+  double* partial;      // [blocks, R]
+  long long qStride, kvStride;
+  int H, group, half, R;
+  float scaleLog2;
+};
+
+template <int D_, int W_, int MT_, int BK_, int MinBlocks_>
+struct StatCfg {
+  static constexpr int D = D_, W = W_, MT = MT_, BK = BK_, MinBlocks = MinBlocks_;
+  static constexpr int BQ = 16 * MT * W;
+  static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + BQ) * 4; }
+};
+using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
+using Cfg128 = StatCfg<128, 4, 2, 32, 2>;
+using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
+
+template <typename E, typename C>
+__global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParams p) {
+  constexpr int D = C::D, W = C::W, MT = C::MT, BK = C::BK, BQ = C::BQ;
+  constexpr int NT = 32 * W, RW = 16 * MT;
+  constexpr int DC = D / 8, KS = D / 16, NB = BK / 8, DB = D / 8, HB = DB / 2;
+  static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 16 == 0, "tile shapes");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  E* sQ = reinterpret_cast<E*>(smem);
+  E* sK = sQ + BQ * D;                                   // [2][BK][D]
+  __half* sF = reinterpret_cast<__half*>(sK + 2 * BK * D);  // [2][BK][D]
+  float* sHist = reinterpret_cast<float*>(sF + 2 * BK * D);  // [kBins][BQ]
+  float* sL = sHist + kBins * BQ;                        // [BQ] final row sums (0: row not counted)
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int h = int(blockIdx.x % unsigned(p.H));
+  const int4 wk = p.work[blockIdx.x / unsigned(p.H)];
+  const int rowStart = wk.x, len = wk.y, tile = wk.z;
+  const int hk = h / p.group;
+  const int q0 = tile * BQ;
+  const E* gQ = static_cast<const E*>(p.q) + (long long)rowStart * p.qStride + (long long)h * D;
+  const E* gK = static_cast<const E*>(p.k) + (long long)rowStart * p.kvStride + (long long)hk * D;
+  const int kEnd = min(q0 + BQ, len);
+  const int nKT = (kEnd + BK - 1) / BK;
+
+  for (int i = tid; i < kBins * BQ; i += NT) sHist[i] = 0.f;
+
+  static_assert(NT % DC == 0 && (NT / DC) % 8 == 0, "loader layout");
+  constexpr int LR = NT / DC;
+  const int ldRow = tid / DC, ldChunk = tid % DC;
+  const unsigned ldSmem = unsigned((ldRow * D + ((ldChunk ^ (ldRow & 7)) * 8)) * 2);
+  auto loadTile = [&](unsigned dst, const void* srcV, const void* safe, long long stepBytes, int row0, auto rowsTag) {
+    constexpr int ROWS = decltype(rowsTag)::value;
+    static_assert(ROWS % LR == 0, "tile rows");
+    const int rem = len - row0 - ldRow;
+    const char* g = static_cast<const char*>(srcV);
+#pragma unroll
+    for (int kk = 0; kk < ROWS / LR; ++kk) {
+      const bool ok = kk * LR < rem;
+      cpAsync16(dst + ldSmem + unsigned(kk * LR * D * 2), ok ? static_cast<const void*>(g) : safe, ok);
+      g += stepBytes;
+    }
+  };
+  using QRows = std::integral_constant<int, BQ>;
+  using KRows = std::integral_constant<int, BK>;
+
+  const long long kStepB = (long long)LR * p.kvStride * 2, kTileB = (long long)BK * p.kvStride * 2;
+  const long long fStepB = (long long)LR * D * 2, fTileB = (long long)BK * D * 2;
+  const char* ldK = reinterpret_cast<const char*>(gK + (long long)(nKT - 1) * BK * p.kvStride + (long long)ldRow * p.kvStride + ldChunk * 8);
+  const char* ldF = reinterpret_cast<const char*>(p.feat + (long long)((nKT - 1) * BK + ldRow) * D + ldChunk * 8);
+  loadTile(smemAddr(sQ), gQ + (long long)(q0 + ldRow) * p.qStride + ldChunk * 8, gQ, (long long)LR * p.qStride * 2, q0, QRows{});
+  loadTile(smemAddr(sK), ldK, gK, kStepB, (nKT - 1) * BK, KRows{});
+  loadTile(smemAddr(sF), ldF, p.feat, fStepB, (nKT - 1) * BK, KRows{});
+  cpCommit();
+
+  const int sw = lane & 7;
+  const int aRow = warp * RW + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int aHi = lane >> 4;
+  const int kRow = (lane & 7) + (lane >> 4) * 8;
+  const int kHi = (lane >> 3) & 1;
+  const int vRow = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int vHi = lane >> 4;
+  const unsigned sQa = smemAddr(sQ), sKa = smemAddr(sK), sFa = smemAddr(sF);
+  unsigned qBase[4], kBase4[4], fBase4[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    qBase[i] = sQa + unsigned((aRow * D + (((2 * i + aHi) ^ sw) * 8)) * 2);
+    kBase4[i] = sKa + unsigned((kRow * D + (((2 * i + kHi) ^ sw) * 8)) * 2);
+    fBase4[i] = sFa + unsigned((vRow * D + (((2 * i + vHi) ^ sw) * 8)) * 2);
+  }
+
+  float cacc[MT][DB][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int d = 0; d < DB; ++d) cacc[m][d][0] = cacc[m][d][1] = cacc[m][d][2] = cacc[m][d][3] = 0.f;
+  // Per row (two per lane per m-tile), per-lane partials over the lane's columns.
+  float mRow[MT][2], lRow[MT][2], eRow[MT][2], s1Row[MT][2], s2Row[MT][2], zRow[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mRow[m][r] = -INFINITY;
+      lRow[m][r] = eRow[m][r] = s1Row[m][r] = s2Row[m][r] = zRow[m][r] = 0.f;
+    }
+  const float sl2 = p.scaleLog2;
+  const int warpRow0 = q0 + warp * RW;
+  const int ql = lane & 3;
+
+  for (int it = 0; it < nKT; ++it) {
+    const int j = nKT - 1 - it;
+    const int stage = it & 1;
+    if (it + 1 < nKT) {
+      ldK -= kTileB;
+      ldF -= fTileB;
+      loadTile(smemAddr(sK + (stage ^ 1) * BK * D), ldK, gK, kStepB, (j - 1) * BK, KRows{});
+      loadTile(smemAddr(sF + (stage ^ 1) * BK * D), ldF, p.feat, fStepB, (j - 1) * BK, KRows{});
+      cpCommit();
+      cpWait<1>();
+    } else {
+      cpWait<0>();
+    }
+    __syncthreads();
+    const int key0 = j * BK;
+    if (key0 <= warpRow0 + RW - 1) {
+      float s[MT][NB][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NB; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+      const unsigned stageOff = unsigned(stage * BK * D * 2);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) ldsm4(a[m], qBase[ks & 3] + unsigned(m * 16 * D * 2 + (ks >> 2) * 128));
+#pragma unroll
+        for (int n2 = 0; n2 < NB / 2; ++n2) {
+          unsigned b[4];
+          ldsm4(b, kBase4[ks & 3] + stageOff + unsigned(n2 * 16 * D * 2 + (ks >> 2) * 128));
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            mmaQK<E>(s[m][2 * n2], a[m], b[0], b[1]);
+            mmaQK<E>(s[m][2 * n2 + 1], a[m], b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const int mRow0 = warpRow0 + m * 16;
+        const bool crossing = key0 + BK - 1 > mRow0;
+        if (crossing) {
+          const int r0 = mRow0 + (lane >> 2);
+#pragma unroll
+          for (int n = 0; n < NB; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = key0 + n * 8 + ql * 2 + (e & 1);
+              if (key > r0 + (e >> 1) * 8) s[m][n][e] = -INFINITY;
+            }
+        }
+        float mx[2] = {mRow[m][0], mRow[m][1]};
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+          mx[0] = fmaxf(mx[0], fmaxf(s[m][n][0], s[m][n][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(s[m][n][2], s[m][n][3]));
+        }
+        float base[2], alpha[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+          base[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
+          const float dlog = mRow[m][r] * sl2 - base[r];  // log2 alpha; −inf while nothing was seen
+          alpha[r] = ex2(dlog);
+          // Every old term p·x becomes (αp)(x + dlog).
+          eRow[m][r] = mRow[m][r] == -INFINITY ? 0.f : alpha[r] * fmaf(dlog, lRow[m][r], eRow[m][r]);
+          lRow[m][r] *= alpha[r];
+          s1Row[m][r] *= alpha[r];
+          s2Row[m][r] *= alpha[r];
+          zRow[m][r] *= alpha[r];
+          mRow[m][r] = mx[r];
+        }
+        // Δ = τ − σ for element (n, e): dBase[e >> 1] − c, c = 8n + (e & 1) (a compile-time constant).
+        const float dBase[2] = {float(mRow0 + (lane >> 2) - key0 - ql * 2), float(mRow0 + (lane >> 2) + 8 - key0 - ql * 2)};
+        if (mRow0 - key0 < 256) {
+          // Near the diagonal: Δ per element (exact small integers; no cancellation for local heads).
+#pragma unroll
+          for (int n = 0; n < NB; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e >> 1;
+              const float x = fmaf(s[m][n][e], sl2, -base[r]);
+              const float pe = ex2(x);
+              rs[r] += pe;
+              if (crossing) eRow[m][r] += pe > 0.f ? pe * x : 0.f;  // masked: x = −inf, p = 0
+              else eRow[m][r] = fmaf(pe, x, eRow[m][r]);
+              const float dl = dBase[r] - float(n * 8 + (e & 1));
+              const float pd = pe * dl;
+              s1Row[m][r] += pd;
+              s2Row[m][r] = fmaf(pd, dl, s2Row[m][r]);
+              s[m][n][e] = pe;
+            }
+        } else {
+          // Far (Δ ≥ 193 here): Σ p c and Σ p c² with constant c, expanded per row afterwards
+          // (Σ pΔ = dBase·Σp − Σ pc, Σ pΔ² = dBase²·Σp − 2 dBase Σ pc + Σ pc²; relative rounding ≲ 3 ulp).
+          float pc[2] = {0.f, 0.f}, pc2[2] = {0.f, 0.f};
+#pragma unroll
+          for (int n = 0; n < NB; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e >> 1;
+              const float x = fmaf(s[m][n][e], sl2, -base[r]);
+              const float pe = ex2(x);
+              rs[r] += pe;
+              eRow[m][r] = fmaf(pe, x, eRow[m][r]);
+              pc[r] = fmaf(pe, float(n * 8 + (e & 1)), pc[r]);
+              pc2[r] = fmaf(pe, float((n * 8 + (e & 1)) * (n * 8 + (e & 1))), pc2[r]);
+              s[m][n][e] = pe;
+            }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            s1Row[m][r] += fmaf(dBase[r], rs[r], -pc[r]);
+            s2Row[m][r] += fmaf(dBase[r], fmaf(dBase[r], rs[r], -2.f * pc[r]), pc2[r]);
+          }
+        }
+        if (key0 == 0 && ql == 0) {  // σ = 0 is element (n 0, e 0 / 2) of lane quad 0
+          zRow[m][0] += s[m][0][0];
+          zRow[m][1] += s[m][0][2];
+        }
+        lRow[m][0] += rs[0];
+        lRow[m][1] += rs[1];
+#pragma unroll
+        for (int d = 0; d < DB; ++d) {
+          cacc[m][d][0] *= alpha[0];
+          cacc[m][d][1] *= alpha[0];
+          cacc[m][d][2] *= alpha[1];
+          cacc[m][d][3] *= alpha[1];
+        }
+        // Histogram: rows of this m-tile span Δ ∈ [max(0, mRow0 − key0 − BK + 1), mRow0 + 15 − key0].
+        {
+          const int bLo = binOf(max(0, mRow0 - key0 - BK + 1)), bHi = binOf(mRow0 + 15 - key0);
+          float tail[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            tail[r] = rs[r];
+            tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 1);
+            tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 2);
+          }
+          const int lr0 = mRow0 - q0 + (lane >> 2);  // this lane's rows in the CTA: lr0, lr0 + 8
+          if (ql == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+              if (alpha[r] < 1.f)
+                for (int b = 0; b < kBins; ++b) sHist[b * BQ + lr0 + 8 * r] *= alpha[r];
+          }
+          for (int b = bLo + 1; b <= bHi + 1; ++b) {  // warp-uniform
+            float next[2] = {0.f, 0.f};
+            if (b <= bHi) {
+              const float th = float(1 << (b - 1));  // mass with Δ ≥ 2^{b−1} lies in bins ≥ b
+#pragma unroll
+              for (int n = 0; n < NB; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  const float dl = dBase[e >> 1] - float(n * 8 + (e & 1));
+                  next[e >> 1] += dl >= th ? s[m][n][e] : 0.f;
+                }
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                next[r] += __shfl_xor_sync(0xffffffffu, next[r], 1);
+                next[r] += __shfl_xor_sync(0xffffffffu, next[r], 2);
+              }
+            }
+            if (ql == 0) {
+#pragma unroll
+              for (int r = 0; r < 2; ++r) sHist[(b - 1) * BQ + lr0 + 8 * r] += tail[r] - next[r];
+            }
+            tail[0] = next[0];
+            tail[1] = next[1];
+          }
+        }
+      }
+      // C += P F on fp16 (P rounded to fp16, F an fp16 table).
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          a[m][0] = packHalf(s[m][2 * kk][0], s[m][2 * kk][1]);
+          a[m][1] = packHalf(s[m][2 * kk][2], s[m][2 * kk][3]);
+          a[m][2] = packHalf(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+          a[m][3] = packHalf(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int d2 = 0; d2 < DB / 2; ++d2) {
+          unsigned b[4];
+          ldsm4t(b, fBase4[d2 & 3] + stageOff + unsigned(kk * 16 * D * 2 + (d2 >> 2) * 128));
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            mmaF16(cacc[m][2 * d2], a[m], b[0], b[1]);
+            mmaF16(cacc[m][2 * d2 + 1], a[m], b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- Finalise rows and sum them over the CTA (fixed order). ----
+  float* sRed = reinterpret_cast<float*>(smem);  // sQ is free now: [W][kScalars + D]
+  constexpr int RS = 4 + D;                      // per warp: dist, distSq, entropy, sink, then φ (Re, Im per pair)
+  float scal[4] = {0.f, 0.f, 0.f, 0.f};
+  float phiAcc[HB][2][2];
+#pragma unroll
+  for (int d = 0; d < HB; ++d) phiAcc[d][0][0] = phiAcc[d][0][1] = phiAcc[d][1][0] = phiAcc[d][1][1] = 0.f;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = lRow[m][r], e = eRow[m][r], s1 = s1Row[m][r], s2 = s2Row[m][r], z = zRow[m][r];
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        l += __shfl_xor_sync(0xffffffffu, l, off);
+        e += __shfl_xor_sync(0xffffffffu, e, off);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+        s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+        z += __shfl_xor_sync(0xffffffffu, z, off);
+      }
+      const int lr = warp * RW + m * 16 + (lane >> 2) + 8 * r;  // row within the CTA
+      const int tau = q0 + lr;
+      const bool valid = tau < len;
+      const float inv = valid ? 1.f / l : 0.f;
+      if (ql == 0) sL[lr] = valid ? l : 0.f;
+      if (valid && ql == 0) {
+        scal[0] += s1 * inv;
+        scal[1] += s2 * inv;
+        scal[2] += logf(l) - kLn2 * e * inv;
+        scal[3] += z * inv;
+      }
+      if (valid) {
+        const float2* tr = p.trig + (long long)tau * p.half;
+#pragma unroll
+        for (int d = 0; d < HB; ++d)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int jj = d * 8 + ql * 2 + e1;
+            if (jj < p.half) {
+              const float2 ct = tr[jj];
+              const float cc = cacc[m][d][2 * r + e1], sn = cacc[m][d + HB][2 * r + e1];
+              phiAcc[d][e1][0] = fmaf(fmaf(ct.x, cc, ct.y * sn), inv, phiAcc[d][e1][0]);
+              phiAcc[d][e1][1] = fmaf(fmaf(ct.y, cc, -ct.x * sn), inv, phiAcc[d][e1][1]);
+            }
+          }
+      }
+    }
+  }
+  // Sum over the warp's row groups (lanes with the same lane & 3 hold the same columns).
+#pragma unroll
+  for (int off = 4; off <= 16; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) scal[i] += __shfl_xor_sync(0xffffffffu, scal[i], off);
+#pragma unroll
+    for (int d = 0; d < HB; ++d)
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        phiAcc[d][e1][0] += __shfl_xor_sync(0xffffffffu, phiAcc[d][e1][0], off);
+        phiAcc[d][e1][1] += __shfl_xor_sync(0xffffffffu, phiAcc[d][e1][1], off);
+      }
+  }
+  if (lane < 4) {
+    float* out = sRed + warp * RS;
+    if (lane == 0)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = scal[i];
+#pragma unroll
+    for (int d = 0; d < HB; ++d)
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int jj = d * 8 + lane * 2 + e1;  // < D/2
+        out[4 + 2 * jj] = phiAcc[d][e1][0];
+        out[4 + 2 * jj + 1] = phiAcc[d][e1][1];
+      }
+  }
+  __syncthreads();
+  // Histogram: Σ_rows hist_b(row) / l(row); warp w takes bins w, w + W, ….
+  float* sHistTot = sRed + W * RS;  // [kBins]
+  for (int b = warp; b < kBins; b += W) {
+    float acc = 0.f;
+    for (int r = lane; r < BQ; r += 32) {
+      const float l = sL[r];
+      acc += l > 0.f ? sHist[b * BQ + r] / l : 0.f;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) sHistTot[b] = acc;
+  }
+  __syncthreads();
+  double* out = p.partial + (long long)blockIdx.x * p.R;
+  for (int i = tid; i < p.R; i += NT) {
+    double v = 0;
+    if (i < kScalars) {
+      if (i == kLocal) {
+        for (int b = 0; b < kLocalBins; ++b) v += double(sHistTot[b]);
+      } else {
+        const int src = i < kLocal ? i : i - 1;  // sRed scalars: dist, distSq, entropy, sink
+        for (int w = 0; w < W; ++w) v += double(sRed[w * RS + src]);
+      }
+    } else if (i < kScalars + kBins) {
+      v = double(sHistTot[i - kScalars]);
+    } else {
+      for (int w = 0; w < W; ++w) v += double(sRed[w * RS + 4 + (i - kScalars - kBins)]);
+    }
+    out[i] = v;
+  }
+}
+
+// Σ over the CTAs (work-list order, then the head) into attention [H,5], histogram [H,bins], phi [H,2·half].
+__global__ void reducePartials(const double* __restrict__ partial, int items, int H, int R, double* __restrict__ attention,
+                               double* __restrict__ histogram, double* __restrict__ phi) {
+  const long long n = (long long)H * R;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const int h = int(i / R), r = int(i % R);
+    double s = 0;
+    for (int it = 0; it < items; ++it) s += partial[((long long)it * H + h) * R + r];
+    if (r < kScalars) attention[h * kAttentionColumns + r] += s;
+    else if (r < kScalars + kBins) histogram[h * kBins + (r - kScalars)] += s;
+    else phi[(long long)h * (R - kScalars - kBins) + (r - kScalars - kBins)] += s;
+  }
+}
+
+// The fp16 position features: feat[σ, j] = cos θ_j σ, feat[σ, Dp/2 + j] = sin θ_j σ (f64 arguments), 0 for j ≥ half.
+__global__ void featureTable(__half* __restrict__ feat, const double* __restrict__ theta, int maxLen, int half, int Dp) {
+  const long long n = (long long)maxLen * Dp;
+  const int hp = Dp / 2;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const int sigma = int(i / Dp), c = int(i % Dp), j = c < hp ? c : c - hp;
+    float v = 0.f;
+    if (j < half) {
+      double sn, cs;
+      sincos(theta[j] * double(sigma), &sn, &cs);
+      v = float(c < hp ? cs : sn);
+    }
+    feat[i] = __float2half_rn(v);
+  }
+}
+
+template <typename E, typename C>
+void runStats(const Problem& p, const void* q, const void* k, int Dp, const float2* trig, const std::vector<int2>& seqs,
+              int maxLen, const Accumulators& acc, const Device dev, cudaStream_t stream) {
+  constexpr int BQ = C::BQ;
+  const int half = int(p.D / 2);
+  std::vector<int4> list;
+  for (const int2& s : seqs) {
+    const int len = s.y - s.x;
+    for (int t = 0; t * BQ < len; ++t) list.push_back(make_int4(s.x, len, t, 0));
+  }
+  std::stable_sort(list.begin(), list.end(), [](const int4& a, const int4& b) {
+    return std::min((a.z + 1) * BQ, a.y) > std::min((b.z + 1) * BQ, b.y);
+  });
+  const long long items = (long long)list.size();
+  if (items == 0) return;
+  const long long blocks = items * p.H;
+  if (blocks > INT32_MAX) throwInvalid("q", "too many query tiles for one launch");
+  Tensor work = empty({items * 4}, DType::I32, dev);
+  copyFromHost(work, list.data(), list.size() * sizeof(int4));
+  std::vector<double> theta(p.invFreq);
+  Tensor thetaD = empty({int64_t(half)}, DType::F64, dev);
+  copyFromHost(thetaD, theta.data(), theta.size() * sizeof(double));
+  Tensor feat = empty({int64_t(maxLen) * Dp}, DType::F16, dev);
+  featureTable<<<gridFor(int64_t(maxLen) * Dp, 256), 256, 0, stream>>>(reinterpret_cast<__half*>(feat.data()), thetaD.ptr<double>(),
+                                                                      maxLen, half, Dp);
+  checkLaunch("taylorMoments (feature table)");
+  const int R = kScalars + kBins + 2 * half;
+  Tensor partial = empty({blocks * R}, DType::F64, dev);
+  StatParams prm{};
+  prm.q = q;
+  prm.k = k;
+  prm.feat = reinterpret_cast<const __half*>(feat.data());
+  prm.trig = trig;
+  prm.work = reinterpret_cast<const int4*>(work.data());
+  prm.partial = partial.ptr<double>();
+  prm.qStride = p.H * Dp;
+  prm.kvStride = p.HKV * Dp;
+  prm.H = int(p.H);
+  prm.group = int(p.group());
+  prm.half = half;
+  prm.R = R;
+  prm.scaleLog2 = float(p.scale * double(kLog2e));
+  const size_t smem = C::smem();
+  auto kern = momentStats<E, C>;
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
+  kern<<<unsigned(blocks), C::W * 32, smem, stream>>>(prm);
+  checkLaunch("taylorMoments (tensor-core statistics)");
+  reducePartials<<<gridFor(int64_t(p.H) * R, 128), 128, 0, stream>>>(partial.ptr<double>(), int(items), int(p.H), R,
+                                                                    acc.attention.ptr<double>(), acc.histogram.ptr<double>(),
+                                                                    acc.phi.ptr<double>());
+  checkLaunch("taylorMoments (statistics sums)");
+}
+
+template <typename E>
+void runStatsFor(const Problem& p, const void* q, const void* k, int Dp, const float2* trig, const std::vector<int2>& seqs,
+                 int maxLen, const Accumulators& acc, Device dev, cudaStream_t stream) {
+  if (Dp == 64) runStats<E, Cfg64>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+  else if (Dp == 128) runStats<E, Cfg128>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+  else runStats<E, Cfg256>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+}
+
+}  // namespace
+
+void momentStatsTensorCore(const Problem& p, const Tensor& q, const Tensor& k, const float2* trig, const std::vector<int2>& seqs,
+                           int maxLen, const Accumulators& acc, cudaStream_t stream) {
+  if (seqs.empty()) return;
+  const Device dev = q.device();
+  const int64_t D = p.D, Dp = D <= 64 ? 64 : D <= 128 ? 128 : 256;
+  if (D > 256) throwInvalid("q", "the tensor-core moment pass takes head dims up to 256");
+  const void* qp = q.data();
+  const void* kp = k.data();
+  Tensor qPad, kPad;
+  if (Dp != D) {
+    // Zero-padded head dims leave every score unchanged; the padded feature columns are 0.
+    const size_t elem = dtypeSize(q.dtype());
+    const int64_t rows = p.tokens();
+    qPad = empty({rows * p.H * Dp}, q.dtype(), dev);
+    kPad = empty({rows * p.HKV * Dp}, q.dtype(), dev);
+    check(cudaMemsetAsync(qPad.data(), 0, qPad.nbytes(), stream), "cudaMemsetAsync");
+    check(cudaMemsetAsync(kPad.data(), 0, kPad.nbytes(), stream), "cudaMemsetAsync");
+    check(cudaMemcpy2DAsync(qPad.data(), size_t(Dp) * elem, q.data(), size_t(D) * elem, size_t(D) * elem, size_t(rows * p.H),
+                            cudaMemcpyDeviceToDevice, stream),
+          "cudaMemcpy2DAsync");
+    check(cudaMemcpy2DAsync(kPad.data(), size_t(Dp) * elem, k.data(), size_t(D) * elem, size_t(D) * elem, size_t(rows * p.HKV),
+                            cudaMemcpyDeviceToDevice, stream),
+          "cudaMemcpy2DAsync");
+    qp = qPad.data();
+    kp = kPad.data();
+  }
+  if (q.dtype() == DType::BF16) runStatsFor<__nv_bfloat16>(p, qp, kp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
+  else if (q.dtype() == DType::F16) runStatsFor<__half>(p, qp, kp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
+  else throwInvalid("q", "the tensor-core moment pass takes bf16 or f16");
+}
+
+}  // namespace tcal::cuda
