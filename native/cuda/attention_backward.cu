@@ -10,8 +10,8 @@
 //    on the tensor cores (mma.sync m16n8k16, fp32 accumulation; Pᵀ and dSᵀ go from the accumulators straight
 //    into A fragments, as in the forward). D = 256 runs it twice (dV only, then dK only): both accumulators
 //    would not fit in registers.
-// 3. bf16 / f16, dQ: one CTA per (query block, head, sequence), the forward's layout: each warp owns 16 query
-//    rows and dQ (16 × D, fp32) in registers; K/V blocks stream through shared memory; S = Q Kᵀ, dP = dO Vᵀ,
+// 3. bf16 / f16, dQ: one CTA per (query block, head, sequence), the forward's layout: each warp owns 16 or 32
+//    query rows and their dQ (fp32) in registers; K/V blocks stream through shared memory; S = Q Kᵀ, dP = dO Vᵀ,
 //    dS = P ∘ (dP − Dv), dQ += dS K. Recomputing S and dP costs 2 of the 7 products (FA2 with atomics: 5) and
 //    buys determinism.
 // Shared-memory tiles use the forward's XOR swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)), so every
@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -196,19 +197,23 @@ struct BwdParams {
 // ---------------------------------------------------------------------------------------------------------
 // dK / dV.
 
-template <int D_, int W_, int BQ_, bool DK_, bool DV_>
+template <int D_, int W_, int BQ_, bool DK_, bool DV_, int MinBlocks_ = 1>
 struct KvCfg {
-  static constexpr int D = D_, W = W_, BQ = BQ_, BKV = 16 * W_;
+  static constexpr int D = D_, W = W_, BQ = BQ_, BKV = 16 * W_, MinBlocks = MinBlocks_;
   static constexpr bool DK = DK_, DV = DV_;
   static constexpr size_t smem(size_t elem) { return size_t(2 * BKV * D + 4 * BQ * D) * elem + 4 * BQ * sizeof(float); }
 };
 using Kv64 = KvCfg<64, 8, 64, true, true>;
-using Kv128 = KvCfg<128, 8, 32, true, true>;
+// D = 128 (bench/NOTES.md "Backward" has both times): 4 warps × 64 keys, two CTAs per SM, so one CTA's barrier
+// waits overlap the other's math (Q/dO are read twice as often from L2): 9% faster than the first version,
+// 8 warps × 128 keys in one CTA (TCAL_ATTN_BWD_KV=w8 keeps it).
+using Kv128 = KvCfg<128, 4, 32, true, true, 2>;
+using Kv128w8 = KvCfg<128, 8, 32, true, true>;
 using Kv256dV = KvCfg<256, 8, 32, false, true>;
 using Kv256dK = KvCfg<256, 8, 32, true, false>;
 
 template <typename E, typename C>
-__global__ void __launch_bounds__(C::W * 32, 1) flashBackwardKV(BwdParams p) {
+__global__ void __launch_bounds__(C::W * 32, C::MinBlocks) flashBackwardKV(BwdParams p) {
   constexpr int D = C::D, W = C::W, BQ = C::BQ, BKV = C::BKV, NT = 32 * W;
   constexpr int KS = D / 16, NB = BQ / 8, DB = D / 8;
   constexpr bool DK = C::DK, DV = C::DV;
@@ -381,18 +386,23 @@ __global__ void __launch_bounds__(C::W * 32, 1) flashBackwardKV(BwdParams p) {
 // ---------------------------------------------------------------------------------------------------------
 // dQ.
 
-template <int D_, int W_, int BK_>
+// MT m-tiles of 16 query rows per warp (BQ = 16·MT·W): with MT = 2 every K/V fragment loaded from shared
+// memory feeds two MMAs (the forward's trick), at twice the dQ registers.
+template <int D_, int W_, int BK_, int MT_ = 1>
 struct QCfg {
-  static constexpr int D = D_, W = W_, BK = BK_, BQ = 16 * W_;
+  static constexpr int D = D_, W = W_, BK = BK_, MT = MT_, BQ = 16 * MT_ * W_;
   static constexpr size_t smem(size_t elem) { return size_t(2 * BQ * D + 4 * BK * D) * elem; }
 };
 using Q64 = QCfg<64, 4, 64>;
-using Q128 = QCfg<128, 4, 64>;
+// D = 128: 4 warps × 32 rows (two m-tiles), 32-key tiles (255 registers, 52 bytes spilled), measured a little
+// faster than 4 warps × 16 rows with 64-key tiles (TCAL_ATTN_BWD_Q=m1 keeps that).
+using Q128 = QCfg<128, 4, 32, 2>;
+using Q128m1 = QCfg<128, 4, 64>;
 using Q256 = QCfg<256, 8, 32>;
 
 template <typename E, typename C>
 __global__ void __launch_bounds__(C::W * 32, C::W == 4 ? 2 : 1) flashBackwardQ(BwdParams p) {
-  constexpr int D = C::D, W = C::W, BK = C::BK, BQ = C::BQ, NT = 32 * W;
+  constexpr int D = C::D, W = C::W, BK = C::BK, BQ = C::BQ, MT = C::MT, NT = 32 * W, RW = 16 * MT;
   constexpr int KS = D / 16, NB = BK / 8, DB = D / 8;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -418,7 +428,7 @@ __global__ void __launch_bounds__(C::W * 32, C::W == 4 ? 2 : 1) flashBackwardQ(B
     len = p.T;
   }
   const int hk = h / p.group;
-  const int q0 = tile * BQ, warpRow0 = q0 + warp * 16;
+  const int q0 = tile * BQ, warpRow0 = q0 + warp * RW;
   const E* gQ = static_cast<const E*>(p.q) + (long long)rowStart * p.qStride + (long long)h * D;
   const E* gG = static_cast<const E*>(p.dO) + (long long)rowStart * p.qStride + (long long)h * D;
   const E* gK = static_cast<const E*>(p.k) + (long long)rowStart * p.kvStride + (long long)hk * D;
@@ -432,26 +442,31 @@ __global__ void __launch_bounds__(C::W * 32, C::W == 4 ? 2 : 1) flashBackwardQ(B
   loadTile<E, D, NT, BK>(smemAddr(sV), gV, p.kvStride, (nKT - 1) * BK, len, tid);
   cpCommit();
 
-  // lse·log2e and Dv of this lane's rows (warpRow0 + lane/4 and + 8); rows past the sequence give P = 0.
-  float Lr[2], Dr[2];
+  // lse·log2e and Dv of this lane's rows (m-tile m: warpRow0 + 16m + lane/4 and + 8); rows past the sequence
+  // give P = 0.
+  float Lr[MT][2], Dr[MT][2];
   const long long lb = ((long long)batch * p.H + h) * p.T + (rowStart - (long long)batch * p.T);
 #pragma unroll
-  for (int x = 0; x < 2; ++x) {
-    const int r = warpRow0 + (lane >> 2) + x * 8;
-    Lr[x] = r < len ? p.lse[lb + r] * kLog2e : INFINITY;
-    Dr[x] = r < len ? p.dvec[lb + r] : 0.f;
-  }
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      const int r = warpRow0 + m * 16 + (lane >> 2) + x * 8;
+      Lr[m][x] = r < len ? p.lse[lb + r] * kLog2e : INFINITY;
+      Dr[m][x] = r < len ? p.dvec[lb + r] : 0.f;
+    }
 
   unsigned qA[4], gA[4], kB[4], vB[4], kBT[4];
-  fragBases<D>(qA, smemAddr(sQ), warp * 16, Frag::A, lane);
-  fragBases<D>(gA, smemAddr(sG), warp * 16, Frag::A, lane);
+  fragBases<D>(qA, smemAddr(sQ), warp * RW, Frag::A, lane);
+  fragBases<D>(gA, smemAddr(sG), warp * RW, Frag::A, lane);
   fragBases<D>(kB, smemAddr(sK), 0, Frag::B, lane);
   fragBases<D>(vB, smemAddr(sV), 0, Frag::B, lane);
   fragBases<D>(kBT, smemAddr(sK), 0, Frag::BT, lane);
 
-  float dq[DB][4];
+  float dq[MT][DB][4];
 #pragma unroll
-  for (int d = 0; d < DB; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int d = 0; d < DB; ++d) dq[m][d][0] = dq[m][d][1] = dq[m][d][2] = dq[m][d][3] = 0.f;
   const float sl2 = p.scaleLog2;
 
   for (int it = 0; it < nKT; ++it) {
@@ -466,59 +481,81 @@ __global__ void __launch_bounds__(C::W * 32, C::W == 4 ? 2 : 1) flashBackwardQ(B
     }
     __syncthreads();
     const int key0 = j * BK;
-    if (key0 <= warpRow0 + 15) {
+    if (key0 <= warpRow0 + RW - 1) {
       const unsigned so = unsigned(stage * BK * D * 2);
-      float s[NB][4], dp[NB][4];
+      float s[MT][NB][4], dp[MT][NB][4];
 #pragma unroll
-      for (int n = 0; n < NB; ++n) {
-        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-        dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-      }
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+          s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+          dp[m][n][0] = dp[m][n][1] = dp[m][n][2] = dp[m][n][3] = 0.f;
+        }
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {  // S = Q Kᵀ, dP = dO Vᵀ
-        unsigned a[4], g[4];
-        ldsm4(a, kstep(qA, ks));
-        ldsm4(g, kstep(gA, ks));
+        unsigned a[MT][4], g[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          ldsm4(a[m], kstep(qA, ks) + unsigned(m * 16 * D * 2));
+          ldsm4(g[m], kstep(gA, ks) + unsigned(m * 16 * D * 2));
+        }
 #pragma unroll
         for (int n2 = 0; n2 < NB / 2; ++n2) {
           unsigned b[4], c[4];
           ldsm4(b, kstep(kB, ks) + so + unsigned(n2 * 16 * D * 2));
           ldsm4(c, kstep(vB, ks) + so + unsigned(n2 * 16 * D * 2));
-          Elem<E>::mma(s[2 * n2], a, b[0], b[1]);
-          Elem<E>::mma(s[2 * n2 + 1], a, b[2], b[3]);
-          Elem<E>::mma(dp[2 * n2], g, c[0], c[1]);
-          Elem<E>::mma(dp[2 * n2 + 1], g, c[2], c[3]);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            Elem<E>::mma(s[m][2 * n2], a[m], b[0], b[1]);
+            Elem<E>::mma(s[m][2 * n2 + 1], a[m], b[2], b[3]);
+            Elem<E>::mma(dp[m][2 * n2], g[m], c[0], c[1]);
+            Elem<E>::mma(dp[m][2 * n2 + 1], g[m], c[2], c[3]);
+          }
         }
       }
-      // dS: element (row warpRow0 + lane/4 + 8·(e>>1), key key0 + 8n + 2·(lane&3) + (e&1)).
-      const bool diag = key0 + BK - 1 > warpRow0;
+      // dS: element (row warpRow0 + 16m + lane/4 + 8·(e>>1), key key0 + 8n + 2·(lane&3) + (e&1)).
 #pragma unroll
-      for (int n = 0; n < NB; ++n)
+      for (int m = 0; m < MT; ++m) {
+        const int mRow0 = warpRow0 + m * 16;
+        const bool diag = key0 + BK - 1 > mRow0;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pv = ex2(fmaf(s[n][e], sl2, -Lr[e >> 1]));
-          if (diag && key0 + n * 8 + (lane & 3) * 2 + (e & 1) > warpRow0 + (lane >> 2) + (e >> 1) * 8) pv = 0.f;
-          dp[n][e] = pv * (dp[n][e] - Dr[e >> 1]);
-        }
+        for (int n = 0; n < NB; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float pv = ex2(fmaf(s[m][n][e], sl2, -Lr[m][e >> 1]));
+            if (diag && key0 + n * 8 + (lane & 3) * 2 + (e & 1) > mRow0 + (lane >> 2) + (e >> 1) * 8) pv = 0.f;
+            dp[m][n][e] = pv * (dp[m][n][e] - Dr[m][e >> 1]);
+          }
+      }
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {  // dQ += dS K
-        unsigned a[4] = {Elem<E>::pack(dp[2 * kk][0], dp[2 * kk][1]), Elem<E>::pack(dp[2 * kk][2], dp[2 * kk][3]),
-                         Elem<E>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                         Elem<E>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+        unsigned a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          a[m][0] = Elem<E>::pack(dp[m][2 * kk][0], dp[m][2 * kk][1]);
+          a[m][1] = Elem<E>::pack(dp[m][2 * kk][2], dp[m][2 * kk][3]);
+          a[m][2] = Elem<E>::pack(dp[m][2 * kk + 1][0], dp[m][2 * kk + 1][1]);
+          a[m][3] = Elem<E>::pack(dp[m][2 * kk + 1][2], dp[m][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int d2 = 0; d2 < DB / 2; ++d2) {
           unsigned b[4];
           ldsm4t(b, kstep(kBT, d2) + so + unsigned(kk * 16 * D * 2));
-          Elem<E>::mma(dq[2 * d2], a, b[0], b[1]);
-          Elem<E>::mma(dq[2 * d2 + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            Elem<E>::mma(dq[m][2 * d2], a[m], b[0], b[1]);
+            Elem<E>::mma(dq[m][2 * d2 + 1], a[m], b[2], b[3]);
+          }
         }
       }
     }
     __syncthreads();
   }
   // Each warp read only its own rows of sQ: stage dQ there.
-  storeRows<E, D>(dq, p.scale, sQ + warp * 16 * D, static_cast<E*>(p.dq) + (long long)rowStart * p.qStride + (long long)h * D,
-                  p.qStride, warpRow0, len, lane);
+  E* gDq = static_cast<E*>(p.dq) + (long long)rowStart * p.qStride + (long long)h * D;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+    storeRows<E, D>(dq[m], p.scale, sQ + (warp * RW + m * 16) * D, gDq, p.qStride, warpRow0 + m * 16, len, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -686,18 +723,28 @@ void runQ(const attn::Problem& p, BwdParams prm, Device dev, cudaStream_t stream
   launch(flashBackwardQ<E, C>, items * p.H, C::W * 32, C::smem(sizeof(E)), stream, prm, "attentionBackward (dQ)");
 }
 
+bool envIs(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::string(v) == value;
+}
+
+// TCAL_ATTN_BWD_SKIP=kv|dq leaves one kernel out (benchmark only: the gradients are then incomplete) so that
+// each kernel's time can be read off; TCAL_ATTN_BWD_KV=w8 and TCAL_ATTN_BWD_Q=m1 pick the first D = 128 versions.
 template <typename E>
 void runFlash(const attn::Problem& p, const BwdParams& prm, Device dev, cudaStream_t stream) {
+  const bool kv = !envIs("TCAL_ATTN_BWD_SKIP", "kv"), dq = !envIs("TCAL_ATTN_BWD_SKIP", "dq");
   if (p.D == 64) {
-    runKV<E, Kv64>(p, prm, dev, stream);
-    runQ<E, Q64>(p, prm, dev, stream);
+    if (kv) runKV<E, Kv64>(p, prm, dev, stream);
+    if (dq) runQ<E, Q64>(p, prm, dev, stream);
   } else if (p.D == 128) {
-    runKV<E, Kv128>(p, prm, dev, stream);
-    runQ<E, Q128>(p, prm, dev, stream);
+    if (kv && envIs("TCAL_ATTN_BWD_KV", "w8")) runKV<E, Kv128w8>(p, prm, dev, stream);
+    else if (kv) runKV<E, Kv128>(p, prm, dev, stream);
+    if (dq && envIs("TCAL_ATTN_BWD_Q", "m1")) runQ<E, Q128m1>(p, prm, dev, stream);
+    else if (dq) runQ<E, Q128>(p, prm, dev, stream);
   } else {
-    runKV<E, Kv256dV>(p, prm, dev, stream);
-    runKV<E, Kv256dK>(p, prm, dev, stream);
-    runQ<E, Q256>(p, prm, dev, stream);
+    if (kv) runKV<E, Kv256dV>(p, prm, dev, stream);
+    if (kv) runKV<E, Kv256dK>(p, prm, dev, stream);
+    if (dq) runQ<E, Q256>(p, prm, dev, stream);
   }
 }
 
