@@ -64,16 +64,16 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
 const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v4 (default)', {}],
-  ['v4 CG=4 ST=2', { TCAL_GDN_V4_CG: '4', TCAL_GDN_V4_STAGES: '2' }],
-  ['v4 CG=4 ST=1', { TCAL_GDN_V4_CG: '4', TCAL_GDN_V4_STAGES: '1' }],
-  ['v4 CG=2 ST=2', { TCAL_GDN_V4_CG: '2', TCAL_GDN_V4_STAGES: '2' }],
-  ['v4 CG=2 ST=1', { TCAL_GDN_V4_CG: '2', TCAL_GDN_V4_STAGES: '1' }],
-  ['v4 prep + v3 state', { TCAL_GDN_STATE: 'v3' }],
+  ['state: direct (no W)', { TCAL_GDN_STATE: 'direct' }],
+  ['state: v3 on W', { TCAL_GDN_STATE: 'w' }],
+  ['state: K split on W', { TCAL_GDN_STATE: 'split' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
+  ['direct: prep alone', { TCAL_GDN_STATE: 'direct', TCAL_GDN_V3_SKIP: 'state' }],
+  ['direct: state alone', { TCAL_GDN_STATE: 'direct', TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
-const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V4_CG', 'TCAL_GDN_V4_STAGES', 'TCAL_GDN_V3_SKIP'];
+const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V3_SKIP'];
 
 /** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
 function agreementWith(a: Float32Array, raw: Buffer): number {

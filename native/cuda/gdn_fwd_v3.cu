@@ -1,20 +1,19 @@
-// CUDA Gated DeltaNet forward, version 3: the chunk-local work runs for all chunks at once, only the state
+// CUDA Gated DeltaNet forward, versions 3–4: the chunk-local work runs for all chunks at once, only the state
 // recurrence is sequential, and that part is split over V so that the state lives in registers.
 //
 // Kernel 1 (prep), one block per (chunk, value head, sequence), all in parallel:
 //   γ = cumsum(g) inside the chunk, rq / rk = L2-norm factors of q / k rows (1 without l2norm),
 //   M = strictly-lower(diag(β)(K̃K̃ᵀ ⊙ exp(γ_i − γ_j))),  A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal
-//   blocks by substitution, the off-diagonal blocks by small products),
-//   Ab = A·diag(β) (bf16, [tokens, HV, C]),  W = Ab·diag(exp γ)K̃ (bf16, [tokens, HV, K]),
-//   aux = (γ, scale·rq, rk) per token (f32).
-//   v3.1 (default; TCAL_GDN_V3_PREP=old selects the v3 prep): diagonal blocks in registers (one warp each),
-//   off-diagonal blocks by 3×TF32 tile products, 16-byte vector loops.
-// Kernel 2 (state pass), one block per (sequence, value head, V tile of 16·NW columns); warp w owns 16 state
-// columns and keeps Sᵀ (16 × K, fp32) in registers, so that every product takes Sᵀ or νᵀ straight from the
-// accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by ldmatrix from padded
-// shared memory filled by cp.async). Per chunk:
+//   blocks by substitution in registers, the off-diagonal blocks by 3×TF32 tile products),
+//   Ab = A·diag(β) (bf16, [tokens, HV, C]),  aux = (γ, scale·rq, rk, exp γ·rk) per token (f32),
+//   and, for the state passes that use it, W = Ab·diag(exp γ)K̃ (bf16, [tokens, HV, K]).
+// Kernel 2 (state pass), one block per (sequence, value head, V tile); each warp owns 16 state columns and
+// keeps Sᵀ (16 × K, or 16 × K/2 in the split pass, fp32) in registers, so that every product takes Sᵀ or νᵀ
+// straight from the accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by
+// ldmatrix from padded shared memory filled by cp.async). Per chunk:
 //   Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i}   (shared by the block's warps)
-//   νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ,   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ,   Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃.
+//   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ (direct) or Vᵀ Abᵀ − Sᵀ Wᵀ (on W),
+//   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ,   Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃.
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <mma.h>
 
@@ -84,7 +83,8 @@ __device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, con
   wmma::mma_sync(acc, ah, bh, acc);
 }
 
-template <typename T, int K>
+// WITHW = false: no W (the direct state pass forms ν = Ab(V − K̃S) itself); Wout is not touched.
+template <typename T, int K, bool WITHW>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -264,10 +264,12 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   }
   // The raw k rows again (from L2), issued before the Ab loop so that their latency hides behind it.
   uint4 kv[IT];
+  if constexpr (WITHW) {
 #pragma unroll
-  for (int u = 0; u < IT; ++u) {
-    const int i = tid / G + u * RPP;
-    kv[u] = i < L ? *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8) : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < IT; ++u) {
+      const int i = tid / G + u * RPP;
+      kv[u] = i < L ? *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8) : make_uint4(0, 0, 0, 0);
+    }
   }
   // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
   for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
@@ -283,7 +285,8 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
   }
-  if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], 0.f);
+  if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
+  if constexpr (!WITHW) return;
   __syncthreads();  // As is dead: K̃ = diag(exp γ · rk) k takes its place
 #pragma unroll
   for (int u = 0; u < IT; ++u) {
@@ -398,7 +401,10 @@ __host__ __device__ constexpr size_t stateSmem() {
 
 // ST = 1: one load stage (the loads of a chunk wait at its top); ST = 2: the next chunk's loads are issued
 // before this chunk's products (cp.async double buffering).
-template <typename T, int K, int NW, int ST>
+// DIRECT (v4, no W from the prep): νᵀ = (Vᵀ − (Sᵀ kᵀ) diag(exp γ · rk)) Abᵀ — the same number of products as
+// Vᵀ Abᵀ − Sᵀ Wᵀ, with k (already loaded for the update) in place of W; the residual V − K̃S is rounded to
+// the operand type once, relative to itself.
+template <typename T, int K, int NW, int ST, bool DIRECT>
 __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ cu, int H, int HV, int V,
                                                        const T* __restrict__ q, const T* __restrict__ k,
                                                        const T* __restrict__ v, const T* __restrict__ W,
@@ -437,7 +443,7 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
       int64_t tt = ok ? tc + i : seqBegin;
       cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
       cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
-      cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
+      if (!DIRECT) cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
     }
     for (int idx = tid; idx < C * (C / 8); idx += NT) {
       int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
@@ -541,43 +547,100 @@ __global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ c
         }
     }
 
-    // νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ  (16 × C). Ab is lower triangular: k-block ks only feeds n-blocks np ≥ ks.
+    // νᵀ (16 × C). Ab is lower triangular: k-block ks only feeds n-blocks np ≥ ks.
     float N[8][4] = {};
+    if constexpr (DIRECT) {
+      // Pᵀ = Sᵀ kᵀ; Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments (Vᵀ by ldmatrix.trans lands in the
+      // accumulators' positions); νᵀ = Xᵀ Abᵀ.
+      // (Sᵀ fragments packed where used, so that no packed copy of the state stays live: fewer registers.)
+      float P[8][4] = {};
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t a[4];
-      ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t sa[4] = {pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
+                                pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]),
+                                pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3])};
 #pragma unroll
-      for (int np = ks; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-        mma<T>(N[2 * np], a, b[0], b[1]);
-        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm4(b, Ks + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+          mma<T>(P[2 * np], sa, b[0], b[1]);
+          mma<T>(P[2 * np + 1], sa, b[2], b[3]);
+        }
       }
-    }
+      uint32_t Xa[4][4];
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
+        for (int t = 0; t < 2; ++t) {
+          const int j = 16 * ks + 8 * t + 2 * tq;
+          const float f0 = auxs[j].w, f1 = auxs[j + 1].w;
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(N[2 * np], a, b[0], b[1]);
-        mma<T>(N[2 * np + 1], a, b[2], b[3]);
+          for (int r = 0; r < 2; ++r) {  // r = 0: row gq (c0, c1), r = 1: row gq + 8 (c2, c3)
+            const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
+            Xa[ks][2 * t + r] = pack2<T>(toF(ve[0]) - P[2 * ks + t][2 * r] * f0, toF(ve[1]) - P[2 * ks + t][2 * r + 1] * f1);
+          }
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+        for (int np = ks; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+          mma<T>(N[2 * np], Xa[ks], b[0], b[1]);
+          mma<T>(N[2 * np + 1], Xa[ks], b[2], b[3]);
+        }
+      }
+    } else {
+      // νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+#pragma unroll
+        for (int np = ks; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+          mma<T>(N[2 * np], a, b[0], b[1]);
+          mma<T>(N[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+          mma<T>(N[2 * np], a, b[0], b[1]);
+          mma<T>(N[2 * np + 1], a, b[2], b[3]);
+        }
       }
     }
     // Oᵀ = Sᵀ Qᵀ, then columns scaled by sq_i exp(γ_i).
     float O[8][4] = {};
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+      uint32_t sa[4];
+      if constexpr (DIRECT) {
+        sa[0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
+        sa[1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
+        sa[2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
+        sa[3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sa[e] = Sa[ks][e];
+      }
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b[4];
         ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(O[2 * np], Sa[ks], b[0], b[1]);
-        mma<T>(O[2 * np + 1], Sa[ks], b[2], b[3]);
+        mma<T>(O[2 * np], sa, b[0], b[1]);
+        mma<T>(O[2 * np + 1], sa, b[2], b[3]);
       }
     }
 #pragma unroll
@@ -1034,18 +1097,6 @@ __global__ void __launch_bounds__(64 * CG) state4Kernel(const int* __restrict__ 
   }
 }
 
-// Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else the widest tile that still gives
-// at least 128 blocks.
-// Warps per state block (16 V columns each): TCAL_GDN_V3_NW overrides; else 4 (measured best on the H200 at
-// all three bench shapes, 2026-11-23).
-int chooseNW(const gdn::Problem& p) {
-  if (const char* e = std::getenv("TCAL_GDN_V3_NW")) {
-    int w = std::atoi(e);
-    if ((w == 1 || w == 2 || w == 4) && p.V % (16 * w) == 0) return w;
-  }
-  return 4;
-}
-
 // Benchmark-only switch: TCAL_GDN_V3_SKIP=prep | state leaves one kernel out (the output is then wrong) so
 // that the other can be timed alone.
 bool skipped(const char* which) {
@@ -1053,11 +1104,34 @@ bool skipped(const char* which) {
   return e && std::strcmp(e, which) == 0;
 }
 
-template <typename T, int K, int NW, int ST>
+int smCount() {
+  int sms = 132, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// The state pass: "direct" = stateKernel<DIRECT> (4 warps × 16 columns, no W), "w" = stateKernel on W (v3),
+// "split" = state4Kernel (K split across warp pairs, 2 pairs × 16 columns, on W). Default: direct where its
+// 64-column blocks give at least one per SM (they then all run in one wave, two per SM), else split — more
+// warps per (sequence, head) where the grid is small (B2·T16384, H200 run of 2026-11-23: split 1.25 ms vs
+// 1.52 ms; at the reference shape split lost to the one-wave v3 pass, 0.70 vs 0.60 ms). TCAL_GDN_STATE
+// overrides (benchmark variants).
+enum class StateMode { Direct, W, Split };
+StateMode stateMode(const gdn::Problem& p) {
+  if (const char* e = std::getenv("TCAL_GDN_STATE")) {
+    if (std::strcmp(e, "w") == 0) return StateMode::W;
+    if (std::strcmp(e, "split") == 0) return StateMode::Split;
+    if (std::strcmp(e, "direct") == 0) return StateMode::Direct;
+  }
+  return p.N * p.HV * (p.V / 64) >= smCount() ? StateMode::Direct : StateMode::Split;
+}
+
+template <typename T, int K, int ST, bool DIRECT>
 void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
                  const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  constexpr int NW = 4;
   constexpr size_t smem = stateSmem<K, NW, ST>();
-  auto kern = stateKernel<T, K, NW, ST>;
+  auto kern = stateKernel<T, K, NW, ST, DIRECT>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
         "cudaFuncSetAttribute(gdn v3 state)");
   dim3 grid(unsigned(p.V / (16 * NW)), unsigned(p.HV), unsigned(p.N));
@@ -1067,9 +1141,10 @@ void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, co
   checkLaunch("gdn v3 state");
 }
 
-template <typename T, int K, int CG, int ST>
+template <typename T, int K>
 void launchState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
                   const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  constexpr int CG = 2, ST = 2;  // measured best of CG ∈ {2, 4} × ST ∈ {1, 2} at B2·T16384 (run of 2026-11-23)
   constexpr size_t smem = state4Smem<K, CG, ST>();
   auto kern = state4Kernel<T, K, CG, ST>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -1081,40 +1156,22 @@ void launchState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, c
   checkLaunch("gdn v4 state");
 }
 
-int smCount() {
-  int sms = 132, dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms;
-}
-
-// v4 state pass: 64-column tiles (4 warp pairs) where that still gives a block per SM, else 32-column tiles;
-// two load stages. TCAL_GDN_V4_CG=2|4 and TCAL_GDN_V4_STAGES=1|2 override (benchmark variants).
-template <typename T, int K>
-void runState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
-               const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
-  int cg = p.N * p.HV * (p.V / 64) >= smCount() ? 4 : 2;
-  if (const char* e = std::getenv("TCAL_GDN_V4_CG")) cg = std::atoi(e) == 2 ? 2 : 4;
-  int st = 2;
-  if (const char* e = std::getenv("TCAL_GDN_V4_STAGES")) st = std::atoi(e) == 1 ? 1 : 2;
-  if (cg == 4 && st == 2) launchState4<T, K, 4, 2>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-  else if (cg == 4) launchState4<T, K, 4, 1>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-  else if (st == 2) launchState4<T, K, 2, 2>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-  else launchState4<T, K, 2, 1>(p, in, cu, W, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-}
-
 template <typename T, int K>
 void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, float* ckpt,
          const int* chunkFirst, cudaStream_t stream) {
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
-  Tensor W = empty({NT, p.HV, p.K}, in.q.dtype(), dev);
+  const StateMode mode = stateMode(p);
+  const bool withW = mode != StateMode::Direct;
+  Tensor W = withW ? empty({NT, p.HV, p.K}, in.q.dtype(), dev) : Tensor();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
   Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
+  T* Wp = withW ? W.ptr<T>() : nullptr;
   int64_t maxLen = 0;
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    auto kern = prepKernel<T, K>;
+    auto kern = withW ? prepKernel<T, K, true> : prepKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
@@ -1122,46 +1179,27 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
     dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
-        p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
-        W.ptr<T>(), Ab.ptr<T>(), aux.ptr<float4>(), float(p.scale), p.l2norm);
-    checkLaunch("gdn v3 prep");
+        p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr, Wp,
+        Ab.ptr<T>(), aux.ptr<float4>(), float(p.scale), p.l2norm);
+    checkLaunch("gdn v4 prep");
   }
-  const T* Wp = W.ptr<T>();
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
-  // v4 state pass by default; TCAL_GDN_STATE=v3 keeps the v3 one (benchmark comparison).
-  if (const char* e = std::getenv("TCAL_GDN_STATE"); !(e && std::strcmp(e, "v3") == 0)) {
-    runState4<T, K>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+  if (mode == StateMode::Split) {
+    launchState4<T, K>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
     return;
   }
   // Two load stages (cp.async double buffering) where they still leave two blocks per SM, or where the grid
-  // has no more blocks than SMs anyway; else one. TCAL_GDN_V3_STAGES=1|2 overrides.
-  const int nw = chooseNW(p);
-  const size_t twoStage = nw == 4 ? stateSmem<K, 4, 2>() : nw == 2 ? stateSmem<K, 2, 2>() : stateSmem<K, 1, 2>();
-  int sms = 132;
-  {
-    int dev = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  }
-  const int64_t blocks = p.N * p.HV * (p.V / (16 * nw));
-  int stages = (twoStage <= 113 * 1024 || blocks <= sms) ? 2 : 1;
-  if (const char* e = std::getenv("TCAL_GDN_V3_STAGES")) stages = std::atoi(e) == 1 ? 1 : 2;
-  auto go = [&](auto nwTag, auto stTag) {
-    launchState<T, K, decltype(nwTag)::value, decltype(stTag)::value>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt,
-                                                                      chunkFirst, stream);
-  };
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I4 = std::integral_constant<int, 4>;
-  if (stages == 1) {
-    if (nw == 4) go(I4{}, I1{});
-    else if (nw == 2) go(I2{}, I1{});
-    else go(I1{}, I1{});
+  // has no more blocks than SMs anyway; else one.
+  const int64_t blocks = p.N * p.HV * (p.V / 64);
+  const bool two = stateSmem<K, 4, 2>() <= 113 * 1024 || blocks <= smCount();
+  if (mode == StateMode::Direct) {
+    if (two) launchState<T, K, 2, true>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+    else launchState<T, K, 1, true>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
   } else {
-    if (nw == 4) go(I4{}, I2{});
-    else if (nw == 2) go(I2{}, I2{});
-    else go(I1{}, I2{});
+    if (two) launchState<T, K, 2, false>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+    else launchState<T, K, 1, false>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
   }
 }
 
