@@ -17,6 +17,7 @@
 #include "check.h"
 #include "device.h"
 #include "gdn.h"
+#include "gdn_bwd_tc.h"
 #include "gdn_fwd_tc.h"
 #include "types.cuh"
 
@@ -689,7 +690,11 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     using T = typename decltype(tag)::type;
     Prepared pr = prepare<T>(p, in, stream);
     const int64_t NT = p.tokens(), valid = p.cu[size_t(p.N)];
-    const int tiles = int(p.V / BV);
+    // Version 2 (gdn_bwd_tc.cu, tensor cores) where it applies; TCAL_GDN_BACKWARD=simple keeps version 1.
+    const char* forceB = std::getenv("TCAL_GDN_BACKWARD");
+    const bool tc = !(forceB && std::strcmp(forceB, "simple") == 0) &&
+                    gdn_bwd_tc::eligible(p, in.q.dtype(), dO.dtype(), out.dv.dtype(), in.v.data(), dO.data());
+    const int tiles = int(p.V / (tc ? gdn_bwd_tc::kTileV : BV));
     const int nChunks = int(pr.chunks.start.size());
     Tensor ckpt = empty({std::max(nChunks, 1), p.HV, p.K, p.V}, DType::F32, dev);
     const char* force = std::getenv("TCAL_GDN_FORWARD");
@@ -708,7 +713,15 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
       check(cudaMemsetAsync(out.dALog.data(), 0, out.dALog.nbytes(), stream), "cudaMemsetAsync");
       check(cudaMemsetAsync(out.dDtBias.data(), 0, out.dDtBias.nbytes(), stream), "cudaMemsetAsync");
     }
-    if (p.N > 0) {
+    if (p.N > 0 && tc) {
+      const int* base = pr.table.ptr<int>();
+      gdn_bwd_tc::Args a{pr.qs.ptr<float>(), pr.ks.ptr<float>(), pr.g.ptr<float>(), pr.beta.ptr<float>(),
+                         ckpt.ptr<float>(), dFinal.defined() ? dFinal.ptr<float>() : nullptr, in.v.data(), dO.data(),
+                         pr.geo.cu, pr.geo.chunkFirst, base + 2 * (p.N + 1), base + 2 * (p.N + 1) + nChunks,
+                         nChunks, NT, out.dv.data(), dqP.ptr<float>(), dkP.ptr<float>(), dgamP.ptr<float>(),
+                         dbetaP.ptr<float>(), out.dh0.defined() ? out.dh0.ptr<float>() : nullptr};
+      gdn_bwd_tc::backward(p, in.q.dtype(), dev, a, stream);
+    } else if (p.N > 0) {
       size_t smem = backwardSmem(int(p.K));
       auto launch = [&](auto dtag) {
         using TD = typename decltype(dtag)::type;
