@@ -8,7 +8,8 @@
 // the chunk's final state:
 //   dR = Aᵀ(QKGᵀ dO + diag(d) K dS) = P dO + W dS,  P = Aᵀ QKGᵀ, W = Aᵀ diag(d) K
 //   dS_prev = e_L dS + Qᵀ diag(e) dO − Kᵀ diag(βe) dR
-// Kernel 1 (prep, per chunk × value head): A (fp32), P, W, Qe = diag(e)Q, Kn = −diag(βe)K, e_L.
+// Kernel 1 (prep, per chunk × value head): A (inverse in fp32, stored 16-bit), P, W, Qe = diag(e)Q,
+//   Kn = −diag(βe)K, the normalised Q and K (16-bit, so that kernel 3 loads them by cp.async), e_L.
 // Kernel 2 (state, per sequence × value head × 32 V columns, chunks in reverse): dR and dS by the two lines
 //   above; writes the dS entering every chunk (fp32) and dh0.
 // Kernel 3 (gradients, per chunk × value head × 64 V columns): from S0, dS and A, every gradient of the
