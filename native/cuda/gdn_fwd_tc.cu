@@ -277,7 +277,7 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
              cudaStream_t stream, float* ckpt, const int* chunkFirst) {
   if (p.N == 0) return;
-  // Version 3 (gdn_fwd_v3.cu) by default where it applies; TCAL_GDN_FORWARD=v2 keeps this kernel.
+  // Versions 3–4 (gdn_fwd_v3.cu, needs 16-byte aligned q, k, v, o) by default; TCAL_GDN_FORWARD=v2 keeps this kernel.
   const char* force = std::getenv("TCAL_GDN_FORWARD");
   if (!(force && std::strcmp(force, "v2") == 0) && gdn_v3::eligible(p, in.q.dtype(), in.q.dtype()) &&
       gdn_v3::alignedInputs(in, o)) {
