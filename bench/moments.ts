@@ -147,6 +147,16 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
     );
     await momentRow('moments [B,T] + context, K0 = 1 (scan share)', () => taylorMoments(q, k, v, invFreq, decay1, acc1, { context: o }), { k0: 1 });
     await momentRow(`moments + context + Σxxᵀ (Dx=${s.Dx})`, () => taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o }), { withX: true });
+    // Phase times of one call (CUDA events between the phases, printed by the op to stderr).
+    if (!SMOKE) {
+      process.env.TCAL_MOMENTS_PROFILE = '1';
+      try {
+        await taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o });
+        await synchronize(device);
+      } finally {
+        delete process.env.TCAL_MOMENTS_PROFILE;
+      }
+    }
     // Without the context the CUDA-core pass forms A·V itself (~1 s per call here): timed once.
     await momentRow('moments [B,T], no context (CUDA-core pass)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, {}), {
       timing: SMOKE ? slow : { warmup: 0, batches: 1, perBatch: 1 },
@@ -194,7 +204,13 @@ async function collectRows(device: string): Promise<{ rows: Record<string, strin
       for (const b of bs) (await teacher.hidden(b.inputIds, [b.rows, b.seqLen], { stopAfterLayer: last })).dispose();
     };
     await forward(warm);
-    await collectTaylorStats(teacher, warm);
+    // The warm-up collection prints the op's phase times per layer (TCAL_MOMENTS_PROFILE) for bench/NOTES.
+    if (!SMOKE) process.env.TCAL_MOMENTS_PROFILE = '1';
+    try {
+      await collectTaylorStats(teacher, warm);
+    } finally {
+      delete process.env.TCAL_MOMENTS_PROFILE;
+    }
     const forwardMs = await time(() => forward(batches));
     const collectMs = await time(async () => void (await collectTaylorStats(teacher, batches)));
     const momentsMs = Math.max(0, collectMs - forwardMs);

@@ -18,7 +18,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -331,10 +334,11 @@ __global__ void __launch_bounds__(256) outerSums(OuterParams p) {
 // ---- The γ₀ scan, chunk-parallel (y depends only on the KV head and the decay; the cross term on the query
 // head). Over the included tokens in order (list entry i → token tok[i], first[i] = 1 at a sequence start),
 // y_i = (first_i ? 0 : γ) y_{i−1} + v_i, cut into chunks of L entries:
-//   1. scanChunkState: per (chunk, KV head, decay) the chunk's own end state from y = 0 (f64);
+//   1. scanChunkState: per (chunk, KV head, 4 decays) the chunk's own end state from y = 0 (f64);
 //   2. scanCarry: per (KV head, decay, channel) the state entering each chunk, in chunk order (f64):
 //      Y_in(c+1) = a_c·Y_in(c) + e_c, a_c = 0 if the chunk holds a sequence start, else γ^len;
-//   3. scanChunkApply: per (chunk, KV head, decay, ≤ 8 query heads) rerun the chunk from Y_in in fp32
+//   3. scanChunkApply: per (chunk, KV head, 4 decays, ≤ 4 query heads; the next entry's v and o rows
+//      prefetched while the current one is used) rerun the chunk from Y_in in fp32
 //      (γ y as y − (1−γ) y, so decays near 1 keep their precision), ŷ = y·rsqrt(mean y² + ε), and the chunk's
 //      Σ ŷ∘o (per query head) and Σ ŷ² (per KV head) in fp32;
 //   4. scanFinal: f64 sums of the chunk partials in chunk order into the accumulators (deterministic).
@@ -347,32 +351,88 @@ struct ScanList {
   int count, L, chunks;
 };
 
+constexpr int kScanDecays = 4;  // decays per warp in the scan kernels (loads of v, o shared by them)
+constexpr int kScanHeads = 4;   // query heads per warp in scanChunkApply
+
+template <int Bytes>
+struct VecOf;
+template <>
+struct VecOf<4> {
+  using type = unsigned;
+};
+template <>
+struct VecOf<8> {
+  using type = uint2;
+};
+template <>
+struct VecOf<16> {
+  using type = uint4;
+};
+
+// The lane's CPL consecutive channels of a row (0 past D): one vector load (__ldg) when every lane is full,
+// so a warp reads the row in one coalesced instruction (scalar 2-byte loads cost ~4× the L1/L2 traffic).
 template <typename E, int CPL>
-__global__ void __launch_bounds__(128) scanChunkState(const E* __restrict__ v, ScanList sl, const double* __restrict__ decays,
-                                                      int HKV, int K0, int D, long long kvStride, double* __restrict__ state) {
-  const int lane = threadIdx.x & 31;
-  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (wid >= (long long)sl.chunks * HKV * K0) return;
-  const int c = int(wid / (HKV * K0)), rem = int(wid % (HKV * K0)), hk = rem / K0, kk = rem % K0;
-  const double g = decays[kk];
-  double y[CPL];
+__device__ __forceinline__ void loadRow(const E* __restrict__ r, int lane, int D, float (&x)[CPL]) {
+  constexpr int Bytes = int(sizeof(E)) * CPL;
+  if constexpr (Bytes == 4 || Bytes == 8 || Bytes == 16) {
+    if (D == 32 * CPL) {
+      using V = typename VecOf<Bytes>::type;
+      const V raw = __ldg(reinterpret_cast<const V*>(r + lane * CPL));
+      const E* e = reinterpret_cast<const E*>(&raw);
 #pragma unroll
-  for (int u = 0; u < CPL; ++u) y[u] = 0;
-  const int i1 = min(sl.count, (c + 1) * sl.L);
-  for (int i = c * sl.L; i < i1; ++i) {
-    const double m = sl.first[i] ? 0.0 : g;
-    const E* vr = v + (long long)sl.tok[i] * kvStride + (long long)hk * D;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      y[u] = m * y[u] + (ch < D ? double(toF(vr[ch])) : 0.0);
+      for (int i = 0; i < CPL; ++i) x[i] = float(toF(e[i]));
+      return;
     }
   }
 #pragma unroll
   for (int u = 0; u < CPL; ++u) {
     const int ch = lane * CPL + u;
-    if (ch < D) state[(((long long)c * HKV + hk) * K0 + kk) * D + ch] = y[u];
+    x[u] = ch < D ? float(toF(r[ch])) : 0.f;
   }
+}
+
+template <typename E, int CPL>
+__global__ void __launch_bounds__(128) scanChunkState(const E* __restrict__ v, ScanList sl, const double* __restrict__ decays,
+                                                      int HKV, int K0, int D, long long kvStride, double* __restrict__ state) {
+  constexpr int KB = kScanDecays;
+  const int lane = threadIdx.x & 31;
+  const int kBlocks = (K0 + KB - 1) / KB;
+  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (wid >= (long long)sl.chunks * HKV * kBlocks) return;
+  const int c = int(wid / (HKV * kBlocks)), rem = int(wid % (HKV * kBlocks)), hk = rem / kBlocks, k0 = (rem % kBlocks) * KB;
+  double g[KB], y[KB][CPL];
+#pragma unroll
+  for (int b = 0; b < KB; ++b) {
+    g[b] = k0 + b < K0 ? decays[k0 + b] : 0.0;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) y[b][u] = 0;
+  }
+  const int i0 = c * sl.L, i1 = min(sl.count, (c + 1) * sl.L);
+  float vc[CPL], vn[CPL];
+  int fc = sl.first[i0], fn = 0;
+  loadRow<E, CPL>(v + (long long)sl.tok[i0] * kvStride + (long long)hk * D, lane, D, vc);
+  for (int i = i0; i < i1; ++i) {
+    if (i + 1 < i1) {  // prefetch the next entry
+      fn = sl.first[i + 1];
+      loadRow<E, CPL>(v + (long long)sl.tok[i + 1] * kvStride + (long long)hk * D, lane, D, vn);
+    }
+#pragma unroll
+    for (int b = 0; b < KB; ++b) {
+      const double m = fc ? 0.0 : g[b];
+#pragma unroll
+      for (int u = 0; u < CPL; ++u) y[b][u] = fma(m, y[b][u], double(vc[u]));
+    }
+    fc = fn;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) vc[u] = vn[u];
+  }
+#pragma unroll
+  for (int b = 0; b < KB; ++b)
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      if (ch < D && k0 + b < K0) state[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch] = y[b][u];
+    }
 }
 
 __global__ void scanCarry(double* __restrict__ state, ScanList sl, const double* __restrict__ decays, int HKV, int K0, int D) {
@@ -381,82 +441,114 @@ __global__ void scanCarry(double* __restrict__ state, ScanList sl, const double*
   if (i >= n) return;
   const int kk = int((i / D) % K0);
   const double g = decays[kk];
+  const double gL = pow(g, double(sl.L));  // every chunk but the last has L entries
   double Y = 0;
   for (int c = 0; c < sl.chunks; ++c) {
     const long long at = (long long)c * n + i;
     const double e = state[at];
     state[at] = Y;
     const int len = min(sl.count, (c + 1) * sl.L) - c * sl.L;
-    const double a = sl.chunkReset[c] ? 0.0 : pow(g, double(len));
+    const double a = sl.chunkReset[c] ? 0.0 : len == sl.L ? gL : pow(g, double(len));
     Y = a * Y + e;
   }
 }
-
-constexpr int kScanHeads = 8;  // query heads per warp in scanChunkApply
 
 template <typename E, typename O, int CPL>
 __global__ void __launch_bounds__(128) scanChunkApply(const E* __restrict__ v, const O* __restrict__ o, ScanList sl,
                                                       const double* __restrict__ decays, const double* __restrict__ state,
                                                       int H, int HKV, int K0, int D, long long kvStride, long long oStride,
                                                       float* __restrict__ crossPart, float* __restrict__ sqPart) {
+  constexpr int KB = kScanDecays, GH = kScanHeads;
   const int lane = threadIdx.x & 31;
-  const int G = H / HKV, gBlocks = (G + kScanHeads - 1) / kScanHeads;
+  const int G = H / HKV, gBlocks = (G + GH - 1) / GH, kBlocks = (K0 + KB - 1) / KB;
+  const long long per = (long long)HKV * kBlocks * gBlocks;
   const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (wid >= (long long)sl.chunks * HKV * K0 * gBlocks) return;
-  const int c = int(wid / ((long long)HKV * K0 * gBlocks));
-  int rem = int(wid % ((long long)HKV * K0 * gBlocks));
-  const int hk = rem / (K0 * gBlocks);
-  rem %= K0 * gBlocks;
-  const int kk = rem / gBlocks, gb = rem % gBlocks;
-  const int h0 = hk * G + gb * kScanHeads, nh = min(kScanHeads, G - gb * kScanHeads);
-  const float rho = float(1.0 - decays[kk]);
-  float y[CPL], sq[CPL], cross[kScanHeads][CPL];
+  if (wid >= (long long)sl.chunks * per) return;
+  const int c = int(wid / per);
+  int rem = int(wid % per);
+  const int hk = rem / (kBlocks * gBlocks);
+  rem %= kBlocks * gBlocks;
+  const int k0 = (rem / gBlocks) * KB, gb = rem % gBlocks;
+  const int h0 = hk * G + gb * GH, nh = min(GH, G - gb * GH);
+  float rho[KB], y[KB][CPL], sq[KB][CPL], cross[KB][GH][CPL];
 #pragma unroll
-  for (int u = 0; u < CPL; ++u) {
-    const int ch = lane * CPL + u;
-    y[u] = ch < D ? float(state[(((long long)c * HKV + hk) * K0 + kk) * D + ch]) : 0.f;
-    sq[u] = 0.f;
+  for (int b = 0; b < KB; ++b) {
+    const bool ok = k0 + b < K0;
+    rho[b] = ok ? float(1.0 - decays[k0 + b]) : 0.f;
 #pragma unroll
-    for (int g = 0; g < kScanHeads; ++g) cross[g][u] = 0.f;
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      y[b][u] = ok && ch < D ? float(state[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch]) : 0.f;
+      sq[b][u] = 0.f;
+#pragma unroll
+      for (int g = 0; g < GH; ++g) cross[b][g][u] = 0.f;
+    }
   }
   const float invD = 1.f / float(D);
-  const int i1 = min(sl.count, (c + 1) * sl.L);
-  for (int i = c * sl.L; i < i1; ++i) {
+  const int i0 = c * sl.L, i1 = min(sl.count, (c + 1) * sl.L);
+  // Current and next entry's v and o rows (prefetched one entry ahead).
+  float vc[CPL], vn[CPL], oc[GH][CPL], on[GH][CPL];
+  int fc, fn = 0;
+  auto load = [&](int i, int& f, float (&vr)[CPL], float (&orow)[GH][CPL]) {
     const long long t = sl.tok[i];
-    const bool first = sl.first[i] != 0;
-    const E* vr = v + t * kvStride + (long long)hk * D;
-    float ms = 0.f;
+    f = sl.first[i];
+    loadRow<E, CPL>(v + t * kvStride + (long long)hk * D, lane, D, vr);
 #pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      const float vt = ch < D ? toF(vr[ch]) : 0.f;
-      y[u] = first ? vt : fmaf(-rho, y[u], y[u] + vt);
-      ms = fmaf(y[u], y[u], ms);
+    for (int g = 0; g < GH; ++g) {
+      if (g < nh) loadRow<O, CPL>(o + t * oStride + (long long)(h0 + g) * D, lane, D, orow[g]);
+      else
+#pragma unroll
+        for (int u = 0; u < CPL; ++u) orow[g][u] = 0.f;
+    }
+  };
+  load(i0, fc, vc, oc);
+  for (int i = i0; i < i1; ++i) {
+    if (i + 1 < i1) load(i + 1, fn, vn, on);
+    float ms[KB];
+#pragma unroll
+    for (int b = 0; b < KB; ++b) {
+      ms[b] = 0.f;
+#pragma unroll
+      for (int u = 0; u < CPL; ++u) {
+        y[b][u] = fc ? vc[u] : fmaf(-rho[b], y[b][u], y[b][u] + vc[u]);
+        ms[b] = fmaf(y[b][u], y[b][u], ms[b]);
+      }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ms += __shfl_xor_sync(0xffffffffu, ms, off);
-    const float rs = rsqrtf(ms * invD + float(kScanEps));
-    const O* orow = o + t * oStride + (long long)h0 * D;
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int b = 0; b < KB; ++b) ms[b] += __shfl_xor_sync(0xffffffffu, ms[b], off);
+#pragma unroll
+    for (int b = 0; b < KB; ++b) {
+      const float rs = rsqrtf(ms[b] * invD + float(kScanEps));
+#pragma unroll
+      for (int u = 0; u < CPL; ++u) {
+        const float yh = y[b][u] * rs;
+        sq[b][u] = fmaf(yh, yh, sq[b][u]);
+#pragma unroll
+        for (int g = 0; g < GH; ++g) cross[b][g][u] = fmaf(yh, oc[g][u], cross[b][g][u]);
+      }
+    }
+    fc = fn;
 #pragma unroll
     for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      const float yh = y[u] * rs;
-      sq[u] = fmaf(yh, yh, sq[u]);
-      if (ch < D) {
+      vc[u] = vn[u];
 #pragma unroll
-        for (int g = 0; g < kScanHeads; ++g)
-          if (g < nh) cross[g][u] = fmaf(yh, float(toF(orow[g * D + ch])), cross[g][u]);
-      }
+      for (int g = 0; g < GH; ++g) oc[g][u] = on[g][u];
     }
   }
 #pragma unroll
-  for (int u = 0; u < CPL; ++u) {
-    const int ch = lane * CPL + u;
-    if (ch >= D) continue;
+  for (int b = 0; b < KB; ++b) {
+    if (k0 + b >= K0) continue;
 #pragma unroll
-    for (int g = 0; g < kScanHeads; ++g)
-      if (g < nh) crossPart[(((long long)c * H + h0 + g) * K0 + kk) * D + ch] = cross[g][u];
-    if (gb == 0) sqPart[(((long long)c * HKV + hk) * K0 + kk) * D + ch] = sq[u];
+    for (int u = 0; u < CPL; ++u) {
+      const int ch = lane * CPL + u;
+      if (ch >= D) continue;
+#pragma unroll
+      for (int g = 0; g < GH; ++g)
+        if (g < nh) crossPart[(((long long)c * H + h0 + g) * K0 + k0 + b) * D + ch] = cross[b][g][u];
+      if (gb == 0) sqPart[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch] = sq[b][u];
+    }
   }
 }
 
@@ -469,6 +561,7 @@ __global__ void scanFinal(const float* __restrict__ crossPart, const float* __re
   const long long kd = i % ((long long)K0 * D);
   const long long nKv = (long long)HKV * K0 * D;
   double a = 0, b = 0;
+#pragma unroll 4
   for (int c = 0; c < chunks; ++c) {
     a += double(crossPart[(long long)c * n + i]);
     b += double(sqPart[(long long)c * nKv + (long long)hk * K0 * D + kd]);
@@ -477,14 +570,16 @@ __global__ void scanFinal(const float* __restrict__ crossPart, const float* __re
   sq[i] += b;
 }
 
-// Σ o, Σ o² per (head, channel): fp32 over chunks of L list entries, then f64 over the chunks in order.
+// Σ o, Σ o² per (head, channel): fp32 over parts of kPart list entries, then f64 over the parts in order.
+constexpr int kPart = 32;
 template <typename O>
 __global__ void contextPartials(const O* __restrict__ o, ScanList sl, int HD, long long oStride, float2* __restrict__ part) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
   if (col >= HD) return;
   float s = 0.f, q = 0.f;
-  const int i1 = min(sl.count, (c + 1) * sl.L);
-  for (int i = c * sl.L; i < i1; ++i) {
+  const int i0 = c * kPart, i1 = min(sl.count, i0 + kPart);
+#pragma unroll 8
+  for (int i = i0; i < i1; ++i) {
     const float x = float(toF(o[(long long)sl.tok[i] * oStride + col]));
     s += x;
     q = fmaf(x, x, q);
@@ -496,6 +591,7 @@ __global__ void contextFinal(const float2* __restrict__ part, int chunks, int HD
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= HD) return;
   double a = 0, b = 0;
+#pragma unroll 8
   for (int c = 0; c < chunks; ++c) {
     const float2 x = part[(long long)c * HD + col];
     a += double(x.x);
@@ -535,14 +631,15 @@ __global__ void gatherSplit(const T* __restrict__ src, long long stride, int wid
   }
 }
 
-// part[rb, col] = Σ over rows [128·rb, 128·rb + 128) of hi + lo (fp32).
+// part[rb, col] = Σ over rows [kPart·rb, kPart·rb + kPart) of hi + lo (fp32).
 __global__ void columnPartials(const __nv_bfloat16* __restrict__ hi, const __nv_bfloat16* __restrict__ lo, int rows, int width,
                                float* __restrict__ part) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x, rb = blockIdx.y;
   if (col >= width) return;
   float s = 0.f;
-  const int r1 = min(rows, (rb + 1) * 128);
-  for (int r = rb * 128; r < r1; ++r) {
+  const int r1 = min(rows, (rb + 1) * kPart);
+#pragma unroll 8
+  for (int r = rb * kPart; r < r1; ++r) {
     const long long e = (long long)r * width + col;
     s += __bfloat162float(hi[e]) + (lo ? __bfloat162float(lo[e]) : 0.f);
   }
@@ -553,6 +650,7 @@ __global__ void columnFinal(const float* __restrict__ part, int blocks, int widt
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= width) return;
   double s = 0;
+#pragma unroll 8
   for (int b = 0; b < blocks; ++b) s += double(part[(long long)b * width + col]);
   sum[col] += s;
 }
@@ -579,7 +677,7 @@ void outerBlas(const OuterJob& j, const int* tok, const int* pos, int count, con
   Tensor hi = empty({int64_t(chunkRows) * width}, DType::BF16, dev);
   Tensor lo = split ? empty({int64_t(chunkRows) * width}, DType::BF16, dev) : Tensor();
   Tensor c32 = empty({int64_t(j.heads) * j.D * j.D}, DType::F32, dev);
-  const int rowBlocks = (chunkRows + 127) / 128;
+  const int rowBlocks = (chunkRows + kPart - 1) / kPart;
   Tensor part = empty({int64_t(rowBlocks) * width}, DType::F32, dev);
   auto* hiP = reinterpret_cast<__nv_bfloat16*>(hi.data());
   auto* loP = split ? reinterpret_cast<__nv_bfloat16*>(lo.data()) : nullptr;
@@ -592,7 +690,7 @@ void outerBlas(const OuterJob& j, const int* tok, const int* pos, int count, con
                                                                              rows, j.ropeHalf, j.D, trig, hiP, loP);
     });
     checkLaunch("taylorMoments (gather)");
-    const int rb = (rows + 127) / 128;
+    const int rb = (rows + kPart - 1) / kPart;
     columnPartials<<<dim3(unsigned((width + 127) / 128), unsigned(rb)), 128, 0, stream>>>(hiP, loP, rows, width, part.ptr<float>());
     columnFinal<<<unsigned((width + 127) / 128), 128, 0, stream>>>(part.ptr<float>(), rb, width, j.sum);
     checkLaunch("taylorMoments (column sums)");
@@ -674,46 +772,85 @@ void statsCudaCores(const Problem& p, const Inputs& in, const Accumulators& acc,
   checkLaunch("taylorMoments (row sums)");
 }
 
+// TCAL_MOMENTS_PROFILE=1: CUDA events between the phases, printed to stderr per call (for bench/NOTES).
+struct Profiler {
+  bool on = false;
+  cudaStream_t stream = nullptr;
+  std::vector<std::pair<const char*, cudaEvent_t>> marks;
+  explicit Profiler(cudaStream_t s) : stream(s) {
+    const char* e = std::getenv("TCAL_MOMENTS_PROFILE");
+    on = e && *e && std::string(e) != "0";
+    mark("start");
+  }
+  void mark(const char* name) {
+    if (!on) return;
+    cudaEvent_t ev;
+    check(cudaEventCreate(&ev), "cudaEventCreate");
+    check(cudaEventRecord(ev, stream), "cudaEventRecord");
+    marks.emplace_back(name, ev);
+  }
+  ~Profiler() {
+    if (!on) return;
+    if (cudaEventSynchronize(marks.back().second) == cudaSuccess) {
+      std::string line = "taylorMoments profile (ms):";
+      for (size_t i = 1; i < marks.size(); ++i) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, marks[i - 1].second, marks[i].second);
+        line += std::string(" ") + marks[i].first + " " + std::to_string(ms);
+      }
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+    for (auto& m : marks) cudaEventDestroy(m.second);
+  }
+};
+
 template <typename E, typename O, int CPL>
 void scanFor(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc, Device dev,
-             cudaStream_t stream) {
+             cudaStream_t stream, Profiler& prof) {
   const int H = int(p.H), HKV = int(p.HKV), D = int(p.D), K0 = int(p.K0());
   const long long kvStride = p.HKV * p.D, oStride = p.H * p.D;
   Tensor state = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F64, dev);
-  const long long w1 = (long long)sl.chunks * HKV * K0;
+  const int kBlocks = (K0 + kScanDecays - 1) / kScanDecays;
+  const long long w1 = (long long)sl.chunks * HKV * kBlocks;
   scanChunkState<E, CPL><<<unsigned((w1 + 3) / 4), 128, 0, stream>>>(v, sl, decays, HKV, K0, D, kvStride, state.ptr<double>());
   checkLaunch("taylorMoments (scan states)");
+  prof.mark("scanStates");
   const long long nc = (long long)HKV * K0 * D;
   scanCarry<<<unsigned((nc + 127) / 128), 128, 0, stream>>>(state.ptr<double>(), sl, decays, HKV, K0, D);
   checkLaunch("taylorMoments (scan carry)");
+  prof.mark("scanCarry");
   Tensor crossPart = empty({int64_t(sl.chunks) * H * K0 * D}, DType::F32, dev);
   Tensor sqPart = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F32, dev);
   const int G = H / HKV, gBlocks = (G + kScanHeads - 1) / kScanHeads;
-  const long long w3 = w1 * gBlocks;
+  const long long w3 = w1 * gBlocks;  // (chunk, KV head, decay block, head block)
   scanChunkApply<E, O, CPL><<<unsigned((w3 + 3) / 4), 128, 0, stream>>>(v, o, sl, decays, state.ptr<double>(), H, HKV, K0, D, kvStride,
                                                                        oStride, crossPart.ptr<float>(), sqPart.ptr<float>());
   checkLaunch("taylorMoments (scan)");
+  prof.mark("scanApply");
   const long long nf = (long long)H * K0 * D;
   scanFinal<<<unsigned((nf + 127) / 128), 128, 0, stream>>>(crossPart.ptr<float>(), sqPart.ptr<float>(), sl.chunks, H, HKV, K0, D,
                                                             acc.scanCross.ptr<double>(), acc.scanSq.ptr<double>());
   checkLaunch("taylorMoments (scan sums)");
+  prof.mark("scanSums");
   // Context moments from the same list.
   const int HD = H * D;
-  Tensor part = empty({int64_t(sl.chunks) * HD * 2}, DType::F32, dev);
-  contextPartials<O><<<dim3(unsigned((HD + 127) / 128), unsigned(sl.chunks)), 128, 0, stream>>>(o, sl, HD, oStride,
-                                                                                                reinterpret_cast<float2*>(part.data()));
-  contextFinal<<<unsigned((HD + 127) / 128), 128, 0, stream>>>(reinterpret_cast<const float2*>(part.data()), sl.chunks, HD,
+  const int parts = (sl.count + kPart - 1) / kPart;
+  Tensor part = empty({int64_t(parts) * HD * 2}, DType::F32, dev);
+  contextPartials<O><<<dim3(unsigned((HD + 127) / 128), unsigned(parts)), 128, 0, stream>>>(o, sl, HD, oStride,
+                                                                                           reinterpret_cast<float2*>(part.data()));
+  contextFinal<<<unsigned((HD + 127) / 128), 128, 0, stream>>>(reinterpret_cast<const float2*>(part.data()), parts, HD,
                                                                acc.contextSum.ptr<double>(), acc.contextSq.ptr<double>());
   checkLaunch("taylorMoments (context moments)");
+  prof.mark("contextMoments");
 }
 
 template <typename E, typename O>
 void scanDispatch(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc,
-                  Device dev, cudaStream_t stream) {
-  if (p.D <= 32) scanFor<E, O, 1>(p, v, o, sl, decays, acc, dev, stream);
-  else if (p.D <= 64) scanFor<E, O, 2>(p, v, o, sl, decays, acc, dev, stream);
-  else if (p.D <= 128) scanFor<E, O, 4>(p, v, o, sl, decays, acc, dev, stream);
-  else scanFor<E, O, 8>(p, v, o, sl, decays, acc, dev, stream);
+                  Device dev, cudaStream_t stream, Profiler& prof) {
+  if (p.D <= 32) scanFor<E, O, 1>(p, v, o, sl, decays, acc, dev, stream, prof);
+  else if (p.D <= 64) scanFor<E, O, 2>(p, v, o, sl, decays, acc, dev, stream, prof);
+  else if (p.D <= 128) scanFor<E, O, 4>(p, v, o, sl, decays, acc, dev, stream, prof);
+  else scanFor<E, O, 8>(p, v, o, sl, decays, acc, dev, stream, prof);
 }
 
 struct Lists {
@@ -744,6 +881,7 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
                                                                           ls.maxLen, half);
   checkLaunch("taylorMoments (trig table)");
   const float2* trigP = reinterpret_cast<const float2*>(trig.data());
+  Profiler prof(stream);
 
   // Attention statistics: tensor cores for 16-bit inputs with the teacher's context given, else CUDA cores
   // (which also form the context o, in fp32).
@@ -755,11 +893,12 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
     obuf = empty({p.tokens() * H * D}, DType::F32, dev);
     statsCudaCores<E>(p, in, acc, ls.work, tokD, count, trigP, obuf, dev, stream);
   }
+  prof.mark(tensorCores ? "statsTensorCores" : "statsCudaCores");
 
   // γ₀ scan and context moments.
   ScanList sl{};
   sl.count = count;
-  sl.L = count >= 16384 ? 512 : 64;
+  sl.L = count >= 16384 ? 256 : 64;  // small batches: several chunks still (and the tests cross chunk edges)
   sl.chunks = (count + sl.L - 1) / sl.L;
   std::vector<int> chunkReset(size_t(sl.chunks), 0);
   for (int i = 0; i < count; ++i)
@@ -770,11 +909,11 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   sl.chunkReset = resetD.ptr<int>();
   const E* v = static_cast<const E*>(in.v.data());
   if (!in.context.defined()) {
-    scanDispatch<E, float>(p, v, obuf.ptr<float>(), sl, decayD.ptr<double>(), acc, dev, stream);
+    scanDispatch<E, float>(p, v, obuf.ptr<float>(), sl, decayD.ptr<double>(), acc, dev, stream, prof);
   } else {  // the caller's context, whichever pass ran
     dispatchDeviceFloat(in.context.dtype(), "context", [&](auto tag) {
       using O = typename decltype(tag)::type;
-      scanDispatch<E, O>(p, v, static_cast<const O*>(in.context.data()), sl, decayD.ptr<double>(), acc, dev, stream);
+      scanDispatch<E, O>(p, v, static_cast<const O*>(in.context.data()), sl, decayD.ptr<double>(), acc, dev, stream, prof);
     });
   }
 
@@ -783,11 +922,14 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   if (blas::available(&why)) {
     OuterJob kj{in.k.data(), in.k.dtype(), p.HKV * p.D, int(p.HKV), D, half, acc.keySum.ptr<double>(), acc.keyOuter.ptr<double>()};
     outerBlas(kj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    prof.mark("keyOuter");
     OuterJob vj{in.v.data(), in.v.dtype(), p.HKV * p.D, int(p.HKV), D, 0, acc.valueSum.ptr<double>(), acc.valueOuter.ptr<double>()};
     outerBlas(vj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    prof.mark("valueOuter");
     if (in.x.defined()) {
       OuterJob xj{in.x.data(), in.x.dtype(), p.Dx, 1, int(p.Dx), 0, acc.inputSum.ptr<double>(), acc.inputOuter.ptr<double>()};
       outerBlas(xj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+      prof.mark("inputOuter");
     }
   } else {
     // No cuBLAS on this machine: f64 CUDA-core sums.

@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -117,7 +119,8 @@ struct StatCfg {
   static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + BQ) * 4; }
 };
 using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
-using Cfg128 = StatCfg<128, 4, 2, 32, 2>;
+using Cfg128 = StatCfg<128, 4, 2, 32, 2>;     // 255 registers, no spills
+using Cfg128bk64 = StatCfg<128, 4, 2, 64, 2>;  // TCAL_MOMENTS_KERNEL=bk64: 64-key tiles, ~400 B of spills (for the record)
 using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
 
 template <typename E, typename C>
@@ -332,12 +335,14 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
         }
         lRow[m][0] += rs[0];
         lRow[m][1] += rs[1];
+        if (__any_sync(0xffffffffu, alpha[0] < 1.f || alpha[1] < 1.f)) {  // most tiles leave every row max alone
 #pragma unroll
-        for (int d = 0; d < DB; ++d) {
-          cacc[m][d][0] *= alpha[0];
-          cacc[m][d][1] *= alpha[0];
-          cacc[m][d][2] *= alpha[1];
-          cacc[m][d][3] *= alpha[1];
+          for (int d = 0; d < DB; ++d) {
+            cacc[m][d][0] *= alpha[0];
+            cacc[m][d][1] *= alpha[0];
+            cacc[m][d][2] *= alpha[1];
+            cacc[m][d][3] *= alpha[1];
+          }
         }
         // Histogram: rows of this m-tile span Δ ∈ [max(0, mRow0 − key0 − BK + 1), mRow0 + 15 − key0].
         {
@@ -603,7 +608,11 @@ template <typename E>
 void runStatsFor(const Problem& p, const void* q, const void* k, int Dp, const float2* trig, const std::vector<int2>& seqs,
                  int maxLen, const Accumulators& acc, Device dev, cudaStream_t stream) {
   if (Dp == 64) runStats<E, Cfg64>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
-  else if (Dp == 128) runStats<E, Cfg128>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+  else if (Dp == 128) {
+    const char* variant = std::getenv("TCAL_MOMENTS_KERNEL");
+    if (variant && std::string(variant) == "bk64") runStats<E, Cfg128bk64>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+    else runStats<E, Cfg128>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+  }
   else runStats<E, Cfg256>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
 }
 
