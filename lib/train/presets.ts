@@ -24,7 +24,7 @@ export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
     batchSize: 32,
     lr: 3e-3,
     warmupSteps: 100,
-    tokens: 20_000_000,
+    tokens: 8_000_000,
   },
   'llama-mha': {
     description: '(a) Llama-style MHA, 8 layers, d=512, 8 heads of 64 (≈ 29M parameters)',
@@ -33,7 +33,7 @@ export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
     batchSize: 64,
     lr: 2e-3,
     warmupSteps: 200,
-    tokens: 60_000_000,
+    tokens: 40_000_000,
   },
   'llama-gqa': {
     description: '(b) Llama-style GQA 4:1, 8 layers, d=512, 8 query / 2 KV heads of 64 (≈ 27M parameters)',
@@ -42,7 +42,7 @@ export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
     batchSize: 64,
     lr: 2e-3,
     warmupSteps: 200,
-    tokens: 60_000_000,
+    tokens: 40_000_000,
   },
   'qwen3-qknorm': {
     description: '(c) Qwen3-style with q/k norm, 8 layers, d=512, 8 query / 4 KV heads of 64 (≈ 28M parameters)',
@@ -51,7 +51,7 @@ export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
     batchSize: 64,
     lr: 2e-3,
     warmupSteps: 200,
-    tokens: 60_000_000,
+    tokens: 40_000_000,
   },
   large: {
     description: '(d) the largest that trains well in under 10 minutes on one H200: Llama GQA 4:1, 12 layers, d=768, 12 heads of 64 (≈ 90M parameters)',
@@ -60,7 +60,7 @@ export const PRETRAIN_PRESETS: Readonly<Record<string, PretrainPreset>> = {
     batchSize: 32,
     lr: 1.5e-3,
     warmupSteps: 300,
-    tokens: 120_000_000,
+    tokens: 30_000_000,
   },
 };
 
