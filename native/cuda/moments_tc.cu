@@ -35,6 +35,7 @@
 #include "../core/runtime.h"
 #include "check.h"
 #include "device.h"
+#include "mma.cuh"
 #include "types.cuh"
 
 namespace tcal::cuda {
@@ -49,51 +50,17 @@ constexpr int kLocalBins = 5;  // Δ < kLocalWindow = 16 ⟺ bins 0..4
 static_assert(kLocalWindow == 16, "local mass is bins 0..4");
 constexpr int kScalars = 5;  // dist, distSq, entropy, sink, local (AttentionColumn order)
 
-__device__ __forceinline__ unsigned smemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void cpAsync16(unsigned dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cpWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldsm4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm4t(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ void mmaBf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using namespace ptx;  // mma.cuh: cp.async, ldmatrix, ex2, Elem<E>::mma / pack
+
+// φ's product runs in fp16 whatever the inputs (P and the cos/sin table need its 11-bit mantissa).
 __device__ __forceinline__ void mmaF16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  Elem<__half>::mma(c, a, b0, b1);
 }
 template <typename E>
 __device__ __forceinline__ void mmaQK(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (std::is_same<E, __half>::value) mmaF16(c, a, b0, b1);
-  else mmaBf16(c, a, b0, b1);
+  Elem<E>::mma(c, a, b0, b1);
 }
-__device__ __forceinline__ unsigned packHalf(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
+__device__ __forceinline__ unsigned packHalf(float lo, float hi) { return Elem<__half>::pack(lo, hi); }
 __device__ __forceinline__ int binOf(int delta) {
   if (delta <= 0) return 0;
   const int b = 32 - __clz(delta);  // delta ∈ [2^{b−1}, 2^b)
