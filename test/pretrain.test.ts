@@ -13,6 +13,7 @@ import { listCheckpoints, loadCheckpoint } from '../lib/train/checkpoint';
 import { pretrain, type PretrainOptions } from '../lib/train/pretrain';
 import type { LossLogEntry } from '../lib/report/loss-plot';
 import { evaluatePerplexity } from '../lib/eval';
+import { buildProgram } from '../lib/cli/main';
 import { rng, tsChildPrelude } from './helpers';
 
 const ROOT = path.resolve(__dirname, '..');
@@ -123,5 +124,33 @@ pretrain({ ...${JSON.stringify(options(out))}, onLog: (e) => { if (e.kind === 't
     for (const [i, e] of resumed.entries()) {
       expect({ ...e, ms: 0 }).toEqual({ ...reference[i], ms: 0 });
     }
+  });
+});
+
+describe('tcal pretrain (CLI, CPU)', () => {
+  test('a preset with overrides trains, prints JSON and exports; a bad preset is refused by name', async () => {
+    const out = path.join(dir, 'cli');
+    let printed = '';
+    const write = jest.spyOn(process.stdout, 'write').mockImplementation((c: string | Uint8Array) => {
+      printed += c.toString();
+      return true;
+    });
+    try {
+      await buildProgram().exitOverride().parseAsync(
+        ['pretrain', '--preset', 'qwen3-qknorm', '--data', corpus, '--tokenizer', path.join(ROOT, 'data/tokenizer'), '--out', out,
+          '--hidden', '32', '--layers', '1', '--heads', '2', '--kv-heads', '1', '--intermediate', '32', '--seq-len', '32', '--batch', '2',
+          '--steps', '3', '--eval-tokens', '64', '--backend', 'cpu', '--cache-dir', path.join(dir, 'cache'), '--json'],
+        { from: 'user' },
+      );
+    } finally {
+      write.mockRestore();
+    }
+    const r = JSON.parse(printed);
+    expect(r).toMatchObject({ steps: 3, preset: 'qwen3-qknorm', backend: 'cpu' });
+    const config = JSON.parse(await fsp.readFile(path.join(out, 'model', 'config.json'), 'utf8'));
+    expect(config).toMatchObject({ architectures: ['Qwen3ForCausalLM'], hidden_size: 32, num_hidden_layers: 1, num_key_value_heads: 1 });
+    await expect(
+      buildProgram().exitOverride().parseAsync(['pretrain', '--preset', 'nope', '--data', corpus, '--tokenizer', 'x', '--out', out], { from: 'user' }),
+    ).rejects.toMatchObject({ argument: 'preset' });
   });
 });

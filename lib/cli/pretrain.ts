@@ -5,7 +5,7 @@
 import * as path from 'node:path';
 import { Command, InvalidArgumentError as CommanderArgumentError } from 'commander';
 import { initBackend, type BackendChoice } from '../backend';
-import { parseTokenCount } from '../train/schedule';
+import { parseTokenCount, stepsForTokens } from '../train/schedule';
 import { pretrain, type TeacherSpec } from '../train/pretrain';
 import { PRETRAIN_PRESETS, pretrainPreset } from '../train/presets';
 import { withCliProgress } from './progress';
@@ -117,6 +117,12 @@ export function pretrainCommand(): Command {
         ...(opts.intermediate !== undefined && { intermediateSize: opts.intermediate }),
         ...(opts.tie && { tieWordEmbeddings: true }),
       };
+      const seqLen = opts.seqLen ?? preset.seqLen;
+      const batchSize = opts.batch ?? preset.batchSize;
+      const tokens = opts.steps === undefined ? (opts.tokens !== undefined ? parseTokenCount(opts.tokens) : preset.tokens) : undefined;
+      const steps = opts.steps ?? stepsForTokens(tokens!, { seqLen, batchSize, accumulation: opts.accum });
+      // A preset's warmup never takes more than a tenth of a shortened run; an explicit --warmup is taken as given.
+      const warmupSteps = opts.warmup ?? Math.min(preset.warmupSteps, Math.floor(steps / 10));
       const backend = initBackend({ backend: opts.backend });
       await withCliProgress(async ({ signal, onProgress, stopBars }) => {
         const r = await pretrain({
@@ -124,13 +130,13 @@ export function pretrainCommand(): Command {
           tokenizer: opts.tokenizer,
           out: opts.out,
           model,
-          seqLen: opts.seqLen ?? preset.seqLen,
-          batchSize: opts.batch ?? preset.batchSize,
+          seqLen,
+          batchSize,
           accumulation: opts.accum,
-          tokens: opts.steps === undefined ? (opts.tokens !== undefined ? parseTokenCount(opts.tokens) : preset.tokens) : undefined,
+          tokens,
           steps: opts.steps,
           lr: opts.lr ?? preset.lr,
-          warmupSteps: opts.warmup ?? preset.warmupSteps,
+          warmupSteps,
           schedule: opts.schedule,
           minLrFraction: opts.minLrFraction,
           weightDecay: opts.weightDecay,
