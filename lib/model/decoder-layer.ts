@@ -67,11 +67,14 @@ export interface DecoderLayerSaved {
   act: Tensor;
 }
 
-function need(w: WeightLookup, name: string): Tensor {
-  const t = w(name);
-  if (!t) throw new InvalidArgumentError('weights', `missing ${name}`);
+/** The named tensor of a weight or gradient lookup, or an InvalidArgumentError naming what is missing. */
+export function lookupOrThrow(lookup: WeightLookup | GradLookup, name: string, what: 'weights' | 'grads' = 'weights'): Tensor {
+  const t = lookup(name);
+  if (!t) throw new InvalidArgumentError(what, what === 'weights' ? `missing ${name}` : `missing gradient buffer for ${name}`);
   return t;
 }
+
+const need = (w: WeightLookup, name: string): Tensor => lookupOrThrow(w, name);
 
 /**
  * The layer's output h_out [B·T, hidden] for h_in [B·T, hidden]; with `save`, also what the backward needs.
@@ -138,10 +141,8 @@ export async function decoderLayerForward(
 export type GradLookup = (name: string) => Tensor | undefined;
 
 function linearGrads(g: GradLookup, w: WeightLookup, name: string): { dw: Tensor; db?: Tensor } {
-  const dw = g(`${name}.weight`);
-  if (!dw) throw new InvalidArgumentError('grads', `missing gradient buffer for ${name}.weight`);
-  const db = w(`${name}.bias`) ? g(`${name}.bias`) : undefined;
-  if (w(`${name}.bias`) && !db) throw new InvalidArgumentError('grads', `missing gradient buffer for ${name}.bias`);
+  const dw = lookupOrThrow(g, `${name}.weight`, 'grads');
+  const db = w(`${name}.bias`) ? lookupOrThrow(g, `${name}.bias`, 'grads') : undefined;
   return { dw, db };
 }
 
@@ -162,8 +163,7 @@ export async function decoderLayerBackward(
   const N = t.B * t.T;
   const hd = c.headDim;
   const normGrad = async (x: Tensor, name: string, dy: Tensor): Promise<Tensor> => {
-    const dw = g(`${name}.weight`);
-    if (!dw) throw new InvalidArgumentError('grads', `missing gradient buffer for ${name}.weight`);
+    const dw = lookupOrThrow(g, `${name}.weight`, 'grads');
     const r = await rmsNormBackward(x, need(w, `${name}.weight`), dy, c.rmsNormEps);
     await add(dw, r.dw, dw);
     return r.dx;

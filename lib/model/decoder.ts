@@ -14,6 +14,7 @@ import { Tensor, scope } from '../tensor';
 import {
   decoderLayerBackward,
   decoderLayerForward,
+  lookupOrThrow,
   type DecoderLayerSaved,
   type GradLookup,
   type LayerActivations,
@@ -39,16 +40,11 @@ export interface DecoderForwardOptions {
 }
 
 export function lmHeadWeight(c: TeacherConfig, w: WeightLookup): Tensor {
-  const t = c.tieWordEmbeddings ? w('model.embed_tokens.weight') : w('lm_head.weight');
-  if (!t) throw new InvalidArgumentError('weights', c.tieWordEmbeddings ? 'missing model.embed_tokens.weight' : 'missing lm_head.weight');
-  return t;
+  return lookupOrThrow(w, c.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
 }
 
-function needWeight(w: WeightLookup, name: string): Tensor {
-  const t = w(name);
-  if (!t) throw new InvalidArgumentError('weights', `missing ${name}`);
-  return t;
-}
+const needWeight = (w: WeightLookup, name: string): Tensor => lookupOrThrow(w, name);
+const needGrad = (g: GradLookup, name: string): Tensor => lookupOrThrow(g, name, 'grads');
 
 /** Checks ids and boundaries, and puts ids, RoPE positions and cu_seqlens on the device. */
 export async function tokenLayout(
@@ -204,12 +200,6 @@ export async function decoderForwardBackward(
     const lossSum = Number((await lossT.toArray())[0]);
     return { lossSum, count };
   });
-}
-
-function needGrad(g: GradLookup, name: string): Tensor {
-  const t = g(name);
-  if (!t) throw new InvalidArgumentError('grads', `missing gradient buffer for ${name}`);
-  return t;
 }
 
 function checkBoundaries(cu: Int32Array, N: number): void {
