@@ -16,7 +16,7 @@
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
-import { AbortError, InvalidArgumentError, throwIfAborted } from '../errors';
+import { AbortError, InvalidArgumentError } from '../errors';
 import type { TeacherConfig } from '../io/hf-config';
 import { loadTokenizer } from '../io/tokenizer';
 import { iteratePackedBatches, nextTokenTargets, splitDocuments, tokenizeDataset, type PackedBatch, type TextSplit, type TokenizedDataset } from '../io/dataset';
