@@ -187,7 +187,10 @@ function randomBatches(config: TeacherConfig, count: number, rows: number, seqLe
 async function collectRows(device: string): Promise<{ rows: Record<string, string | number>[]; info: Record<string, unknown> }> {
   const config = parseTeacherConfig(SMOKE ? TINY : LLAMA_1B);
   const teacher = await Teacher.random(config, { device, dtype: 'bf16', seed: 1 });
-  const [count, rows, seqLen] = SMOKE ? [2, 1, 64] : [2, 2, 2048];
+  // --collect-batches N: more batches show the per-token cost apart from the per-call fixed cost (accumulators
+  // set up and read back once per collectTaylorStats call).
+  const arg = process.argv.indexOf('--collect-batches');
+  const [count, rows, seqLen] = SMOKE ? [2, 1, 64] : [arg >= 0 ? Number(process.argv[arg + 1]) : 2, 2, 2048];
   const tokens = count * rows * seqLen;
   const batches = randomBatches(config, count, rows, seqLen, 7);
   const warm = randomBatches(config, 1, rows, seqLen, 9);

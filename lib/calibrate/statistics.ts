@@ -234,14 +234,16 @@ export async function collectTaylorStats(
   const auto = (options.reductionDevice ?? 'auto') === 'auto';
   const device = auto && taylorMomentsOnDevice(teacher.device) ? teacher.device : 'cpu';
   const onDevice = device === teacher.device;
-  const dev = { device };
   const accs = new Map<number, MomentAccumulators>();
   const lengths = new Map<number, number>();
   let tokens = 0;
   let sequences = 0;
   let done = 0;
-  const invFreq = await Tensor.fromArray(Float64Array.from(meta.invFreq), [meta.invFreq.length], dev);
-  const decays = await Tensor.fromArray(Float64Array.from(meta.decays), [meta.decays.length], dev);
+  // The op reads cu_seqlens, include, θ and the decays on the host: keeping them there spares a blocking
+  // device → host copy (a stall of the teacher's queued work) in every layer's call.
+  const host = { device: 'cpu' };
+  const invFreq = await Tensor.fromArray(Float64Array.from(meta.invFreq), [meta.invFreq.length], host);
+  const decays = await Tensor.fromArray(Float64Array.from(meta.decays), [meta.decays.length], host);
   try {
     for (const l of layers) {
       accs.set(
@@ -259,8 +261,8 @@ export async function collectTaylorStats(
       const include = includeFlags(cu, batch.attentionMask);
       const N = batch.rows * batch.seqLen;
       await scope(async () => {
-        const cuT = await Tensor.fromArray(cu, [cu.length], dev);
-        const incT = await Tensor.fromArray(include, [include.length], dev);
+        const cuT = await Tensor.fromArray(cu, [cu.length], host);
+        const incT = await Tensor.fromArray(include, [include.length], host);
         const onLayer = async (a: LayerActivations): Promise<void> => {
           const acc = accs.get(a.layer);
           if (!acc) return;
