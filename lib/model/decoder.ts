@@ -32,6 +32,13 @@ export interface TokenBatch {
   T: number;
 }
 
+/** Positions of a batch whose target is scored (≥ 0). */
+export function scoredTokens(b: Pick<TokenBatch, 'targets'>): number {
+  let n = 0;
+  for (const t of b.targets) if (t >= 0) n++;
+  return n;
+}
+
 export interface DecoderForwardOptions {
   onLayer?: (acts: LayerActivations) => void | Promise<void>;
   /** Run only layers [0, stopAfterLayer] and return their output un-normalised. */

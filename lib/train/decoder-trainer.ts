@@ -9,7 +9,7 @@ import { ropeInvFreq, teacherTensorNames } from '../io/hf-config';
 import { InvalidArgumentError, throwIfAborted } from '../errors';
 import { cast, fill, randomFill } from '../ops/elementwise';
 import { Tensor, keep, scope } from '../tensor';
-import { decoderForwardBackward, decoderHidden, lmHeadLoss, lmHeadWeight, tokenLayout, type TokenBatch } from '../model/decoder';
+import { decoderForwardBackward, decoderHidden, lmHeadLoss, lmHeadWeight, scoredTokens, tokenLayout, type TokenBatch } from '../model/decoder';
 import { AdamW, type OptimizerParam, type OptimizerStepResult } from './adamw';
 import type { HostTensor } from './checkpoint';
 import type { LrSchedule } from './schedule';
@@ -30,12 +30,6 @@ export interface TrainStepResult extends OptimizerStepResult {
   /** Mean loss over the step's scored tokens. */
   loss: number;
   scored: number;
-}
-
-function scoredTokens(b: TokenBatch): number {
-  let n = 0;
-  for (const t of b.targets) if (t >= 0) n++;
-  return n;
 }
 
 export class DecoderTrainer {

@@ -23,7 +23,7 @@ import { iteratePackedBatches, nextTokenTargets, splitDocuments, tokenizeDataset
 import { writeFileAtomically, writeAll } from '../io/file-io';
 import { Rng } from '../io/rng';
 import { defaultDevice } from '../backend';
-import type { TokenBatch } from '../model/decoder';
+import { scoredTokens, type TokenBatch } from '../model/decoder';
 import { DecoderTrainer } from './decoder-trainer';
 import { exportTeacher } from '../export/hf-teacher';
 import { writeLossPlot, type LossLogEntry } from '../report/loss-plot';
@@ -286,7 +286,7 @@ export async function pretrain(o: PretrainOptions): Promise<PretrainResult> {
     if (validScored >= (o.evalTokens ?? 65536)) break;
     const t = toTokenBatch(b);
     valid.push(t);
-    validScored += t.targets.reduce((n, x) => n + (x >= 0 ? 1 : 0), 0);
+    validScored += scoredTokens(t);
   }
   if (valid.length === 0) throw new InvalidArgumentError('validFraction', 'the validation split is empty');
   const stream = new BatchStream(data, split.train, pack, seed);
