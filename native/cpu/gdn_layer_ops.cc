@@ -5,19 +5,11 @@
 
 #include "../core/dispatch.h"
 #include "../core/parallel.h"
+#include "param_grad.h"
 
 namespace tcal::cpu {
 
 namespace {
-
-// Writes a summed parameter gradient (f32 or f64) from doubles: dw[i] = (accumulate ? dw[i] : 0) + v.
-template <typename Fn>
-void withParamGrad(const Tensor& g, Fn&& fn) {
-  if (g.dtype() == DType::F64)
-    fn(g.ptr<double>());
-  else
-    fn(g.ptr<float>());
-}
 
 // Per token: the [begin, end) of its sequence, or {0, 0} for tokens past offsets[N].
 struct Span {

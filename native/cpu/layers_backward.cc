@@ -5,19 +5,11 @@
 
 #include "../core/dispatch.h"
 #include "../core/parallel.h"
+#include "param_grad.h"
 
 namespace tcal::cpu {
 
 namespace {
-
-// Writes a summed parameter gradient (f32 or f64) from a double.
-template <typename Fn>
-void withParamGrad(const Tensor& g, Fn&& fn) {
-  if (g.dtype() == DType::F64)
-    fn(g.ptr<double>());
-  else
-    fn(g.ptr<float>());
-}
 
 void checkTargets(const int32_t* pt, int64_t rows, int64_t V) {
   for (int64_t r = 0; r < rows; ++r)

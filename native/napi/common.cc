@@ -288,4 +288,43 @@ Napi::Promise runOp(Napi::Env env, const char* name, PromiseWorker::Work work, c
       std::move(keep));
 }
 
+Napi::Promise runMulti(Napi::Env env, const char* name, PromiseWorker::Work work, const std::vector<Output>& outs,
+                       std::vector<Napi::Value> keep) {
+  struct Slot {
+    std::string key;
+    bool given;
+    std::shared_ptr<Napi::Reference<Napi::Value>> ref;
+    Tensor tensor;
+  };
+  std::vector<Slot> slots;
+  for (const Output& o : outs) {
+    Slot s{o.key, JsTensor::Is(o.given), std::make_shared<Napi::Reference<Napi::Value>>(), o.tensor};
+    if (s.given) {
+      *s.ref = Napi::Persistent(o.given);
+      keep.push_back(o.given);
+    }
+    slots.push_back(std::move(s));
+  }
+  return runAsync(
+      env, name, std::move(work),
+      [slots](Napi::Env e) -> Napi::Value {
+        Napi::Object res = Napi::Object::New(e);
+        for (const Slot& s : slots) res.Set(s.key, s.given ? s.ref->Value() : Napi::Value(JsTensor::Wrap(e, s.tensor)));
+        return res;
+      },
+      std::move(keep));
+}
+
+void checkLike(const Tensor& t, const Tensor& ref, const char* arg) {
+  checkDType(t, ref.dtype(), arg);
+  checkShape(t, ref.shape(), arg);
+  checkSameDevice(t, ref.device(), arg);
+}
+
+Napi::Object objectArg(const Napi::CallbackInfo& info, size_t i, const char* arg, const std::string& what) {
+  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
+  if (!info[i].IsObject() || JsTensor::Is(info[i])) throwInvalid(arg, "expected " + what);
+  return info[i].As<Napi::Object>();
+}
+
 }  // namespace tcal::napi

@@ -109,6 +109,32 @@ Napi::Promise runAsync(Napi::Env env, const char* name, PromiseWorker::Work work
 Napi::Promise runOp(Napi::Env env, const char* name, PromiseWorker::Work work, const Napi::Value& outArg,
                     const Tensor& result, std::vector<Napi::Value> keep = {});
 
+// Multi-output ops: one named output, and the JS value the caller passed for it (undefined when none).
+struct Output {
+  const char* key;
+  Napi::Value given;
+  Tensor tensor;
+};
+
+// Promise of a multi-output op: resolves to {key: tensor}, reusing the caller's JS objects for given outputs.
+Napi::Promise runMulti(Napi::Env env, const char* name, PromiseWorker::Work work, const std::vector<Output>& outs,
+                       std::vector<Napi::Value> keep);
+
+// t has ref's dtype, shape and device (InvalidArgument naming `arg` otherwise).
+void checkLike(const Tensor& t, const Tensor& ref, const char* arg);
+
+// An optional object argument at info[i]: an empty object when undefined / null, InvalidArgument naming `arg`
+// ("expected <what>") when it is not a plain object.
+Napi::Object objectArg(const Napi::CallbackInfo& info, size_t i, const char* arg, const std::string& what = "an object");
+
+// Runs the CUDA or the CPU implementation of an op family's function `fn`, by the device of tensor t.
+#ifdef TCAL_WITH_CUDA
+#define TCAL_DISPATCH(t, fn, ...) \
+  ((t).device().kind == Device::CUDA ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
+#define TCAL_DISPATCH(t, fn, ...) cpu::fn(__VA_ARGS__)
+#endif
+
 // Registration of each op family (one file each).
 void registerRuntime(Napi::Env env, Napi::Object exports);
 void registerElementwise(Napi::Env env, Napi::Object exports);

@@ -9,14 +9,6 @@ namespace tcal::napi {
 
 namespace {
 
-bool onCuda(const Tensor& t) { return t.device().kind == Device::CUDA; }
-
-#ifdef TCAL_WITH_CUDA
-#define TCAL_DISPATCH(t, fn, ...) (onCuda(t) ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
-#else
-#define TCAL_DISPATCH(t, fn, ...) cpu::fn(__VA_ARGS__)
-#endif
-
 Napi::Value Cast(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Tensor x = JsTensor::Get(info[0], "x");

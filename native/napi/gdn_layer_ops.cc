@@ -14,25 +14,6 @@ namespace tcal::napi {
 
 namespace {
 
-#ifdef TCAL_WITH_CUDA
-#define TCAL_GDN_LAYER(t, fn, ...) \
-  ((t).device().kind == Device::CUDA ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
-#else
-#define TCAL_GDN_LAYER(t, fn, ...) cpu::fn(__VA_ARGS__)
-#endif
-
-void checkLike(const Tensor& t, const Tensor& ref, const char* arg) {
-  checkDType(t, ref.dtype(), arg);
-  checkShape(t, ref.shape(), arg);
-  checkSameDevice(t, ref.device(), arg);
-}
-
-Napi::Object objectArg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
-  if (!info[i].IsObject() || JsTensor::Is(info[i])) throwInvalid(name, "expected an object");
-  return info[i].As<Napi::Object>();
-}
-
 Napi::Object outsOf(const Napi::Object& opts) {
   Napi::Value v = optionValue(opts, "out");
   if (v.IsUndefined() || v.IsNull()) return Napi::Object::New(opts.Env());
@@ -106,7 +87,7 @@ Napi::Value CausalConv1d(const Napi::CallbackInfo& info) {
         info.Env(), "causalConv1d",
         [a, y] {
           auto off = readSeqOffsets(a.cu, a.N, a.T, a.x.numel() / std::max<int64_t>(a.x.dim(2), 1));
-          TCAL_GDN_LAYER(a.x, causalConv1d, a.x, a.w, off, y);
+          TCAL_DISPATCH(a.x, causalConv1d, a.x, a.w, off, y);
         },
         given, y, {opts});
   });
@@ -131,7 +112,7 @@ Napi::Value CausalConv1dBackward(const Napi::CallbackInfo& info) {
         info.Env(), "causalConv1dBackward",
         [a, dy, accumulate, dx, dw] {
           auto off = readSeqOffsets(a.cu, a.N, a.T, a.x.numel() / std::max<int64_t>(a.x.dim(2), 1));
-          TCAL_GDN_LAYER(a.x, causalConv1dBackward, a.x, a.w, dy, off, accumulate, dx, dw);
+          TCAL_DISPATCH(a.x, causalConv1dBackward, a.x, a.w, dy, off, accumulate, dx, dw);
         },
         {{"dx", dx}, {"dw", dw}}, {opts});
   });
@@ -157,7 +138,7 @@ Napi::Value GatedRmsNorm(const Napi::CallbackInfo& info) {
     checkGatedNorm(x, w, g);
     double eps = epsArg(info[3]);
     Tensor y = outputFor(info[4], "out", x.shape(), x.dtype(), x.device());
-    return runOp(info.Env(), "gatedRmsNorm", [x, w, g, eps, y] { TCAL_GDN_LAYER(x, gatedRmsNorm, x, w, g, eps, y); },
+    return runOp(info.Env(), "gatedRmsNorm", [x, w, g, eps, y] { TCAL_DISPATCH(x, gatedRmsNorm, x, w, g, eps, y); },
                  info[4], y);
   });
 }
@@ -183,7 +164,7 @@ Napi::Value GatedRmsNormBackward(const Napi::CallbackInfo& info) {
     return runOutputs(
         info.Env(), "gatedRmsNormBackward",
         [x, w, g, dy, eps, accumulate, dx, dw, dg] {
-          TCAL_GDN_LAYER(x, gatedRmsNormBackward, x, w, g, dy, eps, accumulate, dx, dw, dg);
+          TCAL_DISPATCH(x, gatedRmsNormBackward, x, w, g, dy, eps, accumulate, dx, dw, dg);
         },
         {{"dx", dx}, {"dw", dw}, {"dGate", dg}}, {opts});
   });
@@ -195,7 +176,7 @@ Napi::Value Silu(const Napi::CallbackInfo& info) {
     Tensor x = JsTensor::Get(info[0], "x");
     checkFloating(x, "x");
     Tensor y = outputFor(info[1], "out", x.shape(), x.dtype(), x.device());
-    return runOp(info.Env(), "silu", [x, y] { TCAL_GDN_LAYER(x, silu, x, y); }, info[1], y);
+    return runOp(info.Env(), "silu", [x, y] { TCAL_DISPATCH(x, silu, x, y); }, info[1], y);
   });
 }
 
@@ -207,7 +188,7 @@ Napi::Value SiluBackward(const Napi::CallbackInfo& info) {
     checkFloating(x, "x");
     checkLike(dy, x, "dy");
     Tensor dx = outputFor(info[2], "out", x.shape(), x.dtype(), x.device());
-    return runOp(info.Env(), "siluBackward", [x, dy, dx] { TCAL_GDN_LAYER(x, siluBackward, x, dy, dx); }, info[2], dx);
+    return runOp(info.Env(), "siluBackward", [x, dy, dx] { TCAL_DISPATCH(x, siluBackward, x, dy, dx); }, info[2], dx);
   });
 }
 

@@ -9,13 +9,6 @@ namespace tcal::napi {
 
 namespace {
 
-#ifdef TCAL_WITH_CUDA
-#define TCAL_LAYER(t, fn, ...) \
-  ((t).device().kind == Device::CUDA ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
-#else
-#define TCAL_LAYER(t, fn, ...) cpu::fn(__VA_ARGS__)
-#endif
-
 // rmsNorm(x, w, eps, out?)
 Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
@@ -30,7 +23,7 @@ Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
     if (!info[2].IsNumber()) throwInvalid("eps", "expected a number");
     double eps = info[2].As<Napi::Number>().DoubleValue();
     Tensor y = outputFor(info[3], "out", x.shape(), x.dtype(), x.device());
-    return runOp(info.Env(), "rmsNorm", [x, w, eps, y] { TCAL_LAYER(x, rmsNorm, x, w, eps, y); }, info[3], y);
+    return runOp(info.Env(), "rmsNorm", [x, w, eps, y] { TCAL_DISPATCH(x, rmsNorm, x, w, eps, y); }, info[3], y);
   });
 }
 
@@ -42,7 +35,7 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
     Tensor inv = JsTensor::Get(info[2], "invFreq");
     checkRopeArgs(x, "x", pos, inv);
     Tensor y = outputFor(info[3], "out", x.shape(), x.dtype(), x.device());
-    return runOp(info.Env(), "rope", [x, pos, inv, y] { TCAL_LAYER(x, rope, x, pos, inv, y); }, info[3], y);
+    return runOp(info.Env(), "rope", [x, pos, inv, y] { TCAL_DISPATCH(x, rope, x, pos, inv, y); }, info[3], y);
   });
 }
 
@@ -57,7 +50,7 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
     Shape s = ids.shape();
     s.push_back(table.dim(1));
     Tensor out = outputFor(info[2], "out", s, table.dtype(), table.device());
-    return runOp(info.Env(), "embedding", [table, ids, out] { TCAL_LAYER(table, embedding, table, ids, out); },
+    return runOp(info.Env(), "embedding", [table, ids, out] { TCAL_DISPATCH(table, embedding, table, ids, out); },
                  info[2], out);
   });
 }
@@ -72,7 +65,7 @@ Napi::Value Swiglu(const Napi::CallbackInfo& info) {
     checkShape(u, g.shape(), "up");
     checkSameDevice(u, g.device(), "up");
     Tensor out = outputFor(info[2], "out", g.shape(), g.dtype(), g.device());
-    return runOp(info.Env(), "swiglu", [g, u, out] { TCAL_LAYER(g, swiglu, g, u, out); }, info[2], out);
+    return runOp(info.Env(), "swiglu", [g, u, out] { TCAL_DISPATCH(g, swiglu, g, u, out); }, info[2], out);
   });
 }
 
@@ -89,7 +82,7 @@ Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
     DType lossType = logits.dtype() == DType::F64 ? DType::F64 : DType::F32;
     Tensor loss = outputFor(info[2], "out", targets.shape(), lossType, logits.device());
     return runOp(info.Env(), "crossEntropy",
-                 [logits, targets, loss] { TCAL_LAYER(logits, crossEntropy, logits, targets, loss); }, info[2], loss);
+                 [logits, targets, loss] { TCAL_DISPATCH(logits, crossEntropy, logits, targets, loss); }, info[2], loss);
   });
 }
 

@@ -13,58 +13,9 @@ namespace tcal::napi {
 
 namespace {
 
-#ifdef TCAL_WITH_CUDA
-#define TCAL_LAYER_BWD(t, fn, ...) \
-  ((t).device().kind == Device::CUDA ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
-#else
-#define TCAL_LAYER_BWD(t, fn, ...) cpu::fn(__VA_ARGS__)
-#endif
-
-void checkLike(const Tensor& t, const Tensor& ref, const char* arg) {
-  checkDType(t, ref.dtype(), arg);
-  checkShape(t, ref.shape(), arg);
-  checkSameDevice(t, ref.device(), arg);
-}
-
 // The `out` argument of a multi-output op: undefined / null, or an object whose keys name output tensors.
 Napi::Object outObject(const Napi::CallbackInfo& info, size_t i, const char* keys) {
-  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
-  if (!info[i].IsObject() || JsTensor::Is(info[i])) throwInvalid("out", std::string("expected an object ") + keys);
-  return info[i].As<Napi::Object>();
-}
-
-struct Output {
-  const char* key;
-  Napi::Value given;
-  Tensor tensor;
-};
-
-// Promise of a multi-output op: resolves to {key: tensor}, reusing the caller's JS objects for given outputs.
-Napi::Promise runMulti(Napi::Env env, const char* name, PromiseWorker::Work work, const std::vector<Output>& outs,
-                       std::vector<Napi::Value> keep) {
-  struct Slot {
-    std::string key;
-    bool given;
-    std::shared_ptr<Napi::Reference<Napi::Value>> ref;
-    Tensor tensor;
-  };
-  std::vector<Slot> slots;
-  for (const Output& o : outs) {
-    Slot s{o.key, JsTensor::Is(o.given), std::make_shared<Napi::Reference<Napi::Value>>(), o.tensor};
-    if (s.given) {
-      *s.ref = Napi::Persistent(o.given);
-      keep.push_back(o.given);
-    }
-    slots.push_back(std::move(s));
-  }
-  return runAsync(
-      env, name, std::move(work),
-      [slots](Napi::Env e) -> Napi::Value {
-        Napi::Object res = Napi::Object::New(e);
-        for (const Slot& s : slots) res.Set(s.key, s.given ? s.ref->Value() : Napi::Value(JsTensor::Wrap(e, s.tensor)));
-        return res;
-      },
-      std::move(keep));
+  return objectArg(info, i, "out", std::string("an object ") + keys);
 }
 
 void checkLogitsTargets(const Tensor& logits, const Tensor& targets, const char* logitsName = "logits",
@@ -97,7 +48,7 @@ Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
     Tensor dx = outputFor(dxGiven, "out.dx", x.shape(), x.dtype(), x.device());
     Tensor dw = outputFor(dwGiven, "out.dw", w.shape(), cpu::paramGradDType(x.dtype()), x.device());
     return runMulti(
-        info.Env(), "rmsNormBackward", [x, w, dy, eps, dx, dw] { TCAL_LAYER_BWD(x, rmsNormBackward, x, w, dy, eps, dx, dw); },
+        info.Env(), "rmsNormBackward", [x, w, dy, eps, dx, dw] { TCAL_DISPATCH(x, rmsNormBackward, x, w, dy, eps, dx, dw); },
         {{"dx", dxGiven, dx}, {"dw", dwGiven, dw}}, {outs});
   });
 }
@@ -110,7 +61,7 @@ Napi::Value RopeBackward(const Napi::CallbackInfo& info) {
     Tensor inv = JsTensor::Get(info[2], "invFreq");
     checkRopeArgs(dy, "dy", pos, inv);
     Tensor dx = outputFor(info[3], "out", dy.shape(), dy.dtype(), dy.device());
-    return runOp(info.Env(), "ropeBackward", [dy, pos, inv, dx] { TCAL_LAYER_BWD(dy, ropeBackward, dy, pos, inv, dx); },
+    return runOp(info.Env(), "ropeBackward", [dy, pos, inv, dx] { TCAL_DISPATCH(dy, ropeBackward, dy, pos, inv, dx); },
                  info[3], dx);
   });
 }
@@ -130,7 +81,7 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     Tensor du = outputFor(duGiven, "out.dUp", g.shape(), g.dtype(), g.device());
     if (g.numel() > 0 && dg.data() == du.data()) throwInvalid("out.dUp", "must not share memory with out.dGate");
     return runMulti(
-        info.Env(), "swigluBackward", [g, u, d, dg, du] { TCAL_LAYER_BWD(g, swigluBackward, g, u, d, dg, du); },
+        info.Env(), "swigluBackward", [g, u, d, dg, du] { TCAL_DISPATCH(g, swigluBackward, g, u, d, dg, du); },
         {{"dGate", dgGiven, dg}, {"dUp", duGiven, du}}, {outs});
   });
 }
@@ -153,7 +104,7 @@ Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
     if (!(vd >= 1) || vd != std::floor(vd) || vd > 2147483647.0) throwInvalid("vocabSize", "expected an integer in [1, 2^31)");
     int64_t V = int64_t(vd);
     Tensor table = outputFor(info[3], "out", {V, d.dim(-1)}, cpu::paramGradDType(d.dtype()), d.device());
-    return runOp(info.Env(), "embeddingBackward", [ids, d, table] { TCAL_LAYER_BWD(d, embeddingBackward, ids, d, table); },
+    return runOp(info.Env(), "embeddingBackward", [ids, d, table] { TCAL_DISPATCH(d, embeddingBackward, ids, d, table); },
                  info[3], table);
   });
 }
@@ -171,7 +122,7 @@ Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
     Tensor dl = outputFor(info[3], "out", logits.shape(), logits.dtype(), logits.device());
     return runOp(
         info.Env(), "crossEntropyBackward",
-        [logits, targets, dLoss, dl] { TCAL_LAYER_BWD(logits, crossEntropyBackward, logits, targets, dLoss, dl); }, info[3],
+        [logits, targets, dLoss, dl] { TCAL_DISPATCH(logits, crossEntropyBackward, logits, targets, dLoss, dl); }, info[3],
         dl);
   });
 }
@@ -192,7 +143,7 @@ Napi::Value CrossEntropyForwardBackward(const Napi::CallbackInfo& info) {
     return runMulti(
         info.Env(), "crossEntropyForwardBackward",
         [logits, targets, scale, loss, dl] {
-          TCAL_LAYER_BWD(logits, crossEntropyForwardBackward, logits, targets, scale, loss, dl);
+          TCAL_DISPATCH(logits, crossEntropyForwardBackward, logits, targets, scale, loss, dl);
         },
         {{"loss", lossGiven, loss}, {"dLogits", dlGiven, dl}}, {outs});
   });
@@ -220,7 +171,7 @@ Napi::Value KlForwardBackward(const Napi::CallbackInfo& info) {
     return runMulti(
         info.Env(), "klForwardBackward",
         [student, teacher, mask, scale, loss, dl] {
-          TCAL_LAYER_BWD(student, klForwardBackward, student, teacher, mask, scale, loss, dl);
+          TCAL_DISPATCH(student, klForwardBackward, student, teacher, mask, scale, loss, dl);
         },
         {{"loss", lossGiven, loss}, {"dLogits", dlGiven, dl}}, {outs});
   });
