@@ -4,8 +4,12 @@
  * throughput of collecting statistics (collectTaylorStats, all layers) over a Llama-3.2-1B-shaped teacher
  * with random bf16 weights, with the moment op's share of it.
  *
- * Usage (GPU host):  node dist/bench/moments.js          → table on stdout, JSON under bench/results/
+ * Usage (GPU host):  node dist/bench/moments.js [--tag NAME] [--no-collect]  → table on stdout, JSON under
+ *                    bench/results/ (moments-<date>[-NAME].json)
  *           (here):  node dist/bench/moments.js --smoke  (or TCAL_BENCH_SMOKE=1): CPU, tiny shapes, no JSON
+ * The moment rows hand the op the context and lse of the attention forward of the same q, k, v (what
+ * collectTaylorStats passes); one row leaves lse out (the online-softmax pass). The statistics pass alone is
+ * timed from the op's own phase events (TCAL_MOMENTS_PROFILE) in a child process: median of 5 calls.
  *
  * Floors (B=8, T=4096, H=32, HKV=8, D=128; causal, so T²/2 visible (query, key) pairs per sequence and head):
  *   attention:   QKᵀ 2D + PV 2D flops per pair                → 4D · B·H·T²/2           = 1.10 TFLOP
@@ -37,9 +41,15 @@ import {
   type MomentAccumulators,
 } from '../lib/ops/moments';
 import { collectTaylorStats, taylorStatsMeta, type CalibrationBatch } from '../lib/calibrate/statistics';
+import { spawnSync } from 'node:child_process';
 import { timeDevice, printTable, writeResults } from './common';
 
 const SMOKE = process.argv.includes('--smoke') || process.env.TCAL_BENCH_SMOKE === '1';
+const PROFILE_CHILD = process.argv.includes('--profile-child');
+const argValue = (name: string): string | undefined => {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+};
 
 interface Shape {
   B: number;
@@ -85,11 +95,9 @@ const TINY = {
   num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 4096,
 };
 
-async function kernelRows(device: string, notes: string[]): Promise<Record<string, string | number>[]> {
+/** The benchmark's random bf16 q, k, v, x (fixed seeds) and the op's other inputs on `device`. */
+async function kernelInputs(device: string) {
   const s = SHAPE;
-  const N = s.B * s.T;
-  const onDevice = taylorMomentsOnDevice(device);
-  if (!onDevice) notes.push(`taylorMoments does not run on ${device} in this build: inputs are copied to the CPU`);
   const opts = { device };
   const normal = { kind: 'normal' as const, mean: 0, std: 1 };
   const q = await randomFill(Tensor.empty([s.B, s.T, s.H, s.D], { ...opts, dtype: 'bf16' }), normal, 1);
@@ -102,6 +110,64 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
   const meta = taylorStatsMeta(config, scanDecays(K0));
   const invFreq = await Tensor.fromArray(Float64Array.from(meta.invFreq), [meta.invFreq.length], opts);
   const decays = await Tensor.fromArray(Float64Array.from(meta.decays), [K0], opts);
+  return { q, k, v, x, o, lse, invFreq, decays, meta };
+}
+
+/**
+ * --profile-child: the op's phase times (TCAL_MOMENTS_PROFILE lines on stderr) over `calls` calls with and
+ * without lse, for the parent to take medians of.
+ */
+async function profileChild(device: string): Promise<void> {
+  const s = SHAPE;
+  const { q, k, v, o, lse, invFreq, decays } = await kernelInputs(device);
+  const acc = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0 }, device);
+  await attentionForward(q, k, v, { out: { o, lse } });
+  for (const mode of ['lse', 'online'] as const) {
+    const opts = mode === 'lse' ? { context: o, lse } : { context: o };
+    await taylorMoments(q, k, v, invFreq, decays, acc, opts);
+    await synchronize(device);
+    process.env.TCAL_MOMENTS_PROFILE = '1';
+    console.error(`mode ${mode}`);
+    for (let i = 0; i < 5; i++) {
+      await taylorMoments(q, k, v, invFreq, decays, acc, opts);
+      await synchronize(device);
+    }
+    delete process.env.TCAL_MOMENTS_PROFILE;
+  }
+}
+
+/** Median phase times (ms) per mode from the profile child's stderr. */
+function profilePhases(): Record<string, Record<string, number>> {
+  const r = spawnSync(process.execPath, [__filename, '--profile-child'], { encoding: 'utf8', maxBuffer: 16 << 20, env: process.env });
+  const out: Record<string, Record<string, number[]>> = {};
+  let mode = '';
+  for (const line of (r.stderr ?? '').split('\n')) {
+    const m = /^mode (\w+)/.exec(line);
+    if (m) mode = m[1];
+    const p = /^taylorMoments profile \(ms\):(.*)$/.exec(line);
+    if (!p || !mode) continue;
+    const parts = p[1].trim().split(/\s+/);
+    for (let i = 0; i + 1 < parts.length; i += 2) ((out[mode] ??= {})[parts[i]] ??= []).push(Number(parts[i + 1]));
+  }
+  if (r.status !== 0) console.error(`profile child failed (${r.status}): ${(r.stderr ?? '').slice(-2000)}`);
+  const med: Record<string, Record<string, number>> = {};
+  for (const [mode, phases] of Object.entries(out))
+    for (const [name, xs] of Object.entries(phases)) {
+      xs.sort((a, b) => a - b);
+      (med[mode] ??= {})[name] = xs[Math.floor(xs.length / 2)];
+    }
+  return med;
+}
+
+async function kernelRows(device: string, notes: string[]): Promise<Record<string, string | number>[]> {
+  const s = SHAPE;
+  const N = s.B * s.T;
+  const onDevice = taylorMomentsOnDevice(device);
+  if (!onDevice) notes.push(`taylorMoments does not run on ${device} in this build: inputs are copied to the CPU`);
+  const opts = { device };
+  const { q, k, v, x, o, lse, invFreq, decays, meta } = await kernelInputs(device);
+  const oVar = Tensor.empty([1, N, s.H, s.D], { ...opts, dtype: 'bf16' });
+  const lseVar = Tensor.empty([1, s.H, N], opts);
   const packed = Int32Array.from({ length: s.B + 1 }, (_, i) => i * s.T);
   const cu = await Tensor.fromArray(packed, [s.B + 1], opts);
   const acc: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0, inputDim: s.Dx }, device);
@@ -137,24 +203,32 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
         '× attention': ms / attnMs,
       });
     };
-    // The teacher's context (o of the attention forward above) is handed over, as collectTaylorStats does.
-    await momentRow('moments [B,T] + context (tensor cores)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, { context: o }));
-    await momentRow('moments varlen + context (B=1, cuSeqlens)', () =>
+    // The teacher's context and lse (the attention forward above, same q, k, v) are handed over, as
+    // collectTaylorStats does; o and lse hold that forward's output (the last timed call wrote them).
+    await momentRow('moments [B,T] + context + lse (tensor cores)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, { context: o, lse }));
+    await momentRow('moments [B,T] + context, no lse (online softmax)', () => taylorMoments(q, k, v, invFreq, decays, accNoX, { context: o }));
+    await attentionForward(view(q, [1, N, s.H, s.D]), view(k, [1, N, s.HKV, s.D]), view(v, [1, N, s.HKV, s.D]), {
+      cuSeqlens: cu,
+      out: { o: oVar, lse: lseVar },
+    });
+    await momentRow('moments varlen + context + lse (B=1, cuSeqlens)', () =>
       taylorMoments(view(q, [1, N, s.H, s.D]), view(k, [1, N, s.HKV, s.D]), view(v, [1, N, s.HKV, s.D]), invFreq, decays, accNoX, {
         cuSeqlens: cu,
-        context: view(o, [1, N, s.H, s.D]),
+        context: oVar,
+        lse: lseVar,
       }),
     );
-    await momentRow('moments [B,T] + context, K0 = 1 (scan share)', () => taylorMoments(q, k, v, invFreq, decay1, acc1, { context: o }), { k0: 1 });
-    await momentRow(`moments + context + Σxxᵀ (Dx=${s.Dx})`, () => taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o }), { withX: true });
-    // Phase times of one call (CUDA events between the phases, printed by the op to stderr).
+    await momentRow('moments [B,T] + context + lse, K0 = 1 (scan share)', () => taylorMoments(q, k, v, invFreq, decay1, acc1, { context: o, lse }), { k0: 1 });
+    await momentRow(`moments + context + lse + Σxxᵀ (Dx=${s.Dx})`, () => taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o, lse }), { withX: true });
+    // The statistics pass alone (the op's phase events, in a child process).
     if (!SMOKE) {
-      process.env.TCAL_MOMENTS_PROFILE = '1';
-      try {
-        await taylorMoments(q, k, v, invFreq, decays, acc, { x, context: o });
-        await synchronize(device);
-      } finally {
-        delete process.env.TCAL_MOMENTS_PROFILE;
+      const phases = profilePhases();
+      for (const [mode, ph] of Object.entries(phases)) {
+        const ms = ph.statsTensorCores;
+        console.log(`phases (${mode}, median of 5 calls, ms): ${Object.entries(ph).map(([n, t]) => `${n} ${t.toFixed(3)}`).join(', ')}`);
+        if (ms !== undefined) {
+          rows.push({ op: `statistics pass (${mode === 'lse' ? 'with lse' : 'online softmax'})`, inputs: 'bf16', 'GFLOP': momentFlopsT2(s) / 1e9, 'floor ms': floorMs(momentFlopsT2(s), 0, inputBytes(s, 2)), ms, 'TFLOP/s': momentFlopsT2(s) / ms / 1e9, '× attention': ms / attnMs });
+        }
       }
     }
     // Without the context the CUDA-core pass forms A·V itself (~1 s per call here): timed once.
@@ -165,7 +239,7 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
     disposeMomentAccumulators(acc);
     disposeMomentAccumulators(accNoX);
     disposeMomentAccumulators(acc1);
-    for (const t of [q, k, v, x, o, lse, invFreq, decays, decay1, cu]) t.dispose();
+    for (const t of [q, k, v, x, o, lse, oVar, lseVar, invFreq, decays, decay1, cu]) t.dispose();
   }
   return rows;
 }
@@ -234,6 +308,7 @@ async function collectRows(device: string): Promise<{ rows: Record<string, strin
 async function main(): Promise<void> {
   const backend = initBackend({ backend: SMOKE ? 'cpu' : 'cuda' });
   const device = backend.device;
+  if (PROFILE_CHILD) return profileChild(device);
   const s = SHAPE;
   const notes: string[] = [];
   if (SMOKE) notes.push('smoke run: CPU, tiny shapes; timings mean nothing');
@@ -247,9 +322,11 @@ async function main(): Promise<void> {
   console.log(`floors at ${PEAK_BF16 / 1e12} TFLOP/s bf16, ${PEAK_F32 / 1e12} TFLOP/s fp32 (CUDA cores), ${PEAK_BYTES / 1e12} TB/s`);
   const kernels = await kernelRows(device, notes);
   printTable(kernels);
-  const moments = kernels.find((r) => r.op === 'moments [B,T] + context (tensor cores)');
+  const moments = kernels.find((r) => r.op === 'moments [B,T] + context + lse (tensor cores)');
   if (moments) console.log(`moments / attention = ${(moments['× attention'] as number).toFixed(2)} (DESIGN §6 bar: ≤ 1.5)`);
-  const collect = await collectRows(device);
+  const stats = kernels.find((r) => r.op === 'statistics pass (with lse)');
+  if (stats) console.log(`statistics pass / attention = ${(stats['× attention'] as number).toFixed(2)} (issue 5 goal: ≤ 1.2)`);
+  const collect = process.argv.includes('--no-collect') ? { rows: [], info: { skipped: true } } : await collectRows(device);
   console.log(`\ncollecting statistics: ${JSON.stringify(collect.info)}`);
   printTable(collect.rows);
   console.log('moments time = collectTaylorStats − forward over the same batches (includes accumulator set-up and read-back)');
@@ -258,7 +335,8 @@ async function main(): Promise<void> {
     console.log('smoke: results not written');
     return;
   }
-  const file = writeResults('moments', {
+  const tag = argValue('--tag');
+  const file = writeResults(tag ? `moments-${tag}` : 'moments', {
     device: cudaDevices()[0],
     date: new Date().toISOString(),
     shape: { ...s, K0 },

@@ -115,6 +115,7 @@ export interface TaylorMomentsNativeOptions {
   include?: NativeTensor | null;
   x?: NativeTensor | null;
   context?: NativeTensor | null;
+  lse?: NativeTensor | null;
   algorithm?: 'stream' | 'materialize';
 }
 

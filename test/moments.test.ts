@@ -1,10 +1,15 @@
 /**
  * The Taylor attention-moment reduction (DESIGN §5.1 Pass 1): the streaming (online-softmax) path against
  * the materialising oracle ≤ 1e-10 in f64, hand-checkable cases (a single token; uniform attention when
- * q = 0), key/value/input moments against direct sums, batch splitting, and typed argument errors.
+ * q = 0), key/value/input moments against direct sums, batch splitting, and typed argument errors. On CUDA:
+ * both tensor-core passes (online softmax; exact probabilities from the forward's lse) against the oracle.
  */
+import * as path from 'path';
 import { Tensor, scope } from '../lib/tensor';
 import { rope } from '../lib/ops/layers';
+import { attentionForward } from '../lib/ops/attention';
+import { Teacher, type LayerActivations } from '../lib/model/teacher';
+import { taylorStatsMeta } from '../lib/calibrate/statistics';
 import {
   createMomentAccumulators,
   disposeMomentAccumulators,
@@ -15,7 +20,7 @@ import {
   type MomentAccumulators,
   type TaylorMomentsOptions,
 } from '../lib/ops/moments';
-import { cudaEnabled, randn, relError, roundBf16 } from './helpers';
+import { cudaEnabled, randn, relError, rng, roundBf16 } from './helpers';
 
 type Stats = Partial<Record<keyof MomentAccumulators, Float64Array>>;
 
@@ -35,6 +40,8 @@ interface Case {
   invFreq?: Float64Array;
   /** The teacher's context [B,T,H,D] handed to the op (else the op forms it). */
   context?: Float32Array;
+  /** The attention's lse [B,H,T] handed to the op. */
+  lse?: Float32Array;
 }
 
 async function run(
@@ -64,6 +71,7 @@ async function run(
         include: c.include ? await Tensor.fromArray(c.include, [c.include.length], dev) : undefined,
         x: c.x ? await Tensor.fromArray(c.x, [B, T, Dx!], dev) : undefined,
         context: c.context ? await Tensor.fromArray(c.context, [B, T, H, D], dev) : undefined,
+        lse: c.lse ? await Tensor.fromArray(c.lse, [B, H, T], dev) : undefined,
         ...extra,
       },
     );
@@ -78,6 +86,38 @@ function expectClose(a: Stats, b: Stats, tol: number): void {
     const err = relError(a[key]!, b[key]!);
     if (!(err <= tol)) throw new Error(`${key}: relative error ${err} > ${tol}`);
   }
+}
+
+/**
+ * The attention's row log-sum-exp [B,H,T] of the case's (scale D^-1/2) scores in f64, per sequence, as
+ * attentionForward defines it (−inf on tokens of no sequence); `offset` adds a per-row constant.
+ */
+function lseOf(c: Case, offset?: (i: number) => number): Float32Array {
+  const { B, T, H, HKV, D } = c.shape;
+  const out = new Float32Array(B * H * T).fill(-Infinity);
+  const scale = 1 / Math.sqrt(D);
+  const cu = c.cu ?? Int32Array.from({ length: B + 1 }, (_, i) => i * T);
+  const flat = (b: number, t: number) => b * T + t;
+  for (let n = 0; n + 1 < cu.length; n++) {
+    const s0 = cu[n];
+    const s1 = cu[n + 1];
+    const b = c.cu ? 0 : n;
+    const base = c.cu ? 0 : -b * T;  // row-local positions without varlen
+    for (let t = s0; t < s1; t++)
+      for (let h = 0; h < H; h++) {
+        const hk = Math.floor(h / (H / HKV));
+        const sc: number[] = [];
+        for (let u = s0; u <= t; u++) {
+          let dot = 0;
+          for (let i = 0; i < D; i++) dot += c.q[(flat(b, t + base) * H + h) * D + i] * c.k[(flat(b, u + base) * HKV + hk) * D + i];
+          sc.push(dot * scale);
+        }
+        const m = Math.max(...sc);
+        const i = (b * H + h) * T + (t + base);
+        out[i] = m + Math.log(sc.reduce((a, x) => a + Math.exp(x - m), 0)) + (offset ? offset(i) : 0);
+      }
+  }
+  return out;
 }
 
 function randomCase(seed: number, opts: { T: number; cu?: number[]; include?: number[]; H?: number; HKV?: number; D?: number; Dx?: number; qStd?: number }): Case {
@@ -300,6 +340,14 @@ describe('taylorMoments on the CPU', () => {
       await expect(taylorMoments(q4, k, k, inv, badDecay, acc)).rejects.toMatchObject({ argument: 'decays' });
       const cu = await Tensor.fromArray(Int32Array.from([0, 3, 2]), [3], dev);
       await expect(taylorMoments(q4, k, k, inv, dec, acc, { cuSeqlens: cu })).rejects.toMatchObject({ argument: 'cuSeqlens' });
+      // lse: attentionForward's f32 [B, H, T].
+      const lseBad = await Tensor.zeros([1, 4, 4, 1], dev);
+      await expect(taylorMoments(q4, k, k, inv, dec, acc, { lse: lseBad })).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'lse' });
+      const lseT = await Tensor.zeros([1, 4, 3], dev);  // [B, T, H]-ordered by mistake
+      await expect(taylorMoments(q4, k, k, inv, dec, acc, { lse: lseT })).rejects.toMatchObject({ argument: 'lse' });
+      const lse64 = await Tensor.zeros([1, 4, 4], { dtype: 'f64', ...dev });
+      await expect(taylorMoments(q4, k, k, inv, dec, acc, { lse: lse64 })).rejects.toMatchObject({ argument: 'lse' });
+      await taylorMoments(q4, k, k, inv, dec, acc, { lse: await Tensor.zeros([1, 4, 4], dev) });
       await taylorMoments(q4, k, k, inv, dec, acc);
       disposeMomentAccumulators(acc);
     });
@@ -335,6 +383,76 @@ describe('taylorMoments on the CPU', () => {
     // The oracle sees the same bf16-rounded q, k, v and the same context.
     const c = withContext(make(), 99);
     expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(rounded(c), 'materialize'), 1e-4);
+  });
+
+  test.each(cases)('bf16 with the context and lse (exact probabilities): %s', async (_name, make) => {
+    const c = rounded(withContext(make(), 96));
+    const exact = { ...c, lse: lseOf(c) };
+    expectClose(await run(exact, 'stream', {}, 'cuda:0', 'bf16'), await run(c, 'materialize'), 1e-4);
+  });
+
+  test('an lse off by a per-row constant changes nothing (each row is normalised by its own sum); repeats are bit-identical', async () => {
+    const c = rounded(withContext(randomCase(21, { T: 700, cu: [0, 300, 301, 650, 700], include: [1, 1, 1, 0], H: 8, HKV: 2, D: 64, Dx: 16 }), 95));
+    const r = rng(5);
+    const shifted = { ...c, lse: lseOf(c, () => 4 * r() - 2) };
+    const oracle = await run(c, 'materialize');
+    const got = await run(shifted, 'stream', {}, 'cuda:0', 'bf16');
+    expectClose(got, oracle, 1e-4);
+    expect(await run(shifted, 'stream', {}, 'cuda:0', 'bf16')).toEqual(got);
+  });
+
+  test.each([
+    ['D 128, ragged varlen, GQA 2:1, a 1-token sequence', 128, 17, { T: 600, cu: [0, 1, 250, 251, 600], H: 4, HKV: 2, D: 128 }],
+    ['D 64, sharp, GQA 4:1, lengths off the tiles', 64, 23, { T: 333, cu: [0, 129, 333], qStd: 5, H: 8, HKV: 2, D: 64 }],
+  ] as const)('context and lse from attentionForward on CUDA (the path collectTaylorStats takes): %s', async (_name, _D, seed, o) => {
+    const c = rounded(randomCase(seed, { ...o, cu: [...o.cu] }));
+    const { T, H, HKV, D } = c.shape;
+    const fwd = await scope(async () => {
+      const input = { device: 'cuda:0', dtype: 'bf16' as const };
+      const r = await attentionForward(
+        await Tensor.fromArray(c.q, [1, T, H, D], input),
+        await Tensor.fromArray(c.k, [1, T, HKV, D], input),
+        await Tensor.fromArray(c.v, [1, T, HKV, D], input),
+        { cuSeqlens: await Tensor.fromArray(c.cu!, [c.cu!.length], { device: 'cuda:0' }), returnLse: true },
+      );
+      return { o: await r.o.toFloat32(), lse: (await r.lse.toArray()) as Float32Array };
+    });
+    const withFwd = { ...c, context: fwd.o };
+    expectClose(await run({ ...withFwd, lse: fwd.lse }, 'stream', {}, 'cuda:0', 'bf16'), await run(withFwd, 'materialize'), 1e-4);
+  });
+
+  test("the fixture teacher's activations with its own context and lse (bf16 q, k, v)", async () => {
+    const teacher = await Teacher.load(path.join(__dirname, 'fixtures', 'hf', 'llama-gqa-llama3-sharded'), { device: 'cpu', dtype: 'f32' });
+    try {
+      const cfg = teacher.config;
+      const lens = [5, 1, 24, 133, 70];
+      const N = lens.reduce((a, b) => a + b, 0);
+      const cu = Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, b) => a + b, 0))]);
+      const r = rng(8);
+      const ids = Int32Array.from({ length: N }, () => Math.floor(r() * cfg.vocabSize));
+      const layers: Case[] = [];
+      await teacher.hidden(ids, [1, N], {
+        cuSeqlens: cu,
+        onLayer: async (a: LayerActivations) => {
+          const shape = { B: 1, T: N, H: cfg.numHeads, HKV: cfg.numKvHeads, D: cfg.headDim };
+          const r16 = (x: Float32Array) => x.map(roundBf16);
+          layers.push({
+            q: r16(await a.q.toFloat32()),
+            k: r16(await a.k.toFloat32()),
+            v: r16(await a.v.toFloat32()),
+            context: await a.context.toFloat32(),
+            lse: (await a.lse.toArray()) as Float32Array,  // the f32 forward's: off the bf16 scores by a little
+            shape,
+            cu,
+            invFreq: Float64Array.from(taylorStatsMeta(cfg, scanDecays(6)).invFreq),
+          });
+        },
+      });
+      expect(layers.length).toBe(cfg.numLayers);
+      for (const c of layers) expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(c, 'materialize'), 1e-4);
+    } finally {
+      teacher.dispose();
+    }
   });
 
   test('f16 inputs with the context; bf16 without it (the CUDA-core pass)', async () => {
@@ -382,5 +500,37 @@ describe('taylorMoments on the CPU', () => {
     expectClose(merged, whole, 1e-6);
     // And deterministic: the same call twice gives the same bits.
     expect(await run(c, 'stream', {}, 'cuda:0', 'bf16')).toEqual(whole);
+  });
+});
+
+(cudaEnabled() ? describe : describe.skip)('γ₀ scan on CUDA (native/cuda/moments_scan.cu) against the CPU oracle', () => {
+  // bf16-rounded q, k, v (what the device sees) and a random context, as the tensor-core path takes them.
+  const bf16Case = (c: Case, seed: number): Case => {
+    const { T, H, D } = c.shape;
+    const r = (a: Float32Array) => a.map(roundBf16);
+    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: randn(T * H * D, seed, 0.5) };
+  };
+
+  test('spans of several chunks (16 KV heads): restarts from the carried state inside a CTA, a sequence start and a padding segment mid-span', async () => {
+    // 16 KV heads leave ~8 CTA spans on a 132-SM H200, so 750 included entries in chunks of 64 give 2 chunks per span.
+    const c = bf16Case(randomCase(41, { T: 1200, cu: [0, 100, 101, 700, 1150, 1200], include: [1, 1, 1, 0, 1], H: 32, HKV: 16, D: 16 }), 94);
+    const got = await run(c, 'stream', {}, 'cuda:0', 'bf16');
+    expectClose(got, await run(c, 'materialize'), 1e-4);
+    expect(await run(c, 'stream', {}, 'cuda:0', 'bf16')).toEqual(got);
+    // f32 without a context: the CUDA-core pass's o through the same scan.
+    const f32: Case = { ...c, context: undefined };
+    expectClose(await run(f32, 'stream', {}, 'cuda:0'), await run(f32, 'materialize'), 1e-4);
+  });
+
+  test('K0 = 1, 13 and 60 decays (partly filled warps, two decay groups); D 128, 256 and 18', async () => {
+    for (const [K0, D] of [[1, 128], [13, 128], [60, 128], [13, 256]]) {
+      const c: Case = { ...bf16Case(randomCase(50 + K0 + D, { T: 150, cu: [0, 90, 150], H: 8, HKV: 2, D }), 93), decays: scanDecays(K0) };
+      expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(c, 'materialize'), 1e-4);
+    }
+    // f32, no context: f32 staging rows (shorter stages at D 256), and D 18 (not a multiple of 4: 2-wide conversion).
+    for (const D of [256, 18]) {
+      const c: Case = { ...randomCase(60 + D, { T: 130, cu: [0, 7, 130], H: 4, HKV: 1, D }), decays: scanDecays(13) };
+      expectClose(await run(c, 'stream', {}, 'cuda:0'), await run(c, 'materialize'), 1e-4);
+    }
   });
 });

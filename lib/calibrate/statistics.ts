@@ -277,11 +277,14 @@ export async function collectTaylorStats(
             const x = await flat(a.input, [1, N, c.hiddenSize]);
             // The teacher's own context: the moments of what it computed, and A·V is not formed again.
             const context = await flat(a.context, [1, N, c.numHeads, c.headDim]);
+            // Its attention's lse: the CUDA pass then needs no online softmax (where it lies on q's device).
+            const lse = a.lse?.device === q.device ? a.lse : undefined;
             await taylorMoments(q, k, v, invFreq, decays, acc, {
               cuSeqlens: cuT,
               include: incT,
               x,
               context,
+              lse,
               scale: meta.scale,
               algorithm: options.algorithm,
             });

@@ -44,6 +44,8 @@ export interface LayerActivations {
   v: Tensor;
   /** Per-head attention context A·V before o_proj, [B, T, H, headDim]. */
   context: Tensor;
+  /** The attention's row log-sum-exp of the scaled scores, f32 [1, H, B·T] (attentionForward's lse, varlen). */
+  lse: Tensor;
   /** The attention block's output after o_proj (before the residual), [B, T, hidden]. */
   output: Tensor;
 }
@@ -118,6 +120,7 @@ export async function decoderLayerForward(
         k: k.view([t.B, t.T, c.numKvHeads, hd]),
         v: v.view([t.B, t.T, c.numKvHeads, hd]),
         context: context.view([t.B, t.T, c.numHeads, hd]),
+        lse,
         output: o.view([t.B, t.T, c.hiddenSize]),
       });
     }

@@ -25,9 +25,9 @@
  * follows (native/cpu/moments.h spells it out); 'materialize' — the oracle, each attention row formed
  * explicitly. Both run in f64. CUDA (head dim ≤ 256): bf16 / f16 inputs with `context` given run the
  * attention statistics as a flash-style tensor-core pass (QKᵀ in bf16/f16, φ as an fp16 P·[cos θσ | sin θσ]
- * product; native/cuda/moments_tc.cu) and never form A·V; f32 inputs, or no context, run a CUDA-core pass
- * in fp32 that forms o itself (much slower). Sums in f64 in a fixed order. `taylorMomentsOnDevice(device)`
- * says whether the reduction runs where the tensors are. Diagnostics (environment, CUDA):
+ * product; native/cuda/moments_tc.cu) and never form A·V (with `lse` it needs no online softmax either);
+ * f32 inputs, or no context, run a CUDA-core pass in fp32 that forms o itself (much slower). Sums in f64 in
+ * a fixed order. `taylorMomentsOnDevice(device)` says whether the reduction runs where the tensors are. Diagnostics (environment, CUDA):
  * TCAL_MOMENTS_PROFILE=1 prints each call's phase times to stderr; TCAL_MOMENTS_KERNEL=bk64 picks 64-key tiles
  * for the D = 128 tensor-core pass (bench/NOTES.md "Taylor attention-moment reduction" has both).
  */
@@ -148,6 +148,13 @@ export interface TaylorMomentsOptions {
    * run (which does not form A·V). Omitted: the reduction forms o itself.
    */
   context?: Tensor;
+  /**
+   * The teacher attention's log-sum-exp, f32 [B,H,T] on q's device: attentionForward(q, k, v, {returnLse: true})
+   * of the same q, k and scale (for varlen [1,H,N]). On CUDA the tensor-core pass then knows every probability
+   * up front and skips the online softmax (faster); each row is still normalised by its own sum, so an lse
+   * off by a per-row constant changes nothing but the range of the intermediate values. The CPU ignores it.
+   */
+  lse?: Tensor;
   algorithm?: 'stream' | 'materialize';
 }
 
@@ -172,6 +179,7 @@ export async function taylorMoments(
     include: options.include?.native,
     x: options.x?.native,
     context: options.context?.native,
+    lse: options.lse?.native,
     algorithm: options.algorithm,
   });
 }

@@ -100,6 +100,9 @@ struct Inputs {
   // moments (Σ o, Σ o²) and the γ₀ scan's Σ ŷ∘o are taken from it, and the reduction need not form A·V (the
   // CUDA tensor-core pass does not); when undefined the reduction forms o itself.
   Tensor context;
+  // f32 [B,H,T] or undefined: the forward's row log-sum-exp of the scaled scores (attentionForward's lse). The
+  // CUDA tensor-core pass then knows each probability up front (no online softmax); the CPU paths ignore it.
+  Tensor lse;
 };
 
 // f64 sums the op adds into (all on the inputs' device). x-moments are defined iff x is.

@@ -888,7 +888,7 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   const bool tensorCores = !std::is_same<E, float>::value && in.context.defined();
   Tensor obuf;
   if (tensorCores) {
-    momentStatsTensorCore(p, in.q, in.k, trigP, ls.seqs, ls.maxLen, acc, stream);
+    momentStatsTensorCore(p, in.q, in.k, in.lse, trigP, ls.seqs, ls.maxLen, acc, stream);
   } else {
     obuf = empty({p.tokens() * H * D}, DType::F32, dev);
     statsCudaCores<E>(p, in, acc, ls.work, tokD, count, trigP, obuf, dev, stream);

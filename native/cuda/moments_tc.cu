@@ -17,6 +17,10 @@
 //      tile inside one bin (every far tile) adds its row sums; a tile crossing bin edges adds tail masses
 //      Σ_{Δ ≥ 2^{b−1}} p per crossed edge. Bins live in shared memory per row, rescaled with the row's max
 //      only when it moves. local (Δ < 16) = bins 0..4.
+// With the forward's lse (template flag Exact): p = 2^{s·scale·log2e − lse·log2e} is known up front, so there
+//   is no running max, no max shuffles and no rescaling of the φ accumulators, the row sums or the bins; every
+//   row is still divided by its own Σp at the end (any per-row constant offset of lse cancels exactly there,
+//   so lse only has to keep p in range).
 // Rows are finalised in fp32, summed over the CTA's rows in a fixed order, written per CTA in f64, and a
 // second kernel sums the CTAs in work-list order into the accumulators (deterministic).
 #include "moments_tc.h"
@@ -49,6 +53,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kLocalBins = 5;  // Δ < kLocalWindow = 16 ⟺ bins 0..4
 static_assert(kLocalWindow == 16, "local mass is bins 0..4");
 constexpr int kScalars = 5;  // dist, distSq, entropy, sink, local (AttentionColumn order)
+// Key tiles at least this far below an m-tile's first row take Σp, Σpc, Σpc² from the aux product; nearer ones
+// sum p·Δ, p·Δ² per element (exact Δ: no cancellation for local heads).
+constexpr int kNear = 128;
 
 using namespace ptx;  // mma.cuh: cp.async, ldmatrix, ex2, Elem<E>::mma / pack
 
@@ -61,6 +68,13 @@ __device__ __forceinline__ void mmaQK(float (&c)[4], const unsigned (&a)[4], uns
   Elem<E>::mma(c, a, b0, b1);
 }
 __device__ __forceinline__ unsigned packHalf(float lo, float hi) { return Elem<__half>::pack(lo, hi); }
+// Element (n-block n, accumulator slot e) of a probability tile packed as A fragments (pa[kk][4], see packing).
+template <int KK>
+__device__ __forceinline__ float packedP(const unsigned (&pa)[KK][4], int n, int e) {
+  const unsigned w = pa[n >> 1][(n & 1) * 2 + (e >> 1)];
+  const __half2 h = *reinterpret_cast<const __half2*>(&w);
+  return (e & 1) ? __high2float(h) : __low2float(h);
+}
 __device__ __forceinline__ int binOf(int delta) {
   if (delta <= 0) return 0;
   const int b = 32 - __clz(delta);  // delta ∈ [2^{b−1}, 2^b)
@@ -73,9 +87,10 @@ struct StatParams {
   const __half* feat;   // [maxLen, D]: cos θ_j σ at column j, sin θ_j σ at D/2 + j (0 for j ≥ half)
   const float2* trig;   // [maxLen, half]
   const int4* work;     // {rowStart, len, tile, 0}, longest first
+  const float* lse;     // Exact: [B, H, T] natural-log row normalisers of the scaled scores (attentionForward's)
   double* partial;      // [blocks, R]
   long long qStride, kvStride;
-  int H, group, half, R;
+  int H, group, half, R, T;
   float scaleLog2;
 };
 
@@ -83,19 +98,19 @@ template <int D_, int W_, int MT_, int BK_, int MinBlocks_>
 struct StatCfg {
   static constexpr int D = D_, W = W_, MT = MT_, BK = BK_, MinBlocks = MinBlocks_;
   static constexpr int BQ = 16 * MT * W;
-  static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + BQ) * 4; }
+  static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + 3 * BQ) * 4 + size_t(BK * 8) * 2; }
 };
 using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
 using Cfg128 = StatCfg<128, 4, 2, 32, 2>;     // 255 registers, no spills
 using Cfg128bk64 = StatCfg<128, 4, 2, 64, 2>;  // TCAL_MOMENTS_KERNEL=bk64: 64-key tiles, ~400 B of spills (for the record)
 using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
 
-template <typename E, typename C>
+template <typename E, typename C, bool Exact>
 __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParams p) {
   constexpr int D = C::D, W = C::W, MT = C::MT, BK = C::BK, BQ = C::BQ;
   constexpr int NT = 32 * W, RW = 16 * MT;
   constexpr int DC = D / 8, KS = D / 16, NB = BK / 8, DB = D / 8, HB = DB / 2;
-  static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 16 == 0, "tile shapes");
+  static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 32 == 0, "tile shapes");
 
   extern __shared__ __align__(128) unsigned char smem[];
   E* sQ = reinterpret_cast<E*>(smem);
@@ -103,6 +118,9 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   __half* sF = reinterpret_cast<__half*>(sK + 2 * BK * D);  // [2][BK][D]
   float* sHist = reinterpret_cast<float*>(sF + 2 * BK * D);  // [kBins][BQ]
   float* sL = sHist + kBins * BQ;                        // [BQ] final row sums (0: row not counted)
+  float* sZ = sL + BQ;                                   // [BQ] p at σ = 0 (written once per row, by its own lane)
+  float* sLse = sZ + BQ;                                 // [BQ] Exact: the rows' lse·log2e
+  __half* sAux = reinterpret_cast<__half*>(sLse + BQ);   // [BK][8] aux features of the far tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int h = int(blockIdx.x % unsigned(p.H));
@@ -166,18 +184,37 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int d = 0; d < DB; ++d) cacc[m][d][0] = cacc[m][d][1] = cacc[m][d][2] = cacc[m][d][3] = 0.f;
-  // Per row (two per lane per m-tile), per-lane partials over the lane's columns.
-  float mRow[MT][2], lRow[MT][2], eRow[MT][2], s1Row[MT][2], s2Row[MT][2], zRow[MT][2];
+  // Per row (two per lane per m-tile), per-lane partials over the lane's columns. mRow: the running max of
+  // the scaled scores (online), or (Exact) the row's lse·log2e, the fixed base of x = log2 p.
+  float mRow[MT][2], lRow[MT][2], eRow[MT][2], s1Row[MT][2], s2Row[MT][2];
+  const float sl2 = p.scaleLog2;
+  const int warpRow0 = q0 + warp * RW;
+  const int ql = lane & 3;
+  // The far tiles' aux features [BK keys][8 columns]: 1, c', c'², then 0 (c' = c − BK/2), read with ldmatrix.
+  for (int i = tid; i < BK * 8; i += NT) {
+    const float c = float(i / 8 - BK / 2);
+    const int n = i % 8;
+    sAux[i] = __float2half_rn(n == 0 ? 1.f : n == 1 ? c : n == 2 ? c * c : 0.f);
+  }
+  const unsigned auxAddr = smemAddr(sAux) + unsigned(lane * 16);  // ldmatrix row = key (lane), 16 bytes each
+  const float* lseRow = nullptr;
+  if constexpr (Exact) {
+    const int b = rowStart / p.T;  // a sequence lies in one batch row (varlen: B = 1)
+    lseRow = p.lse + ((long long)b * p.H + h) * p.T + (rowStart - b * p.T);
+  }
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      mRow[m][r] = -INFINITY;
-      lRow[m][r] = eRow[m][r] = s1Row[m][r] = s2Row[m][r] = zRow[m][r] = 0.f;
+      if constexpr (Exact) {
+        // In shared memory rather than registers (read once per tile): BK = 64 fits the register file.
+        const int lr = warp * RW + m * 16 + (lane >> 2) + 8 * r;
+        if (ql == 0) sLse[lr] = q0 + lr < len ? __ldg(lseRow + q0 + lr) * kLog2e : 0.f;  // past the end: any finite base
+      } else {
+        mRow[m][r] = -INFINITY;
+      }
+      lRow[m][r] = eRow[m][r] = s1Row[m][r] = s2Row[m][r] = 0.f;
     }
-  const float sl2 = p.scaleLog2;
-  const int warpRow0 = q0 + warp * RW;
-  const int ql = lane & 3;
 
   for (int it = 0; it < nKT; ++it) {
     const int j = nKT - 1 - it;
@@ -217,6 +254,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           }
         }
       }
+      unsigned pa[MT][BK / 16][4];  // P in fp16 as A fragments
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const int mRow0 = warpRow0 + m * 16;
@@ -231,31 +269,36 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
               if (key > r0 + (e >> 1) * 8) s[m][n][e] = -INFINITY;
             }
         }
-        float mx[2] = {mRow[m][0], mRow[m][1]};
+        float base[2], alpha[2] = {1.f, 1.f}, rs[2] = {0.f, 0.f};
+        if constexpr (Exact) {
+          base[0] = sLse[mRow0 - q0 + (lane >> 2)];
+          base[1] = sLse[mRow0 - q0 + (lane >> 2) + 8];
+        } else {
+          float mx[2] = {mRow[m][0], mRow[m][1]};
 #pragma unroll
-        for (int n = 0; n < NB; ++n) {
-          mx[0] = fmaxf(mx[0], fmaxf(s[m][n][0], s[m][n][1]));
-          mx[1] = fmaxf(mx[1], fmaxf(s[m][n][2], s[m][n][3]));
-        }
-        float base[2], alpha[2], rs[2] = {0.f, 0.f};
+          for (int n = 0; n < NB; ++n) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[m][n][0], s[m][n][1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[m][n][2], s[m][n][3]));
+          }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-          base[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
-          const float dlog = mRow[m][r] * sl2 - base[r];  // log2 alpha; −inf while nothing was seen
-          alpha[r] = ex2(dlog);
-          // Every old term p·x becomes (αp)(x + dlog).
-          eRow[m][r] = mRow[m][r] == -INFINITY ? 0.f : alpha[r] * fmaf(dlog, lRow[m][r], eRow[m][r]);
-          lRow[m][r] *= alpha[r];
-          s1Row[m][r] *= alpha[r];
-          s2Row[m][r] *= alpha[r];
-          zRow[m][r] *= alpha[r];
-          mRow[m][r] = mx[r];
+          for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            base[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
+            const float dlog = mRow[m][r] * sl2 - base[r];  // log2 alpha; −inf while nothing was seen
+            alpha[r] = ex2(dlog);
+            // Every old term p·x becomes (αp)(x + dlog).
+            eRow[m][r] = mRow[m][r] == -INFINITY ? 0.f : alpha[r] * fmaf(dlog, lRow[m][r], eRow[m][r]);
+            lRow[m][r] *= alpha[r];
+            s1Row[m][r] *= alpha[r];
+            s2Row[m][r] *= alpha[r];
+            mRow[m][r] = mx[r];
+          }
         }
         // Δ = τ − σ for element (n, e): dBase[e >> 1] − c, c = 8n + (e & 1) (a compile-time constant).
         const float dBase[2] = {float(mRow0 + (lane >> 2) - key0 - ql * 2), float(mRow0 + (lane >> 2) + 8 - key0 - ql * 2)};
-        if (mRow0 - key0 < 256) {
+        const bool near = mRow0 - key0 < kNear;
+        if (near) {
           // Near the diagonal: Δ per element (exact small integers; no cancellation for local heads).
 #pragma unroll
           for (int n = 0; n < NB; ++n)
@@ -274,55 +317,82 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
               s[m][n][e] = pe;
             }
         } else {
-          // Far (Δ ≥ 193 here): Σ p c and Σ p c² with constant c, expanded per row afterwards
-          // (Σ pΔ = dBase·Σp − Σ pc, Σ pΔ² = dBase²·Σp − 2 dBase Σ pc + Σ pc²; relative rounding ≲ 3 ulp).
-          float pc[2] = {0.f, 0.f}, pc2[2] = {0.f, 0.f};
+          // Far (Δ ≥ kNear − BK + 1): per element only p and p·x; Σp, Σp·c', Σp·c'² come from the aux product.
 #pragma unroll
           for (int n = 0; n < NB; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int r = e >> 1;
-              const float x = fmaf(s[m][n][e], sl2, -base[r]);
+              const float x = fmaf(s[m][n][e], sl2, -base[e >> 1]);
               const float pe = ex2(x);
-              rs[r] += pe;
-              eRow[m][r] = fmaf(pe, x, eRow[m][r]);
-              pc[r] = fmaf(pe, float(n * 8 + (e & 1)), pc[r]);
-              pc2[r] = fmaf(pe, float((n * 8 + (e & 1)) * (n * 8 + (e & 1))), pc2[r]);
+              eRow[m][e >> 1] = fmaf(pe, x, eRow[m][e >> 1]);
               s[m][n][e] = pe;
             }
+        }
+        if (key0 == 0 && ql == 0) {  // σ = 0 is element (n 0, e 0 / 2) of lane quad 0; tile 0 comes last
+          const int lr = mRow0 - q0 + (lane >> 2);
+          sZ[lr] = s[m][0][0];
+          sZ[lr + 8] = s[m][0][2];
+        }
+        // P in fp16, once: the A fragments of the aux and φ products (two adjacent n-blocks per 16 keys).
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          pa[m][kk][0] = packHalf(s[m][2 * kk][0], s[m][2 * kk][1]);
+          pa[m][kk][1] = packHalf(s[m][2 * kk][2], s[m][2 * kk][3]);
+          pa[m][kk][2] = packHalf(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+          pa[m][kk][3] = packHalf(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+        }
+        if (!near) {
+          // Aux columns [1, c', c'²] (c' = c − BK/2, exact in fp16): lane quad 0 gets Σp, Σp·c' of its two rows,
+          // quad 1 gets Σp·c'². Σ pΔ = dc·Σp − Σpc', Σ pΔ² = dc(dc·Σp − 2Σpc') + Σpc'² with dc = dBase − BK/2
+          // (relative rounding ≲ 3 ulp: Δ ≥ kNear − BK + 1 here). Lanes add what their role says; the quad
+          // sums at the end.
+          float ax[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int k2 = 0; k2 < BK / 32; ++k2) {  // 32 keys per ldmatrix.x4: B fragments of two 16-key steps
+            unsigned b[4];
+            ldsm4t(b, auxAddr + unsigned(k2 * 32 * 16));
+            mmaF16(ax, pa[m][2 * k2], b[0], b[1]);
+            mmaF16(ax, pa[m][2 * k2 + 1], b[2], b[3]);
+          }
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            s1Row[m][r] += fmaf(dBase[r], rs[r], -pc[r]);
-            s2Row[m][r] += fmaf(dBase[r], fmaf(dBase[r], rs[r], -2.f * pc[r]), pc2[r]);
+            const float dc = dBase[r] + float(ql * 2 - BK / 2);  // dBase of lane quad 0
+            const float sum = ax[2 * r], sc = ax[2 * r + 1];
+            if (ql == 0) {  // Σp, Σpc' (the row sum also feeds the histogram's tail below, read on quad 0)
+              rs[r] = sum;
+              s1Row[m][r] += fmaf(dc, sum, -sc);
+              s2Row[m][r] = fmaf(dc, fmaf(dc, sum, -2.f * sc), s2Row[m][r]);
+            } else if (ql == 1) {  // Σpc'²
+              s2Row[m][r] += sum;
+            }
           }
         }
-        if (key0 == 0 && ql == 0) {  // σ = 0 is element (n 0, e 0 / 2) of lane quad 0
-          zRow[m][0] += s[m][0][0];
-          zRow[m][1] += s[m][0][2];
-        }
+        const int lr0 = mRow0 - q0 + (lane >> 2);  // this lane's rows in the CTA: lr0, lr0 + 8
         lRow[m][0] += rs[0];
         lRow[m][1] += rs[1];
-        if (__any_sync(0xffffffffu, alpha[0] < 1.f || alpha[1] < 1.f)) {  // most tiles leave every row max alone
+        if constexpr (!Exact) {
+          if (__any_sync(0xffffffffu, alpha[0] < 1.f || alpha[1] < 1.f)) {  // most tiles leave every row max alone
 #pragma unroll
-          for (int d = 0; d < DB; ++d) {
-            cacc[m][d][0] *= alpha[0];
-            cacc[m][d][1] *= alpha[0];
-            cacc[m][d][2] *= alpha[1];
-            cacc[m][d][3] *= alpha[1];
+            for (int d = 0; d < DB; ++d) {
+              cacc[m][d][0] *= alpha[0];
+              cacc[m][d][1] *= alpha[0];
+              cacc[m][d][2] *= alpha[1];
+              cacc[m][d][3] *= alpha[1];
+            }
           }
         }
         // Histogram: rows of this m-tile span Δ ∈ [max(0, mRow0 − key0 − BK + 1), mRow0 + 15 − key0].
         {
           const int bLo = binOf(max(0, mRow0 - key0 - BK + 1)), bHi = binOf(mRow0 + 15 - key0);
-          float tail[2];
+          float tail[2] = {rs[0], rs[1]};  // far: already the row sum on quad 0 (the only lanes that write)
+          if (near) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            tail[r] = rs[r];
-            tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 1);
-            tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 2);
+            for (int r = 0; r < 2; ++r) {
+              tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 1);
+              tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 2);
+            }
           }
-          const int lr0 = mRow0 - q0 + (lane >> 2);  // this lane's rows in the CTA: lr0, lr0 + 8
-          if (ql == 0) {
+          if (!Exact && ql == 0) {
 #pragma unroll
             for (int r = 0; r < 2; ++r)
               if (alpha[r] < 1.f)
@@ -337,7 +407,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                   const float dl = dBase[e >> 1] - float(n * 8 + (e & 1));
-                  next[e >> 1] += dl >= th ? s[m][n][e] : 0.f;
+                  next[e >> 1] += dl >= th ? packedP(pa[m], n, e) : 0.f;  // fp16 p: s is dead by now
                 }
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
@@ -357,22 +427,14 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
       // C += P F on fp16 (P rounded to fp16, F an fp16 table).
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        unsigned a[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          a[m][0] = packHalf(s[m][2 * kk][0], s[m][2 * kk][1]);
-          a[m][1] = packHalf(s[m][2 * kk][2], s[m][2 * kk][3]);
-          a[m][2] = packHalf(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-          a[m][3] = packHalf(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
-        }
 #pragma unroll
         for (int d2 = 0; d2 < DB / 2; ++d2) {
           unsigned b[4];
           ldsm4t(b, fBase4[d2 & 3] + stageOff + unsigned(kk * 16 * D * 2 + (d2 >> 2) * 128));
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            mmaF16(cacc[m][2 * d2], a[m], b[0], b[1]);
-            mmaF16(cacc[m][2 * d2 + 1], a[m], b[2], b[3]);
+            mmaF16(cacc[m][2 * d2], pa[m][kk], b[0], b[1]);
+            mmaF16(cacc[m][2 * d2 + 1], pa[m][kk], b[2], b[3]);
           }
         }
       }
@@ -391,14 +453,13 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float l = lRow[m][r], e = eRow[m][r], s1 = s1Row[m][r], s2 = s2Row[m][r], z = zRow[m][r];
+      float l = lRow[m][r], e = eRow[m][r], s1 = s1Row[m][r], s2 = s2Row[m][r];
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
         l += __shfl_xor_sync(0xffffffffu, l, off);
         e += __shfl_xor_sync(0xffffffffu, e, off);
         s1 += __shfl_xor_sync(0xffffffffu, s1, off);
         s2 += __shfl_xor_sync(0xffffffffu, s2, off);
-        z += __shfl_xor_sync(0xffffffffu, z, off);
       }
       const int lr = warp * RW + m * 16 + (lane >> 2) + 8 * r;  // row within the CTA
       const int tau = q0 + lr;
@@ -409,7 +470,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
         scal[0] += s1 * inv;
         scal[1] += s2 * inv;
         scal[2] += logf(l) - kLn2 * e * inv;
-        scal[3] += z * inv;
+        scal[3] += sZ[lr] * inv;  // written by this lane in tile 0
       }
       if (valid) {
         const float2* tr = p.trig + (long long)tau * p.half;
@@ -519,8 +580,8 @@ __global__ void featureTable(__half* __restrict__ feat, const double* __restrict
 }
 
 template <typename E, typename C>
-void runStats(const Problem& p, const void* q, const void* k, int Dp, const float2* trig, const std::vector<int2>& seqs,
-              int maxLen, const Accumulators& acc, const Device dev, cudaStream_t stream) {
+void runStats(const Problem& p, const void* q, const void* k, const float* lse, int Dp, const float2* trig,
+              const std::vector<int2>& seqs, int maxLen, const Accumulators& acc, const Device dev, cudaStream_t stream) {
   constexpr int BQ = C::BQ;
   const int half = int(p.D / 2);
   std::vector<int4> list;
@@ -552,6 +613,8 @@ void runStats(const Problem& p, const void* q, const void* k, int Dp, const floa
   prm.feat = reinterpret_cast<const __half*>(feat.data());
   prm.trig = trig;
   prm.work = reinterpret_cast<const int4*>(work.data());
+  prm.lse = lse;
+  prm.T = int(p.T);
   prm.partial = partial.ptr<double>();
   prm.qStride = p.H * Dp;
   prm.kvStride = p.HKV * Dp;
@@ -561,7 +624,7 @@ void runStats(const Problem& p, const void* q, const void* k, int Dp, const floa
   prm.R = R;
   prm.scaleLog2 = float(p.scale * double(kLog2e));
   const size_t smem = C::smem();
-  auto kern = momentStats<E, C>;
+  auto kern = lse ? momentStats<E, C, true> : momentStats<E, C, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
   kern<<<unsigned(blocks), C::W * 32, smem, stream>>>(prm);
   checkLaunch("taylorMoments (tensor-core statistics)");
@@ -572,21 +635,21 @@ void runStats(const Problem& p, const void* q, const void* k, int Dp, const floa
 }
 
 template <typename E>
-void runStatsFor(const Problem& p, const void* q, const void* k, int Dp, const float2* trig, const std::vector<int2>& seqs,
-                 int maxLen, const Accumulators& acc, Device dev, cudaStream_t stream) {
-  if (Dp == 64) runStats<E, Cfg64>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+void runStatsFor(const Problem& p, const void* q, const void* k, const float* lse, int Dp, const float2* trig,
+                 const std::vector<int2>& seqs, int maxLen, const Accumulators& acc, Device dev, cudaStream_t stream) {
+  if (Dp == 64) runStats<E, Cfg64>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   else if (Dp == 128) {
     const char* variant = std::getenv("TCAL_MOMENTS_KERNEL");
-    if (variant && std::string(variant) == "bk64") runStats<E, Cfg128bk64>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
-    else runStats<E, Cfg128>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+    if (variant && std::string(variant) == "bk64") runStats<E, Cfg128bk64>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    else runStats<E, Cfg128>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   }
-  else runStats<E, Cfg256>(p, q, k, Dp, trig, seqs, maxLen, acc, dev, stream);
+  else runStats<E, Cfg256>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
 }
 
 }  // namespace
 
-void momentStatsTensorCore(const Problem& p, const Tensor& q, const Tensor& k, const float2* trig, const std::vector<int2>& seqs,
-                           int maxLen, const Accumulators& acc, cudaStream_t stream) {
+void momentStatsTensorCore(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& lse, const float2* trig,
+                           const std::vector<int2>& seqs, int maxLen, const Accumulators& acc, cudaStream_t stream) {
   if (seqs.empty()) return;
   const Device dev = q.device();
   const int64_t D = p.D, Dp = D <= 64 ? 64 : D <= 128 ? 128 : 256;
@@ -611,8 +674,9 @@ void momentStatsTensorCore(const Problem& p, const Tensor& q, const Tensor& k, c
     qp = qPad.data();
     kp = kPad.data();
   }
-  if (q.dtype() == DType::BF16) runStatsFor<__nv_bfloat16>(p, qp, kp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
-  else if (q.dtype() == DType::F16) runStatsFor<__half>(p, qp, kp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
+  const float* lp = lse.defined() ? lse.ptr<float>() : nullptr;
+  if (q.dtype() == DType::BF16) runStatsFor<__nv_bfloat16>(p, qp, kp, lp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
+  else if (q.dtype() == DType::F16) runStatsFor<__half>(p, qp, kp, lp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
   else throwInvalid("q", "the tensor-core moment pass takes bf16 or f16");
 }
 

@@ -13,8 +13,10 @@ namespace tcal::cuda {
 // Adds Σ E[Δ], Σ E[Δ²], Σ H, Σ sink, Σ local (acc.attention), the distance histogram and Σ φ of every token
 // of the sequences `seqs` ({start, end} flat token ranges, included ones only) into the accumulators.
 // q, k: bf16 or f16, [tokens, H|HKV, D] contiguous; trig: f32 (cos, sin)(θ_j τ) [maxLen, D/2] pairs.
-void momentStatsTensorCore(const moments::Problem& p, const Tensor& q, const Tensor& k, const float2* trig,
-                           const std::vector<int2>& seqs, int maxLen, const moments::Accumulators& acc,
-                           cudaStream_t stream);
+// lse: the forward's f32 [B, H, T] row log-sum-exps of the scaled scores, or undefined (then the pass runs
+// an online softmax).
+void momentStatsTensorCore(const moments::Problem& p, const Tensor& q, const Tensor& k, const Tensor& lse,
+                           const float2* trig, const std::vector<int2>& seqs, int maxLen,
+                           const moments::Accumulators& acc, cudaStream_t stream);
 
 }  // namespace tcal::cuda

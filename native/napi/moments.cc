@@ -1,6 +1,6 @@
 // The Taylor attention-moment reduction (DESIGN.md §5.1 Pass 1):
-//   taylorMoments(q, k, v, invFreq, decays, acc, {scale, cuSeqlens, include, x, context, algorithm})
-//     (context: the teacher's per-head A·V [B,T,H,D], an input)
+//   taylorMoments(q, k, v, invFreq, decays, acc, {scale, cuSeqlens, include, x, context, lse, algorithm})
+//     (context: the teacher's per-head A·V [B,T,H,D]; lse: its attention's f32 [B,H,T] log-sum-exp; inputs)
 //     → Promise<void>, adding into the caller's f64 accumulators `acc` (see native/cpu/moments.h).
 // Shapes, dtypes and devices are validated here (typed InvalidArgument errors naming the argument);
 // cu_seqlens, include, invFreq and decays are read and checked on the worker.
@@ -171,6 +171,13 @@ Napi::Value TaylorMoments(const Napi::CallbackInfo& info) {
       if (dev.kind == Device::CUDA && c->dtype() == DType::F64) throwInvalid("context", "f64 runs on the CPU only");
       checkSameDevice(*c, dev, "context");
       in.context = *c;
+    }
+    if (auto l = optionalTensor(optionValue(opts, "lse"), "lse")) {
+      // attentionForward's lse of the same q, k (and scale): f32 [B, H, T].
+      checkDType(*l, DType::F32, "lse");
+      checkShape(*l, {p.B, p.H, p.T}, "lse");
+      checkSameDevice(*l, dev, "lse");
+      in.lse = *l;
     }
 
     moments::Accumulators acc;
