@@ -1,6 +1,7 @@
 /**
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
- * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer]
+ * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once]
+ * (--once: two forward calls at the reference shape only, as a target for ncu)
  * Shapes: B8·T4096·H16·K=V=128 (reference), B2·T16384·H16·D128, B8·T4096·H32·D64; bf16 q/k/v, f32 g/β,
  * in-kernel q/k L2 norm (as fla's use_qk_l2norm_in_kernel). Floors first (bytes / bandwidth, FLOPs / rate),
  * then ours and fla's medians, our forward output against fla's, tokens/s. JSON under bench/results/.
@@ -63,17 +64,19 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
 
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
 const FORWARD_VARIANTS: [string, Record<string, string>][] = [
-  ['v4 (default)', {}],
-  ['state: direct (no W)', { TCAL_GDN_STATE: 'direct' }],
-  ['state: v3 on W', { TCAL_GDN_STATE: 'w' }],
-  ['state: K split on W', { TCAL_GDN_STATE: 'split' }],
+  ['v5 (default)', {}],
+  ['state: ws CG=8', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '8', TCAL_GDN_WS_KS: '1' }],
+  ['state: ws CG=4', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '4', TCAL_GDN_WS_KS: '1' }],
+  ['state: ws CG=2 KS=2', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '2', TCAL_GDN_WS_KS: '2' }],
+  ['state: ws CG=2 KS=1', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '2', TCAL_GDN_WS_KS: '1' }],
+  ['state: direct (v4)', { TCAL_GDN_STATE: 'direct' }],
+  ['state: K split on W (v4)', { TCAL_GDN_STATE: 'split' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
-  ['direct: prep alone', { TCAL_GDN_STATE: 'direct', TCAL_GDN_V3_SKIP: 'state' }],
-  ['direct: state alone', { TCAL_GDN_STATE: 'direct', TCAL_GDN_V3_SKIP: 'prep' }],
+  ['ws CG=8: state alone', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '8', TCAL_GDN_WS_KS: '1', TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
-const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V3_SKIP'];
+const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V3_SKIP', 'TCAL_GDN_WS_CG', 'TCAL_GDN_WS_KS'];
 
 /** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
 function agreementWith(a: Float32Array, raw: Buffer): number {
@@ -94,6 +97,20 @@ async function main(): Promise<void> {
   const noPeer = process.argv.includes('--no-peer');
   const backend = initBackend({ backend: 'cuda' });
   const device = backend.device;
+  if (process.argv.includes('--once')) {
+    // Two forward calls at the reference shape and nothing else: a target for a profiler (ncu).
+    const s = SHAPES[0];
+    const mk = (shape: number[], dtype?: 'bf16') => Tensor.empty(shape, { device, dtype });
+    const ins = {
+      q: await randomFill(mk([s.B, s.T, s.H, s.K], 'bf16'), { kind: 'normal' }, 1),
+      k: await randomFill(mk([s.B, s.T, s.H, s.K], 'bf16'), { kind: 'normal' }, 2),
+      v: await randomFill(mk([s.B, s.T, s.HV, s.V], 'bf16'), { kind: 'normal' }, 3),
+      g: await randomFill(mk([s.B, s.T, s.HV]), { kind: 'uniform', low: -0.2, high: -0.005 }, 4),
+      beta: await randomFill(mk([s.B, s.T, s.HV]), { kind: 'uniform', low: 0.05, high: 0.95 }, 5),
+    };
+    for (let i = 0; i < 2; i++) (await gdnForward(ins, { l2norm: true })).o.dispose();
+    return;
+  }
   const gpu = cudaDevices()[0];
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tcal-gdn-'));
   const floorRows = SHAPES.map((s) => ({ shape: s.name, ...floors(s) }));

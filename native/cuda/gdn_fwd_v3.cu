@@ -39,6 +39,71 @@ constexpr int LDF = C + 4;      // fp32 row of a C × C tile
 
 __device__ __forceinline__ float softplusF(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
 
+// PTX helpers of both kernels: cp.async, ldmatrix, the m16n8k16 mma and fp32 → packed pair conversion.
+__device__ __forceinline__ unsigned smemAddr(const void* p) {
+  return unsigned(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smemAddr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smemAddr(p)));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smemAddr(p)));
+}
+
+// Four 8×8 b16 matrices from mma fragments (register r of matrix r), each stored transposed: lanes 8r … 8r+7
+// give the addresses of the rows of matrix r in memory (= its columns in the fragment).
+__device__ __forceinline__ void stsm4t(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smemAddr(p)), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+  __half2 v = __floats2half2_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+
 // ---------------------------------------------------------------------------------------------------------------
 // Kernel 1: chunk-local preparation. 128 threads, four blocks per SM (v4: A aliases the raw k rows, which are
 // read again from L2 for W; W leaves through a per-warp 16×16 tile instead of a C × K fp32 buffer).
@@ -166,49 +231,67 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     }
   }
   __syncthreads();
-  if (tid < 32) {  // inclusive scan of the log decays (2 per lane); past L the sum stays γ_{L-1}
-    float a = gam[2 * lane], b = a + gam[2 * lane + 1];
+  // Inclusive scan of the log decays (2 per lane), by every warp in registers (past L the sum stays γ_{L-1});
+  // warp 0 publishes γ and exp γ after the next barrier (the other warps still read the raw g until then).
+  float gs0, gs1;
+  {
+    const float a = gam[2 * lane], b = a + gam[2 * lane + 1];
     float s = b;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
-      float y = __shfl_up_sync(0xffffffffu, s, off);
+      const float y = __shfl_up_sync(0xffffffffu, s, off);
       if (lane >= off) s += y;
     }
-    float prev = s - b;
-    gam[2 * lane] = prev + a;
-    gam[2 * lane + 1] = s;
+    gs0 = s - b + a;
+    gs1 = s;
   }
-  // K Kᵀ (raw rows) on the tensor cores: the 10 tiles on or below the diagonal (the only ones M reads).
+  auto gammaAt = [&](int idx) {  // γ_idx from the lane that holds it (all lanes call it together)
+    const float x0 = __shfl_sync(0xffffffffu, gs0, idx >> 1), x1 = __shfl_sync(0xffffffffu, gs1, idx >> 1);
+    return idx & 1 ? x1 : x0;
+  };
+  // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
+  // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
     const int tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
     const int tc = tile - tr * (tr + 1) / 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    const int lr = lane % 8, lm = lane / 8, gq = lane / 4, tq = lane % 4;
+    float acc[2][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      wmma::load_matrix_sync(fa, Kb + tr * 16 * LDK + kk * 16, LDK);
-      wmma::load_matrix_sync(fb, Kb + tc * 16 * LDK + kk * 16, LDK);
-      wmma::mma_sync(acc, fa, fb, acc);
+    for (int ks = 0; ks < K / 16; ++ks) {
+      uint32_t a[4], b[4];
+      ldsm4(a, Kb + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+      ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+      mma<T>(acc[0], a, b[0], b[1]);
+      mma<T>(acc[1], a, b[2], b[3]);
     }
-    wmma::store_matrix_sync(Gs + tr * 16 * LDF + tc * 16, acc, LDF, wmma::mem_row_major);
+    float gi[2], gj[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * tr + gq + 8 * r);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) gj[nt][c] = gammaAt(16 * tc + 8 * nt + 2 * tq + c);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = 16 * tr + gq + 8 * r, j = 16 * tc + 8 * nt + 2 * tq;
+        const float fi = bet[i] * rk[i];
+        float m0 = 0.f, m1 = 0.f;
+        if (i < L) {
+          if (j < i) m0 = fi * rk[j] * acc[nt][2 * r] * __expf(gi[r] - gj[nt][0]);
+          if (j + 1 < i) m1 = fi * rk[j + 1] * acc[nt][2 * r + 1] * __expf(gi[r] - gj[nt][1]);
+        }
+        *reinterpret_cast<float2*>(Gs + i * LDF + j) = make_float2(m0, m1);
+      }
   }
   __syncthreads();  // Kb is dead from here on: As takes its place
-  if (tid < C) ex[tid] = tid < L ? __expf(gam[tid]) : 0.f;
-  {
-    // M, one column per thread (2 rows per pass). As needs no zeroing: only its lower blocks are read, and
-    // the Ab loop masks the upper ones.
-    static_assert(kPrepThreads % C == 0, "prep: whole rows per pass");
-    const int j = tid % C;
-    const float rkj = rk[j], gj = gam[j];
-    for (int i = tid / C; i < C; i += kPrepThreads / C) {
-      float m = 0.f;
-      if (j < i && i < L) m = bet[i] * rk[i] * rkj * Gs[i * LDF + j] * __expf(gam[i] - gj);
-      Gs[i * LDF + j] = m;
-    }
+  if (warp == 0) {
+    gam[2 * lane] = gs0;
+    gam[2 * lane + 1] = gs1;
+    ex[2 * lane] = 2 * lane < L ? __expf(gs0) : 0.f;
+    ex[2 * lane + 1] = 2 * lane + 1 < L ? __expf(gs1) : 0.f;
   }
-  __syncthreads();
   static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
   // A = (I + M)⁻¹. Diagonal block `warp` in registers: lane j (and its twin j + 16) owns column j,
   // x[i] = A_ij; rows of M by broadcast float4 loads that do not depend on x.
@@ -282,7 +365,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 #pragma unroll
     for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
-    *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
+    if (WITHW) *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
   }
   if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
@@ -333,61 +416,6 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernel 2: the state pass.
-
-__device__ __forceinline__ unsigned smemAddr(const void* p) {
-  return unsigned(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smemAddr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smemAddr(p)));
-}
-__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smemAddr(p)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
-  __half2 v = __floats2half2_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 template <int K, int NW>
 __host__ __device__ constexpr size_t stageBytes() {
@@ -1097,6 +1125,399 @@ __global__ void __launch_bounds__(64 * CG) state4Kernel(const int* __restrict__ 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Kernel 2, v5: warp-specialised state pass (no W). Column group cg (16 state columns) has KS2 recurrence
+// warps that keep Sᵀ (16 × K, split over K between them when KS2 = 2; fp32) in registers and run only what the
+// next chunk depends on,
+//   Pᵀ = Sᵀ kᵀ,  νᵀ = (Vᵀ − Pᵀ diag(exp γ·rk)) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(rk exp(γ_L − γ)) K
+// (with KS2 = 2 each forms its partial Pᵀ over its half of K, the pair adds them through shared memory, both
+// form the whole νᵀ and update their own half), and KS2 output warps (each owning half of the chunk's token
+// blocks when KS2 = 2) that form the chunk's output from the chunk-start Sᵀ and νᵀ, handed over through shared
+// memory as raw bf16/f16 A fragments (each lane reads what the same lane wrote):
+//   Aqk (10 lower blocks, shared by all output warps),  Oᵀ = Sᵀ Q̃ᵀ diag(sq·exp γ) + νᵀ Aqkᵀ,  o stores.
+// The output warps wait for ν on a named barrier that the recurrence warps only arrive at, so O's products
+// run beside the recurrence chain instead of on it. Without o (the backward's checkpoint pass) the output
+// warps only help with the loads.
+template <int K, int CG>
+__host__ __device__ constexpr size_t wsStageBytes() {
+  // Qs, Ks (C × (K+8)), Abs (C × LDC), Vs (C × (16·CG + 8)) bf16/f16, aux (C float4).
+  return 2 * (2 * size_t(C) * (K + 8) + size_t(C) * LDC + size_t(C) * (16 * CG + 8)) + 16 * C;
+}
+// 32-bit words per column group: Sᵀ fragments (K/16 × 32 lanes × 4), ν fragments (4 × 32 × 4) and, with the K
+// split, one fp32 partial Pᵀ per recurrence warp (8 × 32 × 4).
+template <int K, int KS2>
+__host__ __device__ constexpr int wsXchgWords() {
+  return (K / 16) * 128 + 4 * 128 + (KS2 == 2 ? 2 * 1024 : 0);
+}
+template <int K, int CG, int KS2, int ST>
+__host__ __device__ constexpr size_t wsSmem() {
+  return 2 * size_t(C) * LDC + ST * wsStageBytes<K, CG>() + 4 * size_t(CG) * wsXchgWords<K, KS2>();
+}
+
+__device__ __forceinline__ void namedSync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void namedArrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+template <typename T, int K, int CG, int KS2, int ST, int MINB>
+__global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __restrict__ cu, int H, int HV, int V,
+                                                                const T* __restrict__ q, const T* __restrict__ k,
+                                                                const T* __restrict__ v, const T* __restrict__ Ab,
+                                                                const float4* __restrict__ aux,
+                                                                const float* __restrict__ h0, T* __restrict__ o,
+                                                                float* __restrict__ hT, float* __restrict__ ckpt,
+                                                                const int* __restrict__ chunkFirst) {
+  constexpr int LDK = K + 8, VT = 16 * CG, LDV = VT + 8, NT = 64 * CG * KS2, KS = K / 16;
+  constexpr int KH = K / KS2, KSH = KH / 16;  // a recurrence warp's rows of S and its k-steps over them
+  constexpr int R = CG * KS2;                 // recurrence warps (0 … R−1), then as many output warps
+  constexpr size_t SB = wsStageBytes<K, CG>();
+  constexpr int XW = wsXchgWords<K, KS2>();
+  // Named barriers (ids 1 … 15): "ν ready" per group 1 + cg, the output warps 1 + CG, the recurrence pair (K
+  // split) 2 + CG + cg.
+  constexpr int kNuCount = 64 * KS2, kOutBar = 1 + CG, kPairBar = 2 + CG;
+  static_assert(CG + 1 + (KS2 == 2 ? CG : 0) <= 15, "wsKernel: named barrier ids");
+  extern __shared__ __align__(128) unsigned char sm[];
+  T* AQs = reinterpret_cast<T*>(sm);
+  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
+  uint32_t* xch = reinterpret_cast<uint32_t*>(stage0 + ST * SB);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const bool rec = warp < R;
+  const int role = rec ? warp : warp - R;  // index among the warps of this role
+  const int cg = role / KS2, kh = role % KS2;
+  const int gq = lane / 4, tq = lane % 4;
+  const int lr = lane % 8, lm = lane / 8;
+  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int v0 = blockIdx.x * VT, vw = 16 * cg;
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const size_t stateBase = (size_t(n) * HV + hv) * K * V;
+  uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
+  uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
+  const bool wantO = o != nullptr;
+
+  auto issue = [&](int64_t tc, int st) {
+    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
+    T* Ks = Qs + C * LDK;
+    T* Abs = Ks + C * LDK;
+    T* Vs = Abs + C * LDC;
+    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+    const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
+    constexpr int RV = K / 8;
+    for (int idx = tid; idx < C * RV; idx += NT) {
+      int i = idx / RV, c = (idx % RV) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      if (wantO) cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
+      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
+    }
+    for (int idx = tid; idx < C * (C / 8); idx += NT) {
+      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
+    }
+    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
+      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
+    }
+    for (int i = tid; i < C; i += NT) {
+      bool ok = i < Lc;
+      int64_t tt = ok ? tc + i : seqBegin;
+      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
+    }
+  };
+  // Top of a chunk, the same for both roles (they meet at its two block barriers): issue the loads, run `mid`
+  // (between the barriers), wait for this chunk's stage.
+  auto top = [&](int64_t t0, int st, auto&& mid) {
+    __syncthreads();  // the previous chunk's reads of shared memory (stages, exchange, Aqk) are done
+    if (ST == 1) {
+      issue(t0, 0);
+      cpAsyncCommit();
+    } else {
+      if (t0 + C < seqEnd) issue(t0 + C, st ^ 1);
+      cpAsyncCommit();  // possibly empty: keeps one group per chunk
+    }
+    mid();
+    cpAsyncWait<ST - 1>();
+    __syncthreads();
+  };
+  if (ST == 2 && seqBegin < seqEnd) {
+    issue(seqBegin, 0);
+    cpAsyncCommit();
+  }
+
+  // The two roles run the chunk loop in separate code, so that the output warps do not carry Sᵀ's registers.
+  if (rec) {
+    const int kb = kh * KH;
+    // Sᵀ (16 × KH): element [nt][e] is state (kk = kb + 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
+    float S[KH / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+        S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
+      }
+    float* xP = reinterpret_cast<float*>(xch + cg * XW + KS * 128 + 4 * 128);  // [kh][nt] float4 per lane
+    float* xPme = xP + kh * 1024 + lane * 4;
+    const float* xPpa = xP + (kh ^ 1) * 1024 + lane * 4;
+    int chunk = chunkFirst ? chunkFirst[n] : 0;
+    int st = 0;
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
+      const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+      const T* Ks = reinterpret_cast<const T*>(stage0 + st * SB) + C * LDK;
+      const T* Abs = Ks + C * LDK;
+      const T* Vs = Abs + C * LDC;
+      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      top(t0, st, [&] {
+        if (ckpt) {  // chunk-start state, overlapping the loads
+          float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
+#pragma unroll
+          for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+              dst[size_t(kk) * V + col] = S[nt][e];
+            }
+        }
+        if (wantO) {  // chunk-start Sᵀ for the output warps (visible after the barrier)
+#pragma unroll
+          for (int ks = 0; ks < KSH; ++ks)
+            *reinterpret_cast<uint4*>(xS + (kb / 16 + ks) * 128) = make_uint4(
+                pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
+                pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]), pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]));
+        }
+      });
+
+      // Pᵀ = Sᵀ kᵀ; Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments; νᵀ = Xᵀ Abᵀ (Ab lower triangular).
+      float N[8][4] = {};
+      {
+        float P[8][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < KSH; ++ks) {
+          const uint32_t sa[4] = {pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
+                                  pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]),
+                                  pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3])};
+#pragma unroll
+          for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            ldsm4(b, Ks + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
+            mma<T>(P[2 * np], sa, b[0], b[1]);
+            mma<T>(P[2 * np + 1], sa, b[2], b[3]);
+          }
+        }
+        if constexpr (KS2 == 2) {  // the pair's partial products, added in the same order by both warps
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+            *reinterpret_cast<float4*>(xPme + nt * 128) = make_float4(P[nt][0], P[nt][1], P[nt][2], P[nt][3]);
+          namedSync(kPairBar + cg, 64);
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            const float4 pp = *reinterpret_cast<const float4*>(xPpa + nt * 128);
+            const float o4[4] = {pp.x, pp.y, pp.z, pp.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) P[nt][e] = kh == 0 ? P[nt][e] + o4[e] : o4[e] + P[nt][e];
+          }
+        }
+        uint32_t Xa[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          uint32_t a[4];
+          ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+#pragma unroll
+          for (int t = 0; t < 2; ++t) {
+            const int j = 16 * ks + 8 * t + 2 * tq;
+            const float f0 = auxs[j].w, f1 = auxs[j + 1].w;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
+              Xa[ks][2 * t + r] =
+                  pack2<T>(toF(ve[0]) - P[2 * ks + t][2 * r] * f0, toF(ve[1]) - P[2 * ks + t][2 * r + 1] * f1);
+            }
+          }
+        }
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+          for (int np = ks; np < 4; ++np) {
+            uint32_t b[4];
+            ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+            mma<T>(N[2 * np], Xa[ks], b[0], b[1]);
+            mma<T>(N[2 * np + 1], Xa[ks], b[2], b[3]);
+          }
+      }
+      if (wantO) {  // hand νᵀ to the output warps (every recurrence warp arrives: it has read Vs by now)
+        if (kh == 0) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks)
+            *reinterpret_cast<uint4*>(xN + ks * 128) = make_uint4(
+                pack2<T>(N[2 * ks][0], N[2 * ks][1]), pack2<T>(N[2 * ks][2], N[2 * ks][3]),
+                pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]), pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]));
+        }
+        namedArrive(1 + cg, kNuCount);
+      }
+      // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K
+      const float gL = auxs[L - 1].x, eL = __expf(gL);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int j = 8 * nt + 2 * tq + c;
+          const float4 aj = auxs[j];
+          const float f = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
+          N[nt][c] *= f;
+          N[nt][c + 2] *= f;
+        }
+#pragma unroll
+      for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[4];
+        a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
+        a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
+        a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
+        a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
+#pragma unroll
+        for (int np = 0; np < KSH; ++np) {
+          uint32_t b[4];
+          ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + kb + 16 * np + (lm >> 1) * 8);
+          mma<T>(S[2 * np], a, b[0], b[1]);
+          mma<T>(S[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    if (hT) {
+#pragma unroll
+      for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+          hT[stateBase + size_t(kk) * V + col] = S[nt][e];
+        }
+    }
+  } else {
+    // Token block np is this output warp's when KS2 = 1, or when it is in {0, 3} (kh = 0) / {1, 2} (kh = 1):
+    // equal shares of the triangular νᵀ Aqkᵀ product.
+    auto own = [&](int np) { return KS2 == 1 || (((np == 0) | (np == 3)) == (kh == 0)); };
+    int st = 0;
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, st ^= (ST - 1)) {
+      const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+      const T* Qs = reinterpret_cast<const T*>(stage0 + st * SB);
+      const T* Ks = Qs + C * LDK;
+      T* Vs = const_cast<T*>(Ks + C * LDK + C * LDC);
+      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      top(t0, st, [] {});
+      if (!wantO) continue;
+      // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L}: the 10 lower 16×16 blocks, shared by the output warps.
+      for (int job = role; job < 10; job += R) {
+        const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
+        const int ni = job - mi * (mi + 1) / 2;
+        float acc[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          uint32_t a[4], b[4];
+          ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+          ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+          mma<T>(acc[0], a, b[0], b[1]);
+          mma<T>(acc[1], a, b[2], b[3]);
+        }
+        float4 ai[2], aj[2][2];  // rows gq, gq + 8; columns 8nt + 2tq + c
+#pragma unroll
+        for (int r = 0; r < 2; ++r) ai[r] = auxs[16 * mi + gq + 8 * r];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) aj[nt][c] = auxs[16 * ni + 8 * nt + 2 * tq + c];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+            float x0 = 0.f, x1 = 0.f;
+            if (i < L) {
+              if (j <= i) x0 = acc[nt][2 * r] * ai[r].y * aj[nt][0].z * __expf(ai[r].x - aj[nt][0].x);
+              if (j + 1 <= i) x1 = acc[nt][2 * r + 1] * ai[r].y * aj[nt][1].z * __expf(ai[r].x - aj[nt][1].x);
+            }
+            *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
+          }
+      }
+      // Oᵀ = Sᵀ Qᵀ over this warp's token blocks (chunk-start Sᵀ from the recurrence warps), columns scaled by
+      // sq_i exp(γ_i).
+      float O[8][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint4 s4 = *reinterpret_cast<const uint4*>(xS + ks * 128);
+        const uint32_t sa[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          if (!own(np)) continue;
+          uint32_t b[4];
+          ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+          mma<T>(O[2 * np], sa, b[0], b[1]);
+          mma<T>(O[2 * np + 1], sa, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float4 ai = auxs[8 * nt + 2 * tq + c];
+          const float f = ai.y * __expf(ai.x);
+          O[nt][c] *= f;
+          O[nt][c + 2] *= f;
+        }
+      namedSync(kOutBar, 32 * R);         // Aqk complete
+      namedSync(1 + cg, kNuCount);  // νᵀ from the recurrence warps
+      // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
+      uint32_t Nf[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint4 n4 = *reinterpret_cast<const uint4*>(xN + ks * 128);
+        Nf[ks][0] = n4.x;
+        Nf[ks][1] = n4.y;
+        Nf[ks][2] = n4.z;
+        Nf[ks][3] = n4.w;
+      }
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (!own(np)) continue;
+#pragma unroll
+        for (int ks = 0; ks <= np; ++ks) {
+          uint32_t b[4];
+          ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+          mma<T>(O[2 * np], Nf[ks], b[0], b[1]);
+          mma<T>(O[2 * np + 1], Nf[ks], b[2], b[3]);
+        }
+      }
+      // o: stage Oᵀ in this group's columns of Vs (the recurrence warps read them before they arrived), then
+      // 16-byte stores.
+      // stmatrix.trans: matrix m of token block np holds tokens 8(2np + (m >> 1)) + [0, 8) × columns 8(m & 1) + [0, 8).
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (!own(np)) continue;
+        const int m = lane / 8;
+        stsm4t(Vs + (16 * np + 8 * (m >> 1) + lane % 8) * LDV + vw + 8 * (m & 1),
+               pack2<T>(O[2 * np][0], O[2 * np][1]), pack2<T>(O[2 * np][2], O[2 * np][3]),
+               pack2<T>(O[2 * np + 1][0], O[2 * np + 1][1]), pack2<T>(O[2 * np + 1][2], O[2 * np + 1][3]));
+      }
+      __syncwarp();
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int i = (lane + 32 * it) / 2, half = lane % 2;
+        if (i < L && own(i / 16))
+          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
+              *reinterpret_cast<const uint4*>(Vs + i * LDV + vw + 8 * half);
+      }
+    }
+  }
+}
+
 // Benchmark-only switch: TCAL_GDN_V3_SKIP=prep | state leaves one kernel out (the output is then wrong) so
 // that the other can be timed alone.
 bool skipped(const char* which) {
@@ -1116,14 +1537,54 @@ int smCount() {
 // warps per (sequence, head) where the grid is small (B2·T16384, H200 run of 2026-11-23: split 1.25 ms vs
 // 1.52 ms; at the reference shape split lost to the one-wave v3 pass, 0.70 vs 0.60 ms). TCAL_GDN_STATE
 // overrides (benchmark variants).
-enum class StateMode { Direct, W, Split };
+enum class StateMode { Direct, W, Split, Ws };
 StateMode stateMode(const gdn::Problem& p) {
   if (const char* e = std::getenv("TCAL_GDN_STATE")) {
     if (std::strcmp(e, "w") == 0) return StateMode::W;
     if (std::strcmp(e, "split") == 0) return StateMode::Split;
     if (std::strcmp(e, "direct") == 0) return StateMode::Direct;
+    if (std::strcmp(e, "ws") == 0) return StateMode::Ws;
   }
-  return p.N * p.HV * (p.V / 64) >= smCount() ? StateMode::Direct : StateMode::Split;
+  return StateMode::Ws;
+}
+
+// The warp-specialised pass. Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per
+// group, two blocks per SM (MINB = 2: ≤ 128 registers) with two load stages where 2 × the shared memory fits,
+// else one. Where the grid is small (B2·T16384): 32-column blocks, K split between two recurrence warps per
+// group (half the chain per chunk), one block per SM with two stages. TCAL_GDN_WS_CG=2|4 and
+// TCAL_GDN_WS_KS=1|2 force the shape (benchmark variants; CG = 4 only with KS = 1).
+template <typename T, int K, int CG, int KS2, int ST, int MINB>
+void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
+              float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  constexpr size_t smem = wsSmem<K, CG, KS2, ST>();
+  auto kern = wsKernel<T, K, CG, KS2, ST, MINB>;
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "cudaFuncSetAttribute(gdn v5 state)");
+  dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
+  kern<<<grid, 64 * CG * KS2, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
+                                              in.v.ptr<T>(), Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
+                                              ckpt, chunkFirst);
+  checkLaunch("gdn v5 state");
+}
+
+template <typename T, int K>
+void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
+           float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+  const bool wide = p.N * p.HV * (p.V / 64) >= smCount();
+  int cg = wide ? 4 : 2, ks = wide ? 1 : 2;
+  if (const char* e = std::getenv("TCAL_GDN_WS_CG")) cg = std::atoi(e) == 2 ? 2 : std::atoi(e) == 8 ? 8 : 4;
+  if (const char* e = std::getenv("TCAL_GDN_WS_KS")) ks = std::atoi(e) == 2 ? 2 : 1;
+  if (cg == 2 && ks == 2) {
+    launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  } else if (cg == 2) {
+    launchWs<T, K, 2, 1, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  } else if (cg == 8 && p.V % 128 == 0) {
+    launchWs<T, K, 8, 1, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
+    launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  } else {
+    launchWs<T, K, 4, 1, 1, 2>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+  }
 }
 
 template <typename T, int K, int ST, bool DIRECT>
@@ -1162,7 +1623,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
   const StateMode mode = stateMode(p);
-  const bool withW = mode != StateMode::Direct;
+  const bool withW = mode == StateMode::W || mode == StateMode::Split;
   Tensor W = withW ? empty({NT, p.HV, p.K}, in.q.dtype(), dev) : Tensor();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
   Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
@@ -1186,6 +1647,10 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
+  if (mode == StateMode::Ws) {
+    runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+    return;
+  }
   if (mode == StateMode::Split) {
     launchState4<T, K>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
     return;
