@@ -28,8 +28,8 @@
  * product; native/cuda/moments_tc.cu) and never form A·V (with `lse` it needs no online softmax either);
  * f32 inputs, or no context, run a CUDA-core pass in fp32 that forms o itself (much slower). Sums in f64 in
  * a fixed order. `taylorMomentsOnDevice(device)` says whether the reduction runs where the tensors are. Diagnostics (environment, CUDA):
- * TCAL_MOMENTS_PROFILE=1 prints each call's phase times to stderr; TCAL_MOMENTS_KERNEL=bk64 picks 64-key tiles
- * for the D = 128 tensor-core pass (bench/NOTES.md "Taylor attention-moment reduction" has both).
+ * TCAL_MOMENTS_PROFILE=1 prints each call's phase times to stderr; TCAL_MOMENTS_KERNEL=bk32 picks 32-key tiles
+ * for the D = 128 tensor-core pass (default 64; bench/NOTES.md "Taylor attention-moment reduction" has both).
  */
 import { native, type NativeTensor } from '../native';
 import { Tensor } from '../tensor';

@@ -10,13 +10,14 @@
 //      F[σ] = [cos θ_j σ | sin θ_j σ] (D columns, an fp16 table), P and F in fp16 (11-bit mantissa: the
 //      bf16 P of attention would miss the 1e-4 bar), fp32 accumulation; the rotation e^{iθ_j τ} is applied
 //      per row in fp32 at the end (φ = e^{iθτ}(C − i Sn)/l).
-//   Per-element FMAs on the probability tile, per row: l = Σ p, E = Σ p·x (x = log2 p relative to the running
-//      max: entropy H = ln l − ln2·E/l), S1 = Σ p Δ, S2 = Σ p Δ² (Δ = τ − σ exact near the diagonal; on far
-//      tiles Σ p c, Σ p c² over the tile-local key offset c, expanded per row), Z = p at σ = 0 (sink).
+//   Per row: E = Σ p·x per element (x = log2 p relative to the running max or lse: entropy H = ln l − ln2·E/l);
+//      near the diagonal (key tiles < kNear rows below) also l = Σ p, S1 = Σ p Δ, S2 = Σ p Δ² per element
+//      (Δ = τ − σ exact); on far tiles l, Σ p c', Σ p c'² come from an aux product P·[1, c', c'², 0…] over the
+//      tile-local key offset c' (exact in fp16) and are expanded per row; Z = p at σ = 0 (sink).
 //   Histogram (bins Δ = 0, [2^{b−1}, 2^b)): per (m-tile, key tile) the bin range of the tile's Δ span; a
-//      tile inside one bin (every far tile) adds its row sums; a tile crossing bin edges adds tail masses
-//      Σ_{Δ ≥ 2^{b−1}} p per crossed edge. Bins live in shared memory per row, rescaled with the row's max
-//      only when it moves. local (Δ < 16) = bins 0..4.
+//      tile inside one bin (every far tile) adds its row sums (in a register until the bin changes); a tile
+//      crossing bin edges adds tail masses Σ_{Δ ≥ 2^{b−1}} p per crossed edge. Bins live in shared memory per
+//      row, rescaled with the row's max only when it moves (online). local (Δ < 16) = bins 0..4.
 // With the forward's lse (template flag Exact): p = 2^{s·scale·log2e − lse·log2e} is known up front, so there
 //   is no running max, no max shuffles and no rescaling of the φ accumulators, the row sums or the bins; every
 //   row is still divided by its own Σp at the end (any per-row constant offset of lse cancels exactly there,
@@ -94,15 +95,20 @@ struct StatParams {
   float scaleLog2;
 };
 
-template <int D_, int W_, int MT_, int BK_, int MinBlocks_>
+// Spare: latency helpers that cost registers (split Σp·x chains, two aux accumulators, the far tiles' bin mass
+// in registers). Without them the 64-key lse kernel spilled more and ran 13% slower (run 3 of session 3).
+template <int D_, int W_, int MT_, int BK_, int MinBlocks_, bool Spare_ = true>
 struct StatCfg {
   static constexpr int D = D_, W = W_, MT = MT_, BK = BK_, MinBlocks = MinBlocks_;
+  static constexpr bool Spare = Spare_;
   static constexpr int BQ = 16 * MT * W;
   static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + 3 * BQ) * 4 + size_t(BK * 8) * 2; }
 };
 using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
-using Cfg128 = StatCfg<128, 4, 2, 32, 2>;     // 255 registers, no spills
-using Cfg128bk64 = StatCfg<128, 4, 2, 64, 2>;  // TCAL_MOMENTS_KERNEL=bk64: 64-key tiles, ~400 B of spills (for the record)
+// D = 128: 64-key tiles by default (run 3 of session 3: 4.41 ms against 4.69 ms for 32-key tiles, despite
+// ~130 B of spills); TCAL_MOMENTS_KERNEL=bk32 picks the 32-key tiles (255 registers, no spills).
+using Cfg128 = StatCfg<128, 4, 2, 64, 2>;
+using Cfg128bk32 = StatCfg<128, 4, 2, 32, 2>;
 using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
 
 template <typename E, typename C, bool Exact>
@@ -110,6 +116,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   constexpr int D = C::D, W = C::W, MT = C::MT, BK = C::BK, BQ = C::BQ;
   constexpr int NT = 32 * W, RW = 16 * MT;
   constexpr int DC = D / 8, KS = D / 16, NB = BK / 8, DB = D / 8, HB = DB / 2;
+  constexpr bool Spare = C::Spare;
   static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 32 == 0, "tile shapes");
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -151,6 +158,15 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
       g += stepBytes;
     }
   };
+  // Tiles below the last one (every tile the loop prefetches) lie wholly inside the sequence: no row checks.
+  auto loadFull = [&](unsigned dst, const void* srcV, long long stepBytes) {
+    const char* g = static_cast<const char*>(srcV);
+#pragma unroll
+    for (int kk = 0; kk < BK / LR; ++kk) {
+      cpAsync16(dst + ldSmem + unsigned(kk * LR * D * 2), g, true);
+      g += stepBytes;
+    }
+  };
   using QRows = std::integral_constant<int, BQ>;
   using KRows = std::integral_constant<int, BK>;
 
@@ -186,7 +202,11 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
     for (int d = 0; d < DB; ++d) cacc[m][d][0] = cacc[m][d][1] = cacc[m][d][2] = cacc[m][d][3] = 0.f;
   // Per row (two per lane per m-tile), per-lane partials over the lane's columns. mRow: the running max of
   // the scaled scores (online), or (Exact) the row's lse·log2e, the fixed base of x = log2 p.
-  float mRow[MT][2], lRow[MT][2], eRow[MT][2], s1Row[MT][2], s2Row[MT][2];
+  // eRow: Σp·x in two partial sums per row (even / odd key columns: half the dependent-FMA chain per tile).
+  // hAcc: the row's mass in the bin hBin[m] of the far single-bin tiles so far (quad 0; flushed to sHist when
+  // the bin changes: far tiles come in order of growing Δ).
+  float mRow[MT][2], lRow[MT][2], eRow[MT][2][2], s1Row[MT][2], s2Row[MT][2], hAcc[MT][2];
+  int hBin[MT];
   const float sl2 = p.scaleLog2;
   const int warpRow0 = q0 + warp * RW;
   const int ql = lane & 3;
@@ -213,17 +233,20 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
       } else {
         mRow[m][r] = -INFINITY;
       }
-      lRow[m][r] = eRow[m][r] = s1Row[m][r] = s2Row[m][r] = 0.f;
+      lRow[m][r] = eRow[m][r][0] = eRow[m][r][1] = s1Row[m][r] = s2Row[m][r] = hAcc[m][r] = 0.f;
+      hBin[m] = -1;
     }
 
+  // Two barriers per tile (the prefetch goes out before the wait; one barrier per tile with the prefetch after
+  // it was 4% slower at BK = 64: run 4 of session 3).
   for (int it = 0; it < nKT; ++it) {
     const int j = nKT - 1 - it;
     const int stage = it & 1;
     if (it + 1 < nKT) {
       ldK -= kTileB;
       ldF -= fTileB;
-      loadTile(smemAddr(sK + (stage ^ 1) * BK * D), ldK, gK, kStepB, (j - 1) * BK, KRows{});
-      loadTile(smemAddr(sF + (stage ^ 1) * BK * D), ldF, p.feat, fStepB, (j - 1) * BK, KRows{});
+      loadFull(smemAddr(sK + (stage ^ 1) * BK * D), ldK, kStepB);
+      loadFull(smemAddr(sF + (stage ^ 1) * BK * D), ldF, fStepB);
       cpCommit();
       cpWait<1>();
     } else {
@@ -288,7 +311,9 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
             const float dlog = mRow[m][r] * sl2 - base[r];  // log2 alpha; −inf while nothing was seen
             alpha[r] = ex2(dlog);
             // Every old term p·x becomes (αp)(x + dlog).
-            eRow[m][r] = mRow[m][r] == -INFINITY ? 0.f : alpha[r] * fmaf(dlog, lRow[m][r], eRow[m][r]);
+            eRow[m][r][0] = mRow[m][r] == -INFINITY ? 0.f : alpha[r] * fmaf(dlog, lRow[m][r], eRow[m][r][0]);
+            eRow[m][r][1] *= alpha[r];
+            hAcc[m][r] *= alpha[r];
             lRow[m][r] *= alpha[r];
             s1Row[m][r] *= alpha[r];
             s2Row[m][r] *= alpha[r];
@@ -308,8 +333,8 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
               const float x = fmaf(s[m][n][e], sl2, -base[r]);
               const float pe = ex2(x);
               rs[r] += pe;
-              if (crossing) eRow[m][r] += pe > 0.f ? pe * x : 0.f;  // masked: x = −inf, p = 0
-              else eRow[m][r] = fmaf(pe, x, eRow[m][r]);
+              if (crossing) eRow[m][r][e & Spare] += pe > 0.f ? pe * x : 0.f;  // masked: x = −inf, p = 0
+              else eRow[m][r][e & Spare] = fmaf(pe, x, eRow[m][r][e & Spare]);
               const float dl = dBase[r] - float(n * 8 + (e & 1));
               const float pd = pe * dl;
               s1Row[m][r] += pd;
@@ -324,7 +349,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
             for (int e = 0; e < 4; ++e) {
               const float x = fmaf(s[m][n][e], sl2, -base[e >> 1]);
               const float pe = ex2(x);
-              eRow[m][e >> 1] = fmaf(pe, x, eRow[m][e >> 1]);
+              eRow[m][e >> 1][e & Spare] = fmaf(pe, x, eRow[m][e >> 1][e & Spare]);
               s[m][n][e] = pe;
             }
         }
@@ -346,13 +371,18 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           // quad 1 gets Σp·c'². Σ pΔ = dc·Σp − Σpc', Σ pΔ² = dc(dc·Σp − 2Σpc') + Σpc'² with dc = dBase − BK/2
           // (relative rounding ≲ 3 ulp: Δ ≥ kNear − BK + 1 here). Lanes add what their role says; the quad
           // sums at the end.
-          float ax[4] = {0.f, 0.f, 0.f, 0.f};
+          float ax[4] = {0.f, 0.f, 0.f, 0.f}, ay[4] = {0.f, 0.f, 0.f, 0.f};  // two chains: half the latency
 #pragma unroll
           for (int k2 = 0; k2 < BK / 32; ++k2) {  // 32 keys per ldmatrix.x4: B fragments of two 16-key steps
             unsigned b[4];
             ldsm4t(b, auxAddr + unsigned(k2 * 32 * 16));
             mmaF16(ax, pa[m][2 * k2], b[0], b[1]);
-            mmaF16(ax, pa[m][2 * k2 + 1], b[2], b[3]);
+            if constexpr (Spare) mmaF16(ay, pa[m][2 * k2 + 1], b[2], b[3]);
+            else mmaF16(ax, pa[m][2 * k2 + 1], b[2], b[3]);
+          }
+          if constexpr (Spare) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) ax[i] += ay[i];
           }
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -382,8 +412,25 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           }
         }
         // Histogram: rows of this m-tile span Δ ∈ [max(0, mRow0 − key0 − BK + 1), mRow0 + 15 − key0].
-        {
-          const int bLo = binOf(max(0, mRow0 - key0 - BK + 1)), bHi = binOf(mRow0 + 15 - key0);
+        const int bLo = binOf(max(0, mRow0 - key0 - BK + 1)), bHi = binOf(mRow0 + 15 - key0);
+        if (!Exact && ql == 0) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            if (alpha[r] < 1.f)
+              for (int b = 0; b < kBins; ++b) sHist[b * BQ + lr0 + 8 * r] *= alpha[r];
+        }
+        if (Spare && !near && bLo == bHi) {  // every far tile but the few crossing a bin edge: registers only
+          if (bLo != hBin[m]) {
+            if (hBin[m] >= 0 && ql == 0) {
+              sHist[hBin[m] * BQ + lr0] += hAcc[m][0];
+              sHist[hBin[m] * BQ + lr0 + 8] += hAcc[m][1];
+            }
+            hAcc[m][0] = hAcc[m][1] = 0.f;
+            hBin[m] = bLo;
+          }
+          hAcc[m][0] += rs[0];  // the row sum on quad 0, 0 elsewhere
+          hAcc[m][1] += rs[1];
+        } else {
           float tail[2] = {rs[0], rs[1]};  // far: already the row sum on quad 0 (the only lanes that write)
           if (near) {
 #pragma unroll
@@ -391,12 +438,6 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
               tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 1);
               tail[r] += __shfl_xor_sync(0xffffffffu, tail[r], 2);
             }
-          }
-          if (!Exact && ql == 0) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-              if (alpha[r] < 1.f)
-                for (int b = 0; b < kBins; ++b) sHist[b * BQ + lr0 + 8 * r] *= alpha[r];
           }
           for (int b = bLo + 1; b <= bHi + 1; ++b) {  // warp-uniform
             float next[2] = {0.f, 0.f};
@@ -441,6 +482,13 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
     }
     __syncthreads();
   }
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+    if (hBin[m] >= 0 && ql == 0) {
+      const int lr0 = warp * RW + m * 16 + (lane >> 2);
+      sHist[hBin[m] * BQ + lr0] += hAcc[m][0];
+      sHist[hBin[m] * BQ + lr0 + 8] += hAcc[m][1];
+    }
 
   // ---- Finalise rows and sum them over the CTA (fixed order). ----
   float* sRed = reinterpret_cast<float*>(smem);  // sQ is free now: [W][kScalars + D]
@@ -453,7 +501,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float l = lRow[m][r], e = eRow[m][r], s1 = s1Row[m][r], s2 = s2Row[m][r];
+      float l = lRow[m][r], e = eRow[m][r][0] + eRow[m][r][1], s1 = s1Row[m][r], s2 = s2Row[m][r];
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
         l += __shfl_xor_sync(0xffffffffu, l, off);
@@ -640,7 +688,7 @@ void runStatsFor(const Problem& p, const void* q, const void* k, const float* ls
   if (Dp == 64) runStats<E, Cfg64>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   else if (Dp == 128) {
     const char* variant = std::getenv("TCAL_MOMENTS_KERNEL");
-    if (variant && std::string(variant) == "bk64") runStats<E, Cfg128bk64>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    if (variant && std::string(variant) == "bk32") runStats<E, Cfg128bk32>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
     else runStats<E, Cfg128>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   }
   else runStats<E, Cfg256>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
