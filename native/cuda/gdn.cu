@@ -472,7 +472,7 @@ __global__ void qkGrads(const float* __restrict__ dqP, const float* __restrict__
       }
   }
   for (int u = 0; u < per; ++u) aq[u] *= scale;
-  if (l2norm) {
+  if (l2norm && t < validTokens) {  // rq / rk past the valid tokens are not written by the tensor-core path
     float iq = rq[row], ik = rk[row], sq = 0.f, sk = 0.f;
     float nq[MaxPer], nk[MaxPer];
     for (int u = 0; u < per; ++u) {
@@ -568,18 +568,21 @@ Tensor deviceInts(const std::vector<int32_t>& host, Device dev) {
   return t;
 }
 
+// qkCopies = false: only rq / rk are allocated (the tensor-core backward normalises q, k itself and fills them).
 template <typename T>
-Prepared prepare(const gdn::Problem& p, const gdn::Inputs& in, cudaStream_t stream) {
+Prepared prepare(const gdn::Problem& p, const gdn::Inputs& in, cudaStream_t stream, bool qkCopies = true) {
   Prepared r;
   Device dev = in.q.device();
   const int64_t NT = p.tokens(), rows = NT * p.H;
-  r.qs = empty({NT, p.H, p.K}, DType::F32, dev);
-  r.ks = empty({NT, p.H, p.K}, DType::F32, dev);
+  if (qkCopies) {
+    r.qs = empty({NT, p.H, p.K}, DType::F32, dev);
+    r.ks = empty({NT, p.H, p.K}, DType::F32, dev);
+  }
   if (p.l2norm) {
     r.rq = empty({rows}, DType::F32, dev);
     r.rk = empty({rows}, DType::F32, dev);
   }
-  if (rows > 0) {
+  if (rows > 0 && qkCopies) {
     prepQK<T><<<gridFor(rows, 8, INT32_MAX), 256, 0, stream>>>(
         in.q.ptr<T>(), in.k.ptr<T>(), r.qs.ptr<float>(), r.ks.ptr<float>(), p.l2norm ? r.rq.ptr<float>() : nullptr,
         p.l2norm ? r.rk.ptr<float>() : nullptr, rows, int(p.K), float(p.scale), p.l2norm);
@@ -688,25 +691,32 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     throwInvalid("outDtype", "the CUDA backward writes gradients in the input dtype");
   dispatchIn(in.q.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Prepared pr = prepare<T>(p, in, stream);
     const int64_t NT = p.tokens(), valid = p.cu[size_t(p.N)];
-    // Version 2 (gdn_bwd_tc.cu, tensor cores) where it applies; TCAL_GDN_BACKWARD=simple keeps version 1.
+    // Version 2+ (gdn_bwd_tc.cu, tensor cores) where it applies; TCAL_GDN_BACKWARD=simple keeps version 1.
     const char* forceB = std::getenv("TCAL_GDN_BACKWARD");
     const bool tc = !(forceB && std::strcmp(forceB, "simple") == 0) &&
-                    gdn_bwd_tc::eligible(p, in.q.dtype(), dO.dtype(), out.dv.dtype(), in.v.data(), dO.data());
-    const int tiles = int(p.V / (tc ? gdn_bwd_tc::kTileV : BV));
+                    gdn_bwd_tc::eligible(p, in.q.dtype(), dO.dtype(), out.dv.dtype(), in.q.data(), in.k.data(),
+                                         in.v.data(), dO.data());
+    const char* force = std::getenv("TCAL_GDN_FORWARD");
+    const bool fwdTc = !(force && std::strcmp(force, "simple") == 0) && gdn_tc::eligible(p, in.q.dtype(), in.q.dtype());
+    Prepared pr = prepare<T>(p, in, stream, !(tc && fwdTc));  // fp32 q/k copies only for the v1 kernels
+    const int tiles = int(p.V / (tc ? gdn_bwd_tc::tileV(p) : BV));
     const int nChunks = int(pr.chunks.start.size());
     Tensor ckpt = empty({std::max(nChunks, 1), p.HV, p.K, p.V}, DType::F32, dev);
-    const char* force = std::getenv("TCAL_GDN_FORWARD");
-    if (!(force && std::strcmp(force, "simple") == 0) && gdn_tc::eligible(p, in.q.dtype(), in.q.dtype()))
+    if (fwdTc)
       gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, stream, ckpt.ptr<float>(), pr.geo.chunkFirst);
     else
       launchForward<T, T>(p, pr, in, static_cast<T*>(nullptr), nullptr, ckpt.ptr<float>(), stream);
-    Tensor dqP = empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
-    Tensor dkP = empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
+    // The tensor-core kernel writes dq, dk itself where one tile covers V and G = 1 (no partials, no qkGrads).
+    const bool fusedQK = tc && gdn_bwd_tc::fusedQK(p);
+    Tensor dqP = fusedQK ? empty({1}, DType::F32, dev) : empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
+    Tensor dkP = fusedQK ? empty({1}, DType::F32, dev) : empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
     Tensor dgamP = empty({tiles, NT, p.HV}, DType::F32, dev);
     Tensor dbetaP = empty({tiles, NT, p.HV}, DType::F32, dev);
-    check(cudaMemsetAsync(out.dv.data(), 0, out.dv.nbytes(), stream), "cudaMemsetAsync");
+    if (tc)
+      zeroTail(out.dv, valid, NT, stream);  // the tensor-core kernels write dv for every valid token
+    else
+      check(cudaMemsetAsync(out.dv.data(), 0, out.dv.nbytes(), stream), "cudaMemsetAsync");
     check(cudaMemsetAsync(out.dg.data(), 0, out.dg.nbytes(), stream), "cudaMemsetAsync");
     check(cudaMemsetAsync(out.dbeta.data(), 0, out.dbeta.nbytes(), stream), "cudaMemsetAsync");
     if (p.fusedGates) {
@@ -715,11 +725,14 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     }
     if (p.N > 0 && tc) {
       const int* base = pr.table.ptr<int>();
-      gdn_bwd_tc::Args a{pr.qs.ptr<float>(), pr.ks.ptr<float>(), pr.g.ptr<float>(), pr.beta.ptr<float>(),
+      gdn_bwd_tc::Args a{in.q.data(), in.k.data(), p.l2norm ? pr.rq.ptr<float>() : nullptr,
+                         p.l2norm ? pr.rk.ptr<float>() : nullptr, float(p.scale), p.l2norm, pr.g.ptr<float>(),
+                         pr.beta.ptr<float>(),
                          ckpt.ptr<float>(), dFinal.defined() ? dFinal.ptr<float>() : nullptr, in.v.data(), dO.data(),
                          pr.geo.cu, pr.geo.chunkFirst, base + 2 * (p.N + 1), base + 2 * (p.N + 1) + nChunks,
                          nChunks, NT, out.dv.data(), dqP.ptr<float>(), dkP.ptr<float>(), dgamP.ptr<float>(),
-                         dbetaP.ptr<float>(), out.dh0.defined() ? out.dh0.ptr<float>() : nullptr};
+                         dbetaP.ptr<float>(), out.dh0.defined() ? out.dh0.ptr<float>() : nullptr, out.dq.data(),
+                         out.dk.data()};
       gdn_bwd_tc::backward(p, in.q.dtype(), dev, a, stream);
     } else if (p.N > 0) {
       size_t smem = backwardSmem(int(p.K));
@@ -752,7 +765,10 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
           p.fusedGates ? out.dDtBias.ptr<float>() : nullptr);
       checkLaunch("gdn gate grads");
     }
-    if (NT * p.H > 0) {
+    if (fusedQK) {
+      zeroTail(out.dq, valid, NT, stream);
+      zeroTail(out.dk, valid, NT, stream);
+    } else if (NT * p.H > 0) {
       qkGrads<T><<<gridFor(NT * p.H, 8, INT32_MAX), 256, 0, stream>>>(
           dqP.ptr<float>(), dkP.ptr<float>(), in.q.ptr<T>(), in.k.ptr<T>(), p.l2norm ? pr.rq.ptr<float>() : nullptr,
           p.l2norm ? pr.rk.ptr<float>() : nullptr, out.dq.ptr<T>(), out.dk.ptr<T>(), NT, valid, int(p.H),
