@@ -8,8 +8,8 @@
 //      shared memory, per row a warp keeps the online-softmax state (lane j scores key j; lanes hold O and the
 //      φ channels; lane r a "role" scalar: bins, sink, local, l, entropy, S1, S2), rows written (f32) to a
 //      row buffer summed in f64 over fixed chunks of tokens (deterministic).
-//   3. The γ₀ scan and the context moments, chunk-parallel over the included tokens (scanChunkState …
-//      scanFinal below), from the given context or the CUDA-core pass's o.
+//   3. The γ₀ scan and the context moments, chunk-parallel over the included tokens (moments_scan.cu), from
+//      the given context or the CUDA-core pass's o.
 //   4. Σ k̄k̄ᵀ (RoPE undone), Σ vvᵀ, Σ xxᵀ as bf16 hi/lo GEMMs through cuBLAS (f64 CUDA-core sums when
 //      cuBLAS cannot be loaded).
 #include <cuda_bf16.h>
@@ -30,6 +30,7 @@
 #include "device.h"
 #include "cublas.h"
 #include "moments.h"
+#include "moments_scan.h"
 #include "moments_tc.h"
 #include "types.cuh"
 
@@ -331,275 +332,7 @@ __global__ void __launch_bounds__(256) outerSums(OuterParams p) {
   }
 }
 
-// ---- The γ₀ scan, chunk-parallel (y depends only on the KV head and the decay; the cross term on the query
-// head). Over the included tokens in order (list entry i → token tok[i], first[i] = 1 at a sequence start),
-// y_i = (first_i ? 0 : γ) y_{i−1} + v_i, cut into chunks of L entries:
-//   1. scanChunkState: per (chunk, KV head, 4 decays) the chunk's own end state from y = 0 (f64);
-//   2. scanCarry: per (KV head, decay, channel) the state entering each chunk, in chunk order (f64):
-//      Y_in(c+1) = a_c·Y_in(c) + e_c, a_c = 0 if the chunk holds a sequence start, else γ^len;
-//   3. scanChunkApply: per (chunk, KV head, 4 decays, ≤ 4 query heads; the next entry's v and o rows
-//      prefetched while the current one is used) rerun the chunk from Y_in in fp32
-//      (γ y as y − (1−γ) y, so decays near 1 keep their precision), ŷ = y·rsqrt(mean y² + ε), and the chunk's
-//      Σ ŷ∘o (per query head) and Σ ŷ² (per KV head) in fp32;
-//   4. scanFinal: f64 sums of the chunk partials in chunk order into the accumulators (deterministic).
-// Channels: lane owns CPL consecutive channels.
-
-struct ScanList {
-  const int* tok;           // [count]
-  const int* first;         // [count]
-  const int* chunkReset;    // [chunks]: the chunk holds a sequence start
-  int count, L, chunks;
-};
-
-constexpr int kScanDecays = 4;  // decays per warp in the scan kernels (loads of v, o shared by them)
-constexpr int kScanHeads = 4;   // query heads per warp in scanChunkApply
-
-template <int Bytes>
-struct VecOf;
-template <>
-struct VecOf<4> {
-  using type = unsigned;
-};
-template <>
-struct VecOf<8> {
-  using type = uint2;
-};
-template <>
-struct VecOf<16> {
-  using type = uint4;
-};
-
-// The lane's CPL consecutive channels of a row (0 past D): one vector load (__ldg) when every lane is full,
-// so a warp reads the row in one coalesced instruction (scalar 2-byte loads cost ~4× the L1/L2 traffic).
-template <typename E, int CPL>
-__device__ __forceinline__ void loadRow(const E* __restrict__ r, int lane, int D, float (&x)[CPL]) {
-  constexpr int Bytes = int(sizeof(E)) * CPL;
-  if constexpr (Bytes == 4 || Bytes == 8 || Bytes == 16) {
-    if (D == 32 * CPL) {
-      using V = typename VecOf<Bytes>::type;
-      const V raw = __ldg(reinterpret_cast<const V*>(r + lane * CPL));
-      const E* e = reinterpret_cast<const E*>(&raw);
-#pragma unroll
-      for (int i = 0; i < CPL; ++i) x[i] = float(toF(e[i]));
-      return;
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < CPL; ++u) {
-    const int ch = lane * CPL + u;
-    x[u] = ch < D ? float(toF(r[ch])) : 0.f;
-  }
-}
-
-template <typename E, int CPL>
-__global__ void __launch_bounds__(128) scanChunkState(const E* __restrict__ v, ScanList sl, const double* __restrict__ decays,
-                                                      int HKV, int K0, int D, long long kvStride, double* __restrict__ state) {
-  constexpr int KB = kScanDecays;
-  const int lane = threadIdx.x & 31;
-  const int kBlocks = (K0 + KB - 1) / KB;
-  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (wid >= (long long)sl.chunks * HKV * kBlocks) return;
-  const int c = int(wid / (HKV * kBlocks)), rem = int(wid % (HKV * kBlocks)), hk = rem / kBlocks, k0 = (rem % kBlocks) * KB;
-  double g[KB], y[KB][CPL];
-#pragma unroll
-  for (int b = 0; b < KB; ++b) {
-    g[b] = k0 + b < K0 ? decays[k0 + b] : 0.0;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) y[b][u] = 0;
-  }
-  const int i0 = c * sl.L, i1 = min(sl.count, (c + 1) * sl.L);
-  float vc[CPL], vn[CPL];
-  int fc = sl.first[i0], fn = 0;
-  loadRow<E, CPL>(v + (long long)sl.tok[i0] * kvStride + (long long)hk * D, lane, D, vc);
-  for (int i = i0; i < i1; ++i) {
-    if (i + 1 < i1) {  // prefetch the next entry
-      fn = sl.first[i + 1];
-      loadRow<E, CPL>(v + (long long)sl.tok[i + 1] * kvStride + (long long)hk * D, lane, D, vn);
-    }
-#pragma unroll
-    for (int b = 0; b < KB; ++b) {
-      const double m = fc ? 0.0 : g[b];
-#pragma unroll
-      for (int u = 0; u < CPL; ++u) y[b][u] = fma(m, y[b][u], double(vc[u]));
-    }
-    fc = fn;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) vc[u] = vn[u];
-  }
-#pragma unroll
-  for (int b = 0; b < KB; ++b)
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      if (ch < D && k0 + b < K0) state[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch] = y[b][u];
-    }
-}
-
-__global__ void scanCarry(double* __restrict__ state, ScanList sl, const double* __restrict__ decays, int HKV, int K0, int D) {
-  const long long n = (long long)HKV * K0 * D;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int kk = int((i / D) % K0);
-  const double g = decays[kk];
-  const double gL = pow(g, double(sl.L));  // every chunk but the last has L entries
-  double Y = 0;
-  for (int c = 0; c < sl.chunks; ++c) {
-    const long long at = (long long)c * n + i;
-    const double e = state[at];
-    state[at] = Y;
-    const int len = min(sl.count, (c + 1) * sl.L) - c * sl.L;
-    const double a = sl.chunkReset[c] ? 0.0 : len == sl.L ? gL : pow(g, double(len));
-    Y = a * Y + e;
-  }
-}
-
-template <typename E, typename O, int CPL>
-__global__ void __launch_bounds__(128) scanChunkApply(const E* __restrict__ v, const O* __restrict__ o, ScanList sl,
-                                                      const double* __restrict__ decays, const double* __restrict__ state,
-                                                      int H, int HKV, int K0, int D, long long kvStride, long long oStride,
-                                                      float* __restrict__ crossPart, float* __restrict__ sqPart) {
-  constexpr int KB = kScanDecays, GH = kScanHeads;
-  const int lane = threadIdx.x & 31;
-  const int G = H / HKV, gBlocks = (G + GH - 1) / GH, kBlocks = (K0 + KB - 1) / KB;
-  const long long per = (long long)HKV * kBlocks * gBlocks;
-  const long long wid = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (wid >= (long long)sl.chunks * per) return;
-  const int c = int(wid / per);
-  int rem = int(wid % per);
-  const int hk = rem / (kBlocks * gBlocks);
-  rem %= kBlocks * gBlocks;
-  const int k0 = (rem / gBlocks) * KB, gb = rem % gBlocks;
-  const int h0 = hk * G + gb * GH, nh = min(GH, G - gb * GH);
-  float rho[KB], y[KB][CPL], sq[KB][CPL], cross[KB][GH][CPL];
-#pragma unroll
-  for (int b = 0; b < KB; ++b) {
-    const bool ok = k0 + b < K0;
-    rho[b] = ok ? float(1.0 - decays[k0 + b]) : 0.f;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      y[b][u] = ok && ch < D ? float(state[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch]) : 0.f;
-      sq[b][u] = 0.f;
-#pragma unroll
-      for (int g = 0; g < GH; ++g) cross[b][g][u] = 0.f;
-    }
-  }
-  const float invD = 1.f / float(D);
-  const int i0 = c * sl.L, i1 = min(sl.count, (c + 1) * sl.L);
-  // Current and next entry's v and o rows (prefetched one entry ahead).
-  float vc[CPL], vn[CPL], oc[GH][CPL], on[GH][CPL];
-  int fc, fn = 0;
-  auto load = [&](int i, int& f, float (&vr)[CPL], float (&orow)[GH][CPL]) {
-    const long long t = sl.tok[i];
-    f = sl.first[i];
-    loadRow<E, CPL>(v + t * kvStride + (long long)hk * D, lane, D, vr);
-#pragma unroll
-    for (int g = 0; g < GH; ++g) {
-      if (g < nh) loadRow<O, CPL>(o + t * oStride + (long long)(h0 + g) * D, lane, D, orow[g]);
-      else
-#pragma unroll
-        for (int u = 0; u < CPL; ++u) orow[g][u] = 0.f;
-    }
-  };
-  load(i0, fc, vc, oc);
-  for (int i = i0; i < i1; ++i) {
-    if (i + 1 < i1) load(i + 1, fn, vn, on);
-    float ms[KB];
-#pragma unroll
-    for (int b = 0; b < KB; ++b) {
-      ms[b] = 0.f;
-#pragma unroll
-      for (int u = 0; u < CPL; ++u) {
-        y[b][u] = fc ? vc[u] : fmaf(-rho[b], y[b][u], y[b][u] + vc[u]);
-        ms[b] = fmaf(y[b][u], y[b][u], ms[b]);
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-      for (int b = 0; b < KB; ++b) ms[b] += __shfl_xor_sync(0xffffffffu, ms[b], off);
-#pragma unroll
-    for (int b = 0; b < KB; ++b) {
-      const float rs = rsqrtf(ms[b] * invD + float(kScanEps));
-#pragma unroll
-      for (int u = 0; u < CPL; ++u) {
-        const float yh = y[b][u] * rs;
-        sq[b][u] = fmaf(yh, yh, sq[b][u]);
-#pragma unroll
-        for (int g = 0; g < GH; ++g) cross[b][g][u] = fmaf(yh, oc[g][u], cross[b][g][u]);
-      }
-    }
-    fc = fn;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      vc[u] = vn[u];
-#pragma unroll
-      for (int g = 0; g < GH; ++g) oc[g][u] = on[g][u];
-    }
-  }
-#pragma unroll
-  for (int b = 0; b < KB; ++b) {
-    if (k0 + b >= K0) continue;
-#pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int ch = lane * CPL + u;
-      if (ch >= D) continue;
-#pragma unroll
-      for (int g = 0; g < GH; ++g)
-        if (g < nh) crossPart[(((long long)c * H + h0 + g) * K0 + k0 + b) * D + ch] = cross[b][g][u];
-      if (gb == 0) sqPart[(((long long)c * HKV + hk) * K0 + k0 + b) * D + ch] = sq[b][u];
-    }
-  }
-}
-
-__global__ void scanFinal(const float* __restrict__ crossPart, const float* __restrict__ sqPart, int chunks, int H, int HKV,
-                          int K0, int D, double* __restrict__ cross, double* __restrict__ sq) {
-  const long long n = (long long)H * K0 * D;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int h = int(i / ((long long)K0 * D)), hk = h / (H / HKV);
-  const long long kd = i % ((long long)K0 * D);
-  const long long nKv = (long long)HKV * K0 * D;
-  double a = 0, b = 0;
-#pragma unroll 4
-  for (int c = 0; c < chunks; ++c) {
-    a += double(crossPart[(long long)c * n + i]);
-    b += double(sqPart[(long long)c * nKv + (long long)hk * K0 * D + kd]);
-  }
-  cross[i] += a;
-  sq[i] += b;
-}
-
-// Σ o, Σ o² per (head, channel): fp32 over parts of kPart list entries, then f64 over the parts in order.
-constexpr int kPart = 32;
-template <typename O>
-__global__ void contextPartials(const O* __restrict__ o, ScanList sl, int HD, long long oStride, float2* __restrict__ part) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
-  if (col >= HD) return;
-  float s = 0.f, q = 0.f;
-  const int i0 = c * kPart, i1 = min(sl.count, i0 + kPart);
-#pragma unroll 8
-  for (int i = i0; i < i1; ++i) {
-    const float x = float(toF(o[(long long)sl.tok[i] * oStride + col]));
-    s += x;
-    q = fmaf(x, x, q);
-  }
-  part[(long long)c * HD + col] = make_float2(s, q);
-}
-
-__global__ void contextFinal(const float2* __restrict__ part, int chunks, int HD, double* __restrict__ sum, double* __restrict__ sq) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= HD) return;
-  double a = 0, b = 0;
-#pragma unroll 8
-  for (int c = 0; c < chunks; ++c) {
-    const float2 x = part[(long long)c * HD + col];
-    a += double(x.x);
-    b += double(x.y);
-  }
-  sum[col] += a;
-  sq[col] += b;
-}
+constexpr int kPart = 32;  // rows per fp32 column partial of the outer-product sums
 
 // ---- Σ z, Σ z zᵀ through cuBLAS: rows of included tokens gathered (keys with RoPE undone) into bf16 hi and
 // lo = bf16(z − hi) halves, per chunk of rows Σ z zᵀ ≈ hi·hiᵀ + hi·loᵀ + lo·hiᵀ as bf16 GEMMs with fp32
@@ -804,55 +537,6 @@ struct Profiler {
   }
 };
 
-template <typename E, typename O, int CPL>
-void scanFor(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc, Device dev,
-             cudaStream_t stream, Profiler& prof) {
-  const int H = int(p.H), HKV = int(p.HKV), D = int(p.D), K0 = int(p.K0());
-  const long long kvStride = p.HKV * p.D, oStride = p.H * p.D;
-  Tensor state = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F64, dev);
-  const int kBlocks = (K0 + kScanDecays - 1) / kScanDecays;
-  const long long w1 = (long long)sl.chunks * HKV * kBlocks;
-  scanChunkState<E, CPL><<<unsigned((w1 + 3) / 4), 128, 0, stream>>>(v, sl, decays, HKV, K0, D, kvStride, state.ptr<double>());
-  checkLaunch("taylorMoments (scan states)");
-  prof.mark("scanStates");
-  const long long nc = (long long)HKV * K0 * D;
-  scanCarry<<<unsigned((nc + 127) / 128), 128, 0, stream>>>(state.ptr<double>(), sl, decays, HKV, K0, D);
-  checkLaunch("taylorMoments (scan carry)");
-  prof.mark("scanCarry");
-  Tensor crossPart = empty({int64_t(sl.chunks) * H * K0 * D}, DType::F32, dev);
-  Tensor sqPart = empty({int64_t(sl.chunks) * HKV * K0 * D}, DType::F32, dev);
-  const int G = H / HKV, gBlocks = (G + kScanHeads - 1) / kScanHeads;
-  const long long w3 = w1 * gBlocks;  // (chunk, KV head, decay block, head block)
-  scanChunkApply<E, O, CPL><<<unsigned((w3 + 3) / 4), 128, 0, stream>>>(v, o, sl, decays, state.ptr<double>(), H, HKV, K0, D, kvStride,
-                                                                       oStride, crossPart.ptr<float>(), sqPart.ptr<float>());
-  checkLaunch("taylorMoments (scan)");
-  prof.mark("scanApply");
-  const long long nf = (long long)H * K0 * D;
-  scanFinal<<<unsigned((nf + 127) / 128), 128, 0, stream>>>(crossPart.ptr<float>(), sqPart.ptr<float>(), sl.chunks, H, HKV, K0, D,
-                                                            acc.scanCross.ptr<double>(), acc.scanSq.ptr<double>());
-  checkLaunch("taylorMoments (scan sums)");
-  prof.mark("scanSums");
-  // Context moments from the same list.
-  const int HD = H * D;
-  const int parts = (sl.count + kPart - 1) / kPart;
-  Tensor part = empty({int64_t(parts) * HD * 2}, DType::F32, dev);
-  contextPartials<O><<<dim3(unsigned((HD + 127) / 128), unsigned(parts)), 128, 0, stream>>>(o, sl, HD, oStride,
-                                                                                           reinterpret_cast<float2*>(part.data()));
-  contextFinal<<<unsigned((HD + 127) / 128), 128, 0, stream>>>(reinterpret_cast<const float2*>(part.data()), parts, HD,
-                                                               acc.contextSum.ptr<double>(), acc.contextSq.ptr<double>());
-  checkLaunch("taylorMoments (context moments)");
-  prof.mark("contextMoments");
-}
-
-template <typename E, typename O>
-void scanDispatch(const Problem& p, const E* v, const O* o, const ScanList& sl, const double* decays, const Accumulators& acc,
-                  Device dev, cudaStream_t stream, Profiler& prof) {
-  if (p.D <= 32) scanFor<E, O, 1>(p, v, o, sl, decays, acc, dev, stream, prof);
-  else if (p.D <= 64) scanFor<E, O, 2>(p, v, o, sl, decays, acc, dev, stream, prof);
-  else if (p.D <= 128) scanFor<E, O, 4>(p, v, o, sl, decays, acc, dev, stream, prof);
-  else scanFor<E, O, 8>(p, v, o, sl, decays, acc, dev, stream, prof);
-}
-
 struct Lists {
   std::vector<int2> seqs;
   std::vector<int> tokens, pos;
@@ -895,27 +579,9 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   }
   prof.mark(tensorCores ? "statsTensorCores" : "statsCudaCores");
 
-  // γ₀ scan and context moments.
-  ScanList sl{};
-  sl.count = count;
-  sl.L = count >= 16384 ? 256 : 64;  // small batches: several chunks still (and the tests cross chunk edges)
-  sl.chunks = (count + sl.L - 1) / sl.L;
-  std::vector<int> chunkReset(size_t(sl.chunks), 0);
-  for (int i = 0; i < count; ++i)
-    if (ls.first[size_t(i)]) chunkReset[size_t(i / sl.L)] = 1;
-  Tensor resetD = upload(chunkReset.data(), sl.chunks, DType::I32);
-  sl.tok = tokD.ptr<int>();
-  sl.first = firstD.ptr<int>();
-  sl.chunkReset = resetD.ptr<int>();
-  const E* v = static_cast<const E*>(in.v.data());
-  if (!in.context.defined()) {
-    scanDispatch<E, float>(p, v, obuf.ptr<float>(), sl, decayD.ptr<double>(), acc, dev, stream, prof);
-  } else {  // the caller's context, whichever pass ran
-    dispatchDeviceFloat(in.context.dtype(), "context", [&](auto tag) {
-      using O = typename decltype(tag)::type;
-      scanDispatch<E, O>(p, v, static_cast<const O*>(in.context.data()), sl, decayD.ptr<double>(), acc, dev, stream, prof);
-    });
-  }
+  // γ₀ scan and context moments (moments_scan.cu), from the caller's context whichever pass ran, else o.
+  gammaScan(p, in.v, in.context.defined() ? in.context : obuf, tokD.ptr<int>(), firstD.ptr<int>(), ls.first, decayD.ptr<double>(), acc,
+            stream, [&](const char* name) { prof.mark(name); });
 
   // Σ k̄, Σ k̄k̄ᵀ (RoPE undone), Σ v, Σ vvᵀ per KV head; Σ x, Σ xxᵀ.
   std::string why;

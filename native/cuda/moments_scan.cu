@@ -1,0 +1,753 @@
+// The γ₀ decay-grid scan and the context moments of the Taylor moment reduction (DESIGN.md §5.1; semantics:
+// native/cpu/moments.h). Over the included tokens in order (entry i → token tok[i], first[i] = 1 at a sequence
+// start), per KV head, decay γ_k and channel c: y_i = (first_i ? 0 : γ_k) y_{i−1} + v_i, ŷ_i = y_i·rsqrt(mean_c
+// y_i² + ε); per query head of the KV head Σ ŷ∘o, and Σ ŷ² (the same for each of them); per head Σ o, Σ o².
+// y depends only on (KV head, decay): it is formed once per KV head, and only the RMS crosses channels.
+//
+// The list is cut into chunks of L entries (an exact entering state per chunk) and the chunks into spans
+// (one CTA each, its chunks in order):
+//   1. scanStates: per (span, KV head) CTA, each chunk's own end state from y = 0 (fp32, ≤ L steps);
+//   2. scanCarry: per (KV head, decay, channel) the state entering each chunk, in chunk order in f64:
+//      Y(c+1) = a_c Y(c) + e_c, a_c = 0 when chunk c holds a sequence start, else γ^len(c);
+//   3. scanApply: per (span, KV head, ≤ 4 query heads) CTA of ≤ 12 warps; a warp owns KB decays × all channels
+//      (lane: CB consecutive channels), so y needs no exchange. Stages of TS entries: rows of v and o gathered
+//      with cp.async (the next stage during this one's compute), converted once to fp32 in shared memory for
+//      all warps. Per batch of 8 steps: sweep 1 runs y and stores each lane's partial Σ y² per (step, decay);
+//      one lane per (step, decay) sums the 32 partials in lane order into rs = rsqrt(mean + ε) — no dependent
+//      shuffle chain per step; sweep 2 reruns y from the batch start (the same instructions, the same bits) and
+//      accumulates Σ ŷ², Σ ŷ∘o in fp32 registers over the span. y restarts from the carried state at every
+//      chunk start, so fp32 γ (error ≤ 2^-25) drifts at most L·2^-25 relative. The CTAs of the first decay
+//      group also sum o and o² per column of the staged rows (Σ o, Σ o²: no second read of the context).
+//   4. scanSums / contextSums: f64 sums of the span partials, in span order, into the accumulators.
+// Every order is fixed by the list and the device's SM count, so repeats give the same bits.
+#include "moments_scan.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../core/runtime.h"
+#include "check.h"
+#include "device.h"
+#include "mma.cuh"
+#include "types.cuh"
+
+namespace tcal::cuda {
+
+namespace {
+
+using namespace moments;
+using ptx::cpAsync16;
+using ptx::cpCommit;
+using ptx::cpWait;
+using ptx::smemAddr;
+
+constexpr int kHeads = 4;      // query heads per apply CTA (a larger GQA group takes several CTAs)
+constexpr int kMaxWarps = 12;  // decay blocks per CTA
+constexpr int kThreads = kMaxWarps * 32;
+constexpr int kBatch = 8;      // steps per RMS batch
+constexpr int kPartRow = 36;   // floats per partial row: 32 lanes + 4 (16-byte reads by row are conflict-free)
+
+// Decays per warp: the registers per lane are KB·CB·(y, its batch start, Σŷ², 4 cross sums) = 16·7.
+template <int CB>
+__host__ __device__ constexpr int decaysPerWarp() {
+  return CB >= 8 ? 2 : 4;
+}
+
+enum : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
+
+struct ScanParams {
+  const char* v;
+  const char* o;
+  int vType, oType, vSize, oSize;  // element codes and bytes
+  long long vStride, oStride;      // elements between tokens
+  const int* tok;
+  const int* first;
+  const double* decays;
+  int count, L, chunks;
+  int spanChunks, spans;  // chunks per CTA span
+  int H, HKV, D, Dp, K0, G, gBlocks, kGroups, warps;
+  int TS, copy16, sections;        // entries per stage; 16-byte copies; staged rows per entry (v, o heads)
+  int vBytes, oRowBytes;           // bytes of a v row and of an o row
+  int vPitch, oPitch, rowBytes;     // raw stage row: v at 0, o row g at vPitch + g·oPitch (16-byte aligned)
+  float* state;      // [chunks][HKV][K0][D] chunk end states from 0 → scanCarry
+  float* enter;      // [chunks][HKV][K0][D] entering states
+  float* crossPart;  // [spans][H][K0][D]
+  float* sqPart;     // [spans][HKV][K0][D]
+  float* ctxPart;    // [spans][H][D][2]
+};
+
+// Shared-memory carve-up (bytes), the same on host and device.
+struct Layout {
+  int tok, flags, mask, raw, f32, part, rs, ctx, total;
+};
+__host__ __device__ inline int take(int& at, int bytes) {
+  const int here = at;
+  at += (bytes + 15) / 16 * 16;
+  return here;
+}
+__host__ __device__ inline Layout layoutOf(int TS, int rowBytes, int sections, int Dp, int warps, int KB, int ctxCols) {
+  Layout l{};
+  int at = 0;
+  l.tok = take(at, 2 * TS * 4);
+  l.flags = take(at, TS * 4);
+  l.mask = take(at, 4);
+  l.raw = take(at, TS * rowBytes);
+  l.f32 = take(at, TS * sections * Dp * 4);
+  l.part = take(at, warps * kBatch * KB * kPartRow * 4);
+  l.rs = take(at, warps * kBatch * KB * 4);
+  l.ctx = take(at, ctxCols * 2 * 4);
+  l.total = at;
+  return l;
+}
+
+__device__ __forceinline__ void cpAsync4(unsigned dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+
+// Issues the copies of one stage (entries [i, i + n), token ids already in tokS) and of the next stage's token
+// ids (entries [iNext, iNext + nNext) → tokNext), as one cp.async group.
+__device__ void issueStage(const ScanParams& p, unsigned char* raw, const int* tokS, int* flags, int* tokNext, int i, int n,
+                           int iNext, int nNext, int hk, int h0, int nh) {
+  const int cb = p.copy16 ? 16 : 4;
+  const int unitsV = p.vBytes / cb, unitsO = p.oRowBytes / cb, units = unitsV + nh * unitsO;  // per entry
+  // (entry j, unit r) of u = threadIdx.x + k·blockDim.x, stepped without a division per copy.
+  int j = threadIdx.x / units, r = threadIdx.x - j * units;
+  const int dJ = blockDim.x / units, dR = blockDim.x - dJ * units;
+  for (; j < n; j += dJ, r += dR) {
+    if (r >= units) r -= units, ++j;
+    if (j >= n) break;
+    const long long t = tokS[j];
+    const char* src;
+    int at;
+    if (r < unitsV) {
+      at = r * cb;
+      src = p.v + (t * p.vStride + (long long)hk * p.D) * p.vSize + at;
+    } else {
+      int ro = r - unitsV, g = 0;
+      while (ro >= unitsO) ro -= unitsO, ++g;
+      at = p.vPitch + g * p.oPitch + ro * cb;
+      src = p.o + (t * p.oStride + (long long)(h0 + g) * p.D) * p.oSize + ro * cb;
+    }
+    const unsigned dst = smemAddr(raw + j * p.rowBytes + at);
+    if (cb == 16) cpAsync16(dst, src, true);
+    else cpAsync4(dst, src);
+  }
+  for (int j = threadIdx.x; j < n; j += blockDim.x) cpAsync4(smemAddr(flags + j), p.first + i + j);
+  for (int j = threadIdx.x; j < nNext; j += blockDim.x) cpAsync4(smemAddr(tokNext + j), p.tok + iNext + j);
+  cpCommit();
+}
+
+template <int W>
+__device__ __forceinline__ void loadW(const unsigned char* src, int type, float (&x)[W]) {
+  if (type == kF32) {
+    const float* s = reinterpret_cast<const float*>(src);
+    if constexpr (W == 4) {
+      const float4 a = *reinterpret_cast<const float4*>(s);
+      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
+    } else {
+      const float2 a = *reinterpret_cast<const float2*>(s);
+      x[0] = a.x, x[1] = a.y;
+    }
+  } else if (type == kBF16) {
+    const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(src);
+#pragma unroll
+    for (int q = 0; q < W / 2; ++q) {
+      const float2 a = __bfloat1622float2(s[q]);
+      x[2 * q] = a.x, x[2 * q + 1] = a.y;
+    }
+  } else if (type == kF16) {
+    const __half2* s = reinterpret_cast<const __half2*>(src);
+#pragma unroll
+    for (int q = 0; q < W / 2; ++q) {
+      const float2 a = __half22float2(s[q]);
+      x[2 * q] = a.x, x[2 * q + 1] = a.y;
+    }
+  } else {
+    const double2* s = reinterpret_cast<const double2*>(src);
+#pragma unroll
+    for (int q = 0; q < W / 2; ++q) {
+      const double2 a = s[q];
+      x[2 * q] = float(a.x), x[2 * q + 1] = float(a.y);
+    }
+  }
+}
+
+// raw rows → F[t][section][Dp] fp32 (zeros past the stage's entries, past D, and for absent heads); W channels
+// per step (D % W == 0). Warp 0 also packs the stage's sequence starts into one bit mask.
+template <int W>
+__device__ void convertStage(const ScanParams& p, const unsigned char* raw, const int* flags, float* F, unsigned* mask, int n,
+                             int nh) {
+  const int per = p.Dp / W, perShift = __ffs(per) - 1, perTok = p.sections * per;  // per: a power of two
+  // (entry t, unit r) of u = threadIdx.x + k·blockDim.x, stepped without a division per unit.
+  int t = threadIdx.x / perTok, r = threadIdx.x - t * perTok;
+  const int dT = blockDim.x / perTok, dR = blockDim.x - dT * perTok;
+  for (; t < p.TS; t += dT, r += dR) {
+    if (r >= perTok) r -= perTok, ++t;
+    if (t >= p.TS) break;
+    const int s = r >> perShift, c = (r & (per - 1)) * W;
+    float x[W];
+#pragma unroll
+    for (int q = 0; q < W; ++q) x[q] = 0.f;
+    if (t < n && c < p.D && s <= nh) {
+      const unsigned char* src = raw + t * p.rowBytes;
+      if (s == 0) loadW<W>(src + c * p.vSize, p.vType, x);
+      else loadW<W>(src + p.vPitch + (s - 1) * p.oPitch + c * p.oSize, p.oType, x);
+    }
+    float* dst = F + ((long long)t * p.sections + s) * p.Dp + c;
+    if constexpr (W == 4) *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+    else *reinterpret_cast<float2*>(dst) = make_float2(x[0], x[1]);
+  }
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const unsigned m = __ballot_sync(0xffffffffu, lane < n && flags[lane] != 0);
+    if (lane == 0) *mask = m;
+  }
+}
+
+__device__ __forceinline__ void convert(const ScanParams& p, const unsigned char* raw, const int* flags, float* F, unsigned* mask, int n,
+                                        int nh) {
+  if (p.D % 4 == 0) convertStage<4>(p, raw, flags, F, mask, n, nh);
+  else convertStage<2>(p, raw, flags, F, mask, n, nh);
+}
+
+template <int CB>
+__device__ __forceinline__ void loadF(const float* s, float (&x)[CB]) {
+  if constexpr (CB % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < CB / 4; ++q) {
+      const float4 a = reinterpret_cast<const float4*>(s)[q];
+      x[4 * q] = a.x, x[4 * q + 1] = a.y, x[4 * q + 2] = a.z, x[4 * q + 3] = a.w;
+    }
+  } else if constexpr (CB == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(s);
+    x[0] = a.x, x[1] = a.y;
+  } else {
+    x[0] = s[0];
+  }
+}
+
+// The CTA's place: blockIdx.x the span, blockIdx.y (KV head, head block, decay group).
+struct Place {
+  int span, hk, gb, kg, h0, nh, i0, i1;
+};
+__device__ __forceinline__ Place placeOf(const ScanParams& p, int gBlocks) {
+  Place c;
+  c.span = blockIdx.x;
+  int rem = blockIdx.y;
+  c.kg = rem % p.kGroups;
+  rem /= p.kGroups;
+  c.gb = rem % gBlocks;
+  c.hk = rem / gBlocks;
+  c.h0 = c.hk * p.G + c.gb * kHeads;
+  c.nh = min(kHeads, p.G - c.gb * kHeads);
+  const int c0 = c.span * p.spanChunks, c1 = min(p.chunks, c0 + p.spanChunks);
+  c.i0 = c0 * p.L;
+  c.i1 = min(p.count, c1 * p.L);
+  return c;
+}
+
+// y ← m·y + v with m = γ, or 0 at a sequence start (y finite, so 0·y + v = v exactly). Stages and batches
+// without a start take the Starts = false copy: no per-step test, and loads can run ahead of the FMAs.
+template <int KB, bool Starts>
+__device__ __forceinline__ void multipliers(const float (&gam)[KB], unsigned bits, int j, float (&m)[KB]) {
+  const bool start = Starts && ((bits >> j) & 1u);
+#pragma unroll
+  for (int b = 0; b < KB; ++b) m[b] = start ? 0.f : gam[b];
+}
+
+template <int CB, int KB, bool Starts>
+__device__ __forceinline__ void stateSteps(const float* F, int rowF, int n, unsigned mask, const float (&gam)[KB], float (&y)[KB][CB]) {
+#pragma unroll 8
+  for (int t = 0; t < n; ++t) {
+    float m[KB], vv[CB];
+    multipliers<KB, Starts>(gam, mask, t, m);
+    loadF<CB>(F + t * rowF, vv);
+#pragma unroll
+    for (int b = 0; b < KB; ++b)
+#pragma unroll
+      for (int u = 0; u < CB; ++u) y[b][u] = fmaf(m[b], y[b][u], vv[u]);
+  }
+}
+
+// Sweep 1 of a batch: y and the lane's partial Σ y² per (step, decay) into part[(step·KB + decay)·kPartRow + lane].
+template <int CB, int KB, bool Starts>
+__device__ __forceinline__ void sweepPartials(const float* F, int rowF, unsigned bits, const float (&gam)[KB], float (&y)[KB][CB],
+                                              float* part) {
+#pragma unroll 2
+  for (int j = 0; j < kBatch; ++j) {
+    float m[KB], vv[CB];
+    multipliers<KB, Starts>(gam, bits, j, m);
+    loadF<CB>(F + j * rowF, vv);
+#pragma unroll
+    for (int b = 0; b < KB; ++b) {
+      float pp = 0.f;
+#pragma unroll
+      for (int u = 0; u < CB; ++u) {
+        y[b][u] = fmaf(m[b], y[b][u], vv[u]);
+        pp = fmaf(y[b][u], y[b][u], pp);
+      }
+      part[(j * KB + b) * kPartRow] = pp;
+    }
+  }
+}
+
+// Sweep 2 of a batch: y again (the same instructions as sweep 1), ŷ = y·rs, Σ ŷ², Σ ŷ∘o for the 4 heads. The
+// next step's o rows are loaded before this step's ~125 FP32 instructions (3 warps per scheduler do not hide
+// shared-memory latency alone; prefetching v and rs too would spill).
+template <int CB, int KB, bool Starts>
+__device__ __forceinline__ void stepSums(const float* row, const float* rsj, const float (&ov)[kHeads][CB], const float (&gam)[KB],
+                                         unsigned bits, int j, float (&y)[KB][CB], float (&sq)[KB][CB], float (&cr)[KB][kHeads][CB]) {
+  float m[KB], vv[CB], rs[KB];
+  multipliers<KB, Starts>(gam, bits, j, m);
+  loadF<CB>(row, vv);
+  if constexpr (KB == 4) {
+    const float4 r4 = *reinterpret_cast<const float4*>(rsj);
+    rs[0] = r4.x, rs[1] = r4.y, rs[2] = r4.z, rs[3] = r4.w;
+  } else {
+#pragma unroll
+    for (int b = 0; b < KB; ++b) rs[b] = rsj[b];
+  }
+#pragma unroll
+  for (int b = 0; b < KB; ++b)
+#pragma unroll
+    for (int u = 0; u < CB; ++u) {
+      y[b][u] = fmaf(m[b], y[b][u], vv[u]);
+      const float z = y[b][u] * rs[b];
+      sq[b][u] = fmaf(z, z, sq[b][u]);
+#pragma unroll
+      for (int g = 0; g < kHeads; ++g) cr[b][g][u] = fmaf(z, ov[g][u], cr[b][g][u]);
+    }
+}
+template <int CB>
+__device__ __forceinline__ void loadHeads(const float* row, int Dp, float (&ov)[kHeads][CB]) {
+#pragma unroll
+  for (int g = 0; g < kHeads; ++g) loadF<CB>(row + (1 + g) * Dp, ov[g]);
+}
+template <int CB, int KB, bool Starts>
+__device__ __forceinline__ void sweepSums(const float* F, int rowF, int Dp, unsigned bits, const float (&gam)[KB], const float* rsb,
+                                          float (&y)[KB][CB], float (&sq)[KB][CB], float (&cr)[KB][kHeads][CB]) {
+  if constexpr (CB >= 8) {  // 32 registers per copy of the o operands: no room for a second
+#pragma unroll 1
+    for (int j = 0; j < kBatch; ++j) {
+      float ov[kHeads][CB];
+      loadHeads<CB>(F + j * rowF, Dp, ov);
+      stepSums<CB, KB, Starts>(F + j * rowF, rsb + j * KB, ov, gam, bits, j, y, sq, cr);
+    }
+    return;
+  }
+  float oa[kHeads][CB], ob[kHeads][CB];
+  loadHeads<CB>(F, Dp, oa);
+#pragma unroll 1
+  for (int j = 0; j < kBatch; j += 2) {
+    const float* row = F + j * rowF;
+    loadHeads<CB>(row + rowF, Dp, ob);
+    stepSums<CB, KB, Starts>(row, rsb + j * KB, oa, gam, bits, j, y, sq, cr);
+    if (j + 2 < kBatch) loadHeads<CB>(row + 2 * rowF, Dp, oa);
+    stepSums<CB, KB, Starts>(row + rowF, rsb + (j + 1) * KB, ob, gam, bits, j + 1, y, sq, cr);
+  }
+}
+
+// Per (span, KV head, decay group): each chunk's end state from y = 0, fp32 (the carry is f64).
+template <int CB>
+__global__ void __launch_bounds__(kThreads) scanStates(ScanParams p) {
+  constexpr int KB = decaysPerWarp<CB>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Layout ly = layoutOf(p.TS, p.rowBytes, 1, p.Dp, 0, KB, 0);  // no RMS partials
+  int* tokS = reinterpret_cast<int*>(smem + ly.tok);
+  int* flags = reinterpret_cast<int*>(smem + ly.flags);
+  unsigned* maskS = reinterpret_cast<unsigned*>(smem + ly.mask);
+  unsigned char* raw = smem + ly.raw;
+  float* F = reinterpret_cast<float*>(smem + ly.f32);
+  const Place at = placeOf(p, 1);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int k0 = (at.kg * p.warps + warp) * KB;
+  float gam[KB], y[KB][CB];
+#pragma unroll
+  for (int b = 0; b < KB; ++b) {
+    gam[b] = k0 + b < p.K0 ? float(p.decays[k0 + b]) : 0.f;
+#pragma unroll
+    for (int u = 0; u < CB; ++u) y[b][u] = 0.f;
+  }
+  const int TS = p.TS, stages = (at.i1 - at.i0 + TS - 1) / TS;
+  for (int j = threadIdx.x; j < min(TS, at.i1 - at.i0); j += blockDim.x) tokS[j] = p.tok[at.i0 + j];
+  __syncthreads();
+  {
+    const int n1 = min(TS, max(0, at.i1 - at.i0 - TS));
+    issueStage(p, raw, tokS, flags, tokS + TS, at.i0, min(TS, at.i1 - at.i0), at.i0 + TS, n1, at.hk, 0, 0);
+  }
+  for (int s = 0; s < stages; ++s) {
+    const int is = at.i0 + s * TS, n = min(TS, at.i1 - is);
+    cpWait<0>();
+    __syncthreads();
+    convert(p, raw, flags, F, maskS, n, 0);
+    __syncthreads();
+    if (s + 1 < stages) {
+      const int in = is + TS, nn = min(TS, at.i1 - in), n2 = min(TS, max(0, at.i1 - in - TS));
+      issueStage(p, raw, tokS + ((s + 1) & 1) * TS, flags, tokS + (s & 1) * TS, in, nn, in + TS, n2, at.hk, 0, 0);
+    }
+    if (is % p.L == 0) {
+#pragma unroll
+      for (int b = 0; b < KB; ++b)
+#pragma unroll
+        for (int u = 0; u < CB; ++u) y[b][u] = 0.f;
+    }
+    const unsigned mask = *maskS;
+    if (mask) stateSteps<CB, KB, true>(F + lane * CB, p.Dp, n, mask, gam, y);
+    else stateSteps<CB, KB, false>(F + lane * CB, p.Dp, n, 0u, gam, y);
+    if ((is + n) % p.L == 0 || is + n == p.count) {  // the chunk's last stage (TS divides L)
+      const int c = is / p.L;
+#pragma unroll
+      for (int b = 0; b < KB; ++b) {
+        if (k0 + b >= p.K0) continue;
+#pragma unroll
+        for (int u = 0; u < CB; ++u) {
+          const int ch = lane * CB + u;
+          if (ch < p.D) p.state[(((long long)c * p.HKV + at.hk) * p.K0 + k0 + b) * p.D + ch] = y[b][u];
+        }
+      }
+    }
+  }
+}
+
+// Per (KV head, decay, channel): the state entering each chunk, in chunk order, in f64 (loads batched ahead).
+__global__ void scanCarry(const float* __restrict__ state, float* __restrict__ enter, const int* __restrict__ chunkReset,
+                          const double* __restrict__ decays, int count, int L, int chunks, int HKV, int K0, int D) {
+  const long long n = (long long)HKV * K0 * D;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const double g = decays[int((i / D) % K0)];
+  const double gL = pow(g, double(L)), gLast = pow(g, double(count - (chunks - 1) * L));
+  double Y = 0;
+  constexpr int kAhead = 8;
+  for (int c0 = 0; c0 < chunks; c0 += kAhead) {
+    float e[kAhead];
+    int r[kAhead];
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q) {
+      const int c = c0 + q;
+      e[q] = c < chunks ? state[(long long)c * n + i] : 0.f;
+      r[q] = c < chunks ? chunkReset[c] : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q) {
+      const int c = c0 + q;
+      if (c >= chunks) break;
+      enter[(long long)c * n + i] = float(Y);
+      const double a = r[q] ? 0.0 : c == chunks - 1 ? gLast : gL;
+      Y = fma(a, Y, double(e[q]));
+    }
+  }
+}
+
+// Per (span, KV head, ≤ 4 query heads, decay group): the chunks' fp32 reruns from their entering states with
+// Σ ŷ∘o, Σ ŷ² (and Σ o, Σ o² in decay group 0) over the span.
+template <int CB>
+__global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
+  constexpr int KB = decaysPerWarp<CB>();
+  constexpr int kRows = kBatch * KB;  // (step, decay) rows of a batch
+  static_assert(kRows <= 32, "one lane per row");
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Layout ly = layoutOf(p.TS, p.rowBytes, p.sections, p.Dp, p.warps, KB, kHeads * p.D);
+  int* tokS = reinterpret_cast<int*>(smem + ly.tok);
+  int* flags = reinterpret_cast<int*>(smem + ly.flags);
+  unsigned* maskS = reinterpret_cast<unsigned*>(smem + ly.mask);
+  unsigned char* raw = smem + ly.raw;
+  float* F = reinterpret_cast<float*>(smem + ly.f32);
+  const Place at = placeOf(p, p.gBlocks);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* part = reinterpret_cast<float*>(smem + ly.part) + warp * kRows * kPartRow;
+  float* rsb = reinterpret_cast<float*>(smem + ly.rs) + warp * kRows;
+  float* ctx = reinterpret_cast<float*>(smem + ly.ctx);
+  const int k0 = (at.kg * p.warps + warp) * KB;
+  const bool ctxOn = at.kg == 0;
+  const int ctxCols = at.nh * p.D;
+  const int rowF = p.sections * p.Dp;
+  float gam[KB], y[KB][CB], sq[KB][CB], cr[KB][kHeads][CB];
+#pragma unroll
+  for (int b = 0; b < KB; ++b) {
+    gam[b] = k0 + b < p.K0 ? float(p.decays[k0 + b]) : 0.f;
+#pragma unroll
+    for (int u = 0; u < CB; ++u) {
+      y[b][u] = sq[b][u] = 0.f;
+#pragma unroll
+      for (int g = 0; g < kHeads; ++g) cr[b][g][u] = 0.f;
+    }
+  }
+  if (ctxOn)
+    for (int c = threadIdx.x; c < 2 * ctxCols; c += blockDim.x) ctx[c] = 0.f;
+  const float invD = 1.f / float(p.D), eps = float(kScanEps);
+  const int TS = p.TS, stages = (at.i1 - at.i0 + TS - 1) / TS;
+  for (int j = threadIdx.x; j < min(TS, at.i1 - at.i0); j += blockDim.x) tokS[j] = p.tok[at.i0 + j];
+  __syncthreads();
+  {
+    const int n1 = min(TS, max(0, at.i1 - at.i0 - TS));
+    issueStage(p, raw, tokS, flags, tokS + TS, at.i0, min(TS, at.i1 - at.i0), at.i0 + TS, n1, at.hk, at.h0, at.nh);
+  }
+  for (int s = 0; s < stages; ++s) {
+    const int is = at.i0 + s * TS, n = min(TS, at.i1 - is);
+    if (is % p.L == 0) {  // a chunk starts: its carried state (TS divides L)
+      const float* e = p.enter + ((long long)(is / p.L) * p.HKV + at.hk) * p.K0 * p.D;
+#pragma unroll
+      for (int b = 0; b < KB; ++b)
+#pragma unroll
+        for (int u = 0; u < CB; ++u) {
+          const int ch = lane * CB + u;
+          y[b][u] = k0 + b < p.K0 && ch < p.D ? e[(long long)(k0 + b) * p.D + ch] : 0.f;
+        }
+    }
+    cpWait<0>();
+    __syncthreads();
+    convert(p, raw, flags, F, maskS, n, at.nh);
+    __syncthreads();
+    if (s + 1 < stages) {
+      const int in = is + TS, nn = min(TS, at.i1 - in), n2 = min(TS, max(0, at.i1 - in - TS));
+      issueStage(p, raw, tokS + ((s + 1) & 1) * TS, flags, tokS + (s & 1) * TS, in, nn, in + TS, n2, at.hk, at.h0, at.nh);
+    }
+    if (ctxOn) {  // Σ o, Σ o² per column (absent entries are zero rows)
+      for (int c = threadIdx.x; c < ctxCols; c += blockDim.x) {
+        const float* col = F + (1 + c / p.D) * p.Dp + c % p.D;
+        float a = 0.f, q = 0.f;
+        for (int t = 0; t < n; ++t) {
+          const float x = col[t * rowF];
+          a += x;
+          q = fmaf(x, x, q);
+        }
+        ctx[2 * c] += a;
+        ctx[2 * c + 1] += q;
+      }
+    }
+    const unsigned mask = *maskS;
+#pragma unroll 1
+    for (int t0 = 0; t0 < TS; t0 += kBatch) {
+      const unsigned mb = (mask >> t0) & ((1u << kBatch) - 1u);
+      const float* Fb = F + t0 * rowF + lane * CB;
+      float y0[KB][CB];
+#pragma unroll
+      for (int b = 0; b < KB; ++b)
+#pragma unroll
+        for (int u = 0; u < CB; ++u) y0[b][u] = y[b][u];
+      if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, y, part + lane);
+      else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, y, part + lane);
+      __syncwarp();
+      if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
+        const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
+        float4 a = r[0];
+#pragma unroll
+        for (int q = 1; q < 8; ++q) {
+          const float4 x = r[q];
+          a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
+        }
+        const float ms = (a.x + a.y) + (a.z + a.w);
+        rsb[lane] = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
+      }
+      __syncwarp();
+#pragma unroll
+      for (int b = 0; b < KB; ++b)
+#pragma unroll
+        for (int u = 0; u < CB; ++u) y[b][u] = y0[b][u];
+      if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
+      else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < KB; ++b) {
+    if (k0 + b >= p.K0) continue;
+#pragma unroll
+    for (int u = 0; u < CB; ++u) {
+      const int ch = lane * CB + u;
+      if (ch >= p.D) continue;
+#pragma unroll
+      for (int g = 0; g < kHeads; ++g)
+        if (g < at.nh) p.crossPart[(((long long)at.span * p.H + at.h0 + g) * p.K0 + k0 + b) * p.D + ch] = cr[b][g][u];
+      if (at.gb == 0) p.sqPart[(((long long)at.span * p.HKV + at.hk) * p.K0 + k0 + b) * p.D + ch] = sq[b][u];
+    }
+  }
+  if (ctxOn)
+    for (int c = threadIdx.x; c < 2 * ctxCols; c += blockDim.x)
+      p.ctxPart[((long long)at.span * p.H + at.h0) * p.D * 2 + c] = ctx[c];
+}
+
+// f64 sums of the span partials, in span order, into Σ ŷ∘o [H,K0,D] and Σ ŷ² [H,K0,D].
+__global__ void scanSums(const float* __restrict__ crossPart, const float* __restrict__ sqPart, int spans, int H, int HKV, int K0,
+                         int D, double* __restrict__ cross, double* __restrict__ sq) {
+  const long long n = (long long)H * K0 * D;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int h = int(i / ((long long)K0 * D)), hk = h / (H / HKV);
+  const long long kd = i % ((long long)K0 * D), nKv = (long long)HKV * K0 * D;
+  double a = 0, b = 0;
+  for (int s = 0; s < spans; ++s) {
+    a += double(crossPart[(long long)s * n + i]);
+    b += double(sqPart[(long long)s * nKv + (long long)hk * K0 * D + kd]);
+  }
+  cross[i] += a;
+  sq[i] += b;
+}
+
+// Σ o, Σ o² [H·D] from the span partials.
+__global__ void contextSums(const float2* __restrict__ part, int spans, int HD, double* __restrict__ sum, double* __restrict__ sq) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= HD) return;
+  double a = 0, b = 0;
+  for (int s = 0; s < spans; ++s) {
+    const float2 x = part[(long long)s * HD + i];
+    a += double(x.x);
+    b += double(x.y);
+  }
+  sum[i] += a;
+  sq[i] += b;
+}
+
+int codeOf(DType t, const char* argument) {
+  switch (t) {
+    case DType::F32: return kF32;
+    case DType::BF16: return kBF16;
+    case DType::F16: return kF16;
+    case DType::F64: return kF64;
+    default: throwInvalid(argument, std::string("expected a floating dtype, got ") + dtypeName(t));
+  }
+}
+
+// Blocks of `kern` per SM at `threads` threads and `smem` bytes (its dynamic limit raised to `smem` first).
+template <typename K>
+int residentBlocks(K kern, int threads, int smem) {
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+  int n = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, size_t(smem)), "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return std::max(1, n);
+}
+
+template <int CB>
+void launch(ScanParams prm, int sms, int maxSmem, const std::vector<int>& chunkReset, const Accumulators& acc, Device dev,
+            cudaStream_t stream, const std::function<void(const char*)>& mark) {
+  constexpr int KB = decaysPerWarp<CB>();
+  const int threads = prm.warps * 32;
+  // The stage length giving the most resident warps per SM (ties: the longest; TS divides L, ≤ 32 for the
+  // one-word start mask); then spans so that one wave of CTAs fills the SMs.
+  int bestWarps = 0, smemApply = 0;
+  for (int ts : {32, 16, 8}) {
+    const int bytes = layoutOf(ts, prm.rowBytes, prm.sections, prm.Dp, prm.warps, KB, kHeads * prm.D).total;
+    if (bytes > maxSmem) continue;
+    const int w = residentBlocks(scanApply<CB>, threads, bytes) * prm.warps;
+    if (w > bestWarps) bestWarps = w, prm.TS = ts, smemApply = bytes;
+  }
+  if (bestWarps == 0) throwInvalid("q", "the γ₀ scan's stage does not fit in shared memory");
+  const int perSpan = prm.HKV * prm.gBlocks * prm.kGroups;
+  const int wanted = std::max(1, sms * (bestWarps / prm.warps) / perSpan);
+  prm.spanChunks = (prm.chunks + wanted - 1) / wanted;
+  prm.spans = (prm.chunks + prm.spanChunks - 1) / prm.spanChunks;
+
+  ScanParams sp = prm;  // the states pass: v rows only, spans of its own
+  sp.sections = 1;
+  sp.rowBytes = prm.vPitch;
+  const int smemStates = layoutOf(sp.TS, sp.rowBytes, 1, sp.Dp, 0, KB, 0).total;
+  const int wantedStates = std::max(1, sms * residentBlocks(scanStates<CB>, threads, smemStates) / (prm.HKV * prm.kGroups));
+  sp.spanChunks = (prm.chunks + wantedStates - 1) / wantedStates;
+  sp.spans = (prm.chunks + sp.spanChunks - 1) / sp.spanChunks;
+
+  Tensor resetD = empty({int64_t(prm.chunks)}, DType::I32, dev);
+  copyFromHost(resetD, chunkReset.data(), chunkReset.size() * sizeof(int));
+  const int64_t perChunk = int64_t(prm.HKV) * prm.K0 * prm.D;
+  Tensor state = empty({int64_t(prm.chunks) * perChunk}, DType::F32, dev);
+  Tensor enter = empty({int64_t(prm.chunks) * perChunk}, DType::F32, dev);
+  Tensor crossPart = empty({int64_t(prm.spans) * prm.H * prm.K0 * prm.D}, DType::F32, dev);
+  Tensor sqPart = empty({int64_t(prm.spans) * perChunk}, DType::F32, dev);
+  Tensor ctxPart = empty({int64_t(prm.spans) * prm.H * prm.D * 2}, DType::F32, dev);
+  prm.state = sp.state = state.ptr<float>();
+  prm.enter = sp.enter = enter.ptr<float>();
+  prm.crossPart = crossPart.ptr<float>();
+  prm.sqPart = sqPart.ptr<float>();
+  prm.ctxPart = ctxPart.ptr<float>();
+
+  scanStates<CB><<<dim3(unsigned(sp.spans), unsigned(prm.HKV * prm.kGroups)), unsigned(threads), size_t(smemStates), stream>>>(sp);
+  checkLaunch("taylorMoments (scan states)");
+  mark("scanStates");
+  const long long nc = (long long)prm.HKV * prm.K0 * prm.D;
+  scanCarry<<<unsigned((nc + 127) / 128), 128, 0, stream>>>(prm.state, prm.enter, resetD.ptr<int>(), prm.decays, prm.count, prm.L,
+                                                           prm.chunks, prm.HKV, prm.K0, prm.D);
+  checkLaunch("taylorMoments (scan carry)");
+  mark("scanCarry");
+  residentBlocks(scanApply<CB>, threads, smemApply);  // the chosen stage's limit
+  scanApply<CB><<<dim3(unsigned(prm.spans), unsigned(perSpan)), unsigned(threads), size_t(smemApply), stream>>>(prm);
+  checkLaunch("taylorMoments (scan)");
+  mark("scanApply");
+  const long long nf = (long long)prm.H * prm.K0 * prm.D;
+  scanSums<<<unsigned((nf + 127) / 128), 128, 0, stream>>>(prm.crossPart, prm.sqPart, prm.spans, prm.H, prm.HKV, prm.K0, prm.D,
+                                                           acc.scanCross.ptr<double>(), acc.scanSq.ptr<double>());
+  const int HD = prm.H * prm.D;
+  contextSums<<<unsigned((HD + 127) / 128), 128, 0, stream>>>(reinterpret_cast<const float2*>(prm.ctxPart), prm.spans, HD,
+                                                              acc.contextSum.ptr<double>(), acc.contextSq.ptr<double>());
+  checkLaunch("taylorMoments (scan sums)");
+  mark("scanSums");
+}
+
+}  // namespace
+
+void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* tok, const int* first, const std::vector<int>& hostFirst,
+               const double* decays, const Accumulators& acc, cudaStream_t stream, const std::function<void(const char*)>& mark) {
+  const int count = int(hostFirst.size());
+  if (count == 0) return;
+  const Device dev = v.device();
+  const int H = int(p.H), HKV = int(p.HKV), D = int(p.D), K0 = int(p.K0()), G = H / HKV;
+  if (D > 256) throwInvalid("q", "the γ₀ scan takes head dims up to 256, got " + std::to_string(D));
+  const int CB = D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8;
+  const int KB = CB >= 8 ? 2 : 4;
+
+  ScanParams prm{};
+  prm.v = static_cast<const char*>(v.data());
+  prm.o = static_cast<const char*>(o.data());
+  prm.vType = codeOf(v.dtype(), "v");
+  prm.oType = codeOf(o.dtype(), "context");
+  prm.vSize = int(dtypeSize(v.dtype()));
+  prm.oSize = int(dtypeSize(o.dtype()));
+  prm.vStride = p.HKV * p.D;
+  prm.oStride = p.H * p.D;
+  prm.tok = tok;
+  prm.first = first;
+  prm.decays = decays;
+  prm.count = count;
+  prm.L = count >= 16384 ? 256 : 64;  // small batches: several chunks still (the tests cross chunk edges)
+  prm.chunks = (count + prm.L - 1) / prm.L;
+  prm.H = H;
+  prm.HKV = HKV;
+  prm.D = D;
+  prm.Dp = 32 * CB;
+  prm.K0 = K0;
+  prm.G = G;
+  prm.gBlocks = (G + kHeads - 1) / kHeads;
+  prm.warps = std::min(kMaxWarps, (K0 + KB - 1) / KB);
+  prm.kGroups = (K0 + prm.warps * KB - 1) / (prm.warps * KB);
+  prm.sections = 1 + kHeads;
+  prm.vBytes = D * prm.vSize;
+  prm.oRowBytes = D * prm.oSize;
+  prm.vPitch = (prm.vBytes + 15) / 16 * 16;
+  prm.oPitch = (prm.oRowBytes + 15) / 16 * 16;
+  prm.rowBytes = prm.vPitch + kHeads * prm.oPitch;
+  auto aligned = [](const void* ptr, long long bytes) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && bytes % 16 == 0; };
+  prm.copy16 = aligned(prm.v, (long long)prm.vBytes) && aligned(prm.o, (long long)prm.oRowBytes) && (prm.vStride * prm.vSize) % 16 == 0 &&
+               (prm.oStride * prm.oSize) % 16 == 0;
+  if (reinterpret_cast<uintptr_t>(prm.v) % 4 != 0 || reinterpret_cast<uintptr_t>(prm.o) % 4 != 0)
+    throwInvalid("v", "the γ₀ scan needs 4-byte aligned v and context rows");
+
+  int maxSmem = 0;
+  check(cudaDeviceGetAttribute(&maxSmem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.index), "cudaDeviceGetAttribute");
+  const int sms = std::max(1, multiprocessorCount(dev.index));
+  std::vector<int> chunkReset(size_t(prm.chunks), 0);
+  for (int i = 0; i < count; ++i)
+    if (hostFirst[size_t(i)]) chunkReset[size_t(i / prm.L)] = 1;
+  switch (CB) {
+    case 1: launch<1>(prm, sms, maxSmem, chunkReset, acc, dev, stream, mark); break;
+    case 2: launch<2>(prm, sms, maxSmem, chunkReset, acc, dev, stream, mark); break;
+    case 4: launch<4>(prm, sms, maxSmem, chunkReset, acc, dev, stream, mark); break;
+    default: launch<8>(prm, sms, maxSmem, chunkReset, acc, dev, stream, mark); break;
+  }
+}
+
+}  // namespace tcal::cuda
