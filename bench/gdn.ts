@@ -65,18 +65,13 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
 const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
-  ['state: ws CG=8', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '8', TCAL_GDN_WS_KS: '1' }],
-  ['state: ws CG=4', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '4', TCAL_GDN_WS_KS: '1' }],
-  ['state: ws CG=2 KS=2', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '2', TCAL_GDN_WS_KS: '2' }],
-  ['state: ws CG=2 KS=1', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '2', TCAL_GDN_WS_KS: '1' }],
-  ['state: direct (v4)', { TCAL_GDN_STATE: 'direct' }],
-  ['state: K split on W (v4)', { TCAL_GDN_STATE: 'split' }],
+  ['ws wide (CG=4)', { TCAL_GDN_WS: 'wide' }],
+  ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
-  ['ws CG=8: state alone', { TCAL_GDN_STATE: 'ws', TCAL_GDN_WS_CG: '8', TCAL_GDN_WS_KS: '1', TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
-const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_STATE', 'TCAL_GDN_V3_SKIP', 'TCAL_GDN_WS_CG', 'TCAL_GDN_WS_KS'];
+const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_WS', 'TCAL_GDN_V3_SKIP'];
 
 /** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
 function agreementWith(a: Float32Array, raw: Buffer): number {

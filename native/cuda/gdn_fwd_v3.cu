@@ -1,19 +1,18 @@
-// CUDA Gated DeltaNet forward, versions 3–4: the chunk-local work runs for all chunks at once, only the state
+// CUDA Gated DeltaNet forward, versions 3–5: the chunk-local work runs for all chunks at once, only the state
 // recurrence is sequential, and that part is split over V so that the state lives in registers.
 //
 // Kernel 1 (prep), one block per (chunk, value head, sequence), all in parallel:
 //   γ = cumsum(g) inside the chunk, rq / rk = L2-norm factors of q / k rows (1 without l2norm),
-//   M = strictly-lower(diag(β)(K̃K̃ᵀ ⊙ exp(γ_i − γ_j))),  A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal
-//   blocks by substitution in registers, the off-diagonal blocks by 3×TF32 tile products),
-//   Ab = A·diag(β) (bf16, [tokens, HV, C]),  aux = (γ, scale·rq, rk, exp γ·rk) per token (f32),
-//   and, for the state passes that use it, W = Ab·diag(exp γ)K̃ (bf16, [tokens, HV, K]).
-// Kernel 2 (state pass), one block per (sequence, value head, V tile); each warp owns 16 state columns and
-// keeps Sᵀ (16 × K, or 16 × K/2 in the split pass, fp32) in registers, so that every product takes Sᵀ or νᵀ
+//   M = strictly-lower(diag(β)(K̃K̃ᵀ ⊙ exp(γ_i − γ_j))) (formed in the K Kᵀ fragments' epilogue),
+//   A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal blocks by substitution in registers, the off-diagonal
+//   blocks by 3×TF32 tile products),  Ab = A·diag(β) (bf16, [tokens, HV, C]),
+//   aux = (γ, scale·rq, rk, exp γ·rk) per token (f32).
+// Kernel 2 (state pass, v5, warp-specialised), one block per (sequence, value head, V tile); recurrence warps
+// keep Sᵀ (16 columns × K, or × K/2 with the K split; fp32) in registers so that every product takes Sᵀ or νᵀ
 // straight from the accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by
-// ldmatrix from padded shared memory filled by cp.async). Per chunk:
-//   Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i}   (shared by the block's warps)
-//   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ (direct) or Vᵀ Abᵀ − Sᵀ Wᵀ (on W),
-//   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ,   Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃.
+// ldmatrix from padded shared memory filled by cp.async), output warps form O beside them. Per chunk:
+//   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃                 (recurrence warps)
+//   Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i},  Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ             (output warps)
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <mma.h>
 
@@ -103,20 +102,19 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
-// Kernel 1: chunk-local preparation. 128 threads, four blocks per SM (v4: A aliases the raw k rows, which are
-// read again from L2 for W; W leaves through a per-warp 16×16 tile instead of a C × K fp32 buffer).
+// Kernel 1: chunk-local preparation. 128 threads, four blocks per SM (A aliases the raw k rows).
 constexpr int kPrepThreads = 128;
 
 template <int K>
-__host__ __device__ constexpr size_t prepRegion() {  // raw k rows (C × (K+8) bf16), later A (C × LDF f32), later K̃ (bf16)
+__host__ __device__ constexpr size_t prepRegion() {  // raw k rows (C × (K+8) bf16), later A (C × LDF f32)
   return 2 * size_t(C) * (K + 8) > 4 * size_t(C) * LDF ? 2 * size_t(C) * (K + 8) : 4 * size_t(C) * LDF;
 }
 template <int K>
 constexpr size_t prepSmem() {
-  // region, Gs (C × LDF f32: K Kᵀ, then M), Ab (C × LDC bf16), Ts (16 × LDF f32), 5 vectors of C floats:
-  // 49.6 KB at K = 64 and 128.
+  // region, Gs (C × LDF f32: M), a C × LDC bf16 tile the prep no longer uses (left in so that the layout and
+  // the four blocks per SM stay those measured in session 3's run 2; dropping it gives 39.5 KB and five blocks
+  // per SM, not yet measured), Ts (16 × LDF f32), 5 vectors of C floats: 49.6 KB at K = 64 and 128.
   return prepRegion<K>() + 4 * size_t(C) * LDF + 2 * size_t(C) * LDC + 4 * (16 * LDF + 5 * C);
 }
 
@@ -148,14 +146,13 @@ __device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, con
   wmma::mma_sync(acc, ah, bh, acc);
 }
 
-// WITHW = false: no W (the direct state pass forms ν = Ab(V − K̃S) itself); Wout is not touched.
-template <typename T, int K, bool WITHW>
+template <typename T, int K>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
                                                            const float* __restrict__ aLog,
-                                                           const float* __restrict__ dtBias, T* __restrict__ Wout,
+                                                           const float* __restrict__ dtBias,
                                                            T* __restrict__ About, float4* __restrict__ aux,
                                                            float scale, bool l2norm) {
   constexpr int LDK = K + 8;
@@ -163,9 +160,8 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   extern __shared__ __align__(128) unsigned char sm[];
   T* Kb = reinterpret_cast<T*>(sm);                                 // C × LDK (raw k, later K̃)
   float* As = reinterpret_cast<float*>(sm);                         // C × LDF (aliases Kb)
-  float* Gs = reinterpret_cast<float*>(sm + prepRegion<K>());       // C × LDF (K Kᵀ, then M)
-  T* Ab = reinterpret_cast<T*>(Gs + C * LDF);                       // C × LDC
-  float* Ts = reinterpret_cast<float*>(Ab + C * LDC);               // 16 × LDF
+  float* Gs = reinterpret_cast<float*>(sm + prepRegion<K>());       // C × LDF (M)
+  float* Ts = reinterpret_cast<float*>(reinterpret_cast<T*>(Gs + C * LDF) + C * LDC);  // 16 × LDF
   float* gam = Ts + 16 * LDF;
   float* bet = gam + C;
   float* rk = bet + C;
@@ -345,15 +341,6 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     }
     __syncthreads();
   }
-  // The raw k rows again (from L2), issued before the Ab loop so that their latency hides behind it.
-  uint4 kv[IT];
-  if constexpr (WITHW) {
-#pragma unroll
-    for (int u = 0; u < IT; ++u) {
-      const int i = tid / G + u * RPP;
-      kv[u] = i < L ? *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8) : make_uint4(0, 0, 0, 0);
-    }
-  }
   // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
   for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
     const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
@@ -365,768 +352,13 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 #pragma unroll
     for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
-    if (WITHW) *reinterpret_cast<uint4*>(Ab + i * LDC + c) = vv;
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
   }
   if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
-  if constexpr (!WITHW) return;
-  __syncthreads();  // As is dead: K̃ = diag(exp γ · rk) k takes its place
-#pragma unroll
-  for (int u = 0; u < IT; ++u) {
-    const int i = tid / G + u * RPP;
-    const T* ke = reinterpret_cast<const T*>(&kv[u]);
-    const float f = ex[i] * rk[i];  // 0 past L
-    alignas(16) T out[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = fromF<T>(toF(ke[e]) * f);
-    *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = *reinterpret_cast<const uint4*>(out);
-  }
-  __syncthreads();
-  // W = Ab · K̃ (C × K), 4 × K/16 tiles, each out through this warp's 16 columns of Ts as 16-byte stores.
-  {
-    float* Tw = Ts + 16 * warp;
-    for (int tile = warp; tile < 4 * (K / 16); tile += kPrepThreads / 32) {
-      const int tr = tile / (K / 16), tc = tile % (K / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-#pragma unroll
-      for (int kk = 0; kk <= tr; ++kk) {  // Ab is block lower triangular
-        wmma::load_matrix_sync(fa, Ab + tr * 16 * LDC + kk * 16, LDC);
-        wmma::load_matrix_sync(fb, Kb + kk * 16 * LDK + tc * 16, LDK);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      __syncwarp();  // the previous tile's reads of Tw are done
-      wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
-      __syncwarp();
-      const int r = lane / 2, half = lane % 2, i = 16 * tr + r;
-      const float4 w0 = *reinterpret_cast<const float4*>(Tw + r * LDF + 8 * half);
-      const float4 w1 = *reinterpret_cast<const float4*>(Tw + r * LDF + 8 * half + 4);
-      const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-      alignas(16) T out[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>(wv[e]);
-      if (i < L)
-        *reinterpret_cast<uint4*>(Wout + ((t0 + i) * HV + hv) * K + 16 * tc + 8 * half) =
-            *reinterpret_cast<const uint4*>(out);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Kernel 2: the state pass.
-
-template <int K, int NW>
-__host__ __device__ constexpr size_t stageBytes() {
-  // Qs, Ks, Ws (C × (K+8)), Abs (C × LDC), Vs (C × (16·NW + 8)) bf16/f16, aux (C float4).
-  return 2 * (3 * size_t(C) * (K + 8) + size_t(C) * LDC + size_t(C) * (16 * NW + 8)) + 16 * C;
-}
-template <int K, int NW, int ST>
-__host__ __device__ constexpr size_t stateSmem() {
-  return 2 * size_t(C) * LDC + ST * stageBytes<K, NW>();  // AQs + ST load stages
-}
-
-// ST = 1: one load stage (the loads of a chunk wait at its top); ST = 2: the next chunk's loads are issued
-// before this chunk's products (cp.async double buffering).
-// DIRECT (v4, no W from the prep): νᵀ = (Vᵀ − (Sᵀ kᵀ) diag(exp γ · rk)) Abᵀ — the same number of products as
-// Vᵀ Abᵀ − Sᵀ Wᵀ, with k (already loaded for the update) in place of W; the residual V − K̃S is rounded to
-// the operand type once, relative to itself.
-template <typename T, int K, int NW, int ST, bool DIRECT>
-__global__ void __launch_bounds__(32 * NW) stateKernel(const int* __restrict__ cu, int H, int HV, int V,
-                                                       const T* __restrict__ q, const T* __restrict__ k,
-                                                       const T* __restrict__ v, const T* __restrict__ W,
-                                                       const T* __restrict__ Ab, const float4* __restrict__ aux,
-                                                       const float* __restrict__ h0, T* __restrict__ o,
-                                                       float* __restrict__ hT, float* __restrict__ ckpt,
-                                                       const int* __restrict__ chunkFirst) {
-  constexpr int LDK = K + 8, VT = 16 * NW, LDV = VT + 8, NT = 32 * NW;
-  constexpr int KS = K / 16;  // k-steps over K
-  constexpr size_t SB = stageBytes<K, NW>();
-  extern __shared__ __align__(128) unsigned char sm[];
-  T* AQs = reinterpret_cast<T*>(sm);
-  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int gq = lane / 4, tq = lane % 4;          // mma fragment coordinates
-  const int lr = lane % 8, lm = lane / 8;          // ldmatrix: row in matrix, matrix index
-  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
-  const int v0 = blockIdx.x * VT, vw = 16 * warp;  // this warp's columns: v0 + vw + [0, 16)
-  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
-  const size_t stateBase = (size_t(n) * HV + hv) * K * V;
-
-  // Loads of the chunk starting at tc into stage st (rows past the sequence's end are zero-filled).
-  auto issue = [&](int64_t tc, int st) {
-    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
-    T* Ks = Qs + C * LDK;
-    T* Ws = Ks + C * LDK;
-    T* Abs = Ws + C * LDK;
-    T* Vs = Abs + C * LDC;
-    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
-    const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
-    constexpr int RV = K / 8;  // 16-byte vectors per q / k / W row
-    for (int idx = tid; idx < C * RV; idx += NT) {
-      int i = idx / RV, c = (idx % RV) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
-      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
-      if (!DIRECT) cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
-    }
-    for (int idx = tid; idx < C * (C / 8); idx += NT) {
-      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
-    }
-    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
-      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
-    }
-    for (int i = tid; i < C; i += NT) {
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
-    }
-  };
-
-  // Sᵀ (16 × K): element [nt][e] is state (kk = 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
-  float S[K / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-      S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
-    }
-
-  if (ST == 2 && seqBegin < seqEnd) {
-    issue(seqBegin, 0);
-    cpAsyncCommit();
-  }
-  int chunk = chunkFirst ? chunkFirst[n] : 0;
-  int st = 0;
-  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
-    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
-    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
-    T* Ks = Qs + C * LDK;
-    T* Ws = Ks + C * LDK;
-    T* Abs = Ws + C * LDK;
-    T* Vs = Abs + C * LDC;
-    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
-    __syncthreads();  // the previous chunk's reads of shared memory are done
-    if (ST == 1) {
-      issue(t0, 0);
-      cpAsyncCommit();
-    } else {
-      if (t0 + C < seqEnd) issue(t0 + C, st ^ 1);
-      cpAsyncCommit();  // possibly empty: keeps one group per chunk
-    }
-    if (ckpt) {  // chunk-start state, overlapping the loads
-      float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
-#pragma unroll
-      for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-          dst[size_t(kk) * V + col] = S[nt][e];
-        }
-    }
-    // Sᵀ as A fragments (bf16/f16), one per 16 rows of K.
-    uint32_t Sa[KS][4];
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      Sa[ks][0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
-      Sa[ks][1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
-      Sa[ks][2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
-      Sa[ks][3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
-    }
-    cpAsyncWait<ST - 1>();
-    __syncthreads();
-
-    // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L}: the 10 lower 16×16 blocks, shared among the warps.
-    for (int job = warp; job < 10; job += NW) {
-      int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
-      int ni = job - mi * (mi + 1) / 2;
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        uint32_t a[4], b[4];
-        ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-        ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(acc[0], a, b[0], b[1]);
-        mma<T>(acc[1], a, b[2], b[3]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-          int i = 16 * mi + gq + 4 * e;  // e = 0 → row gq, e = 2 → row gq + 8
-          int j = 16 * ni + 8 * nt + 2 * tq;
-          float4 ai = auxs[i], aj0 = auxs[j], aj1 = auxs[j + 1];
-          float x0 = 0.f, x1 = 0.f;
-          if (i < L) {
-            if (j <= i) x0 = acc[nt][e] * ai.y * aj0.z * __expf(ai.x - aj0.x);
-            if (j + 1 <= i) x1 = acc[nt][e + 1] * ai.y * aj1.z * __expf(ai.x - aj1.x);
-          }
-          *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
-        }
-    }
-
-    // νᵀ (16 × C). Ab is lower triangular: k-block ks only feeds n-blocks np ≥ ks.
-    float N[8][4] = {};
-    if constexpr (DIRECT) {
-      // Pᵀ = Sᵀ kᵀ; Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments (Vᵀ by ldmatrix.trans lands in the
-      // accumulators' positions); νᵀ = Xᵀ Abᵀ.
-      // (Sᵀ fragments packed where used, so that no packed copy of the state stays live: fewer registers.)
-      float P[8][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t sa[4] = {pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
-                                pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]),
-                                pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3])};
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t b[4];
-          ldsm4(b, Ks + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-          mma<T>(P[2 * np], sa, b[0], b[1]);
-          mma<T>(P[2 * np + 1], sa, b[2], b[3]);
-        }
-      }
-      uint32_t Xa[4][4];
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[4];
-        ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int j = 16 * ks + 8 * t + 2 * tq;
-          const float f0 = auxs[j].w, f1 = auxs[j + 1].w;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {  // r = 0: row gq (c0, c1), r = 1: row gq + 8 (c2, c3)
-            const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
-            Xa[ks][2 * t + r] = pack2<T>(toF(ve[0]) - P[2 * ks + t][2 * r] * f0, toF(ve[1]) - P[2 * ks + t][2 * r + 1] * f1);
-          }
-        }
-      }
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-#pragma unroll
-        for (int np = ks; np < 4; ++np) {
-          uint32_t b[4];
-          ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-          mma<T>(N[2 * np], Xa[ks], b[0], b[1]);
-          mma<T>(N[2 * np + 1], Xa[ks], b[2], b[3]);
-        }
-      }
-    } else {
-      // νᵀ = Vᵀ Abᵀ − Sᵀ Wᵀ
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[4];
-        ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
-#pragma unroll
-        for (int np = ks; np < 4; ++np) {
-          uint32_t b[4];
-          ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-          mma<T>(N[2 * np], a, b[0], b[1]);
-          mma<T>(N[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        uint32_t a[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t b[4];
-          ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-          mma<T>(N[2 * np], a, b[0], b[1]);
-          mma<T>(N[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-    }
-    // Oᵀ = Sᵀ Qᵀ, then columns scaled by sq_i exp(γ_i).
-    float O[8][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t sa[4];
-      if constexpr (DIRECT) {
-        sa[0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
-        sa[1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
-        sa[2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
-        sa[3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sa[e] = Sa[ks][e];
-      }
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(O[2 * np], sa, b[0], b[1]);
-        mma<T>(O[2 * np + 1], sa, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float4 ai = auxs[8 * nt + 2 * tq + c];
-        float f = ai.y * __expf(ai.x);
-        O[nt][c] *= f;
-        O[nt][c + 2] *= f;
-      }
-    __syncthreads();  // Aqk complete
-    // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t a[4];
-      a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
-      a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
-      a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
-      a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
-#pragma unroll
-      for (int np = ks; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-        mma<T>(O[2 * np], a, b[0], b[1]);
-        mma<T>(O[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // o: stage Oᵀ in this warp's own columns of Vs (only this warp reads them), then 16-byte stores.
-    __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int i = 8 * nt + 2 * tq + (e & 1), col = vw + gq + 8 * (e >> 1);
-        Vs[i * LDV + col] = fromF<T>(O[nt][e]);
-      }
-    __syncwarp();
-    if (o) {
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        int i = (lane + 32 * it) / 2, half = lane % 2;
-        if (i < L)
-          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
-              *reinterpret_cast<const uint4*>(Vs + i * LDV + vw + 8 * half);
-      }
-    }
-    // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K
-    const float gL = auxs[L - 1].x, eL = __expf(gL);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        int j = 8 * nt + 2 * tq + c;
-        float4 aj = auxs[j];
-        float f = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
-        N[nt][c] *= f;
-        N[nt][c + 2] *= f;
-      }
-#pragma unroll
-    for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t a[4];
-      a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
-      a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
-      a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
-      a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
-#pragma unroll
-      for (int np = 0; np < K / 16; ++np) {
-        uint32_t b[4];
-        ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + 16 * np + (lm >> 1) * 8);
-        mma<T>(S[2 * np], a, b[0], b[1]);
-        mma<T>(S[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-  }
-  if (hT) {
-#pragma unroll
-    for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-        hT[stateBase + size_t(kk) * V + col] = S[nt][e];
-      }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Kernel 2, v4: the state pass with K split between the two warps of a pair. Warp w = 2·cg + kh owns state
-// columns v0 + 16·cg + [0, 16) and rows kh·K/2 + [0, K/2) of S, so each warp's chain of dependent products
-// per chunk is half of v3's and a block has twice the warps. Per chunk, warp (cg, kh):
-//   partial νᵀ_kh = −Sᵀ_kh Wᵀ_kh (+ its share of Vᵀ Abᵀ),  partial Oᵀ_kh = Sᵀ_kh Q̃ᵀ_kh     (all 64 tokens)
-//   reduce-scatter through shared memory (fp32): warp kh completes ν and O for token blocks T_kh
-//   (T_0 = {0, 3}, T_1 = {1, 2}: equal shares of the triangular νᵀAqkᵀ work)
-//   all-gather of ν as bf16/f16 A fragments (plain and scaled by rk_j exp(γ_L − γ_j)), raw per lane
-//   Oᵀ(T_kh) += νᵀ Aqkᵀ,  o stores;  Sᵀ_kh ← exp(γ_L) Sᵀ_kh + ν̂ᵀ K̃_kh.
-// The pair synchronises with a named barrier of 64 threads; the block only at the top of a chunk (loads) and
-// once for Aqk.
-template <int K, int CG>
-__host__ __device__ constexpr size_t xchgBytes() {
-  // per warp: 4 KB of fp32 partials (2 token blocks × {ν, O} × 2 n-tiles × 4 × 32 lanes) + 2 KB of fragments
-  return size_t(2 * CG) * (4096 + 2048);
-}
-template <int K, int CG, int ST>
-__host__ __device__ constexpr size_t state4Smem() {
-  return 2 * size_t(C) * LDC + ST * stageBytes<K, CG>() + xchgBytes<K, CG>();
-}
-
-__device__ __forceinline__ void pairBarrier(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory"); }
-
-template <typename T, int K, int CG, int ST>
-__global__ void __launch_bounds__(64 * CG) state4Kernel(const int* __restrict__ cu, int H, int HV, int V,
-                                                        const T* __restrict__ q, const T* __restrict__ k,
-                                                        const T* __restrict__ v, const T* __restrict__ W,
-                                                        const T* __restrict__ Ab, const float4* __restrict__ aux,
-                                                        const float* __restrict__ h0, T* __restrict__ o,
-                                                        float* __restrict__ hT, float* __restrict__ ckpt,
-                                                        const int* __restrict__ chunkFirst) {
-  constexpr int LDK = K + 8, VT = 16 * CG, LDV = VT + 8, NT = 64 * CG;
-  constexpr int KH = K / 2, KSH = KH / 16;  // this warp's rows of S and its k-steps over them
-  constexpr int KS = K / 16;
-  constexpr size_t SB = stageBytes<K, CG>();
-  extern __shared__ __align__(128) unsigned char sm[];
-  T* AQs = reinterpret_cast<T*>(sm);
-  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
-  float* X1all = reinterpret_cast<float*>(stage0 + ST * SB);       // [warp][1024] fp32 partials
-  uint32_t* X2all = reinterpret_cast<uint32_t*>(X1all + 2 * CG * 1024);  // [warp][512] fragments
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int cg = warp >> 1, kh = warp & 1, kb = kh * KH;
-  const int gq = lane / 4, tq = lane % 4;
-  const int lr = lane % 8, lm = lane / 8;
-  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
-  const int v0 = blockIdx.x * VT, vw = 16 * cg;
-  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
-  const size_t stateBase = (size_t(n) * HV + hv) * K * V;
-  float* X1me = X1all + warp * 1024;
-  float* X1pa = X1all + (warp ^ 1) * 1024;
-  uint32_t* X2me = X2all + warp * 512;
-  uint32_t* X2pa = X2all + (warp ^ 1) * 512;
-  // token block np belongs to this warp (T_kh); its exchange slot is np >> 1 in either warp's sets
-  auto own = [&](int np) { return ((np == 0) | (np == 3)) == (kh == 0); };
-
-  auto issue = [&](int64_t tc, int st) {
-    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
-    T* Ks = Qs + C * LDK;
-    T* Ws = Ks + C * LDK;
-    T* Abs = Ws + C * LDK;
-    T* Vs = Abs + C * LDC;
-    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
-    const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
-    constexpr int RV = K / 8;
-    for (int idx = tid; idx < C * RV; idx += NT) {
-      int i = idx / RV, c = (idx % RV) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
-      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
-      cpAsync16(Ws + i * LDK + c, W + (tt * HV + hv) * K + c, ok);
-    }
-    for (int idx = tid; idx < C * (C / 8); idx += NT) {
-      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
-    }
-    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
-      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
-    }
-    for (int i = tid; i < C; i += NT) {
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
-    }
-  };
-
-  // Sᵀ_kh (16 × K/2): element [nt][e] is state (kk = kb + 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
-  float S[KH / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-      S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
-    }
-
-  if (ST == 2 && seqBegin < seqEnd) {
-    issue(seqBegin, 0);
-    cpAsyncCommit();
-  }
-  int chunk = chunkFirst ? chunkFirst[n] : 0;
-  int st = 0;
-  for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
-    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
-    T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
-    T* Ks = Qs + C * LDK;
-    T* Ws = Ks + C * LDK;
-    T* Abs = Ws + C * LDK;
-    T* Vs = Abs + C * LDC;
-    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
-    __syncthreads();  // the previous chunk's reads of shared memory are done
-    if (ST == 1) {
-      issue(t0, 0);
-      cpAsyncCommit();
-    } else {
-      if (t0 + C < seqEnd) issue(t0 + C, st ^ 1);
-      cpAsyncCommit();
-    }
-    if (ckpt) {
-      float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
-#pragma unroll
-      for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-          dst[size_t(kk) * V + col] = S[nt][e];
-        }
-    }
-    uint32_t Sa[KSH][4];
-#pragma unroll
-    for (int ks = 0; ks < KSH; ++ks) {
-      Sa[ks][0] = pack2<T>(S[2 * ks][0], S[2 * ks][1]);
-      Sa[ks][1] = pack2<T>(S[2 * ks][2], S[2 * ks][3]);
-      Sa[ks][2] = pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]);
-      Sa[ks][3] = pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]);
-    }
-    cpAsyncWait<ST - 1>();
-    __syncthreads();
-
-    // Aqk: the 10 lower 16×16 blocks, shared among the block's warps.
-    for (int job = warp; job < 10; job += 2 * CG) {
-      int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
-      int ni = job - mi * (mi + 1) / 2;
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        uint32_t a[4], b[4];
-        ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-        ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(acc[0], a, b[0], b[1]);
-        mma<T>(acc[1], a, b[2], b[3]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-          int i = 16 * mi + gq + 4 * e;
-          int j = 16 * ni + 8 * nt + 2 * tq;
-          float4 ai = auxs[i], aj0 = auxs[j], aj1 = auxs[j + 1];
-          float x0 = 0.f, x1 = 0.f;
-          if (i < L) {
-            if (j <= i) x0 = acc[nt][e] * ai.y * aj0.z * __expf(ai.x - aj0.x);
-            if (j + 1 <= i) x1 = acc[nt][e + 1] * ai.y * aj1.z * __expf(ai.x - aj1.x);
-          }
-          *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
-        }
-    }
-
-    // Partial νᵀ: this warp's share of Vᵀ Abᵀ (k-blocks {0, 3} or {1, 2}: 5 block pairs each) − Sᵀ_kh Wᵀ_kh.
-    float N[8][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      if (!own(ks)) continue;
-      uint32_t a[4];
-      ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
-#pragma unroll
-      for (int np = ks; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-        mma<T>(N[2 * np], a, b[0], b[1]);
-        mma<T>(N[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < KSH; ++ks) {
-      uint32_t a[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = Sa[ks][e] ^ 0x80008000u;  // −Sᵀ (sign flip, exact)
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Ws + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
-        mma<T>(N[2 * np], a, b[0], b[1]);
-        mma<T>(N[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // Partial Oᵀ = Sᵀ_kh Q̃ᵀ_kh.
-    float O[8][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < KSH; ++ks) {
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
-        mma<T>(O[2 * np], Sa[ks], b[0], b[1]);
-        mma<T>(O[2 * np + 1], Sa[ks], b[2], b[3]);
-      }
-    }
-    // Reduce-scatter: the partner's token blocks go to this warp's X1 (slot np >> 1), then this warp adds
-    // the partner's partials of its own blocks.
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      if (own(np)) continue;
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        float* base = X1me + (((np >> 1) * 2 + t) * 2) * 128 + lane * 4;
-        *reinterpret_cast<float4*>(base) = make_float4(N[2 * np + t][0], N[2 * np + t][1], N[2 * np + t][2], N[2 * np + t][3]);
-        *reinterpret_cast<float4*>(base + 128) =
-            make_float4(O[2 * np + t][0], O[2 * np + t][1], O[2 * np + t][2], O[2 * np + t][3]);
-      }
-    }
-    __syncthreads();  // Aqk complete; partials written
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      if (!own(np)) continue;
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const float* base = X1pa + (((np >> 1) * 2 + t) * 2) * 128 + lane * 4;
-        const float4 pn = *reinterpret_cast<const float4*>(base);
-        const float4 po = *reinterpret_cast<const float4*>(base + 128);
-        N[2 * np + t][0] += pn.x;
-        N[2 * np + t][1] += pn.y;
-        N[2 * np + t][2] += pn.z;
-        N[2 * np + t][3] += pn.w;
-        O[2 * np + t][0] += po.x;
-        O[2 * np + t][1] += po.y;
-        O[2 * np + t][2] += po.z;
-        O[2 * np + t][3] += po.w;
-      }
-    }
-    // Own blocks: O scaled by sq_i exp(γ_i); ν as A fragments, plain (for O) and scaled by
-    // rk_j exp(γ_L − γ_j) (for the state update); all-gather of the fragments through X2.
-    const float gL = auxs[L - 1].x, eL = __expf(gL);
-    uint32_t Nf[4][4], Nh[4][4];
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      if (!own(np)) continue;
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int j = 16 * np + 8 * t + 2 * tq + c;
-          const float4 aj = auxs[j];
-          const float fo = aj.y * __expf(aj.x);
-          O[2 * np + t][c] *= fo;
-          O[2 * np + t][c + 2] *= fo;
-        }
-      float f[2][2];
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int j = 16 * np + 8 * t + 2 * tq + c;
-          const float4 aj = auxs[j];
-          f[t][c] = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
-        }
-      Nf[np][0] = pack2<T>(N[2 * np][0], N[2 * np][1]);
-      Nf[np][1] = pack2<T>(N[2 * np][2], N[2 * np][3]);
-      Nf[np][2] = pack2<T>(N[2 * np + 1][0], N[2 * np + 1][1]);
-      Nf[np][3] = pack2<T>(N[2 * np + 1][2], N[2 * np + 1][3]);
-      Nh[np][0] = pack2<T>(N[2 * np][0] * f[0][0], N[2 * np][1] * f[0][1]);
-      Nh[np][1] = pack2<T>(N[2 * np][2] * f[0][0], N[2 * np][3] * f[0][1]);
-      Nh[np][2] = pack2<T>(N[2 * np + 1][0] * f[1][0], N[2 * np + 1][1] * f[1][1]);
-      Nh[np][3] = pack2<T>(N[2 * np + 1][2] * f[1][0], N[2 * np + 1][3] * f[1][1]);
-      uint32_t* base = X2me + (np >> 1) * 256 + lane * 4;
-      *reinterpret_cast<uint4*>(base) = make_uint4(Nf[np][0], Nf[np][1], Nf[np][2], Nf[np][3]);
-      *reinterpret_cast<uint4*>(base + 128) = make_uint4(Nh[np][0], Nh[np][1], Nh[np][2], Nh[np][3]);
-    }
-    pairBarrier(1 + cg);
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      if (own(np)) continue;
-      const uint32_t* base = X2pa + (np >> 1) * 256 + lane * 4;
-      const uint4 a = *reinterpret_cast<const uint4*>(base);
-      const uint4 b = *reinterpret_cast<const uint4*>(base + 128);
-      Nf[np][0] = a.x;
-      Nf[np][1] = a.y;
-      Nf[np][2] = a.z;
-      Nf[np][3] = a.w;
-      Nh[np][0] = b.x;
-      Nh[np][1] = b.y;
-      Nh[np][2] = b.z;
-      Nh[np][3] = b.w;
-    }
-    // Oᵀ(own blocks) += νᵀ Aqkᵀ.
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      if (!own(np)) continue;
-#pragma unroll
-      for (int ks = 0; ks <= np; ++ks) {
-        uint32_t b[4];
-        ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-        mma<T>(O[2 * np], Nf[ks], b[0], b[1]);
-        mma<T>(O[2 * np + 1], Nf[ks], b[2], b[3]);
-      }
-    }
-    // o: stage this warp's 32 tokens × 16 columns in its own X1 (the partner has read it: it passed the pair
-    // barrier after its reads), rows of 24 elements, then 16-byte stores.
-    if (o) {
-      T* Os = reinterpret_cast<T*>(X1me);
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (!own(np)) continue;
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int r = 16 * (np >> 1) + 8 * t + 2 * tq + (e & 1), col = gq + 8 * (e >> 1);
-            Os[r * 24 + col] = fromF<T>(O[2 * np + t][e]);
-          }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int it = 0; it < 2; ++it) {
-        const int r = (lane + 32 * it) / 2, half = lane % 2;
-        const int b = r / 16;
-        const int np = kh == 0 ? (b == 0 ? 0 : 3) : (b == 0 ? 1 : 2);
-        const int i = 16 * np + r % 16;
-        if (i < L)
-          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
-              *reinterpret_cast<const uint4*>(Os + r * 24 + 8 * half);
-      }
-    }
-    // Sᵀ_kh ← exp(γ_L) Sᵀ_kh + ν̂ᵀ K̃_kh
-#pragma unroll
-    for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-#pragma unroll
-      for (int np = 0; np < KSH; ++np) {
-        uint32_t b[4];
-        ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + kb + 16 * np + (lm >> 1) * 8);
-        mma<T>(S[2 * np], Nh[ks], b[0], b[1]);
-        mma<T>(S[2 * np + 1], Nh[ks], b[2], b[3]);
-      }
-    }
-  }
-  if (hT) {
-#pragma unroll
-    for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-        hT[stateBase + size_t(kk) * V + col] = S[nt][e];
-      }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Kernel 2, v5: warp-specialised state pass (no W). Column group cg (16 state columns) has KS2 recurrence
+// Kernel 2, v5: warp-specialised state pass. Column group cg (16 state columns) has KS2 recurrence
 // warps that keep Sᵀ (16 × K, split over K between them when KS2 = 2; fp32) in registers and run only what the
 // next chunk depends on,
 //   Pᵀ = Sᵀ kᵀ,  νᵀ = (Vᵀ − Pᵀ diag(exp γ·rk)) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(rk exp(γ_L − γ)) K
@@ -1531,28 +763,12 @@ int smCount() {
   return sms;
 }
 
-// The state pass: "direct" = stateKernel<DIRECT> (4 warps × 16 columns, no W), "w" = stateKernel on W (v3),
-// "split" = state4Kernel (K split across warp pairs, 2 pairs × 16 columns, on W). Default: direct where its
-// 64-column blocks give at least one per SM (they then all run in one wave, two per SM), else split — more
-// warps per (sequence, head) where the grid is small (B2·T16384, H200 run of 2026-11-23: split 1.25 ms vs
-// 1.52 ms; at the reference shape split lost to the one-wave v3 pass, 0.70 vs 0.60 ms). TCAL_GDN_STATE
-// overrides (benchmark variants).
-enum class StateMode { Direct, W, Split, Ws };
-StateMode stateMode(const gdn::Problem& p) {
-  if (const char* e = std::getenv("TCAL_GDN_STATE")) {
-    if (std::strcmp(e, "w") == 0) return StateMode::W;
-    if (std::strcmp(e, "split") == 0) return StateMode::Split;
-    if (std::strcmp(e, "direct") == 0) return StateMode::Direct;
-    if (std::strcmp(e, "ws") == 0) return StateMode::Ws;
-  }
-  return StateMode::Ws;
-}
-
-// The warp-specialised pass. Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per
-// group, two blocks per SM (MINB = 2: ≤ 128 registers) with two load stages where 2 × the shared memory fits,
-// else one. Where the grid is small (B2·T16384): 32-column blocks, K split between two recurrence warps per
-// group (half the chain per chunk), one block per SM with two stages. TCAL_GDN_WS_CG=2|4 and
-// TCAL_GDN_WS_KS=1|2 force the shape (benchmark variants; CG = 4 only with KS = 1).
+// Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per group, two blocks per SM
+// (MINB = 2: ≤ 128 registers) with two load stages where 2 × the shared memory fits, else one. Where the grid
+// is small (B2·T16384): 32-column blocks, K split between two recurrence warps per group (half the chain per
+// chunk), one block per SM with two stages. (H200, session 3 run 2: 128-column blocks were no faster than
+// 64-column ones, 32-column blocks without the K split slower than with it; both deleted.)
+// TCAL_GDN_WS=wide|small forces one of the two (benchmark variants).
 template <typename T, int K, int CG, int KS2, int ST, int MINB>
 void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
               float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
@@ -1570,16 +786,10 @@ void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
            float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
-  const bool wide = p.N * p.HV * (p.V / 64) >= smCount();
-  int cg = wide ? 4 : 2, ks = wide ? 1 : 2;
-  if (const char* e = std::getenv("TCAL_GDN_WS_CG")) cg = std::atoi(e) == 2 ? 2 : std::atoi(e) == 8 ? 8 : 4;
-  if (const char* e = std::getenv("TCAL_GDN_WS_KS")) ks = std::atoi(e) == 2 ? 2 : 1;
-  if (cg == 2 && ks == 2) {
+  bool wide = p.N * p.HV * (p.V / 64) >= smCount();
+  if (const char* e = std::getenv("TCAL_GDN_WS")) wide = std::strcmp(e, "small") != 0;
+  if (!wide) {
     launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-  } else if (cg == 2) {
-    launchWs<T, K, 2, 1, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
-  } else if (cg == 8 && p.V % 128 == 0) {
-    launchWs<T, K, 8, 1, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
     launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
   } else {
@@ -1587,52 +797,18 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   }
 }
 
-template <typename T, int K, int ST, bool DIRECT>
-void launchState(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
-                 const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
-  constexpr int NW = 4;
-  constexpr size_t smem = stateSmem<K, NW, ST>();
-  auto kern = stateKernel<T, K, NW, ST, DIRECT>;
-  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-        "cudaFuncSetAttribute(gdn v3 state)");
-  dim3 grid(unsigned(p.V / (16 * NW)), unsigned(p.HV), unsigned(p.N));
-  kern<<<grid, 32 * NW, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
-                                        in.v.ptr<T>(), W, Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
-                                        ckpt, chunkFirst);
-  checkLaunch("gdn v3 state");
-}
-
-template <typename T, int K>
-void launchState4(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* W, const T* Ab,
-                  const float4* aux, T* o, float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
-  constexpr int CG = 2, ST = 2;  // measured best of CG ∈ {2, 4} × ST ∈ {1, 2} at B2·T16384 (run of 2026-11-23)
-  constexpr size_t smem = state4Smem<K, CG, ST>();
-  auto kern = state4Kernel<T, K, CG, ST>;
-  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-        "cudaFuncSetAttribute(gdn v4 state)");
-  dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
-  kern<<<grid, 64 * CG, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
-                                        in.v.ptr<T>(), W, Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
-                                        ckpt, chunkFirst);
-  checkLaunch("gdn v4 state");
-}
-
 template <typename T, int K>
 void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, float* ckpt,
          const int* chunkFirst, cudaStream_t stream) {
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
-  const StateMode mode = stateMode(p);
-  const bool withW = mode == StateMode::W || mode == StateMode::Split;
-  Tensor W = withW ? empty({NT, p.HV, p.K}, in.q.dtype(), dev) : Tensor();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
   Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
-  T* Wp = withW ? W.ptr<T>() : nullptr;
   int64_t maxLen = 0;
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    auto kern = withW ? prepKernel<T, K, true> : prepKernel<T, K, false>;
+    auto kern = prepKernel<T, K>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
@@ -1640,32 +816,14 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
     dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
-        p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr, Wp,
+        p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
         Ab.ptr<T>(), aux.ptr<float4>(), float(p.scale), p.l2norm);
     checkLaunch("gdn v4 prep");
   }
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
-  if (mode == StateMode::Ws) {
-    runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-    return;
-  }
-  if (mode == StateMode::Split) {
-    launchState4<T, K>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-    return;
-  }
-  // Two load stages (cp.async double buffering) where they still leave two blocks per SM, or where the grid
-  // has no more blocks than SMs anyway; else one.
-  const int64_t blocks = p.N * p.HV * (p.V / 64);
-  const bool two = stateSmem<K, 4, 2>() <= 113 * 1024 || blocks <= smCount();
-  if (mode == StateMode::Direct) {
-    if (two) launchState<T, K, 2, true>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-    else launchState<T, K, 1, true>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-  } else {
-    if (two) launchState<T, K, 2, false>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-    else launchState<T, K, 1, false>(p, in, cu, Wp, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
-  }
+  runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
 }
 
 bool aligned16(const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data()) & 15u) == 0; }

@@ -1,4 +1,4 @@
-// GDN forward, versions 3–4 (bf16 / f16 inputs, K ∈ {64, 128}, V a multiple of 64): prep + state-pass kernels. See gdn_fwd_v3.cu.
+// GDN forward, versions 3–5 (bf16 / f16 inputs, K ∈ {64, 128}, V a multiple of 64): prep + state-pass kernels. See gdn_fwd_v3.cu.
 #pragma once
 #include <cuda_runtime.h>
 
