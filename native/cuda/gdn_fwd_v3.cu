@@ -64,10 +64,27 @@ __device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void* p) {
 
 // Four 8×8 b16 matrices from mma fragments (register r of matrix r), each stored transposed: lanes 8r … 8r+7
 // give the addresses of the rows of matrix r in memory (= its columns in the fragment).
+// Called by all 32 lanes of a warp (1-D blocks).
 __device__ __forceinline__ void stsm4t(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if __CUDA_ARCH__ >= 900
   asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smemAddr(p)), "r"(r0),
                "r"(r1), "r"(r2), "r"(r3)
                : "memory");
+#else
+  // sm_80 has no stmatrix: the same stores one 16-bit element at a time. Fragment element (row i = lane / 4,
+  // column j = 2 (lane % 4) + h) of matrix m goes to row j of the stored matrix (whose address lane 8m + j holds),
+  // element i.
+  const uint32_t r[4] = {r0, r1, r2, r3};
+  const int lane = threadIdx.x % 32, i = lane / 4;
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * (lane % 4) + h;
+      auto* row = reinterpret_cast<uint16_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(p), 8 * m + j));
+      row[i] = uint16_t(r[m] >> (16 * h));
+    }
+#endif
 }
 
 template <typename T>
