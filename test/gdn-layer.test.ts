@@ -5,15 +5,8 @@
  * on every enabled device a bf16 layer against the same weights in f32 on the CPU.
  */
 import { GdnLayer, Tensor, scope, type GdnLayerConfig } from '../lib';
-import { randn, relError, testDevices } from './helpers';
+import { randn, relError, testDevices, hostF64 as host, dot } from './helpers';
 
-const host = async (t: Tensor): Promise<Float64Array> =>
-  t.dtype === 'f64' ? ((await t.toArray()) as Float64Array) : Float64Array.from(await t.toFloat32());
-const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
-  return s;
-};
 
 /** Random host values for every parameter (larger than an init's, so every path carries signal). */
 function hostParams(config: GdnLayerConfig, seed: number, projStd = 0.4): Map<string, { shape: number[]; data: Float64Array }> {

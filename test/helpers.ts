@@ -1,5 +1,6 @@
 /** Shared test helpers: seeded random data, error norms, and which backends to run suites on. */
 import { native } from '../lib/native';
+import type { Tensor } from '../lib/tensor';
 
 /** mulberry32: a small seeded PRNG so every test draws fresh but reproducible data. */
 export function rng(seed: number): () => number {
@@ -70,4 +71,28 @@ require.extensions['.ts'] = (m, file) => {
   m._compile(js, file);
 };
 `;
+}
+
+/** A tensor's elements as f64 on the host (f64 read as is, every other dtype through f32). */
+export async function hostF64(t: Tensor): Promise<Float64Array> {
+  return t.dtype === 'f64' ? ((await t.toArray()) as Float64Array) : Float64Array.from(await t.toFloat32());
+}
+
+export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
+  return s;
+}
+
+/** Central differences of L(p) = Σ r ⊙ f(p) with respect to every element of p. */
+export function numericGrad(p: Float64Array, f: (p: Float64Array) => ArrayLike<number>, r: ArrayLike<number>, h = 1e-5): Float64Array {
+  const g = new Float64Array(p.length);
+  for (let i = 0; i < p.length; i++) {
+    const q = Float64Array.from(p);
+    q[i] = p[i] + h;
+    const up = dot(r, f(q));
+    q[i] = p[i] - h;
+    g[i] = (up - dot(r, f(q))) / (2 * h);
+  }
+  return g;
 }

@@ -7,31 +7,11 @@ import {
   Tensor, rmsNormBackward, ropeBackward, swigluBackward, embeddingBackward, crossEntropyBackward,
   crossEntropyForwardBackward, klForwardBackward, rmsNorm, rope, swiglu, crossEntropy,
 } from '../lib';
-import { randn, relError, testDevices } from './helpers';
+import { randn, relError, testDevices, hostF64 as host, dot, numericGrad } from './helpers';
 
 type Dt = 'f32' | 'bf16';
 const f64 = (a: ArrayLike<number>, shape: number[]) => Tensor.fromArray(Float64Array.from(a), shape, { device: 'cpu', dtype: 'f64' });
 const i32 = (a: number[] | Int32Array, shape: number[], device = 'cpu') => Tensor.fromArray(Int32Array.from(a), shape, { device });
-const host = async (t: Tensor): Promise<Float64Array> =>
-  t.dtype === 'f64' ? ((await t.toArray()) as Float64Array) : Float64Array.from(await t.toFloat32());
-const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
-  return s;
-};
-
-/** Central differences of L(p) = Σ r ⊙ f(p) with respect to every element of p. */
-function numericGrad(p: Float64Array, f: (p: Float64Array) => ArrayLike<number>, r: ArrayLike<number>, h = 1e-5): Float64Array {
-  const g = new Float64Array(p.length);
-  for (let i = 0; i < p.length; i++) {
-    const q = Float64Array.from(p);
-    q[i] = p[i] + h;
-    const up = dot(r, f(q));
-    q[i] = p[i] - h;
-    g[i] = (up - dot(r, f(q))) / (2 * h);
-  }
-  return g;
-}
 
 // float64 host forwards, the same semantics as native/cpu/layers.cc
 function rmsNormRef(x: Float64Array, w: Float64Array, eps: number): Float64Array {
