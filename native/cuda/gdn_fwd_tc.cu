@@ -281,7 +281,7 @@ void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, cons
   const char* force = std::getenv("TCAL_GDN_FORWARD");
   if (!(force && std::strcmp(force, "v2") == 0) && gdn_v3::eligible(p, in.q.dtype(), in.q.dtype()) &&
       gdn_v3::alignedInputs(in, o)) {
-    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, chunkFirst);
+    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, DType::F32, chunkFirst);
     return;
   }
   auto run = [&](auto tag) {

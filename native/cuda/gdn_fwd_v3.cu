@@ -410,13 +410,13 @@ __device__ __forceinline__ void namedArrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
-template <typename T, int K, int CG, int KS2, int ST, int MINB>
+template <typename T, int K, int CG, int KS2, int ST, int MINB, bool CK16>
 __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __restrict__ cu, int H, int HV, int V,
                                                                 const T* __restrict__ q, const T* __restrict__ k,
                                                                 const T* __restrict__ v, const T* __restrict__ Ab,
                                                                 const float4* __restrict__ aux,
                                                                 const float* __restrict__ h0, T* __restrict__ o,
-                                                                float* __restrict__ hT, float* __restrict__ ckpt,
+                                                                float* __restrict__ hT, void* __restrict__ ckpt,
                                                                 const int* __restrict__ chunkFirst) {
   constexpr int LDK = K + 8, VT = 16 * CG, LDV = VT + 8, NT = 64 * CG * KS2, KS = K / 16;
   constexpr int KH = K / KS2, KSH = KH / 16;  // a recurrence warp's rows of S and its k-steps over them
@@ -523,14 +523,30 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       const T* Vs = Abs + C * LDC;
       const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
       top(t0, st, [&] {
-        if (ckpt) {  // chunk-start state, overlapping the loads
-          float* dst = ckpt + (size_t(chunk) * HV + hv) * K * V;
+        if (ckpt && !CK16) {  // chunk-start state, overlapping the loads
+          float* dst = static_cast<float*>(ckpt) + (size_t(chunk) * HV + hv) * K * V;
 #pragma unroll
           for (int nt = 0; nt < KH / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
               dst[size_t(kk) * V + col] = S[nt][e];
+            }
+        } else if (ckpt) {
+          // bf16 (CK16 is a template argument: as a run-time flag it cost the other paths 7 registers and
+          // spills): lanes gq and gq + 1 swap one element so that each stores a (col, col + 1) pair of one
+          // row — even gq row kk, odd gq row kk + 1 — as one 4-byte store.
+          __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(ckpt) + (size_t(chunk) * HV + hv) * K * V;
+          const bool odd = gq & 1;
+#pragma unroll
+          for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+            for (int hi = 0; hi < 2; ++hi) {
+              const float a = S[nt][2 * hi], b = S[nt][2 * hi + 1];
+              const float got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 4);
+              const int kk = kb + 8 * nt + 2 * tq + (odd ? 1 : 0), col = v0 + vw + (gq & ~1) + 8 * hi;
+              *reinterpret_cast<__nv_bfloat162*>(dst + size_t(kk) * V + col) =
+                  odd ? __floats2bfloat162_rn(got, b) : __floats2bfloat162_rn(a, got);
             }
         }
         if (wantO) {  // chunk-start Sᵀ for the output warps (visible after the barrier)
@@ -788,9 +804,9 @@ int smCount() {
 // TCAL_GDN_WS=wide|small forces one of the two (benchmark variants).
 template <typename T, int K, int CG, int KS2, int ST, int MINB>
 void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
-              float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+              float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   constexpr size_t smem = wsSmem<K, CG, KS2, ST>();
-  auto kern = wsKernel<T, K, CG, KS2, ST, MINB>;
+  auto kern = ckpt16 ? wsKernel<T, K, CG, KS2, ST, MINB, true> : wsKernel<T, K, CG, KS2, ST, MINB, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
         "cudaFuncSetAttribute(gdn v5 state)");
   dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
@@ -802,20 +818,20 @@ void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const
 
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
-           float* hT, float* ckpt, const int* chunkFirst, cudaStream_t stream) {
+           float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   bool wide = p.N * p.HV * (p.V / 64) >= smCount();
   if (const char* e = std::getenv("TCAL_GDN_WS")) wide = std::strcmp(e, "small") != 0;
   if (!wide) {
-    launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+    launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
-    launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+    launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else {
-    launchWs<T, K, 4, 1, 1, 2>(p, in, cu, Ab, aux, o, hT, ckpt, chunkFirst, stream);
+    launchWs<T, K, 4, 1, 1, 2>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   }
 }
 
 template <typename T, int K>
-void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, float* ckpt,
+void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, void* ckpt, bool ckpt16,
          const int* chunkFirst, cudaStream_t stream) {
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
@@ -840,7 +856,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
-  runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, chunkFirst, stream);
+  runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, ckpt16, chunkFirst, stream);
 }
 
 bool aligned16(const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data()) & 15u) == 0; }
@@ -854,17 +870,20 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
 }
 
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, float* ckpt, const int* chunkFirst) {
+             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst) {
   if (p.N == 0) return;
   if (!alignedInputs(in, o)) throwInvalid("q", "GDN v3 forward needs 16-byte aligned q, k, v, o");
+  if (ckpt && ckptType != DType::F32 && ckptType != DType::BF16)
+    throwInvalid("ckpt", "GDN v3 forward writes checkpoints in f32 or bf16 only");
+  const bool ckpt16 = ckptType == DType::BF16;
   auto go = [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* op = o.defined() ? o.ptr<T>() : nullptr;
     float* hT = finalState.defined() ? finalState.ptr<float>() : nullptr;
     if (p.K == 64)
-      run<T, 64>(p, in, cu, op, hT, ckpt, chunkFirst, stream);
+      run<T, 64>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, stream);
     else
-      run<T, 128>(p, in, cu, op, hT, ckpt, chunkFirst, stream);
+      run<T, 128>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, stream);
   };
   if (in.q.dtype() == DType::BF16)
     go(DevTag<__nv_bfloat16>{});
