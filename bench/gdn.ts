@@ -1,7 +1,11 @@
 /**
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
- * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once]
- * (--once: two forward calls at the reference shape only, as a target for ncu)
+ * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd] [--no-variants]
+ * (--once: two forward calls at the reference shape only, as a target for ncu; --once-bwd: a training forward
+ * and one backward with its saved states; --no-variants: skip the forward
+ * and backward versions timed side by side)
+ * Forward + backward both ways: the backward recomputing the chunk-start states, and a training forward
+ * (saveForBackward) handing them over; the saved states' memory per shape.
  * Shapes: B8·T4096·H16·K=V=128 (reference), B2·T16384·H16·D128, B8·T4096·H32·D64; bf16 q/k/v, f32 g/β,
  * in-kernel q/k L2 norm (as fla's use_qk_l2norm_in_kernel). Floors first (bytes / bandwidth, FLOPs / rate),
  * then ours and fla's medians, our forward output against fla's, tokens/s. JSON under bench/results/.
@@ -70,8 +74,30 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
 ];
+/** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
+const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
+  ['v4 (default)', {}],
+  ['f32 states', { TCAL_GDN_STATES: 'f32' }],
+  ['epilogue n from global rows (session 3)', { TCAL_GDN_BWD_EPI: 'global' }],
+  ['dq/dk partials + qkGrads', { TCAL_GDN_BWD_FUSE: '0' }],
+];
 /** Every variable a variant may set; each is cleared between variants. */
-const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_WS', 'TCAL_GDN_V3_SKIP'];
+const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_WS', 'TCAL_GDN_V3_SKIP', 'TCAL_GDN_BWD_EPI', 'TCAL_GDN_BWD_FUSE', 'TCAL_GDN_STATES'];
+
+/** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */
+async function withEnv<T>(env: Record<string, string>, fn: () => Promise<T>): Promise<T> {
+  const saved = Object.fromEntries(VARIANT_KEYS.map((k) => [k, process.env[k]]));
+  for (const k of VARIANT_KEYS) delete process.env[k];
+  Object.assign(process.env, env);
+  try {
+    return await fn();
+  } finally {
+    for (const k of VARIANT_KEYS) {
+      if (saved[k] === undefined) delete process.env[k];
+      else process.env[k] = saved[k];
+    }
+  }
+}
 
 /** ‖ours − fla‖ / ‖fla‖ with fla's o given as raw bf16 words. */
 function agreementWith(a: Float32Array, raw: Buffer): number {
@@ -90,10 +116,13 @@ function agreementWith(a: Float32Array, raw: Buffer): number {
 
 async function main(): Promise<void> {
   const noPeer = process.argv.includes('--no-peer');
+  const noVariants = process.argv.includes('--no-variants');
   const backend = initBackend({ backend: 'cuda' });
   const device = backend.device;
-  if (process.argv.includes('--once')) {
-    // Two forward calls at the reference shape and nothing else: a target for a profiler (ncu).
+  const onceBwd = process.argv.includes('--once-bwd');
+  if (process.argv.includes('--once') || onceBwd) {
+    // Two forward calls (--once-bwd: a training forward and a backward with its saved states) at the reference
+    // shape and nothing else: a target for a profiler (ncu).
     const s = SHAPES[0];
     const mk = (shape: number[], dtype?: 'bf16') => Tensor.empty(shape, { device, dtype });
     const ins = {
@@ -103,6 +132,12 @@ async function main(): Promise<void> {
       g: await randomFill(mk([s.B, s.T, s.HV]), { kind: 'uniform', low: -0.2, high: -0.005 }, 4),
       beta: await randomFill(mk([s.B, s.T, s.HV]), { kind: 'uniform', low: 0.05, high: 0.95 }, 5),
     };
+    if (onceBwd) {
+      const f = await gdnForward(ins, { l2norm: true, saveForBackward: true });
+      const dO = await randomFill(mk([s.B, s.T, s.HV, s.V], 'bf16'), { kind: 'normal' }, 6);
+      await gdnBackward(ins, dO, { l2norm: true, saved: f.saved });
+      return;
+    }
     for (let i = 0; i < 2; i++) (await gdnForward(ins, { l2norm: true })).o.dispose();
     return;
   }
@@ -145,6 +180,7 @@ async function main(): Promise<void> {
   console.log(`fla peer: ${peer.rows.map((r) => `${r.name} fwd ${r.fwd_ms.toFixed(3)} f+b ${r.fwdbwd_ms.toFixed(3)}`).join('; ')} (${((Date.now() - peerT0) / 1e3).toFixed(0)} s)`);
   const rows: Record<string, string | number>[] = [];
   const variantRows: Record<string, string | number>[] = [];
+  const bwdVariantRows: Record<string, string | number>[] = [];
   for (const [i, s] of SHAPES.entries()) {
     const x = inputs[i];
     const ins = { q: x.q, k: x.k, v: x.v, g: x.g, beta: x.beta };
@@ -157,28 +193,22 @@ async function main(): Promise<void> {
       ours.o.dispose();
     }
     // Forward versions side by side (environment switches, see FORWARD_VARIANTS).
-    for (const [label, env] of FORWARD_VARIANTS) {
-      const saved = Object.fromEntries(VARIANT_KEYS.map((k) => [k, process.env[k]]));
-      for (const k of VARIANT_KEYS) delete process.env[k];
-      Object.assign(process.env, env);
+    for (const [label, env] of noVariants ? [] : FORWARD_VARIANTS) {
       const skip = env.TCAL_GDN_V3_SKIP !== undefined;
       try {
-        let agree = NaN;
-        if (fs.existsSync(oFile) && !skip) {
-          const ours = await gdnForward(ins, opts);
-          agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
-          ours.o.dispose();
-        }
-        const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 2, batches: 5, perBatch: 5 });
-        variantRows.push({ shape: s.name, version: label, 'fwd ms': ms, 'o vs fla': agree });
-        console.log(`  ${s.name} ${label}: fwd ${ms.toFixed(3)} ms, o vs fla ${agree.toExponential(2)}`);
+        await withEnv(env, async () => {
+          let agree = NaN;
+          if (fs.existsSync(oFile) && !skip) {
+            const ours = await gdnForward(ins, opts);
+            agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
+            ours.o.dispose();
+          }
+          const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 2, batches: 5, perBatch: 5 });
+          variantRows.push({ shape: s.name, version: label, 'fwd ms': ms, 'o vs fla': agree });
+          console.log(`  ${s.name} ${label}: fwd ${ms.toFixed(3)} ms, o vs fla ${agree.toExponential(2)}`);
+        });
       } catch (e) {
         variantRows.push({ shape: s.name, version: label, 'fwd ms': NaN, 'o vs fla': NaN, error: String(e).slice(0, 120) });
-      } finally {
-        for (const k of VARIANT_KEYS) {
-          if (saved[k] === undefined) delete process.env[k];
-          else process.env[k] = saved[k];
-        }
       }
     }
     const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
@@ -194,6 +224,52 @@ async function main(): Promise<void> {
       device,
       { warmup: 2, batches: 5, perBatch: 3 },
     );
+    // A training forward hands its chunk-start states to the backward (saveForBackward / saved).
+    const trainFwd = async () => {
+      const r = await gdnForward(ins, { ...opts, saveForBackward: true });
+      r.o.dispose();
+      return r.saved!;
+    };
+    const probe = await trainFwd();
+    const savedMB = probe.chunkStates.numel * (probe.chunkStates.dtype === 'f32' ? 4 : 2) / 1e6;
+    const savedDtype = probe.chunkStates.dtype;
+    const fwdSaveMs = await timeDevice(async () => (await trainFwd()).chunkStates.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const timeBwdSaved = (saved: typeof probe) =>
+      timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved })), device, { warmup: 2, batches: 5, perBatch: 3 });
+    const timeFbSaved = () =>
+      timeDevice(
+        async () => {
+          const saved = await trainFwd();
+          disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved }));
+          saved.chunkStates.dispose();
+        },
+        device,
+        { warmup: 2, batches: 5, perBatch: 3 },
+      );
+    const bwdSavedMs = await timeBwdSaved(probe);
+    const fbSavedMs = await timeFbSaved();
+    // Backward versions with saved states (the training forward under the same switches), and per-kernel times
+    // (TCAL_GDN_BWD_TIMING prints them on stderr).
+    for (const [label, env] of noVariants ? [] : BACKWARD_VARIANTS) {
+      try {
+        const [bwd, fb] = await withEnv(env, async () => {
+          const sv = await trainFwd();
+          const r = [await timeBwdSaved(sv), await timeFbSaved()];
+          sv.chunkStates.dispose();
+          return r;
+        });
+        bwdVariantRows.push({ shape: s.name, version: label, 'bwd ms (saved)': bwd, 'f+b ms (saved)': fb });
+        console.log(`  ${s.name} backward ${label}: bwd ${bwd.toFixed(3)} ms, f+b ${fb.toFixed(3)} ms (saved states)`);
+      } catch (e) {
+        bwdVariantRows.push({ shape: s.name, version: label, 'bwd ms (saved)': NaN, 'f+b ms (saved)': NaN, error: String(e).slice(0, 120) });
+      }
+    }
+    process.env.TCAL_GDN_BWD_TIMING = '1';
+    console.error(`  ${s.name} per-kernel, recomputed then saved:`);
+    disposeGrads(await gdnBackward(ins, x.dO, opts));
+    disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved: probe }));
+    delete process.env.TCAL_GDN_BWD_TIMING;
+    probe.chunkStates.dispose();
     const fl = floors(s);
     const p = peer.rows.find((r) => r.name === s.name);
     const tokens = s.B * s.T;
@@ -206,8 +282,14 @@ async function main(): Promise<void> {
       'bwd floor': fl.bwdFloorMs,
       'bwd ms': bwdMs,
       'f+b ms': fbMs,
+      'fwd ms (saving)': fwdSaveMs,
+      'bwd ms (saved)': bwdSavedMs,
+      'f+b ms (saved)': fbSavedMs,
+      'saved MB': savedMB,
+      'saved dtype': savedDtype,
       'fla f+b': p?.fwdbwd_ms ?? NaN,
       'f+b ×fla': p ? p.fwdbwd_ms / fbMs : NaN,
+      'f+b ×fla (saved)': p ? p.fwdbwd_ms / fbSavedMs : NaN,
       'fwd Mtok/s': tokens / fwdMs / 1e3,
       'bwd Mtok/s': tokens / bwdMs / 1e3,
       'f+b Mtok/s': tokens / fbMs / 1e3,
@@ -216,6 +298,8 @@ async function main(): Promise<void> {
   }
   console.log('forward versions:');
   printTable(variantRows);
+  console.log('backward versions (saved states):');
+  printTable(bwdVariantRows);
   printTable(rows);
   if (peer.error) console.log(`fla peer: ${peer.error}`);
   const file = writeResults('gdn', {
@@ -225,6 +309,7 @@ async function main(): Promise<void> {
     floors: floorRows,
     rows,
     forwardVersions: variantRows,
+    backwardVersions: bwdVariantRows,
     peer: peer.rows,
     peerError: peer.error,
   });

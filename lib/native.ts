@@ -79,6 +79,10 @@ export interface GdnNativeOptions {
   precision?: 'f32' | 'f64';
   outDtype?: DType;
   dFinalState?: NativeTensor | null;
+  /** Forward: also return the chunk-start states (CUDA). */
+  saveForBackward?: boolean;
+  /** Backward: the forward's chunk-start states [chunks, HV, K, V] (f32 or bf16); the backward then skips its recompute. */
+  chunkStates?: NativeTensor | null;
   out?: Record<string, NativeTensor | undefined>;
 }
 
@@ -188,7 +192,7 @@ export interface NativeAddon {
   ): Promise<{ loss: NativeTensor; dLogits: NativeTensor }>;
   gdnForward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, opts: GdnNativeOptions,
-  ): Promise<{ o: NativeTensor; finalState: NativeTensor | null }>;
+  ): Promise<{ o: NativeTensor; finalState: NativeTensor | null; chunkStates: NativeTensor | null }>;
   gdnBackward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, dO: NativeTensor,
     opts: GdnNativeOptions,

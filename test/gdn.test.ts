@@ -5,7 +5,7 @@
  * inputs with NaN-poisoned outputs.
  */
 import { Tensor, gdnForward, gdnBackward, gdnDecodeStep, InvalidArgumentError, type DType } from '../lib';
-import type { GdnInputs, GdnGradients } from '../lib/ops/gdn';
+import type { GdnInputs, GdnGradients, GdnSaved } from '../lib/ops/gdn';
 import { randn, rng, relError, cudaEnabled, roundBf16 } from './helpers';
 
 jest.setTimeout(600_000);
@@ -180,42 +180,63 @@ async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Await
   };
   const fwd = await gdnForward(d.inputs, { ...o, outputFinalState: true, out });
   expect(fwd.o).toBe(out.o);
-  const gOut: Record<string, Tensor> = {
-    dq: await poison([c.B, c.T, c.H, c.K], dtype, device),
-    dk: await poison([c.B, c.T, c.H, c.K], dtype, device),
-    dv: await poison([c.B, c.T, c.HV, c.V], dtype, device),
-    dg: await poison([c.B, c.T, c.HV], 'f32', device),
-    dbeta: await poison([c.B, c.T, c.HV], 'f32', device),
-  };
-  if (c.h0) gOut.dh0 = await poison([N, c.HV, c.K, c.V], 'f32', device);
-  if (c.gates) {
-    gOut.dALog = await poison([c.HV], 'f32', device);
-    gOut.dDtBias = await poison([c.HV], 'f32', device);
+  // A training forward: the same o, and (CUDA) the chunk-start states for the backward; the CPU saves nothing.
+  const train = await gdnForward(d.inputs, { ...o, saveForBackward: true, out: { o: await poison([c.B, c.T, c.HV, c.V], dtype, device) } });
+  if (device === 'cpu') expect(train.saved).toBeUndefined();
+  else {
+    const st = train.saved!.chunkStates;
+    expect(st.shape).toEqual([chunkCount(c, h), c.HV, c.K, c.V]);
+    expect(['f32', 'bf16']).toContain(st.dtype);
   }
-  const grads = await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut });
-  const ga = await gradArrays(grads);
+  const tail = (a: Float64Array, per: number) => !h.cu || a.subarray(h.cu[h.cu.length - 1] * per).every((x) => x === 0);
+  // Backward with poisoned outputs, recomputing the states or (`saved`) taking the forward's.
+  const backward = async (saved?: GdnSaved) => {
+    const gOut: Record<string, Tensor> = {
+      dq: await poison([c.B, c.T, c.H, c.K], dtype, device),
+      dk: await poison([c.B, c.T, c.H, c.K], dtype, device),
+      dv: await poison([c.B, c.T, c.HV, c.V], dtype, device),
+      dg: await poison([c.B, c.T, c.HV], 'f32', device),
+      dbeta: await poison([c.B, c.T, c.HV], 'f32', device),
+    };
+    if (c.h0) gOut.dh0 = await poison([N, c.HV, c.K, c.V], 'f32', device);
+    if (c.gates) {
+      gOut.dALog = await poison([c.HV], 'f32', device);
+      gOut.dDtBias = await poison([c.HV], 'f32', device);
+    }
+    const ga = await gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
+    // tokens past the last offset: every per-token gradient is exactly zero
+    for (const [k, per] of [['dq', c.H * c.K], ['dk', c.H * c.K], ['dv', c.HV * c.V], ['dg', c.HV], ['dbeta', c.HV]] as const)
+      if (!tail(ga[k], per)) throw new Error(`${k} is not zero past the last offset${saved ? ' (saved states)' : ''}`);
+    return ga;
+  };
+  const ga = await backward();
   const e: Record<string, number> = {
     o: relError(await f64(fwd.o), ref.o),
     finalState: relError(await f64(fwd.finalState), ref.s),
+    'o (training)': relError(await f64(train.o), ref.o),
   };
   for (const k of Object.keys(ref.grads)) e[k] = relError(ga[k], ref.grads[k]);
-  // tokens past the last offset: o and every per-token gradient are exactly zero
-  if (h.cu && h.cu[h.cu.length - 1] < c.T) {
-    const t0 = h.cu[h.cu.length - 1];
-    const tail = (a: Float64Array, per: number) => a.subarray(t0 * per).every((x) => x === 0);
-    expect(tail(await f64(fwd.o), c.HV * c.V)).toBe(true);
-    expect(tail(ga.dq, c.H * c.K)).toBe(true);
-    expect(tail(ga.dk, c.H * c.K)).toBe(true);
-    expect(tail(ga.dv, c.HV * c.V)).toBe(true);
-    expect(tail(ga.dg, c.HV)).toBe(true);
-    expect(tail(ga.dbeta, c.HV)).toBe(true);
+  if (train.saved) {
+    const gs = await backward(train.saved);
+    for (const k of Object.keys(ref.grads)) e[`${k} (saved)`] = relError(gs[k], ref.grads[k]);
   }
+  // tokens past the last offset: o is exactly zero
+  expect(tail(await f64(fwd.o), c.HV * c.V)).toBe(true);
+  expect(tail(await f64(train.o), c.HV * c.V)).toBe(true);
   return e;
+}
+
+/** Chunks of C = 64 tokens over every sequence: the first dimension of the saved chunk-start states. */
+function chunkCount(c: Case, h: Host): number {
+  if (!h.cu) return c.B * Math.ceil(c.T / 64);
+  let n = 0;
+  for (let i = 0; i + 1 < h.cu.length; i++) n += Math.ceil((h.cu[i + 1] - h.cu[i]) / 64);
+  return n;
 }
 
 function expectBelow(e: Record<string, number>, fwdTol: number, gradTol: number, label: string): void {
   for (const [k, v] of Object.entries(e)) {
-    const tol = k === 'o' || k === 'finalState' ? fwdTol : gradTol;
+    const tol = k.startsWith('o') || k === 'finalState' ? fwdTol : gradTol;
     if (!(v <= tol)) throw new Error(`${label}: ${k} relative error ${v} > ${tol} (all: ${JSON.stringify(e)})`);
   }
 }
@@ -341,6 +362,28 @@ describe('GDN CPU reference', () => {
       argument: 'algorithm',
     });
   });
+
+  test('typed errors for bad saved states (checked on every device; the CPU backward does not read them)', async () => {
+    const c: Case = { B: 2, T: 70, H: 1, HV: 2, K: 8, V: 4 }; // 2 × 2 chunks
+    const d = await upload(c, makeHost(c, 5), 'cpu', 'f32');
+    const states = (shape: number[], dtype: DType = 'f32') => Tensor.zeros(shape, { device: 'cpu', dtype });
+    const bwd = (saved: unknown, extra = {}) => gdnBackward(d.inputs, d.dO, { saved: saved as GdnSaved, ...extra });
+    await expect(bwd({})).rejects.toMatchObject({ argument: 'saved' });
+    await expect(bwd({ chunkStates: await states([4, 2, 8]) })).rejects.toMatchObject({ argument: 'saved.chunkStates' });
+    await expect(bwd({ chunkStates: await states([4, 2, 4, 8]) })).rejects.toThrow(/\[chunks, 2, 8, 4\]/);
+    await expect(bwd({ chunkStates: await states([4, 2, 8, 4], 'i32') })).rejects.toMatchObject({ argument: 'saved.chunkStates' });
+    await expect(bwd({ chunkStates: await states([3, 2, 8, 4]) })).rejects.toMatchObject({
+      argument: 'saved.chunkStates', message: expect.stringMatching(/4 chunks/),
+    });
+    const ok = await bwd({ chunkStates: await states([4, 2, 8, 4]) });
+    expect(ok.dq.shape).toEqual([2, 70, 1, 8]);
+    // varlen: the count follows the offsets (1 + 2 chunks), checked where they are read
+    const cv: Case = { B: 1, T: 100, H: 1, HV: 1, K: 8, V: 4, cu: [0, 10, 100] };
+    const dv = await upload(cv, makeHost(cv, 6), 'cpu', 'f32');
+    const bv = (n: number) => gdnBackward(dv.inputs, dv.dO, { cuSeqlens: dv.cu, saved: { chunkStates: Tensor.empty([n, 1, 8, 4], { device: 'cpu' }) } });
+    await expect(bv(2)).rejects.toMatchObject({ argument: 'saved.chunkStates' });
+    await expect(bv(3)).resolves.toBeDefined();
+  });
 });
 
 async function decodeMatchesForward(device: string, dtype: DType, c: Case, tol = 1e-4): Promise<void> {
@@ -408,6 +451,26 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     console.log(`gdn cuda ${name}: f32 ${JSON.stringify(e32)} bf16 ${JSON.stringify(e16)}`);
     expectBelow(e32, 1e-4, 1e-4, `${name} f32`);
     expectBelow(e16, 1e-2, 2e-2, `${name} bf16`);
+  });
+
+  test('saved states: typed errors for states of other inputs (CUDA)', async () => {
+    const c: Case = { B: 1, T: 130, H: 1, HV: 2, K: 64, V: 64 };
+    const h = makeHost(c, 21);
+    const d16 = await upload(c, h, 'cuda:0', 'bf16');
+    const { saved } = await gdnForward(d16.inputs, { saveForBackward: true });
+    // a forward of fewer tokens: 2 chunks against these inputs' 3
+    const cs: Case = { ...c, T: 100 };
+    const ds = await upload(cs, makeHost(cs, 22), 'cuda:0', 'bf16');
+    const short = (await gdnForward(ds.inputs, { saveForBackward: true })).saved!;
+    await expect(gdnBackward(d16.inputs, d16.dO, { saved: short })).rejects.toMatchObject({ argument: 'saved.chunkStates' });
+    // 16-bit states where the backward takes the f32 path
+    const d32 = await upload(c, h, 'cuda:0', 'f32');
+    const bf = { chunkStates: Tensor.empty([3, 2, 64, 64], { device: 'cuda:0', dtype: 'bf16' }) };
+    await expect(gdnBackward(d32.inputs, d32.dO, { saved: bf })).rejects.toMatchObject({ argument: 'saved.chunkStates' });
+    // states on another device
+    await expect(gdnBackward(d16.inputs, d16.dO, { saved: { chunkStates: await saved!.chunkStates.to('cpu') } })).rejects.toMatchObject({
+      argument: 'saved.chunkStates',
+    });
   });
 
   test('decode steps chained over T equal the chunked forward (CUDA, f32 and bf16)', async () => {

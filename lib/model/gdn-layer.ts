@@ -18,7 +18,7 @@ import type { DType } from '../native';
 import { Tensor, keep, scope } from '../tensor';
 import { add, cast, fill, randomFill } from '../ops/elementwise';
 import { sum } from '../ops/reduce';
-import { gdnBackward, gdnForward, type GdnInputs, type GdnOptions } from '../ops/gdn';
+import { gdnBackward, gdnForward, type GdnInputs, type GdnOptions, type GdnSaved } from '../ops/gdn';
 import { causalConv1d, causalConv1dBackward, gatedRmsNorm, gatedRmsNormBackward, silu, siluBackward } from '../ops/gdn-layer-ops';
 import { linearBackward, linearForward } from './linear';
 
@@ -67,6 +67,8 @@ export interface GdnLayerSaved {
   aLog: Tensor;
   dtBias: Tensor;
   cuSeqlens?: Tensor;
+  /** The GDN op's chunk-start states (CUDA): its backward skips the forward recompute. */
+  gdn?: GdnSaved;
 }
 
 const BRANCHES = ['q', 'k', 'v'] as const;
@@ -200,12 +202,14 @@ export class GdnLayer {
       const aLog = await toDtype(this.p('A_log'), gateDtype);
       const dtBias = await toDtype(this.p('dt_bias'), gateDtype);
 
-      const { o } = await gdnForward(gdnInputs(q, k, v, a, b, [B, T, H]), gdnOptions(dtype, aLog, dtBias, options.cuSeqlens));
+      const { o, saved: gdn } = await gdnForward(gdnInputs(q, k, v, a, b, [B, T, H]), {
+        ...gdnOptions(dtype, aLog, dtBias, options.cuSeqlens), saveForBackward: true,
+      });
       const gate = await linearForward(x, this.p('g_proj.weight'), this.p('g_proj.bias'));
       const n = await gatedRmsNorm(o.view([B * T * H, D]), this.p('o_norm.weight'), gate.view([B * T * H, D]), c.eps);
       const y = (await linearForward(n.view([B * T, H * D]), this.p('o_proj.weight'))).view([B, T, c.hidden]);
       const saved: GdnLayerSaved = {
-        shape: [B, T], x, q, k, v, a, b, aLog, dtBias, cuSeqlens: options.cuSeqlens,
+        shape: [B, T], x, q, k, v, a, b, aLog, dtBias, cuSeqlens: options.cuSeqlens, gdn,
         o: o.view([B * T * H, D]), gate: gate.view([B * T * H, D]), n: n.view([B * T, H * D]),
       };
       return { y, saved };
@@ -235,7 +239,7 @@ export class GdnLayer {
       const gr = await gdnBackward(
         gdnInputs(saved.q, saved.k, saved.v, saved.a, saved.b, [B, T, H]),
         dO.view([B, T, H, D]),
-        gdnOptions(dtype, saved.aLog, saved.dtBias, saved.cuSeqlens),
+        { ...gdnOptions(dtype, saved.aLog, saved.dtBias, saved.cuSeqlens), saved: saved.gdn },
       );
       await addInto(g('A_log'), gr.dALog!);
       await addInto(g('dt_bias'), gr.dDtBias!);

@@ -52,9 +52,27 @@ export interface GdnOptions {
   outDtype?: DType;
 }
 
+/**
+ * What a training forward keeps for its backward (`saveForBackward`), so that gdnBackward skips recomputing it.
+ * Belongs to the inputs it was made from: pass it only with the same q, k, v, g, beta and options.
+ */
+export interface GdnSaved {
+  /**
+   * The state at the start of every chunk of 64 tokens of every sequence (chunks in sequence order),
+   * [chunks, HV, K, V]: f32, or bf16 where the tensor-core forward and backward run (bf16 / f16 inputs, K 64 or
+   * 128, V a multiple of 64).
+   */
+  chunkStates: Tensor;
+}
+
 export interface GdnForwardOptions extends GdnOptions {
   /** Also return the final state [N,HV,K,V] f32. */
   outputFinalState?: boolean;
+  /**
+   * Also return `saved` for gdnBackward (CUDA; it costs the states' memory, e.g. 0.54 GB in f32 at B8·T4096·H16·D128).
+   * The CPU returns nothing to save: its backward recomputes.
+   */
+  saveForBackward?: boolean;
   /** Preallocated outputs (written entirely). */
   out?: { o?: Tensor; finalState?: Tensor };
 }
@@ -62,11 +80,15 @@ export interface GdnForwardOptions extends GdnOptions {
 export interface GdnForwardResult {
   o: Tensor;
   finalState?: Tensor;
+  /** With `saveForBackward` on CUDA. */
+  saved?: GdnSaved;
 }
 
 export interface GdnBackwardOptions extends GdnOptions {
   /** Gradient of the loss with respect to the final state [N,HV,K,V] f32. */
   dFinalState?: Tensor;
+  /** The forward's `saved` (same inputs): the backward then skips its forward recompute (checked: dtype, shape, chunks). */
+  saved?: GdnSaved;
   out?: Partial<Record<'dq' | 'dk' | 'dv' | 'dg' | 'dbeta' | 'dh0' | 'dALog' | 'dDtBias', Tensor>>;
 }
 
@@ -120,12 +142,14 @@ export async function gdnForward(inputs: GdnInputs, options: GdnForwardOptions =
   const r = await native().gdnForward(q.native, k.native, v.native, g.native, beta.native, {
     ...nativeOptions(inputs, options),
     outputFinalState: options.outputFinalState ?? false,
+    saveForBackward: options.saveForBackward ?? false,
     out: outs(options.out),
   });
   const pick = (given: Tensor | undefined, h: import('../native').NativeTensor): Tensor => given ?? new Tensor(h);
   return {
     o: pick(options.out?.o, r.o),
     ...(r.finalState ? { finalState: pick(options.out?.finalState, r.finalState) } : {}),
+    ...(r.chunkStates ? { saved: { chunkStates: new Tensor(r.chunkStates) } } : {}),
   };
 }
 
@@ -133,9 +157,13 @@ export async function gdnForward(inputs: GdnInputs, options: GdnForwardOptions =
 export async function gdnBackward(inputs: GdnInputs, dO: Tensor, options: GdnBackwardOptions = {}): Promise<GdnGradients> {
   const { q, k, v, g, beta } = inputs;
   if (!(dO instanceof Tensor)) throw new InvalidArgumentError('dO', 'expected a Tensor');
+  const saved = options.saved;
+  if (saved !== undefined && !(saved && saved.chunkStates instanceof Tensor))
+    throw new InvalidArgumentError('saved', "expected the forward's `saved` ({ chunkStates: Tensor })");
   const r = await native().gdnBackward(q.native, k.native, v.native, g.native, beta.native, dO.native, {
     ...nativeOptions(inputs, options),
     dFinalState: options.dFinalState?.native ?? null,
+    chunkStates: saved?.chunkStates.native ?? null,
     out: outs(options.out),
   });
   const given = options.out ?? {};

@@ -657,34 +657,53 @@ void zeroTail(const Tensor& t, int64_t validTokens, int64_t totalTokens, cudaStr
 
 }  // namespace
 
-void gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out) {
+Tensor gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out, bool saveStates) {
   cudaStream_t stream = use(in.q.device().index);
+  Device dev = in.q.device();
+  // Saved chunk-start states (a training forward): the backward then skips its recompute.
+  Tensor states;
+  auto stateBuffer = [&](int64_t chunks, DType dt) -> void* {
+    if (!saveStates) return nullptr;
+    states = empty({chunks, p.HV, p.K, p.V}, dt, dev);
+    return chunks > 0 ? states.data() : nullptr;
+  };
   // The fused tensor-core kernel where it applies (TCAL_GDN_FORWARD=simple forces version 1).
   const char* force = std::getenv("TCAL_GDN_FORWARD");
   bool simple = force && std::strcmp(force, "simple") == 0;
   if (!simple && gdn_tc::eligible(p, in.q.dtype(), out.o.dtype())) {
-    Tensor cu = deviceInts(p.cu, in.q.device());
-    gdn_tc::forward(p, in, out.o, out.finalState, cu.ptr<int>(), stream);
+    std::vector<int32_t> table(p.cu.begin(), p.cu.end());  // cu, then (saving) each sequence's first chunk
+    void* ckpt = nullptr;
+    const DType ckptType = gdn_tc::checkpointType(p, in, out.o);  // bf16 where the v3 forward runs
+    if (saveStates) {
+      gdn::ChunkTable ct = gdn::chunkTable(p);
+      table.insert(table.end(), ct.first.begin(), ct.first.end());
+      ckpt = stateBuffer(int64_t(ct.start.size()), ckptType);
+    }
+    Tensor t = deviceInts(table, dev);
+    gdn_tc::forward(p, in, out.o, out.finalState, t.ptr<int>(), stream, ckpt, ckptType,
+                    saveStates ? t.ptr<int>() + (p.N + 1) : nullptr);
     zeroTail(out.o, p.cu[size_t(p.N)], p.tokens(), stream);
-    return;
+    return states;
   }
   dispatchIn(in.q.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     Prepared pr = prepare<T>(p, in, stream);
     float* hT = out.finalState.defined() ? out.finalState.ptr<float>() : nullptr;
+    float* ckpt = static_cast<float*>(stateBuffer(int64_t(pr.chunks.start.size()), DType::F32));
     const int64_t valid = p.cu[size_t(p.N)];
     if (out.o.dtype() == DType::F32) {
-      launchForward<T, float>(p, pr, in, out.o.ptr<float>(), hT, nullptr, stream);
+      launchForward<T, float>(p, pr, in, out.o.ptr<float>(), hT, ckpt, stream);
     } else {
-      launchForward<T, T>(p, pr, in, out.o.ptr<T>(), hT, nullptr, stream);
+      launchForward<T, T>(p, pr, in, out.o.ptr<T>(), hT, ckpt, stream);
     }
     zeroTail(out.o, valid, p.tokens(), stream);
     // A sequence of length 0 keeps its initial state (the kernel writes it too; nothing else to do).
   });
+  return states;
 }
 
 void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO, const Tensor& dFinal,
-                 const gdn::BackwardOut& out) {
+                 const gdn::BackwardOut& out, const Tensor& chunkStates) {
   cudaStream_t stream = use(in.q.device().index);
   Device dev = in.q.device();
   if (out.dv.dtype() != in.v.dtype())
@@ -699,14 +718,29 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
                                          in.v.data(), dO.data());
     const char* force = std::getenv("TCAL_GDN_FORWARD");
     const bool fwdTc = !(force && std::strcmp(force, "simple") == 0) && gdn_tc::eligible(p, in.q.dtype(), in.q.dtype());
-    Prepared pr = prepare<T>(p, in, stream, !(tc && fwdTc));  // fp32 q/k copies only for the v1 kernels
+    bool saved = chunkStates.defined();
+    if (saved && chunkStates.dtype() != DType::F32 && !tc) {
+      // bf16 states come from the tensor-core forward of 16-bit inputs; with those inputs the v1 backward (f32 dO,
+      // unaligned tensors) recomputes fp32 states itself.
+      if (in.q.dtype() == DType::F32)
+        throwInvalid("saved.chunkStates", "bf16 chunk-start states with f32 inputs: saved by a forward of other inputs");
+      saved = false;
+    }
+    // fp32 q/k copies only for the v1 kernels (the v1 backward, or the v1 forward's recompute)
+    Prepared pr = prepare<T>(p, in, stream, !tc || (!saved && !fwdTc));
     const int tiles = int(p.V / (tc ? gdn_bwd_tc::tileV(p) : BV));
     const int nChunks = int(pr.chunks.start.size());
-    Tensor ckpt = empty({std::max(nChunks, 1), p.HV, p.K, p.V}, DType::F32, dev);
-    if (fwdTc)
-      gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, stream, ckpt.ptr<float>(), pr.geo.chunkFirst);
-    else
+    // The chunk-start states: the forward's (saveForBackward), or recomputed here by a forward without o (bf16
+    // where both tensor-core paths run: kernel 3 reads S0 as a 16-bit operand).
+    const DType ckptType = tc && fwdTc ? gdn_tc::checkpointType(p, in, Tensor()) : DType::F32;
+    Tensor ckpt = saved ? chunkStates : empty({std::max(nChunks, 1), p.HV, p.K, p.V}, ckptType, dev);
+    if (saved) {
+      // nothing to recompute
+    } else if (fwdTc) {
+      gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, stream, ckpt.data(), ckptType, pr.geo.chunkFirst);
+    } else {
       launchForward<T, T>(p, pr, in, static_cast<T*>(nullptr), nullptr, ckpt.ptr<float>(), stream);
+    }
     // The tensor-core kernel writes dq, dk itself where one tile covers V and G = 1 (no partials, no qkGrads).
     const bool fusedQK = tc && gdn_bwd_tc::fusedQK(p);
     Tensor dqP = fusedQK ? empty({1}, DType::F32, dev) : empty({tiles, NT, p.HV, p.K}, DType::F32, dev);
@@ -727,8 +761,8 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
       const int* base = pr.table.ptr<int>();
       gdn_bwd_tc::Args a{in.q.data(), in.k.data(), p.l2norm ? pr.rq.ptr<float>() : nullptr,
                          p.l2norm ? pr.rk.ptr<float>() : nullptr, float(p.scale), p.l2norm, pr.g.ptr<float>(),
-                         pr.beta.ptr<float>(),
-                         ckpt.ptr<float>(), dFinal.defined() ? dFinal.ptr<float>() : nullptr, in.v.data(), dO.data(),
+                         pr.beta.ptr<float>(), ckpt.data(), ckpt.dtype() != DType::F32,
+                         dFinal.defined() ? dFinal.ptr<float>() : nullptr, in.v.data(), dO.data(),
                          pr.geo.cu, pr.geo.chunkFirst, base + 2 * (p.N + 1), base + 2 * (p.N + 1) + nChunks,
                          nChunks, NT, out.dv.data(), dqP.ptr<float>(), dkP.ptr<float>(), dgamP.ptr<float>(),
                          dbetaP.ptr<float>(), out.dh0.defined() ? out.dh0.ptr<float>() : nullptr, out.dq.data(),

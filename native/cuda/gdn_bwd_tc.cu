@@ -454,6 +454,14 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
 
+// Four consecutive chunk-start state values as floats, from fp32 or bf16 checkpoints.
+__device__ __forceinline__ float4 loadState4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 loadState4(const __nv_bfloat16* p) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+  const float2 a = unpack2<__nv_bfloat16>(u.x), b = unpack2<__nv_bfloat16>(u.y);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
 template <int K, int VB>
 constexpr size_t grad3Smem() {
   constexpr size_t LK = K + 8, LV = VB + 8, LC = C + 8, NW = VB / 16;
@@ -463,10 +471,10 @@ constexpr size_t grad3Smem() {
          4 * (7 * C + NW * 4 * C + 4 * C + NW + 4 * C);
 }
 
-template <typename T, int K, int VB>
+template <typename T, typename CK, int K, int VB>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
-    const float* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
+    const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
     const T* __restrict__ Khg, const int* __restrict__ chunkStart, const int* __restrict__ chunkLen, int HV, int V,
     int64_t NT, T* __restrict__ dv, float* __restrict__ dqP, float* __restrict__ dkP, float* __restrict__ dgamP,
     float* __restrict__ dbetaP, Fused fz) {
@@ -515,15 +523,19 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   copyRowsAsync(dOs, LV, dO + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(dSs, LK, dSg + blk * K * V + size_t(v0) * K, size_t(K), VB, K, VB);
+  // S0: 16-bit states of the compute dtype by cp.async with the rest; fp32 ones (or bf16 ones for f16 inputs)
+  // through registers, converted after the QKG products.
+  constexpr bool direct = std::is_same<CK, T>::value;
+  if constexpr (direct) copyRowsAsync(S0s, LV, ckpt + blk * K * V + v0, size_t(V), K, VB, K);
   ptx::cpCommit();
   constexpr int IT = K * VB / 4 / NTH;
-  float4 s0r[IT];
-  {
-    const float* s0 = ckpt + blk * K * V + v0;
+  float4 s0r[direct ? 1 : IT];
+  if constexpr (!direct) {
+    const CK* s0 = ckpt + blk * K * V + v0;
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
       const int idx = tid + u * NTH, d = idx / (VB / 4), c = (idx % (VB / 4)) * 4;
-      s0r[u] = __ldg(reinterpret_cast<const float4*>(s0 + size_t(d) * V + c));
+      s0r[u] = loadState4(s0 + size_t(d) * V + c);
     }
   }
   ptx::cpWait<0>();
@@ -550,20 +562,31 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         *reinterpret_cast<unsigned*>(Gs + i * LC + j) = E::pack(x0, x1);
       }
   }
+  if constexpr (!direct) {
 #pragma unroll
-  for (int u = 0; u < IT; ++u) {
-    const int idx = tid + u * NTH, d = idx / (VB / 4), c = (idx % (VB / 4)) * 4;
-    store4(S0s + d * LV + c, s0r[u]);
+    for (int u = 0; u < IT; ++u) {
+      const int idx = tid + u * NTH, d = idx / (VB / 4), c = (idx % (VB / 4)) * 4;
+      store4(S0s + d * LV + c, s0r[u]);
+    }
   }
   ptx::cpWait<0>();
   __syncthreads();
-  {  // <dS, S0> over this tile: fp32 S0 from the registers, dS 16-bit; per-warp partials summed in order later
+  {  // <dS, S0> over this tile: S0 as loaded (fp32 registers or the 16-bit tile), dS 16-bit; per-warp partials
+     // summed in order later
     float part = 0.f;
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
       const int idx = tid + u * NTH, d = idx / (VB / 4), c = (idx % (VB / 4)) * 4;
       const T* ds = dSs + c * LK + d;
-      part += s0r[u].x * toF(ds[0]) + s0r[u].y * toF(ds[LK]) + s0r[u].z * toF(ds[2 * LK]) + s0r[u].w * toF(ds[3 * LK]);
+      float4 s;
+      if constexpr (direct) {
+        const uint2 w = *reinterpret_cast<const uint2*>(S0s + d * LV + c);
+        const float2 a = unpack2<T>(w.x), b = unpack2<T>(w.y);
+        s = make_float4(a.x, a.y, b.x, b.y);
+      } else {
+        s = s0r[u];
+      }
+      part += s.x * toF(ds[0]) + s.y * toF(ds[LK]) + s.z * toF(ds[2 * LK]) + s.w * toF(ds[3 * LK]);
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -738,6 +761,14 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   // ---- phase 2 ----
   const int band = warp & 3, d0 = (warp >> 2) * KW;
   const int rA = 16 * band + lane % 16, cA = (lane / 16) * 8;  // non-transposed A fragment rows of the band
+  // The fused epilogue's norm factors of the band's rows, loaded now: one block per SM hides no round trip.
+  float iq[2] = {1.f, 1.f}, ik[2] = {1.f, 1.f};
+  if (fz.on && fz.l2norm)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = 16 * band + gq + 8 * h;
+      if (i < L) iq[h] = fz.rq[(t0 + i) * HV + hv], ik[h] = fz.rk[(t0 + i) * HV + hv];
+    }
   // V-contraction parts of dq and dk for (band, K columns d0..d0+KW): dq = diag(e) dO S0ᵀ,
   // dk = −diag(βe) dR S0ᵀ + diag(d)ν dSᵀ.
   float dq[NTK][4] = {}, dk[NTK][4] = {};
@@ -931,26 +962,38 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     if (fz.on) {
       // One tile and one value head per key head: dq, dk are final here. Scale and the L2 norm's chain rule
       // (dx = (g − n (n·g)) / ‖x‖ with n = x / ‖x‖, as gdn.cu's qkGrads) on the accumulators; the row dots
-      // over K meet across the NS warps of a band in shared memory.
+      // over K meet across the NS warps of a band in shared memory. n comes from the normalised 16-bit rows
+      // already in shared memory (Ks = n_k, Qs = scale·n_q; one bf16 rounding of n); TCAL_GDN_BWD_EPI=global
+      // reads the raw rows from global memory instead (session 3: ≈ 0.45 ms of kernel 3 at the reference shape
+      // for the fused epilogue, two dependent global round trips per block).
       const T* qRaw = static_cast<const T*>(fz.q);
       const T* kRaw = static_cast<const T*>(fz.k);
-      float iq[2], ik[2], pq[2] = {0.f, 0.f}, pk[2] = {0.f, 0.f};
+      const float invScale = fz.scale != 0.f ? 1.f / fz.scale : 0.f;  // scale 0: dq = 0 whatever n is
+      // n at (row i, columns col, col + 1) of q (or k).
+      auto rowN = [&](bool isQ, int i, int col, int h) -> float2 {
+        if (fz.rawRows) {
+          const size_t off = ((t0 + i) * HV + hv) * K + col;
+          const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>((isQ ? qRaw : kRaw) + off));
+          const float f = isQ ? iq[h] : ik[h];
+          return make_float2(a.x * f, a.y * f);
+        }
+        const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>((isQ ? Qs : Ks) + i * LK + col));
+        return isQ ? make_float2(a.x * invScale, a.y * invScale) : a;
+      };
+      float pq[2] = {0.f, 0.f}, pk[2] = {0.f, 0.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = 16 * mi + gq + 8 * h;
         const bool ok = fz.l2norm && i < L;
-        iq[h] = ok ? fz.rq[(t0 + i) * HV + hv] : 1.f;
-        ik[h] = ok ? fz.rk[(t0 + i) * HV + hv] : 1.f;
 #pragma unroll
         for (int nt = 0; nt < NTK; ++nt) {
           dq[nt][2 * h] *= fz.scale;
           dq[nt][2 * h + 1] *= fz.scale;
           if (ok) {
-            const size_t off = ((t0 + i) * HV + hv) * K + d0 + 8 * nt + 2 * tq;
-            const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>(qRaw + off));
-            const float2 b = unpack2<T>(*reinterpret_cast<const unsigned*>(kRaw + off));
-            pq[h] += a.x * iq[h] * dq[nt][2 * h] + a.y * iq[h] * dq[nt][2 * h + 1];
-            pk[h] += b.x * ik[h] * dk[nt][2 * h] + b.y * ik[h] * dk[nt][2 * h + 1];
+            const int col = d0 + 8 * nt + 2 * tq;
+            const float2 a = rowN(true, i, col, h), b = rowN(false, i, col, h);
+            pq[h] += a.x * dq[nt][2 * h] + a.y * dq[nt][2 * h + 1];
+            pk[h] += b.x * dk[nt][2 * h] + b.y * dk[nt][2 * h + 1];
           }
         }
         pq[h] += __shfl_xor_sync(0xffffffffu, pq[h], 1);
@@ -975,10 +1018,10 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
           const size_t off = ((t0 + i) * HV + hv) * K + d0 + 8 * nt + 2 * tq;
           float2 oq = make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]), ok = make_float2(dk[nt][2 * h], dk[nt][2 * h + 1]);
           if (fz.l2norm) {
-            const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>(qRaw + off));
-            const float2 b = unpack2<T>(*reinterpret_cast<const unsigned*>(kRaw + off));
-            oq = make_float2((oq.x - a.x * iq[h] * sq) * iq[h], (oq.y - a.y * iq[h] * sq) * iq[h]);
-            ok = make_float2((ok.x - b.x * ik[h] * sk) * ik[h], (ok.y - b.y * ik[h] * sk) * ik[h]);
+            const int col = d0 + 8 * nt + 2 * tq;
+            const float2 a = rowN(true, i, col, h), b = rowN(false, i, col, h);
+            oq = make_float2((oq.x - a.x * sq) * iq[h], (oq.y - a.y * sq) * iq[h]);
+            ok = make_float2((ok.x - b.x * sk) * ik[h], (ok.y - b.y * sk) * ik[h]);
           }
           *reinterpret_cast<unsigned*>(static_cast<T*>(fz.dq) + off) = E::pack(oq.x, oq.y);
           *reinterpret_cast<unsigned*>(static_cast<T*>(fz.dk) + off) = E::pack(ok.x, ok.y);
@@ -1084,20 +1127,28 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   }
   if (timing) check(cudaEventRecord(ev[2], stream), "cudaEventRecord");
   const int vb = tileV(p);
-  const Fused fz{fusedQK(p), a.q, a.k, a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
-  auto launch3 = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
-    allowSmem(kern, smemBytes);
-    kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
-        a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), a.ckpt,
-        static_cast<const T*>(dS.data()), A, Qh, Kh, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
-        a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
-    checkLaunch("gdn backward gradients");
+  const char* epi = std::getenv("TCAL_GDN_BWD_EPI");  // benchmark switch: global = session 3's raw-row loads
+  const Fused fz{fusedQK(p), epi && std::strcmp(epi, "global") == 0, a.q, a.k, a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
+  auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
+    using CK = typename decltype(ck)::type;
+    auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
+      allowSmem(kern, smemBytes);
+      kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
+          a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
+          static_cast<const T*>(dS.data()), A, Qh, Kh, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
+          a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
+      checkLaunch("gdn backward gradients");
+    };
+    if (vb == 128)
+      go(grad3Kernel<T, CK, K, 128>, grad3Smem<K, 128>(), 128, 256);
+    else
+      go(grad3Kernel<T, CK, K, 64>, grad3Smem<K, 64>(), 64, 128);
   };
   if (a.nChunks > 0) {
-    if (vb == 128)
-      launch3(grad3Kernel<T, K, 128>, grad3Smem<K, 128>(), 128, 256);
+    if (a.ckpt16)
+      launch3(DevTag<__nv_bfloat16>{});
     else
-      launch3(grad3Kernel<T, K, 64>, grad3Smem<K, 64>(), 64, 128);
+      launch3(DevTag<float>{});
   }
   if (timing) {
     check(cudaEventRecord(ev[3], stream), "cudaEventRecord");

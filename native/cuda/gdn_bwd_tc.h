@@ -18,6 +18,7 @@ bool fusedQK(const gdn::Problem& p);
 // Kernel 3's fused dq/dk epilogue (on = fusedQK).
 struct Fused {
   bool on;
+  bool rawRows;  // TCAL_GDN_BWD_EPI=global: the chain rule's n from the raw q / k rows in global memory (session 3)
   const void *q, *k;
   const float *rq, *rk;
   float scale;
@@ -31,7 +32,7 @@ bool eligible(const gdn::Problem& p, DType in, DType dOType, DType dvType, const
 
 // Everything on the device. q / k: the raw inputs (normalised and scaled in kernel 1, which writes the norm
 // factors rq / rk [NT, H] when l2norm); g / beta: effective gates [NT, HV]; ckpt: chunk-start states
-// [chunks, HV, K, V]; chunk table as in gdn.cu. Writes dv (valid tokens),
+// [chunks, HV, K, V], f32 or (ckpt16) bf16; chunk table as in gdn.cu. Writes dv (valid tokens),
 // the per-tile partials dqP / dkP [V/tileV, NT, HV, K] and dgamP / dbetaP [V/tileV, NT, HV] (valid tokens),
 // and dh0 when given; with fusedQK, dq / dk (valid tokens) instead of the dq/dk partials.
 struct Args {
@@ -39,7 +40,10 @@ struct Args {
   float *rq, *rk;
   float scale;
   bool l2norm;
-  const float *g, *beta, *ckpt, *dFinal;
+  const float *g, *beta;
+  const void* ckpt;
+  bool ckpt16;
+  const float* dFinal;
   const void *v, *dO;
   const int *cu, *chunkFirst, *chunkStart, *chunkLen;
   int nChunks;

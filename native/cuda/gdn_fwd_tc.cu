@@ -274,24 +274,39 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
   return (in == DType::BF16 || in == DType::F16) && out == in && (p.K == 64 || p.K == 128) && p.V % BVT == 0;
 }
 
-void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, float* ckpt, const int* chunkFirst) {
-  if (p.N == 0) return;
-  // Versions 3–4 (gdn_fwd_v3.cu, needs 16-byte aligned q, k, v, o) by default; TCAL_GDN_FORWARD=v2 keeps this kernel.
+namespace {
+
+// Versions 3–5 (gdn_fwd_v3.cu, needs 16-byte aligned q, k, v, o) by default; TCAL_GDN_FORWARD=v2 keeps this kernel.
+bool useV3(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o) {
   const char* force = std::getenv("TCAL_GDN_FORWARD");
-  if (!(force && std::strcmp(force, "v2") == 0) && gdn_v3::eligible(p, in.q.dtype(), in.q.dtype()) &&
-      gdn_v3::alignedInputs(in, o)) {
-    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, DType::F32, chunkFirst);
+  return !(force && std::strcmp(force, "v2") == 0) && gdn_v3::eligible(p, in.q.dtype(), in.q.dtype()) &&
+         gdn_v3::alignedInputs(in, o);
+}
+
+}  // namespace
+
+DType checkpointType(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o) {
+  const char* f = std::getenv("TCAL_GDN_STATES");
+  if (f && std::strcmp(f, "f32") == 0) return DType::F32;
+  return useV3(p, in, o) ? DType::BF16 : DType::F32;
+}
+
+void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
+             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst) {
+  if (p.N == 0) return;
+  if (useV3(p, in, o)) {
+    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, ckptType, chunkFirst);
     return;
   }
+  if (ckpt && ckptType != DType::F32) throwInvalid("ckpt", "the v2 GDN forward writes f32 checkpoints only");
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* op = o.defined() ? o.ptr<T>() : nullptr;
     float* hT = finalState.defined() ? finalState.ptr<float>() : nullptr;
     if (p.K == 64)
-      launch<T, 64>(p, in, op, hT, cu, ckpt, chunkFirst, stream);
+      launch<T, 64>(p, in, op, hT, cu, static_cast<float*>(ckpt), chunkFirst, stream);
     else
-      launch<T, 128>(p, in, op, hT, cu, ckpt, chunkFirst, stream);
+      launch<T, 128>(p, in, op, hT, cu, static_cast<float*>(ckpt), chunkFirst, stream);
   };
   if (in.q.dtype() == DType::BF16)
     run(DevTag<__nv_bfloat16>{});

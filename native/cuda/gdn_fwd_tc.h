@@ -7,9 +7,14 @@
 namespace tcal::cuda::gdn_tc {
 
 bool eligible(const gdn::Problem& p, DType in, DType out);
+// The dtype forward() can write the chunk-start states in for these inputs (o may be undefined): bf16 where
+// versions 3–5 run (gdn_fwd_v3.cu; the backward reads S0 as a 16-bit operand anyway), else f32.
+// TCAL_GDN_STATES=f32 forces f32 (benchmark switch).
+DType checkpointType(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o);
 // cu: the N+1 token offsets on the device. o / finalState may be undefined; with ckpt, the state at the start
-// of every chunk is written there ([chunks, HV, K, V], chunk index chunkFirst[n] + c).
+// of every chunk is written there ([chunks, HV, K, V], chunk index chunkFirst[n] + c) in ckptType, which must be
+// checkpointType(p, in, o) or f32.
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, float* ckpt = nullptr, const int* chunkFirst = nullptr);
+             cudaStream_t stream, void* ckpt = nullptr, DType ckptType = DType::F32, const int* chunkFirst = nullptr);
 
 }  // namespace tcal::cuda::gdn_tc

@@ -155,11 +155,39 @@ CpuMode parseCpuMode(const Napi::Object& opts, Device dev) {
   return m;
 }
 
+// The forward's chunk-start states handed to the backward (opts.chunkStates, `saved.chunkStates` in lib/ops/gdn.ts):
+// [chunks, HV, K, V] in f32 or bf16 on the inputs' device. Dtype, device and the trailing dims here; the chunk
+// count on the worker (checkStateCount), where the cu_seqlens values are known.
+Tensor parseChunkStates(const Napi::Object& opts, const Parsed& r) {
+  auto t = optionalTensor(optionValue(opts, "chunkStates"), "saved.chunkStates");
+  if (!t) return Tensor();
+  const char* arg = "saved.chunkStates";
+  checkNdim(*t, 4, arg);
+  if (t->dtype() != DType::F32 && t->dtype() != DType::BF16)
+    throwInvalid(arg, std::string("expected f32 or bf16 chunk-start states, got ") + dtypeName(t->dtype()));
+  checkSameDevice(*t, r.dev, arg);
+  const gdn::Problem& p = r.p;
+  if (t->dim(1) != p.HV || t->dim(2) != p.K || t->dim(3) != p.V)
+    throwInvalid(arg, "expected [chunks, " + std::to_string(p.HV) + ", " + std::to_string(p.K) + ", " +
+                          std::to_string(p.V) + "] (these inputs' HV, K, V), got " + shapeStr(t->shape()));
+  return *t;
+}
+
+// One state per chunk of C tokens of every sequence: states saved by a forward of other inputs are refused.
+void checkStateCount(const gdn::Problem& p, const Tensor& states) {
+  if (!states.defined()) return;
+  const int64_t chunks = int64_t(gdn::chunkTable(p).start.size());
+  if (states.dim(0) != chunks)
+    throwInvalid("saved.chunkStates", "holds " + std::to_string(states.dim(0)) + " chunk states, these inputs have " +
+                                          std::to_string(chunks) + " chunks of " + std::to_string(gdn::kChunk) +
+                                          " tokens: saved by a forward of other inputs");
+}
+
 Napi::Object optsOf(const Napi::CallbackInfo& info, size_t i) {
   return info.Length() > i && info[i].IsObject() ? info[i].As<Napi::Object>() : Napi::Object::New(info.Env());
 }
 
-// gdnForward(q, k, v, g, beta, opts) → Promise<{o, finalState}>
+// gdnForward(q, k, v, g, beta, opts) → Promise<{o, finalState, chunkStates}>
 Napi::Value Forward(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Napi::Object opts = optsOf(info, 5);
@@ -173,27 +201,34 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     auto p = std::make_shared<gdn::Problem>(r.p);
     gdn::Inputs in = r.in;
     Tensor cu = r.cu;
+    // saveForBackward: the CUDA forward also writes the chunk-start states (the CPU backward recomputes its own).
+    const bool save = boolOption(opts, "saveForBackward");
+    auto states = std::make_shared<Tensor>();
     std::vector<Napi::Value> keep{opts};
     return runAsync(
         info.Env(), "gdnForward",
-        [p, in, cu, out, mode] {
+        [p, in, cu, out, mode, save, states] {
           p->cu = readSeqOffsets(cu, p->N, p->T, p->tokens());
 #ifdef TCAL_WITH_CUDA
-          if (onCuda(in.q)) return cuda::gdnForward(*p, in, out);
+          if (onCuda(in.q)) {
+            *states = cuda::gdnForward(*p, in, out, save);
+            return;
+          }
 #endif
           cpu::gdnForward(*p, in, out, mode.algo, mode.f64);
         },
-        [out](Napi::Env env) -> Napi::Value {
+        [out, states](Napi::Env env) -> Napi::Value {
           Napi::Object res = Napi::Object::New(env);
           res.Set("o", JsTensor::Wrap(env, out.o));
           res.Set("finalState", out.finalState.defined() ? Napi::Value(JsTensor::Wrap(env, out.finalState)) : env.Null());
+          res.Set("chunkStates", states->defined() ? Napi::Value(JsTensor::Wrap(env, *states)) : env.Null());
           return res;
         },
         keep);
   });
 }
 
-// gdnBackward(q, k, v, g, beta, dO, opts) → Promise<{dq, dk, dv, dg, dbeta, dh0, dALog, dDtBias}>
+// gdnBackward(q, k, v, g, beta, dO, opts: {..., chunkStates?}) → Promise<{dq, dk, dv, dg, dbeta, dh0, dALog, dDtBias}>
 Napi::Value Backward(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Napi::Object opts = optsOf(info, 6);
@@ -210,6 +245,7 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
       checkF32(*t, {p.N, p.HV, p.K, p.V}, r.dev, "dFinalState", r.sd);
       dFinal = *t;
     }
+    Tensor states = parseChunkStates(opts, r);
     Napi::Object outs = optionValue(opts, "out").IsObject() ? optionValue(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
     gdn::BackwardOut out;
     DType gt = r.outType == DType::F32 ? DType::F32 : r.in.q.dtype();
@@ -228,10 +264,11 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
     Tensor cu = r.cu;
     return runAsync(
         info.Env(), "gdnBackward",
-        [pp, in, cu, dO, dFinal, out, mode] {
+        [pp, in, cu, dO, dFinal, out, mode, states] {
           pp->cu = readSeqOffsets(cu, pp->N, pp->T, pp->tokens());
+          checkStateCount(*pp, states);
 #ifdef TCAL_WITH_CUDA
-          if (onCuda(in.q)) return cuda::gdnBackward(*pp, in, dO, dFinal, out);
+          if (onCuda(in.q)) return cuda::gdnBackward(*pp, in, dO, dFinal, out, states);
 #endif
           cpu::gdnBackward(*pp, in, dO, dFinal, out, mode.f64);
         },
