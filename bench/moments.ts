@@ -108,8 +108,10 @@ async function kernelInputs(device: string) {
   const lse = Tensor.empty([s.B, s.H, s.T], opts);
   const config = parseTeacherConfig({ ...LLAMA_1B, head_dim: s.D, num_attention_heads: s.H, num_key_value_heads: s.HKV });
   const meta = taylorStatsMeta(config, scanDecays(K0));
-  const invFreq = await Tensor.fromArray(Float64Array.from(meta.invFreq), [meta.invFreq.length], opts);
-  const decays = await Tensor.fromArray(Float64Array.from(meta.decays), [K0], opts);
+  // θ and the decays on the host, as collectTaylorStats passes them (the op reads them there).
+  const host = { device: 'cpu' };
+  const invFreq = await Tensor.fromArray(Float64Array.from(meta.invFreq), [meta.invFreq.length], host);
+  const decays = await Tensor.fromArray(Float64Array.from(meta.decays), [K0], host);
   return { q, k, v, x, o, lse, invFreq, decays, meta };
 }
 
@@ -170,10 +172,11 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
   const lseVar = Tensor.empty([1, s.H, N], opts);
   const packed = Int32Array.from({ length: s.B + 1 }, (_, i) => i * s.T);
   const cu = await Tensor.fromArray(packed, [s.B + 1], opts);
+  const cuHost = await Tensor.fromArray(packed, [s.B + 1], { device: 'cpu' });
   const acc: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0, inputDim: s.Dx }, device);
   const accNoX: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: K0 }, device);
   const acc1: MomentAccumulators = await createMomentAccumulators({ heads: s.H, kvHeads: s.HKV, headDim: s.D, decays: 1 }, device);
-  const decay1 = await Tensor.fromArray(Float64Array.from([meta.decays[0]]), [1], opts);
+  const decay1 = await Tensor.fromArray(Float64Array.from([meta.decays[0]]), [1], { device: 'cpu' });
   const view = (t: Tensor, shape: number[]): Tensor => t.view(shape);
   const slow = SMOKE ? { warmup: 1, batches: 3, perBatch: 1 } : { warmup: 2, batches: 5, perBatch: 3 };
   const rows: Record<string, string | number>[] = [];
@@ -213,7 +216,7 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
     });
     await momentRow('moments varlen + context + lse (B=1, cuSeqlens)', () =>
       taylorMoments(view(q, [1, N, s.H, s.D]), view(k, [1, N, s.HKV, s.D]), view(v, [1, N, s.HKV, s.D]), invFreq, decays, accNoX, {
-        cuSeqlens: cu,
+        cuSeqlens: cuHost,
         context: oVar,
         lse: lseVar,
       }),
@@ -239,7 +242,7 @@ async function kernelRows(device: string, notes: string[]): Promise<Record<strin
     disposeMomentAccumulators(acc);
     disposeMomentAccumulators(accNoX);
     disposeMomentAccumulators(acc1);
-    for (const t of [q, k, v, x, o, lse, oVar, lseVar, invFreq, decays, decay1, cu]) t.dispose();
+    for (const t of [q, k, v, x, o, lse, oVar, lseVar, invFreq, decays, decay1, cu, cuHost]) t.dispose();
   }
   return rows;
 }

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -110,9 +111,58 @@ class CachingAllocator {
   size_t allocated_ = 0, cached_ = 0, peak_ = 0, mallocs_ = 0, hits_ = 0;
 };
 
+// Host → device uploads of up to kSlotBytes go through pinned staging slots and return without waiting for
+// the stream: a pageable copy would have to synchronise (the JS buffer may change once the call returns),
+// and that wait stalled every op that uploads a small list behind the kernels still queued before it (the
+// moment op lost ≈ 0.5 ms per call this way). A slot is reused only after its previous copy has completed.
+class UploadRing {
+ public:
+  static constexpr size_t kSlotBytes = size_t(1) << 20;
+  static constexpr int kSlots = 16;
+
+  ~UploadRing() {
+    for (Slot& s : slots_) {
+      if (s.event) cudaEventDestroy(s.event);
+      if (s.host) cudaFreeHost(s.host);
+    }
+  }
+
+  // False when the copy does not fit a slot or pinned memory cannot be had (then the caller copies directly).
+  bool upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    if (bytes > kSlotBytes) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    Slot& s = slots_[next_];
+    if (!s.host) {
+      if (cudaHostAlloc(&s.host, kSlotBytes, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        s.host = nullptr;
+        return false;
+      }
+      check(cudaEventCreateWithFlags(&s.event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    } else {
+      check(cudaEventSynchronize(s.event), "cudaEventSynchronize");
+    }
+    std::memcpy(s.host, src, bytes);
+    check(cudaMemcpyAsync(dst, s.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaEventRecord(s.event, stream), "cudaEventRecord");
+    next_ = (next_ + 1) % kSlots;
+    return true;
+  }
+
+ private:
+  struct Slot {
+    void* host = nullptr;
+    cudaEvent_t event = nullptr;
+  };
+  std::mutex mutex_;
+  Slot slots_[kSlots];
+  int next_ = 0;
+};
+
 struct DeviceState {
   cudaStream_t stream = nullptr;
   std::unique_ptr<CachingAllocator> allocator;
+  UploadRing uploads;
   int multiprocessors = 0;
 };
 
@@ -227,6 +277,7 @@ void copy(void* dst, Device dstDevice, const void* src, Device srcDevice, size_t
   }
   int dev = dstDevice.kind == Device::CUDA ? dstDevice.index : srcDevice.index;
   cudaStream_t s = use(dev);
+  if (srcDevice.kind == Device::CPU && dstDevice.kind == Device::CUDA && state(dev).uploads.upload(dst, src, bytes, s)) return;
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
   // Host memory is pageable and owned by JS: finish before handing it back.
   if (dstDevice.kind == Device::CPU || srcDevice.kind == Device::CPU)

@@ -10,12 +10,13 @@
 //      row buffer summed in f64 over fixed chunks of tokens (deterministic).
 //   3. The γ₀ scan and the context moments, chunk-parallel over the included tokens (moments_scan.cu), from
 //      the given context or the CUDA-core pass's o.
-//   4. Σ k̄k̄ᵀ (RoPE undone), Σ vvᵀ, Σ xxᵀ as bf16 hi/lo GEMMs through cuBLAS (f64 CUDA-core sums when
-//      cuBLAS cannot be loaded).
+//   4. Σ k̄k̄ᵀ (RoPE undone), Σ vvᵀ per KV head on moments_outer.cu's tensor-core kernel; Σ xxᵀ as bf16 hi/lo
+//      GEMMs through cuBLAS (that kernel with one head when cuBLAS cannot be loaded).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -30,6 +31,7 @@
 #include "device.h"
 #include "cublas.h"
 #include "moments.h"
+#include "moments_outer.h"
 #include "moments_scan.h"
 #include "moments_tc.h"
 #include "types.cuh"
@@ -270,94 +272,23 @@ __global__ void reduceRowsFinal(const double* __restrict__ partial, int chunks, 
   }
 }
 
-struct OuterParams {
-  const void* z;         // element (token t, column c) at z[t·stride + c]
-  long long stride;
-  int n;                 // columns
-  int ropeHalf;          // > 0: undo RoPE on the pairs (c, c + ropeHalf) at each token's position
-  const float2* trig;    // [maxLen, ropeHalf]
-  const int* tokens;     // included tokens, in order
-  const int* pos;        // their positions in their sequences
-  int count;
-  double* sum;           // [n]
-  double* outer;         // [n, n]
-};
-
-template <typename E>
-__device__ __forceinline__ double loadZ(const OuterParams& p, int idx, int col) {
-  const E* z = static_cast<const E*>(p.z) + (long long)p.tokens[idx] * p.stride;
-  if (p.ropeHalf == 0) return double(toF(z[col]));
-  const int hf = p.ropeHalf, i = col < hf ? col : col - hf;
-  const float2 cs = p.trig[(long long)p.pos[idx] * hf + i];
-  const double a = double(toF(z[i])), b = double(toF(z[i + hf]));
-  return col < hf ? a * double(cs.x) + b * double(cs.y) : b * double(cs.x) - a * double(cs.y);
-}
-
-// Σ z per column, in token order.
-template <typename E>
-__global__ void columnSums(OuterParams p) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= p.n) return;
-  double s = 0;
-  for (int i = 0; i < p.count; ++i) s += loadZ<E>(p, i, col);
-  p.sum[col] += s;
-}
-
-// Σ z zᵀ: a 32×32 output tile per CTA of 32×8 threads (4 outputs each), tokens in order through shared memory.
-template <typename E>
-__global__ void __launch_bounds__(256) outerSums(OuterParams p) {
-  __shared__ double Zi[32][33], Zj[32][33];
-  const int i0 = blockIdx.y * 32, j0 = blockIdx.x * 32, tx = threadIdx.x, ty = threadIdx.y;
-  double acc[4] = {0, 0, 0, 0};
-  for (int t0 = 0; t0 < p.count; t0 += 32) {
-    for (int e = ty * 32 + tx; e < 32 * 32; e += 256) {
-      const int t = e / 32, c = e % 32;
-      const bool ok = t0 + t < p.count;
-      Zi[t][c] = ok && i0 + c < p.n ? loadZ<E>(p, t0 + t, i0 + c) : 0.0;
-      Zj[t][c] = ok && j0 + c < p.n ? loadZ<E>(p, t0 + t, j0 + c) : 0.0;
-    }
-    __syncthreads();
-    const int tn = min(32, p.count - t0);
-    for (int t = 0; t < tn; ++t) {
-      const double zj = Zj[t][tx];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) acc[u] += Zi[t][ty + 8 * u] * zj;
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int i = i0 + ty + 8 * u, j = j0 + tx;
-    if (i < p.n && j < p.n) p.outer[(long long)i * p.n + j] += acc[u];
-  }
-}
-
 constexpr int kPart = 32;  // rows per fp32 column partial of the outer-product sums
 
-// ---- Σ z, Σ z zᵀ through cuBLAS: rows of included tokens gathered (keys with RoPE undone) into bf16 hi and
-// lo = bf16(z − hi) halves, per chunk of rows Σ z zᵀ ≈ hi·hiᵀ + hi·loᵀ + lo·hiᵀ as bf16 GEMMs with fp32
+// ---- Σ x, Σ x xᵀ of the layer input through cuBLAS (x is one wide "head": Dx² outputs, a GEMM-sized product;
+// the per-head k̄ / v products run on moments_outer.cu's kernel): rows of included tokens gathered into bf16 hi
+// and lo = bf16(x − hi) halves, per chunk of rows Σ x xᵀ ≈ hi·hiᵀ + hi·loᵀ + lo·hiᵀ as bf16 GEMMs with fp32
 // accumulation (products of bf16 are exact; the dropped lo·loᵀ is ≤ 2^-16 relative), the fp32 chunk result
-// added into the f64 accumulator. bf16 sources without RoPE are exact in hi: one GEMM.
+// added into the f64 accumulator. bf16 x is exact in hi: one GEMM.
 
 constexpr int kOuterRows = 8192;  // rows per GEMM chunk
 
 template <typename T>
-__global__ void gatherSplit(const T* __restrict__ src, long long stride, int width, const int* __restrict__ tok,
-                            const int* __restrict__ pos, int i0, int rows, int ropeHalf, int D, const float2* __restrict__ trig,
+__global__ void gatherSplit(const T* __restrict__ src, long long stride, int width, const int* __restrict__ tok, int i0, int rows,
                             __nv_bfloat16* __restrict__ hi, __nv_bfloat16* __restrict__ lo) {
   const long long n = (long long)rows * width;
   for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
     const int r = int(e / width), col = int(e % width);
-    const T* row = src + (long long)tok[i0 + r] * stride;
-    float z;
-    if (ropeHalf > 0) {
-      const int head = col / D, c = col % D, j = c < ropeHalf ? c : c - ropeHalf;
-      const float2 cs = trig[(long long)pos[i0 + r] * ropeHalf + j];
-      const float a = toF(row[head * D + j]), b = toF(row[head * D + j + ropeHalf]);
-      z = c < ropeHalf ? fmaf(a, cs.x, b * cs.y) : fmaf(b, cs.x, -a * cs.y);
-    } else {
-      z = toF(row[col]);
-    }
+    const float z = toF(src[(long long)tok[i0 + r] * stride + col]);
     const __nv_bfloat16 zh = __float2bfloat16_rn(z);
     hi[e] = zh;
     if (lo) lo[e] = __float2bfloat16_rn(z - __bfloat162float(zh));
@@ -393,19 +324,9 @@ __global__ void addInto(double* __restrict__ dst, const float* __restrict__ src,
     dst[i] += double(src[i]);
 }
 
-struct OuterJob {
-  const void* src;
-  DType dtype;
-  long long stride;   // elements between tokens
-  int heads, D;       // columns = heads·D; one D×D outer product per head
-  int ropeHalf;       // > 0: undo RoPE on the pairs (c, c + ropeHalf) of each head
-  double* sum;        // [heads·D]
-  double* outer;      // [heads, D, D]
-};
-
-void outerBlas(const OuterJob& j, const int* tok, const int* pos, int count, const float2* trig, Device dev, cudaStream_t stream) {
+void inputOuterBlas(const moments_outer::Job& j, const int* tok, int count, Device dev, cudaStream_t stream) {
   const int width = j.heads * j.D;
-  const bool split = j.ropeHalf > 0 || j.dtype != DType::BF16;
+  const bool split = j.dtype != DType::BF16;
   const int chunkRows = std::min(count, kOuterRows);
   Tensor hi = empty({int64_t(chunkRows) * width}, DType::BF16, dev);
   Tensor lo = split ? empty({int64_t(chunkRows) * width}, DType::BF16, dev) : Tensor();
@@ -419,8 +340,8 @@ void outerBlas(const OuterJob& j, const int* tok, const int* pos, int count, con
     const int rows = std::min(kOuterRows, count - i0);
     dispatchDeviceFloat(j.dtype, "k", [&](auto tag) {
       using T = typename decltype(tag)::type;
-      gatherSplit<T><<<gridFor(int64_t(rows) * width, 256), 256, 0, stream>>>(static_cast<const T*>(j.src), j.stride, width, tok, pos, i0,
-                                                                             rows, j.ropeHalf, j.D, trig, hiP, loP);
+      gatherSplit<T><<<gridFor(int64_t(rows) * width, 256), 256, 0, stream>>>(static_cast<const T*>(j.src), j.stride, width, tok, i0,
+                                                                             rows, hiP, loP);
     });
     checkLaunch("taylorMoments (gather)");
     const int rb = (rows + kPart - 1) / kPart;
@@ -452,15 +373,6 @@ void launchAttention(const AttnParams& prm, long long blocks, size_t smem, cudaS
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
   kern<<<unsigned(blocks), kWarps * 32, smem, stream>>>(prm);
   checkLaunch("taylorMoments (attention)");
-}
-
-template <typename E>
-void outerFallback(const OuterParams& prm, cudaStream_t stream) {
-  columnSums<E><<<unsigned((prm.n + 127) / 128), 128, 0, stream>>>(prm);
-  checkLaunch("taylorMoments (column sums)");
-  const unsigned tiles = unsigned((prm.n + 31) / 32);
-  outerSums<E><<<dim3(tiles, tiles), dim3(32, 8), 0, stream>>>(prm);
-  checkLaunch("taylorMoments (outer sums)");
 }
 
 // The CUDA-core statistics pass (f32 inputs, or no context given): rows → per-head sums; o into obuf.
@@ -510,6 +422,7 @@ struct Profiler {
   bool on = false;
   cudaStream_t stream = nullptr;
   std::vector<std::pair<const char*, cudaEvent_t>> marks;
+  std::chrono::steady_clock::time_point host0 = std::chrono::steady_clock::now();
   explicit Profiler(cudaStream_t s) : stream(s) {
     const char* e = std::getenv("TCAL_MOMENTS_PROFILE");
     on = e && *e && std::string(e) != "0";
@@ -524,6 +437,8 @@ struct Profiler {
   }
   ~Profiler() {
     if (!on) return;
+    // Wall time of the whole call on the host (lists, uploads, launches), before waiting for the GPU.
+    const double hostMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host0).count();
     if (cudaEventSynchronize(marks.back().second) == cudaSuccess) {
       std::string line = "taylorMoments profile (ms):";
       for (size_t i = 1; i < marks.size(); ++i) {
@@ -531,6 +446,7 @@ struct Profiler {
         cudaEventElapsedTime(&ms, marks[i - 1].second, marks[i].second);
         line += std::string(" ") + marks[i].first + " " + std::to_string(ms);
       }
+      line += " hostEnqueue " + std::to_string(hostMs);
       std::fprintf(stderr, "%s\n", line.c_str());
     }
     for (auto& m : marks) cudaEventDestroy(m.second);
@@ -546,7 +462,7 @@ struct Lists {
 };
 
 template <typename E>
-void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const Lists& ls, cudaStream_t stream) {
+void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const Lists& ls, cudaStream_t stream, Profiler& prof) {
   const Device dev = in.q.device();
   const int H = int(p.H), D = int(p.D), half = D / 2, K0 = int(p.K0());
   const int count = int(ls.tokens.size());
@@ -565,7 +481,7 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
                                                                           ls.maxLen, half);
   checkLaunch("taylorMoments (trig table)");
   const float2* trigP = reinterpret_cast<const float2*>(trig.data());
-  Profiler prof(stream);
+  prof.mark("setup");
 
   // Attention statistics: tensor cores for 16-bit inputs with the teacher's context given, else CUDA cores
   // (which also form the context o, in fp32).
@@ -583,54 +499,24 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, const
   gammaScan(p, in.v, in.context.defined() ? in.context : obuf, tokD.ptr<int>(), firstD.ptr<int>(), ls.first, decayD.ptr<double>(), acc,
             stream, [&](const char* name) { prof.mark(name); });
 
-  // Σ k̄, Σ k̄k̄ᵀ (RoPE undone), Σ v, Σ vvᵀ per KV head; Σ x, Σ xxᵀ.
-  std::string why;
-  if (blas::available(&why)) {
-    OuterJob kj{in.k.data(), in.k.dtype(), p.HKV * p.D, int(p.HKV), D, half, acc.keySum.ptr<double>(), acc.keyOuter.ptr<double>()};
-    outerBlas(kj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
-    prof.mark("keyOuter");
-    OuterJob vj{in.v.data(), in.v.dtype(), p.HKV * p.D, int(p.HKV), D, 0, acc.valueSum.ptr<double>(), acc.valueOuter.ptr<double>()};
-    outerBlas(vj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
-    prof.mark("valueOuter");
-    if (in.x.defined()) {
-      OuterJob xj{in.x.data(), in.x.dtype(), p.Dx, 1, int(p.Dx), 0, acc.inputSum.ptr<double>(), acc.inputOuter.ptr<double>()};
-      outerBlas(xj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
-      prof.mark("inputOuter");
-    }
-  } else {
-    // No cuBLAS on this machine: f64 CUDA-core sums.
-    OuterParams op{};
-    op.trig = trigP;
-    op.tokens = tokD.ptr<int>();
-    op.pos = posD.ptr<int>();
-    op.count = count;
-    op.n = D;
-    op.stride = p.HKV * p.D;
-    for (int hk = 0; hk < int(p.HKV); ++hk) {
-      op.z = static_cast<const E*>(in.k.data()) + int64_t(hk) * D;
-      op.ropeHalf = half;
-      op.sum = acc.keySum.ptr<double>() + int64_t(hk) * D;
-      op.outer = acc.keyOuter.ptr<double>() + int64_t(hk) * D * D;
-      outerFallback<E>(op, stream);
-      op.z = static_cast<const E*>(in.v.data()) + int64_t(hk) * D;
-      op.ropeHalf = 0;
-      op.sum = acc.valueSum.ptr<double>() + int64_t(hk) * D;
-      op.outer = acc.valueOuter.ptr<double>() + int64_t(hk) * D * D;
-      outerFallback<E>(op, stream);
-    }
-    if (in.x.defined()) {
-      dispatchDeviceFloat(in.x.dtype(), "x", [&](auto tag) {
-        using X = typename decltype(tag)::type;
-        OuterParams xp = op;
-        xp.z = in.x.data();
-        xp.stride = p.Dx;
-        xp.n = int(p.Dx);
-        xp.ropeHalf = 0;
-        xp.sum = acc.inputSum.ptr<double>();
-        xp.outer = acc.inputOuter.ptr<double>();
-        outerFallback<X>(xp, stream);
-      });
-    }
+  // Σ k̄, Σ k̄k̄ᵀ (RoPE undone), Σ v, Σ vvᵀ per KV head (moments_outer.cu); Σ x, Σ xxᵀ through cuBLAS where it
+  // loads (one Dx × Dx product), else the same per-head kernel with one head.
+  const long long kvStride = p.HKV * p.D;
+  moments_outer::headOuterSums({in.k.data(), in.k.dtype(), kvStride, int(p.HKV), D, half, acc.keySum.ptr<double>(), acc.keyOuter.ptr<double>()},
+                               tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+  prof.mark("keyOuter");
+  moments_outer::headOuterSums({in.v.data(), in.v.dtype(), kvStride, int(p.HKV), D, 0, acc.valueSum.ptr<double>(), acc.valueOuter.ptr<double>()},
+                               tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+  prof.mark("valueOuter");
+  if (in.x.defined()) {
+    const moments_outer::Job xj{in.x.data(), in.x.dtype(), p.Dx, 1, int(p.Dx), 0, acc.inputSum.ptr<double>(), acc.inputOuter.ptr<double>()};
+    // TCAL_MOMENTS_XOUTER=kernel forces the per-head kernel (how the GPU tests reach the no-cuBLAS path).
+    const char* force = std::getenv("TCAL_MOMENTS_XOUTER");
+    if (blas::available(nullptr) && !(force && std::string(force) == "kernel"))
+      inputOuterBlas(xj, tokD.ptr<int>(), count, dev, stream);
+    else
+      moments_outer::headOuterSums(xj, tokD.ptr<int>(), posD.ptr<int>(), count, trigP, dev, stream);
+    prof.mark("inputOuter");
   }
   addScalar<<<1, 1, 0, stream>>>(acc.count.ptr<double>(), double(count));
   checkLaunch("taylorMoments (count)");
@@ -642,6 +528,7 @@ void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc) 
   if (p.D > 256) throwInvalid("q", "the CUDA moment reduction takes head dims up to 256, got " + std::to_string(p.D));
   const int dev = in.q.device().index;
   cudaStream_t stream = use(dev);
+  Profiler prof(stream);  // "setup" = the host's list building and uploads (the GPU idles if nothing is queued)
   Lists ls;
   for (int64_t n = 0; n < p.N; ++n) {
     const int s0 = p.cu[size_t(n)], s1 = p.cu[size_t(n + 1)];
@@ -660,9 +547,9 @@ void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc) 
     return std::min(a.z + kRows, a.y) - a.x > std::min(b.z + kRows, b.y) - b.x;
   });
   switch (in.q.dtype()) {
-    case DType::F32: runTyped<float>(p, in, acc, ls, stream); break;
-    case DType::BF16: runTyped<__nv_bfloat16>(p, in, acc, ls, stream); break;
-    case DType::F16: runTyped<__half>(p, in, acc, ls, stream); break;
+    case DType::F32: runTyped<float>(p, in, acc, ls, stream, prof); break;
+    case DType::BF16: runTyped<__nv_bfloat16>(p, in, acc, ls, stream, prof); break;
+    case DType::F16: runTyped<__half>(p, in, acc, ls, stream, prof); break;
     default: throwInvalid("q", std::string("the CUDA moment reduction takes bf16, f16 or f32, got ") + dtypeName(in.q.dtype()));
   }
 }
