@@ -1,6 +1,6 @@
-// CUDA Gated DeltaNet backward, version 3: tensor cores for bf16/f16; the chunk-local work runs for all chunks
-// at once, only the dS recurrence is sequential. The chunk-start states S0 come from the forward (gdn.cu writes
-// them with the tensor-core forward before calling this).
+// CUDA Gated DeltaNet backward, version 4: tensor cores for bf16/f16; the chunk-local work runs for all chunks
+// at once, only the dS recurrence is sequential. The chunk-start states S0 (f32 or bf16) come from the forward:
+// a training forward's saved states, or gdn.cu's recompute with the tensor-core forward before calling this.
 //
 // Chunk algebra (as in gdn.cu, DESIGN.md §3): γ in-chunk cumsum of g, e = exp γ, d = exp(γ_L − γ),
 // Γ_ij = exp(γ_i − γ_j) (i ≥ j: every exponent ≤ 0), KKG = KKᵀ⊙Γ (strictly lower), QKG = QKᵀ⊙Γ (lower),
@@ -8,8 +8,9 @@
 // the chunk's final state:
 //   dR = Aᵀ(QKGᵀ dO + diag(d) K dS) = P dO + W dS,  P = Aᵀ QKGᵀ, W = Aᵀ diag(d) K
 //   dS_prev = e_L dS + Qᵀ diag(e) dO − Kᵀ diag(βe) dR
-// Kernel 1 (prep, per chunk × value head; WMMA): q, k normalised from the raw inputs, A (inverse in fp32,
-//   stored 16-bit), P, W, Qe = diag(e)Q, Kn = −diag(βe)K, the normalised Q and K (16-bit, for kernel 3), e_L.
+// Kernel 1 (prep, per chunk × value head; WMMA, three blocks per SM): q, k normalised from the raw inputs,
+//   A (16×16-block inverse in fp32, stored 16-bit), P, W, Qe = diag(e)Q, Kn = −diag(βe)K, the normalised Q and K
+//   (16-bit, for kernel 3), e_L.
 // Kernel 2 (state3Kernel, per sequence × value head × 16·NW V columns, chunks in reverse; mma.sync with dSᵀ in
 //   registers): dR and dS by the two lines above; writes the dS entering every chunk (16-bit, transposed) and dh0.
 // Kernel 3 (grad3Kernel, per chunk × value head × 64 or 128 V columns; mma.sync, register accumulators): from
@@ -187,13 +188,59 @@ __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, 
 
 // ---- kernel 1: per (chunk, value head) ----
 
+// 3×TF32 tile products for the off-diagonal blocks of the inverse (as the forward's prep, gdn_fwd_v3.cu): x = hi +
+// lo with both parts in tf32; hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
+using TfA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TfB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TfC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void splitTf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int t = 0; t < hi.num_elements; ++t) {
+    const float v = hi.x[t], h = wmma::__float_to_tf32(v);
+    hi.x[t] = h;
+    lo.x[t] = wmma::__float_to_tf32(v - h);
+  }
+}
+// acc += a (16 × 8, row-major at lda) · b (8 × 16, row-major at ldb), both fp32 in shared memory.
+__device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, const float* b, int ldb) {
+  TfA ah, al;
+  TfB bh, bl;
+  wmma::load_matrix_sync(ah, a, lda);
+  wmma::load_matrix_sync(bh, b, ldb);
+  splitTf32(ah, al);
+  splitTf32(bh, bl);
+  wmma::mma_sync(acc, al, bh, acc);
+  wmma::mma_sync(acc, ah, bl, acc);
+  wmma::mma_sync(acc, ah, bh, acc);
+}
+
+// 8 consecutive fp32 values of shared memory → 8 16-bit values (one 16-byte vector), optionally zeroed.
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* src, bool live) {
+  const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  alignas(16) T out[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = fromF<T>(live ? v[e] : 0.f);
+  return *reinterpret_cast<const uint4*>(out);
+}
+
+template <int K>
+constexpr size_t prepRegionQ() {  // the Q rows (C × (K+8) 16-bit), later QKG (C × LB 16-bit) and Ts (16 × LF fp32)
+  return 2 * size_t(C) * (K + 8) > 2 * size_t(C) * LB + 4 * 16 * size_t(LF) ? 2 * size_t(C) * (K + 8)
+                                                                             : 2 * size_t(C) * LB + 4 * 16 * size_t(LF);
+}
+// Two fp32 C × LF tiles, the Q region, the K rows (later diag(d) K, in place), 4 gate vectors: 69 KB at K = 128,
+// 57 KB at K = 64, three blocks per SM (session 3's layout took 106.5 KB: two).
 template <int K>
 constexpr size_t prepSmem() {
-  return sizeof(float) * (2 * size_t(C) * LF + 4 * C) + 2 * (3 * size_t(C) * (K + 8) + 2 * size_t(C) * LB);
+  return sizeof(float) * (2 * size_t(C) * LF + 4 * C) + prepRegionQ<K>() + 2 * size_t(C) * (K + 8);
 }
 
 template <typename T, int K>
-__global__ void __launch_bounds__(256, 2) prepKernel(const T* __restrict__ q, const T* __restrict__ k,
+__global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, const T* __restrict__ k,
                                                   float* __restrict__ rq, float* __restrict__ rk, float scale,
                                                   bool l2norm,
                                                   const float* __restrict__ g, const float* __restrict__ beta,
@@ -204,14 +251,18 @@ __global__ void __launch_bounds__(256, 2) prepKernel(const T* __restrict__ q, co
                                                   float* __restrict__ eLout) {
   constexpr int LK = K + 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* Sqk = reinterpret_cast<float*>(smem);  // C × LF; later A, then (with Skk) the W staging
-  float* Skk = Sqk + C * LF;                    // C × LF; M, then P
-  T* Qb = reinterpret_cast<T*>(Skk + C * LF);
-  T* Kb = Qb + C * LK;
-  T* Kd = Kb + C * LK;  // diag(d) K
-  T* Ab = Kd + C * LK;  // C × LB
-  T* QKGb = Ab + C * LB;
-  float* gam = reinterpret_cast<float*>(QKGb + C * LB);
+  // Regions by lifetime: Sqk holds Q Kᵀ, then A (fp32), then A (16-bit, Ab); Skk K Kᵀ → M, then P, then W by
+  // 64-column halves; the Q region Q, then QKG and the inverse's Ts; Kb K, then diag(d) K (Kd, in place).
+  float* Sqk = reinterpret_cast<float*>(smem);  // C × LF
+  float* Skk = Sqk + C * LF;                    // C × LF
+  unsigned char* regionQ = reinterpret_cast<unsigned char*>(Skk + C * LF);
+  T* Qb = reinterpret_cast<T*>(regionQ);        // C × LK
+  T* QKGb = Qb;                                 // C × LB (after Q's last use)
+  float* Ts = reinterpret_cast<float*>(regionQ + 2 * C * LB);  // 16 × LF
+  T* Kb = reinterpret_cast<T*>(regionQ + prepRegionQ<K>());
+  T* Kd = Kb;                                   // diag(d) K, in place of K
+  T* Ab = reinterpret_cast<T*>(Sqk);            // C × LB (after A's conversion)
+  float* gam = reinterpret_cast<float*>(Kb + C * LK);
   float* ex = gam + C;
   float* dd = ex + C;
   float* bet = dd + C;
@@ -227,17 +278,29 @@ __global__ void __launch_bounds__(256, 2) prepKernel(const T* __restrict__ q, co
     *reinterpret_cast<uint4*>(Qhout + blk * C * K + r * K + c) = *reinterpret_cast<const uint4*>(Qb + r * LK + c);
     *reinterpret_cast<uint4*>(Khout + blk * C * K + r * K + c) = *reinterpret_cast<const uint4*>(Kb + r * LK + c);
   }
-  for (int idx = threadIdx.x; idx < C * K; idx += blockDim.x) {
-    const int i = idx / K, c = idx % K;
-    const float q = toF(Qb[i * LK + c]), k = toF(Kb[i * LK + c]);
-    Kd[i * LK + c] = fromF<T>(dd[i] * k);
-    Qeout[blk * C * K + idx] = fromF<T>(ex[i] * q);
-    Knout[blk * C * K + idx] = fromF<T>(-bet[i] * ex[i] * k);
-  }
-  if (threadIdx.x == 0) eLout[blk] = ex[L - 1];
   gemm<T, RM, CM>(Sqk, LF, Qb, LK, Kb, LK, C, C, K);  // Q Kᵀ
   gemm<T, RM, CM>(Skk, LF, Kb, LK, Kb, LK, C, C, K);  // K Kᵀ
-  __syncthreads();
+  if (threadIdx.x == 0) eLout[blk] = ex[L - 1];
+  __syncthreads();  // Q and K rows are no longer read by the products: Kd takes K's place
+  for (int idx = threadIdx.x; idx < C * K / 8; idx += blockDim.x) {  // 8 elements per thread and pass
+    const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
+    const uint4 qv = *reinterpret_cast<const uint4*>(Qb + i * LK + c), kv = *reinterpret_cast<const uint4*>(Kb + i * LK + c);
+    const T* qe = reinterpret_cast<const T*>(&qv);
+    const T* ke = reinterpret_cast<const T*>(&kv);
+    alignas(16) T od[8], oq[8], on[8];
+    const float e = ex[i], d = dd[i], nb = -bet[i] * ex[i];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const float kf = toF(ke[u]);
+      od[u] = fromF<T>(d * kf);
+      oq[u] = fromF<T>(e * toF(qe[u]));
+      on[u] = fromF<T>(nb * kf);
+    }
+    *reinterpret_cast<uint4*>(Kd + i * LK + c) = *reinterpret_cast<const uint4*>(od);
+    *reinterpret_cast<uint4*>(Qeout + blk * C * K + i * K + c) = *reinterpret_cast<const uint4*>(oq);
+    *reinterpret_cast<uint4*>(Knout + blk * C * K + i * K + c) = *reinterpret_cast<const uint4*>(on);
+  }
+  __syncthreads();  // Q rows dead: QKG takes their place
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
     const int i = idx / C, j = idx % C;
     const float gm = (j <= i && i < L) ? __expf(gam[i] - gam[j]) : 0.f;
@@ -245,44 +308,90 @@ __global__ void __launch_bounds__(256, 2) prepKernel(const T* __restrict__ q, co
     Skk[i * LF + j] = j < i ? bet[i] * Skk[i * LF + j] * gm : 0.f;  // M
   }
   __syncthreads();
-  if (threadIdx.x < C) {
-    // (I + M) A = I by forward substitution in fp32: thread c owns column c in registers (fully unrolled, M
-    // rows read as broadcast float4, four partial sums). The first GPU runs used 4 lanes per column with
-    // shuffles per step: 1.26 ms for this kernel at the reference shape, K-independent, i.e. this loop.
-    const int c = threadIdx.x;
-    float x[C];
+  // A = (I + M)⁻¹ by 16×16 blocks, as the forward's prep (session 3 ran one 64-step substitution per column on
+  // 64 threads while the other 192 waited: most of this kernel's 0.87 ms was latency around it).
+  // Diagonal block `warp` (warps 0–3) in registers: lane j (and its twin j + 16) owns column j, x[i] = A_ij;
+  // rows of M by broadcast float4 loads that do not depend on x.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < 4) {
+    const int j = lane & 15;
+    const float* Mb = Skk + 16 * warp * LF + 16 * warp;
+    float x[16];
 #pragma unroll
-    for (int i = 0; i < C; ++i) {
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int i = 0; i < 16; ++i) {
+      float mr[16];
 #pragma unroll
-      for (int j = 0; j + 4 <= i; j += 4) {
-        const float4 m = *reinterpret_cast<const float4*>(Skk + i * LF + j);
-        s0 += m.x * x[j], s1 += m.y * x[j + 1], s2 += m.z * x[j + 2], s3 += m.w * x[j + 3];
+      for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
+        const float4 v = *reinterpret_cast<const float4*>(Mb + i * LF + 4 * q4);
+        mr[4 * q4] = v.x, mr[4 * q4 + 1] = v.y, mr[4 * q4 + 2] = v.z, mr[4 * q4 + 3] = v.w;
       }
+      float s = 0.f;
 #pragma unroll
-      for (int j = i & ~3; j < i; ++j) s0 += Skk[i * LF + j] * x[j];
-      x[i] = (i == c ? 1.f : 0.f) - ((s0 + s1) + (s2 + s3));
+      for (int m = 0; m < i; ++m) s += mr[m] * x[m];
+      x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
     }
+    if (lane < 16)
 #pragma unroll
-    for (int i = 0; i < C; ++i) Sqk[i * LF + c] = x[i];
+      for (int i = 0; i < 16; ++i) Sqk[(16 * warp + i) * LF + 16 * warp + j] = x[i];
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
-    const int i = idx / C, j = idx % C;
-    const T a = fromF<T>(Sqk[i * LF + j]);
-    Aout[blk * C * C + idx] = a;
-    Ab[i * LB + j] = a;
+  // Block row I: warp J < I forms A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32) through its own 16
+  // columns of Ts (the Ab tile's space, free until A is converted). Blocks above the diagonal are never written:
+  // the conversion below zeroes them.
+  for (int I = 1; I < 4; ++I) {
+    const int J = warp;
+    if (J < I) {
+      TfC acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int m = J; m < I; ++m)
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk)
+          mma3xTf32(acc, Skk + 16 * I * LF + 16 * m + 8 * kk, LF, Sqk + (16 * m + 8 * kk) * LF + 16 * J, LF);
+      float* Tw = Ts + 16 * warp;
+      wmma::store_matrix_sync(Tw, acc, LF, wmma::mem_row_major);
+      __syncwarp();
+      TfC d;
+      wmma::fill_fragment(d, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) mma3xTf32(d, Sqk + 16 * I * LF + 16 * I + 8 * kk, LF, Tw + 8 * kk * LF, LF);
+#pragma unroll
+      for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
+      wmma::store_matrix_sync(Sqk + 16 * I * LF + 16 * J, d, LF, wmma::mem_row_major);
+    }
+    __syncthreads();
+  }
+  constexpr int NA = C * C / 8 / NTH;  // A → 16-bit (global, then Ab over the fp32 A), upper blocks zero
+  static_assert(NA * 8 * NTH == C * C, "prep: A conversion by 8-element pieces");
+  uint4 ap[NA];
+#pragma unroll
+  for (int u = 0; u < NA; ++u) {
+    const int idx = threadIdx.x + u * NTH, i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+    ap[u] = pack8<T>(Sqk + i * LF + c, c / 16 <= i / 16);
+    *reinterpret_cast<uint4*>(Aout + blk * C * C + i * C + c) = ap[u];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < NA; ++u) {
+    const int idx = threadIdx.x + u * NTH, i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+    *reinterpret_cast<uint4*>(Ab + i * LB + c) = ap[u];
   }
   __syncthreads();
   gemm<T, CM, CM>(Skk, LF, Ab, LB, QKGb, LB, C, C, C);  // P = Aᵀ QKGᵀ
   __syncthreads();
-  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
-    Pout[blk * C * C + idx] = fromF<T>(Skk[(idx / C) * LF + idx % C]);
+  for (int idx = threadIdx.x; idx < C * C / 8; idx += blockDim.x) {
+    const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+    *reinterpret_cast<uint4*>(Pout + blk * C * C + i * C + c) = pack8<T>(Skk + i * LF + c, true);
+  }
   __syncthreads();
-  gemm<T, CM, RM>(Sqk, K + 4, Ab, LB, Kd, LK, C, K, C);  // W = Aᵀ diag(d) K, staged over Sqk and Skk
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < C * K; idx += blockDim.x)
-    Wout[blk * C * K + idx] = fromF<T>(Sqk[(idx / K) * (K + 4) + idx % K]);
+  for (int wh = 0; wh < K / 64; ++wh) {  // W = Aᵀ diag(d) K by 64-column halves, staged in Skk
+    if (wh > 0) __syncthreads();  // the previous half's stores have read Skk
+    gemm<T, CM, RM>(Skk, LF, Ab, LB, Kd + 64 * wh, LK, C, 64, C);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < C * 64 / 8; idx += blockDim.x) {
+      const int i = idx / 8, c = (idx % 8) * 8;
+      *reinterpret_cast<uint4*>(Wout + blk * C * K + i * K + 64 * wh + c) = pack8<T>(Skk + i * LF + c, true);
+    }
+  }
 }
 
 // ---- kernel 2, version 3: the dS recurrence with mma.sync, dSᵀ in registers ----

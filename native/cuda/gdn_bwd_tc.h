@@ -1,4 +1,4 @@
-// GDN backward, version 3 (bf16 / f16, K ∈ {64, 128}, V a multiple of 64): tensor-core kernels. See gdn_bwd_tc.cu.
+// GDN backward, version 4 (bf16 / f16, K ∈ {64, 128}, V a multiple of 64): tensor-core kernels. See gdn_bwd_tc.cu.
 #pragma once
 #include <cuda_runtime.h>
 
