@@ -16,8 +16,9 @@
 //      tile-local key offset c' (exact in fp16) and are expanded per row; Z = p at σ = 0 (sink).
 //   Histogram (bins Δ = 0, [2^{b−1}, 2^b)): per (m-tile, key tile) the bin range of the tile's Δ span; a
 //      tile inside one bin (every far tile) adds its row sums (in a register until the bin changes); a tile
-//      crossing bin edges adds tail masses Σ_{Δ ≥ 2^{b−1}} p per crossed edge. Bins live in shared memory per
-//      row, rescaled with the row's max only when it moves (online). local (Δ < 16) = bins 0..4.
+//      crossing bin edges adds tail masses Σ_{Δ ≥ 2^{b−1}} p per crossed edge, read from the rows' prefix sums
+//      over the tile's keys (a third product P·U, U the triangular ones). Bins live in shared memory per row,
+//      rescaled with the row's max only when it moves (online). local (Δ < 16) = bins 0..4.
 // With the forward's lse (template flag Exact): p = 2^{s·scale·log2e − lse·log2e} is known up front, so there
 //   is no running max, no max shuffles and no rescaling of the φ accumulators, the row sums or the bins; every
 //   row is still divided by its own Σp at the end (any per-row constant offset of lse cancels exactly there,
@@ -32,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -54,9 +56,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kLocalBins = 5;  // Δ < kLocalWindow = 16 ⟺ bins 0..4
 static_assert(kLocalWindow == 16, "local mass is bins 0..4");
 constexpr int kScalars = 5;  // dist, distSq, entropy, sink, local (AttentionColumn order)
-// Key tiles at least this far below an m-tile's first row take Σp, Σpc, Σpc² from the aux product; nearer ones
-// sum p·Δ, p·Δ² per element (exact Δ: no cancellation for local heads).
-constexpr int kNear = 128;
+// Key tiles at least kNear (StatCfg::KNear, 128 by default) below an m-tile's first row take Σp, Σpc, Σpc² from
+// the aux product; nearer ones sum p·Δ, p·Δ² per element (exact Δ: no cancellation for local heads).
 
 using namespace ptx;  // mma.cuh: cp.async, ldmatrix, ex2, Elem<E>::mma / pack
 
@@ -75,6 +76,25 @@ __device__ __forceinline__ float packedP(const unsigned (&pa)[KK][4], int n, int
   const unsigned w = pa[n >> 1][(n & 1) * 2 + (e >> 1)];
   const __half2 h = *reinterpret_cast<const __half2*>(&w);
   return (e & 1) ? __high2float(h) : __low2float(h);
+}
+// v[i] for a run-time i ∈ [0, N) (N a power of two) through log2 N levels of selects: registers stay registers.
+template <int N>
+__device__ __forceinline__ float selectAt(const float (&v)[N], int i) {
+  static_assert((N & (N - 1)) == 0, "power of two");
+  float t[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) t[k] = v[k];
+  constexpr int L = N == 1 ? 0 : N == 2 ? 1 : N == 4 ? 2 : N == 8 ? 3 : N == 16 ? 4 : 5;
+  static_assert(N <= 32, "up to 32 values");
+#pragma unroll
+  for (int l = 0; l < L; ++l) {  // a counted loop (a halving one was not unrolled: t went to local memory)
+    const int w = N >> (l + 1);
+    const bool hi = (i & w) != 0;
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k)
+      if (k < w) t[k] = hi ? t[k + w] : t[k];
+  }
+  return t[0];
 }
 __device__ __forceinline__ int binOf(int delta) {
   if (delta <= 0) return 0;
@@ -97,17 +117,24 @@ struct StatParams {
 
 // Spare: latency helpers that cost registers (split Σp·x chains, two aux accumulators, the far tiles' bin mass
 // in registers). Without them the 64-key lse kernel spilled more and ran 13% slower (run 3 of session 3).
-template <int D_, int W_, int MT_, int BK_, int MinBlocks_, bool Spare_ = true>
+// KNear: key tiles nearer than this (in rows below the m-tile) take the exact-Δ path. Tails: how tiles that
+// cross histogram bin edges find their tail masses — 0: per edge a compare-and-add over every element of the
+// lane and a quad reduction; 4: the rows' prefix sums on the tensor cores, each edge's tail read by the one
+// lane that holds it (session 4: 0.54 → ~0.2 ms of crossing work at the bench shape, bench/NOTES.md).
+template <int D_, int W_, int MT_, int BK_, int MinBlocks_, bool Spare_ = true, int KNear_ = 128, int Tails_ = 0>
 struct StatCfg {
   static constexpr int D = D_, W = W_, MT = MT_, BK = BK_, MinBlocks = MinBlocks_;
   static constexpr bool Spare = Spare_;
+  static constexpr int KNear = KNear_, Tails = Tails_;
   static constexpr int BQ = 16 * MT * W;
   static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + 3 * BQ) * 4 + size_t(BK * 8) * 2; }
 };
 using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
-// D = 128: 64-key tiles by default (run 3 of session 3: 4.41 ms against 4.69 ms for 32-key tiles, despite
-// ~130 B of spills); TCAL_MOMENTS_KERNEL=bk32 picks the 32-key tiles (255 registers, no spills).
-using Cfg128 = StatCfg<128, 4, 2, 64, 2>;
+// D = 128: 64-key tiles (run 3 of session 3: 4.41 ms against 4.69 ms for 32-key tiles) with the tensor-core
+// prefix tails (session 4, call 3: kernel 4.26 → 3.98 ms, and no spills in the lse kernel where the per-edge
+// tails spilled 132 B). TCAL_MOMENTS_KERNEL=edges keeps the per-edge tails, bk32 the 32-key tiles (both Tails 0).
+using Cfg128 = StatCfg<128, 4, 2, 64, 2, true, 128, 4>;
+using Cfg128edges = StatCfg<128, 4, 2, 64, 2>;
 using Cfg128bk32 = StatCfg<128, 4, 2, 32, 2>;
 using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
 
@@ -118,13 +145,14 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   constexpr int DC = D / 8, KS = D / 16, NB = BK / 8, DB = D / 8, HB = DB / 2;
   constexpr bool Spare = C::Spare;
   static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 32 == 0, "tile shapes");
+  static_assert(C::Tails == 0 || C::Tails == 4, "crossing tails: per edge (0) or tensor-core prefix (4)");
 
   extern __shared__ __align__(128) unsigned char smem[];
   E* sQ = reinterpret_cast<E*>(smem);
   E* sK = sQ + BQ * D;                                   // [2][BK][D]
   __half* sF = reinterpret_cast<__half*>(sK + 2 * BK * D);  // [2][BK][D]
   float* sHist = reinterpret_cast<float*>(sF + 2 * BK * D);  // [kBins][BQ]
-  float* sL = sHist + kBins * BQ;                        // [BQ] final row sums (0: row not counted)
+  float* sL = sHist + kBins * BQ;                        // [BQ] 1 / final row sums (0: row not counted)
   float* sZ = sL + BQ;                                   // [BQ] p at σ = 0 (written once per row, by its own lane)
   float* sLse = sZ + BQ;                                 // [BQ] Exact: the rows' lse·log2e
   __half* sAux = reinterpret_cast<__half*>(sLse + BQ);   // [BK][8] aux features of the far tiles
@@ -322,7 +350,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
         }
         // Δ = τ − σ for element (n, e): dBase[e >> 1] − c, c = 8n + (e & 1) (a compile-time constant).
         const float dBase[2] = {float(mRow0 + (lane >> 2) - key0 - ql * 2), float(mRow0 + (lane >> 2) + 8 - key0 - ql * 2)};
-        const bool near = mRow0 - key0 < kNear;
+        const bool near = mRow0 - key0 < C::KNear;
         if (near) {
           // Near the diagonal: Δ per element (exact small integers; no cancellation for local heads).
 #pragma unroll
@@ -430,7 +458,57 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           }
           hAcc[m][0] += rs[0];  // the row sum on quad 0, 0 elsewhere
           hAcc[m][1] += rs[1];
-        } else {
+        } else if constexpr (C::Tails == 4) {
+          // Full-row prefix sums of the fp16 p over the tile's keys on the tensor cores: P·U with U[k][j] = [k ≤ j]
+          // (blocks below the diagonal all ones, the diagonal 16×8 blocks one per-lane pattern, blocks above
+          // skipped: 10 m16n8k16 per 32 keys), so row g's (g + 8's) prefix through key j sits in the lane of quad
+          // position (j & 7) >> 1, n-block j >> 3, slot j & 1. Each edge's tail Σ_{Δ ≥ 2^{b−1}} p is the prefix
+          // at one key and only the lane holding it adds it (to bin b, and subtracts it from bin b − 1): no
+          // shuffles, no chain through the quad.
+          constexpr unsigned kOnes = 0x3C003C00u;  // fp16 (1, 1)
+          const int g = lane >> 2;
+          const unsigned uDiag = packHalf(2 * ql <= g ? 1.f : 0.f, 2 * ql + 1 <= g ? 1.f : 0.f);
+          // Row r of this lane (g + 8r): Δ at the tile's key 0.
+          const int dr[2] = {int(dBase[0]) + 2 * ql, int(dBase[1]) + 2 * ql};
+          constexpr int HN = NB / 2;  // n-blocks per half: the prefix in two halves of the keys (16 registers each)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float pf[HN][4];
+#pragma unroll
+            for (int i = 0; i < HN; ++i) {
+              const int nb = hf * HN + i;
+              pf[i][0] = pf[i][1] = pf[i][2] = pf[i][3] = 0.f;
+#pragma unroll
+              for (int ks = 0; ks <= nb / 2; ++ks) {
+                if (2 * ks == nb) mmaF16(pf[i], pa[m][ks], uDiag, 0u);           // keys 16ks + 0..7 ≤ col 16ks + g
+                else if (2 * ks + 1 == nb) mmaF16(pf[i], pa[m][ks], kOnes, uDiag);  // col 16ks + 8 + g
+                else mmaF16(pf[i], pa[m][ks], kOnes, kOnes);
+              }
+            }
+            if (hf == 1 && ql == 3) {  // key BK − 1: the whole tile (mass with Δ ≥ its lowest edge) → bin bLo
+#pragma unroll
+              for (int r = 0; r < 2; ++r) sHist[bLo * BQ + lr0 + 8 * r] += pf[HN - 1][2 * r + 1];
+            }
+            for (int b = bLo + 1; b <= bHi; ++b) {  // warp-uniform
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int cut = dr[r] - (1 << (b - 1));  // Δ ≥ 2^{b−1} ⟺ key ≤ cut
+                const int cc = min(cut, BK - 1);
+                float v[2 * HN];
+#pragma unroll
+                for (int i = 0; i < HN; ++i) {
+                  v[2 * i] = pf[i][2 * r];
+                  v[2 * i + 1] = pf[i][2 * r + 1];
+                }
+                const float t = selectAt(v, 2 * ((cc >> 3) & (HN - 1)) + (cc & 1));
+                if (cut >= 0 && cc / (BK / 2) == hf && ((cc >> 1) & 3) == ql) {
+                  sHist[(b - 1) * BQ + lr0 + 8 * r] -= t;
+                  sHist[b * BQ + lr0 + 8 * r] += t;
+                }
+              }
+            }
+          }
+        } else if constexpr (C::Tails == 0) {
           float tail[2] = {rs[0], rs[1]};  // far: already the row sum on quad 0 (the only lanes that write)
           if (near) {
 #pragma unroll
@@ -513,7 +591,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
       const int tau = q0 + lr;
       const bool valid = tau < len;
       const float inv = valid ? 1.f / l : 0.f;
-      if (ql == 0) sL[lr] = valid ? l : 0.f;
+      if (ql == 0) sL[lr] = inv;  // 1/l (0: row not counted) for the histogram below
       if (valid && ql == 0) {
         scal[0] += s1 * inv;
         scal[1] += s2 * inv;
@@ -569,10 +647,7 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   float* sHistTot = sRed + W * RS;  // [kBins]
   for (int b = warp; b < kBins; b += W) {
     float acc = 0.f;
-    for (int r = lane; r < BQ; r += 32) {
-      const float l = sL[r];
-      acc += l > 0.f ? sHist[b * BQ + r] / l : 0.f;
-    }
+    for (int r = lane; r < BQ; r += 32) acc += sHist[b * BQ + r] * sL[r];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) sHistTot[b] = acc;
@@ -597,18 +672,30 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   }
 }
 
-// Σ over the CTAs (work-list order, then the head) into attention [H,5], histogram [H,bins], phi [H,2·half].
-__global__ void reducePartials(const double* __restrict__ partial, int items, int H, int R, double* __restrict__ attention,
-                               double* __restrict__ histogram, double* __restrict__ phi) {
-  const long long n = (long long)H * R;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const int h = int(i / R), r = int(i % R);
-    double s = 0;
-    for (int it = 0; it < items; ++it) s += partial[((long long)it * H + h) * R + r];
-    if (r < kScalars) attention[h * kAttentionColumns + r] += s;
-    else if (r < kScalars + kBins) histogram[h * kBins + (r - kScalars)] += s;
-    else phi[(long long)h * (R - kScalars - kBins) + (r - kScalars - kBins)] += s;
-  }
+// Σ over the CTAs into attention [H,5], histogram [H,bins], phi [H,2·half]. One block per (head, 32 columns):
+// thread (column x, group g) sums the work items g, g + kGroups, … in order, then group 0 adds the kGroups
+// sums in order — a fixed order (bit-identical repeats) with kGroups times the loads in flight of one thread
+// per column walking all items (that took ~items dependent-latency steps: 256 at the bench shape).
+constexpr int kGroups = 8;
+__global__ void __launch_bounds__(32 * kGroups) reducePartials(const double* __restrict__ partial, int items, int H, int R,
+                                                              double* __restrict__ attention, double* __restrict__ histogram,
+                                                              double* __restrict__ phi) {
+  __shared__ double part[kGroups][32];
+  const int chunks = (R + 31) / 32;
+  const int h = int(blockIdx.x) / chunks, r = (int(blockIdx.x) % chunks) * 32 + int(threadIdx.x % 32);
+  const int g = int(threadIdx.x / 32);
+  double s = 0;
+  if (r < R)
+    for (int it = g; it < items; it += kGroups) s += partial[((long long)it * H + h) * R + r];
+  part[g][threadIdx.x % 32] = s;
+  __syncthreads();
+  if (g != 0 || r >= R) return;
+  s = 0;
+#pragma unroll
+  for (int i = 0; i < kGroups; ++i) s += part[i][threadIdx.x];
+  if (r < kScalars) attention[h * kAttentionColumns + r] += s;
+  else if (r < kScalars + kBins) histogram[h * kBins + (r - kScalars)] += s;
+  else phi[(long long)h * (R - kScalars - kBins) + (r - kScalars - kBins)] += s;
 }
 
 // The fp16 position features: feat[σ, j] = cos θ_j σ, feat[σ, Dp/2 + j] = sin θ_j σ (f64 arguments), 0 for j ≥ half.
@@ -627,10 +714,40 @@ __global__ void featureTable(__half* __restrict__ feat, const double* __restrict
   }
 }
 
+// TCAL_MOMENTS_PROFILE=1: the statistics phase split into host set-up + feature table, the kernel, and the
+// CTA sums (events; stderr), so the phase time of native/cuda/moments.cu can be read against the kernel alone.
+struct StatsTimer {
+  bool on = false;
+  cudaStream_t stream;
+  cudaEvent_t ev[4] = {};
+  int n = 0;
+  explicit StatsTimer(cudaStream_t s) : stream(s) {
+    const char* e = std::getenv("TCAL_MOMENTS_PROFILE");
+    on = e && *e && std::string(e) != "0";
+    mark();
+  }
+  void mark() {
+    if (!on || n >= 4) return;
+    check(cudaEventCreate(&ev[n]), "cudaEventCreate");
+    check(cudaEventRecord(ev[n], stream), "cudaEventRecord");
+    ++n;
+  }
+  ~StatsTimer() {
+    if (!on) return;
+    if (n == 4 && cudaEventSynchronize(ev[3]) == cudaSuccess) {
+      float t[3] = {};
+      for (int i = 0; i < 3; ++i) cudaEventElapsedTime(&t[i], ev[i], ev[i + 1]);
+      std::fprintf(stderr, "momentStats split (ms): setup %f kernel %f sums %f\n", t[0], t[1], t[2]);
+    }
+    for (int i = 0; i < n; ++i) cudaEventDestroy(ev[i]);
+  }
+};
+
 template <typename E, typename C>
 void runStats(const Problem& p, const void* q, const void* k, const float* lse, int Dp, const float2* trig,
               const std::vector<int2>& seqs, int maxLen, const Accumulators& acc, const Device dev, cudaStream_t stream) {
   constexpr int BQ = C::BQ;
+  StatsTimer prof(stream);
   const int half = int(p.D / 2);
   std::vector<int4> list;
   for (const int2& s : seqs) {
@@ -674,12 +791,15 @@ void runStats(const Problem& p, const void* q, const void* k, const float* lse, 
   const size_t smem = C::smem();
   auto kern = lse ? momentStats<E, C, true> : momentStats<E, C, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
+  prof.mark();
   kern<<<unsigned(blocks), C::W * 32, smem, stream>>>(prm);
   checkLaunch("taylorMoments (tensor-core statistics)");
-  reducePartials<<<gridFor(int64_t(p.H) * R, 128), 128, 0, stream>>>(partial.ptr<double>(), int(items), int(p.H), R,
-                                                                    acc.attention.ptr<double>(), acc.histogram.ptr<double>(),
-                                                                    acc.phi.ptr<double>());
+  prof.mark();
+  reducePartials<<<unsigned(p.H * ((R + 31) / 32)), 32 * kGroups, 0, stream>>>(partial.ptr<double>(), int(items), int(p.H), R,
+                                                                            acc.attention.ptr<double>(), acc.histogram.ptr<double>(),
+                                                                            acc.phi.ptr<double>());
   checkLaunch("taylorMoments (statistics sums)");
+  prof.mark();
 }
 
 template <typename E>
@@ -688,8 +808,10 @@ void runStatsFor(const Problem& p, const void* q, const void* k, const float* ls
   if (Dp == 64) runStats<E, Cfg64>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   else if (Dp == 128) {
     const char* variant = std::getenv("TCAL_MOMENTS_KERNEL");
-    if (variant && std::string(variant) == "bk32") runStats<E, Cfg128bk32>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
-    else runStats<E, Cfg128>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    const std::string v = variant ? variant : "";
+    if (v == "bk32") return runStats<E, Cfg128bk32>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    if (v == "edges") return runStats<E, Cfg128edges>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    runStats<E, Cfg128>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   }
   else runStats<E, Cfg256>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
 }
