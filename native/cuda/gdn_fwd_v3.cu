@@ -1,4 +1,4 @@
-// CUDA Gated DeltaNet forward, versions 3–5: the chunk-local work runs for all chunks at once, only the state
+// CUDA Gated DeltaNet forward, versions 3–6: the chunk-local work runs for all chunks at once, only the state
 // recurrence is sequential, and that part is split over V so that the state lives in registers.
 //
 // Kernel 1 (prep), one block per (chunk, value head, sequence), all in parallel:
@@ -6,13 +6,14 @@
 //   M = strictly-lower(diag(β)(K̃K̃ᵀ ⊙ exp(γ_i − γ_j))) (formed in the K Kᵀ fragments' epilogue),
 //   A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal blocks by substitution in registers, the off-diagonal
 //   blocks by 3×TF32 tile products),  Ab = A·diag(β) (bf16, [tokens, HV, C]),
-//   aux = (γ, scale·rq, rk, exp γ·rk) per token (f32).
+//   when o is wanted, Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i} (bf16, [tokens, HV, C], lower blocks only: v6),
+//   aux = (γ, scale·rq, rk, exp γ·rk), (scale·rq·exp γ, rk·exp(γ_L − γ), exp γ_L, 0) per token (f32).
 // Kernel 2 (state pass, v5, warp-specialised), one block per (sequence, value head, V tile); recurrence warps
 // keep Sᵀ (16 columns × K, or × K/2 with the K split; fp32) in registers so that every product takes Sᵀ or νᵀ
 // straight from the accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by
 // ldmatrix from padded shared memory filled by cp.async), output warps form O beside them. Per chunk:
 //   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃                 (recurrence warps)
-//   Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i},  Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ             (output warps)
+//   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ                                                      (output warps)
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <mma.h>
 
@@ -129,10 +130,9 @@ __host__ __device__ constexpr size_t prepRegion() {  // raw k rows (C × (K+8) b
 }
 template <int K>
 constexpr size_t prepSmem() {
-  // region, Gs (C × LDF f32: M), a C × LDC bf16 tile the prep no longer uses (left in so that the layout and
-  // the four blocks per SM stay those measured in session 3's run 2; dropping it gives 39.5 KB and five blocks
-  // per SM, not yet measured), Ts (16 × LDF f32), 5 vectors of C floats: 49.6 KB at K = 64 and 128.
-  return prepRegion<K>() + 4 * size_t(C) * LDF + 2 * size_t(C) * LDC + 4 * (16 * LDF + 5 * C);
+  // region, Gs (C × LDF f32: M), Ts (16 × LDF f32), 5 vectors of C floats: 40.4 KB at K = 64 and 128, five
+  // blocks per SM (session 3 left an unused C × LDC bf16 tile here: 49.6 KB, four blocks per SM).
+  return prepRegion<K>() + 4 * size_t(C) * LDF + 4 * (16 * LDF + 5 * C);
 }
 
 // 3×TF32 tile products for the off-diagonal blocks of the inverse: x = hi + lo with both parts in tf32;
@@ -170,15 +170,17 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
                                                            const float* __restrict__ beta,
                                                            const float* __restrict__ aLog,
                                                            const float* __restrict__ dtBias,
-                                                           T* __restrict__ About, float4* __restrict__ aux,
-                                                           float scale, bool l2norm) {
+                                                           T* __restrict__ About, T* __restrict__ AQout,
+                                                           float4* __restrict__ aux, float scale, bool l2norm) {
   constexpr int LDK = K + 8;
   constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
   T* Kb = reinterpret_cast<T*>(sm);                                 // C × LDK (raw k, later K̃)
   float* As = reinterpret_cast<float*>(sm);                         // C × LDF (aliases Kb)
   float* Gs = reinterpret_cast<float*>(sm + prepRegion<K>());       // C × LDF (M)
-  float* Ts = reinterpret_cast<float*>(reinterpret_cast<T*>(Gs + C * LDF) + C * LDC);  // 16 × LDF
+  T* Qb = reinterpret_cast<T*>(Gs);                                 // C × LDK (raw q, before M)
+  static_assert(2 * (K + 8) <= 4 * LDF, "prep: q rows fit M's region");
+  float* Ts = Gs + C * LDF;                                         // 16 × LDF
   float* gam = Ts + 16 * LDF;
   float* bet = gam + C;
   float* rk = bet + C;
@@ -195,6 +197,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   // k rows (raw) into Kb; norms of q and k rows. Every load (k, q, g, β) is issued before the first use.
   {
     uint4 kv[IT], qv[IT];
+    const bool needQ = l2norm || AQout;
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
       const int i = tid / G + u * RPP;
@@ -202,7 +205,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       qv[u] = make_uint4(0, 0, 0, 0);
       if (i < L) {
         kv[u] = *reinterpret_cast<const uint4*>(k + ((t0 + i) * H + h) * K + sub * 8);
-        if (l2norm) qv[u] = *reinterpret_cast<const uint4*>(q + ((t0 + i) * H + h) * K + sub * 8);
+        if (needQ) qv[u] = *reinterpret_cast<const uint4*>(q + ((t0 + i) * H + h) * K + sub * 8);
       }
     }
     float gi = 0.f, bi = 0.f;
@@ -215,6 +218,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     for (int u = 0; u < IT; ++u) {
       const int i = tid / G + u * RPP;
       *reinterpret_cast<uint4*>(Kb + i * LDK + sub * 8) = kv[u];
+      if (AQout) *reinterpret_cast<uint4*>(Qb + i * LDK + sub * 8) = qv[u];
       const T* ke = reinterpret_cast<const T*>(&kv[u]);
       const T* qe = reinterpret_cast<const T*>(&qv[u]);
       float sk = 0.f, sqq = 0.f;
@@ -262,6 +266,44 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const float x0 = __shfl_sync(0xffffffffu, gs0, idx >> 1), x1 = __shfl_sync(0xffffffffu, gs1, idx >> 1);
     return idx & 1 ? x1 : x0;
   };
+  // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L} for the state pass's output warps (o wanted only):
+  // the 10 lower 16×16 blocks (zero above the diagonal inside the diagonal blocks; the blocks above the
+  // diagonal are never written nor read), bf16/f16 pairs straight from the fragments, [tokens, HV, C].
+  if (AQout) {
+    for (int job = warp; job < 10; job += kPrepThreads / 32) {
+      const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
+      const int ni = job - mi * (mi + 1) / 2;
+      const int lr = lane % 8, lm = lane / 8, gq = lane / 4, tq = lane % 4;
+      float acc[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < K / 16; ++ks) {
+        uint32_t a[4], b[4];
+        ldsm4(a, Qb + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+        ldsm4(b, Kb + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+        mma<T>(acc[0], a, b[0], b[1]);
+        mma<T>(acc[1], a, b[2], b[3]);
+      }
+      float gi[2], gj[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * mi + gq + 8 * r);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) gj[nt][c] = gammaAt(16 * ni + 8 * nt + 2 * tq + c);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+          if (i < L) {
+            const float x0 = j <= i ? acc[nt][2 * r] * sq[i] * rk[j] * __expf(gi[r] - gj[nt][0]) : 0.f;
+            const float x1 = j + 1 <= i ? acc[nt][2 * r + 1] * sq[i] * rk[j + 1] * __expf(gi[r] - gj[nt][1]) : 0.f;
+            *reinterpret_cast<uint32_t*>(AQout + ((t0 + i) * HV + hv) * C + j) = pack2<T>(x0, x1);
+          }
+        }
+    }
+    __syncthreads();  // q rows read: M takes their place
+  }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
@@ -371,7 +413,12 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
   }
-  if (tid < L) aux[(t0 + tid) * HV + hv] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
+  if (tid < L) {
+    const float gL = gam[L - 1];
+    float4* a = aux + 2 * ((t0 + tid) * HV + hv);
+    a[0] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
+    a[1] = make_float4(sq[tid] * ex[tid], rk[tid] * __expf(gL - gam[tid]), __expf(gL), 0.f);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -383,14 +430,16 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 // form the whole νᵀ and update their own half), and KS2 output warps (each owning half of the chunk's token
 // blocks when KS2 = 2) that form the chunk's output from the chunk-start Sᵀ and νᵀ, handed over through shared
 // memory as raw bf16/f16 A fragments (each lane reads what the same lane wrote):
-//   Aqk (10 lower blocks, shared by all output warps),  Oᵀ = Sᵀ Q̃ᵀ diag(sq·exp γ) + νᵀ Aqkᵀ,  o stores.
+//   Oᵀ = Sᵀ Q̃ᵀ diag(sq·exp γ) + νᵀ Aqkᵀ (Aqk from the prep, loaded with the stage),  o stores.
+// (Until session 4 the output warps formed Aqk themselves, once per V tile: ≈ 40 % of their instructions, and
+// the recurrence warps waited for them at every chunk; H200 session 4 run 2: B2·T16384 1.33 → 1.00 ms.)
 // The output warps wait for ν on a named barrier that the recurrence warps only arrive at, so O's products
 // run beside the recurrence chain instead of on it. Without o (the backward's checkpoint pass) the output
 // warps only help with the loads.
 template <int K, int CG>
 __host__ __device__ constexpr size_t wsStageBytes() {
-  // Qs, Ks (C × (K+8)), Abs (C × LDC), Vs (C × (16·CG + 8)) bf16/f16, aux (C float4).
-  return 2 * (2 * size_t(C) * (K + 8) + size_t(C) * LDC + size_t(C) * (16 * CG + 8)) + 16 * C;
+  // Qs, Ks (C × (K+8)), Abs (C × LDC), Vs (C × (16·CG + 8)) bf16/f16, aux (C × 2 float4), AQs (C × LDC).
+  return 2 * (2 * size_t(C) * (K + 8) + 2 * size_t(C) * LDC + size_t(C) * (16 * CG + 8)) + 32 * C;
 }
 // 32-bit words per column group: Sᵀ fragments (K/16 × 32 lanes × 4), ν fragments (4 × 32 × 4) and, with the K
 // split, one fp32 partial Pᵀ per recurrence warp (8 × 32 × 4).
@@ -400,7 +449,31 @@ __host__ __device__ constexpr int wsXchgWords() {
 }
 template <int K, int CG, int KS2, int ST>
 __host__ __device__ constexpr size_t wsSmem() {
-  return 2 * size_t(C) * LDC + ST * wsStageBytes<K, CG>() + 4 * size_t(CG) * wsXchgWords<K, KS2>();
+  return ST * wsStageBytes<K, CG>() + 4 * size_t(CG) * wsXchgWords<K, KS2>();
+}
+
+// A chunk's C token rows (16-byte pieces, P per row) into shared memory rows of LD elements by cp.async:
+// thread tid takes piece tid % P of rows tid / P + m·NT / P; rows ≥ Lc are zero-filled (read from row 0).
+// src is row 0 of the chunk, rows rowStride elements apart. The per-thread offsets do not depend on the
+// chunk, so the compiler keeps them out of the chunk loop (this was ≈ 15 instructions per piece).
+template <int P, int LD, int NT, typename E>
+__device__ __forceinline__ void tileAsync(E* dst, const E* src, int64_t rowStride, int Lc, int tid) {
+  constexpr int EP = 16 / int(sizeof(E));  // elements per piece
+  const int r0 = tid / P, c = (tid % P) * EP;
+  if constexpr (C * P >= NT) {
+    static_assert((C * P) % NT == 0 && NT % P == 0, "tileAsync: whole passes");
+#pragma unroll
+    for (int m = 0; m < C * P / NT; ++m) {
+      const int i = r0 + m * (NT / P);
+      const bool ok = i < Lc;
+      cpAsync16(dst + i * LD + c, src + (ok ? int64_t(i) * rowStride : 0) + c, ok);
+    }
+  } else {
+    if (tid < C * P) {
+      const bool ok = r0 < Lc;
+      cpAsync16(dst + r0 * LD + c, src + (ok ? int64_t(r0) * rowStride : 0) + c, ok);
+    }
+  }
 }
 
 __device__ __forceinline__ void namedSync(int id, int n) {
@@ -414,6 +487,7 @@ template <typename T, int K, int CG, int KS2, int ST, int MINB, bool CK16>
 __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __restrict__ cu, int H, int HV, int V,
                                                                 const T* __restrict__ q, const T* __restrict__ k,
                                                                 const T* __restrict__ v, const T* __restrict__ Ab,
+                                                                const T* __restrict__ AQ,
                                                                 const float4* __restrict__ aux,
                                                                 const float* __restrict__ h0, T* __restrict__ o,
                                                                 float* __restrict__ hT, void* __restrict__ ckpt,
@@ -423,13 +497,11 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
   constexpr int R = CG * KS2;                 // recurrence warps (0 … R−1), then as many output warps
   constexpr size_t SB = wsStageBytes<K, CG>();
   constexpr int XW = wsXchgWords<K, KS2>();
-  // Named barriers (ids 1 … 15): "ν ready" per group 1 + cg, the output warps 1 + CG, the recurrence pair (K
-  // split) 2 + CG + cg.
-  constexpr int kNuCount = 64 * KS2, kOutBar = 1 + CG, kPairBar = 2 + CG;
+  // Named barriers (ids 1 … 15): "ν ready" per group 1 + cg, the recurrence pair (K split) 2 + CG + cg.
+  constexpr int kNuCount = 64 * KS2, kPairBar = 2 + CG;
   static_assert(CG + 1 + (KS2 == 2 ? CG : 0) <= 15, "wsKernel: named barrier ids");
   extern __shared__ __align__(128) unsigned char sm[];
-  T* AQs = reinterpret_cast<T*>(sm);
-  unsigned char* stage0 = sm + 2 * size_t(C) * LDC;
+  unsigned char* stage0 = sm;
   uint32_t* xch = reinterpret_cast<uint32_t*>(stage0 + ST * SB);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -452,32 +524,14 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
     T* Abs = Ks + C * LDK;
     T* Vs = Abs + C * LDC;
     float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+    T* AQs = reinterpret_cast<T*>(auxs + 2 * C);
     const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
-    constexpr int RV = K / 8;
-    for (int idx = tid; idx < C * RV; idx += NT) {
-      int i = idx / RV, c = (idx % RV) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      if (wantO) cpAsync16(Qs + i * LDK + c, q + (tt * H + h) * K + c, ok);
-      cpAsync16(Ks + i * LDK + c, k + (tt * H + h) * K + c, ok);
-    }
-    for (int idx = tid; idx < C * (C / 8); idx += NT) {
-      int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Abs + i * LDC + c, Ab + (tt * HV + hv) * C + c, ok);
-    }
-    for (int idx = tid; idx < C * (VT / 8); idx += NT) {
-      int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(Vs + i * LDV + c, v + (tt * HV + hv) * V + v0 + c, ok);
-    }
-    for (int i = tid; i < C; i += NT) {
-      bool ok = i < Lc;
-      int64_t tt = ok ? tc + i : seqBegin;
-      cpAsync16(auxs + i, aux + tt * HV + hv, ok);
-    }
+    if (wantO) tileAsync<C / 8, LDC, NT>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, tid);
+    if (wantO) tileAsync<K / 8, LDK, NT>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, tid);
+    tileAsync<K / 8, LDK, NT>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, tid);
+    tileAsync<C / 8, LDC, NT>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, tid);
+    tileAsync<VT / 8, LDV, NT>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, tid);
+    tileAsync<2, 2, NT>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, tid);
   };
   // Top of a chunk, the same for both roles (they meet at its two block barriers): issue the loads, run `mid`
   // (between the barriers), wait for this chunk's stage.
@@ -517,7 +571,6 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
     int chunk = chunkFirst ? chunkFirst[n] : 0;
     int st = 0;
     for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
-      const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
       const T* Ks = reinterpret_cast<const T*>(stage0 + st * SB) + C * LDK;
       const T* Abs = Ks + C * LDK;
       const T* Vs = Abs + C * LDC;
@@ -596,7 +649,7 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
 #pragma unroll
           for (int t = 0; t < 2; ++t) {
             const int j = 16 * ks + 8 * t + 2 * tq;
-            const float f0 = auxs[j].w, f1 = auxs[j + 1].w;
+            const float f0 = auxs[2 * j].w, f1 = auxs[2 * j + 2].w;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
@@ -625,18 +678,17 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
         }
         namedArrive(1 + cg, kNuCount);
       }
-      // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K
-      const float gL = auxs[L - 1].x, eL = __expf(gL);
+      // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are
+      // zero-filled, so f_j = 0 there)
+      const float eL = auxs[1].z;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int j = 8 * nt + 2 * tq + c;
-          const float4 aj = auxs[j];
-          const float f = j < L ? aj.z * __expf(gL - aj.x) : 0.f;
-          N[nt][c] *= f;
-          N[nt][c + 2] *= f;
-        }
+      for (int nt = 0; nt < 8; ++nt) {
+        const float2 f = make_float2(auxs[2 * (8 * nt + 2 * tq) + 1].y, auxs[2 * (8 * nt + 2 * tq) + 3].y);
+        N[nt][0] *= f.x;
+        N[nt][2] *= f.x;
+        N[nt][1] *= f.y;
+        N[nt][3] *= f.y;
+      }
 #pragma unroll
       for (int nt = 0; nt < KH / 8; ++nt)
 #pragma unroll
@@ -677,41 +729,9 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       const T* Ks = Qs + C * LDK;
       T* Vs = const_cast<T*>(Ks + C * LDK + C * LDC);
       const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      const T* AQs = reinterpret_cast<const T*>(auxs + 2 * C);  // Aqk from the prep, loaded with the stage
       top(t0, st, [] {});
       if (!wantO) continue;
-      // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L}: the 10 lower 16×16 blocks, shared by the output warps.
-      for (int job = role; job < 10; job += R) {
-        const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
-        const int ni = job - mi * (mi + 1) / 2;
-        float acc[2][4] = {};
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-          uint32_t a[4], b[4];
-          ldsm4(a, Qs + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-          ldsm4(b, Ks + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-          mma<T>(acc[0], a, b[0], b[1]);
-          mma<T>(acc[1], a, b[2], b[3]);
-        }
-        float4 ai[2], aj[2][2];  // rows gq, gq + 8; columns 8nt + 2tq + c
-#pragma unroll
-        for (int r = 0; r < 2; ++r) ai[r] = auxs[16 * mi + gq + 8 * r];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) aj[nt][c] = auxs[16 * ni + 8 * nt + 2 * tq + c];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
-            float x0 = 0.f, x1 = 0.f;
-            if (i < L) {
-              if (j <= i) x0 = acc[nt][2 * r] * ai[r].y * aj[nt][0].z * __expf(ai[r].x - aj[nt][0].x);
-              if (j + 1 <= i) x1 = acc[nt][2 * r + 1] * ai[r].y * aj[nt][1].z * __expf(ai[r].x - aj[nt][1].x);
-            }
-            *reinterpret_cast<uint32_t*>(AQs + i * LDC + j) = pack2<T>(x0, x1);
-          }
-      }
       // Oᵀ = Sᵀ Qᵀ over this warp's token blocks (chunk-start Sᵀ from the recurrence warps), columns scaled by
       // sq_i exp(γ_i).
       float O[8][4] = {};
@@ -732,12 +752,10 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float4 ai = auxs[8 * nt + 2 * tq + c];
-          const float f = ai.y * __expf(ai.x);
+          const float f = auxs[2 * (8 * nt + 2 * tq + c) + 1].x;  // sq_i exp γ_i
           O[nt][c] *= f;
           O[nt][c + 2] *= f;
         }
-      namedSync(kOutBar, 32 * R);         // Aqk complete
       namedSync(1 + cg, kNuCount);  // νᵀ from the recurrence warps
       // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
       uint32_t Nf[4][4];
@@ -784,7 +802,8 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
 }
 
 // Benchmark-only switch: TCAL_GDN_V3_SKIP=prep | state leaves one kernel out (the output is then wrong) so
-// that the other can be timed alone.
+// that the other can be timed alone; =out runs the state pass without o (the output warps only load), which
+// times the recurrence warps' chain alone.
 bool skipped(const char* which) {
   const char* e = std::getenv("TCAL_GDN_V3_SKIP");
   return e && std::strcmp(e, which) == 0;
@@ -803,30 +822,30 @@ int smCount() {
 // 64-column ones, 32-column blocks without the K split slower than with it; both deleted.)
 // TCAL_GDN_WS=wide|small forces one of the two (benchmark variants).
 template <typename T, int K, int CG, int KS2, int ST, int MINB>
-void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
+void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
               float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   constexpr size_t smem = wsSmem<K, CG, KS2, ST>();
-  auto kern = ckpt16 ? wsKernel<T, K, CG, KS2, ST, MINB, true> : wsKernel<T, K, CG, KS2, ST, MINB, false>;
+  auto kern = ckpt && ckpt16 ? wsKernel<T, K, CG, KS2, ST, MINB, true> : wsKernel<T, K, CG, KS2, ST, MINB, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
         "cudaFuncSetAttribute(gdn v5 state)");
   dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
   kern<<<grid, 64 * CG * KS2, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
-                                              in.v.ptr<T>(), Ab, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
+                                              in.v.ptr<T>(), Ab, AQ, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
                                               ckpt, chunkFirst);
   checkLaunch("gdn v5 state");
 }
 
 template <typename T, int K>
-void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const float4* aux, T* o,
+void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   bool wide = p.N * p.HV * (p.V / 64) >= smCount();
   if (const char* e = std::getenv("TCAL_GDN_WS")) wide = std::strcmp(e, "small") != 0;
   if (!wide) {
-    launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+    launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
-    launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+    launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else {
-    launchWs<T, K, 4, 1, 1, 2>(p, in, cu, Ab, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+    launchWs<T, K, 4, 1, 1, 2>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   }
 }
 
@@ -836,7 +855,11 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
-  Tensor aux = empty({NT, p.HV, 4}, DType::F32, dev);
+  Tensor aux = empty({NT, p.HV, 8}, DType::F32, dev);
+  if (skipped("out")) o = nullptr;
+  // Aqk by the prep (once per chunk and head instead of once per V tile in the state pass), only for o.
+  Tensor AQ = o ? empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev) : Tensor();
+  T* AQp = AQ.defined() ? AQ.ptr<T>() : nullptr;
   int64_t maxLen = 0;
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
@@ -850,13 +873,13 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
         p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
-        Ab.ptr<T>(), aux.ptr<float4>(), float(p.scale), p.l2norm);
+        Ab.ptr<T>(), AQp, aux.ptr<float4>(), float(p.scale), p.l2norm);
     checkLaunch("gdn v4 prep");
   }
   const T* Abp = Ab.ptr<T>();
   const float4* auxp = aux.ptr<float4>();
   if (skipped("state")) return;
-  runWs<T, K>(p, in, cu, Abp, auxp, o, hT, ckpt, ckpt16, chunkFirst, stream);
+  runWs<T, K>(p, in, cu, Abp, AQp, auxp, o, hT, ckpt, ckpt16, chunkFirst, stream);
 }
 
 bool aligned16(const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data()) & 15u) == 0; }
