@@ -6,7 +6,8 @@
 //
 // The list is cut into chunks of L entries (an exact entering state per chunk) and the chunks into spans
 // (one CTA each, its chunks in order):
-//   1. scanStates: per (span, KV head) CTA, each chunk's own end state from y = 0 (fp32, ≤ L steps);
+//   1. scanStates: per (span, KV head) CTA, each chunk's own end state from y = 0 (fp32, ≤ L steps); for 16-bit v
+//      scanStatesTC instead: per (chunk, KV head) the product W·V on the tensor cores (W = γ^(L−1−s), 3-term split);
 //   2. scanCarry: per (KV head, decay, channel) the state entering each chunk, in chunk order in f64:
 //      Y(c+1) = a_c Y(c) + e_c, a_c = 0 when chunk c holds a sequence start, else γ^len(c);
 //   3. scanApply: per (span, KV head, ≤ 4 query heads) CTA of ≤ 12 warps; a warp owns KB decays × all channels
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/runtime.h"
@@ -111,32 +113,35 @@ __device__ __forceinline__ void cpAsync4(unsigned dst, const void* src) {
 }
 
 // Issues the copies of one stage (entries [i, i + n), token ids already in tokS) and of the next stage's token
-// ids (entries [iNext, iNext + nNext) → tokNext), as one cp.async group.
+// ids (entries [iNext, iNext + nNext) → tokNext), as one cp.async group. A thread keeps one copy unit of an entry
+// row (v, or o of head g) and walks the entries: per copy a token load, one 64-bit multiply-add and the copy.
 __device__ void issueStage(const ScanParams& p, unsigned char* raw, const int* tokS, int* flags, int* tokNext, int i, int n,
                            int iNext, int nNext, int hk, int h0, int nh) {
   const int cb = p.copy16 ? 16 : 4;
   const int unitsV = p.vBytes / cb, unitsO = p.oRowBytes / cb, units = unitsV + nh * unitsO;  // per entry
-  // (entry j, unit r) of u = threadIdx.x + k·blockDim.x, stepped without a division per copy.
-  int j = threadIdx.x / units, r = threadIdx.x - j * units;
-  const int dJ = blockDim.x / units, dR = blockDim.x - dJ * units;
-  for (; j < n; j += dJ, r += dR) {
-    if (r >= units) r -= units, ++j;
-    if (j >= n) break;
-    const long long t = tokS[j];
-    const char* src;
-    int at;
-    if (r < unitsV) {
-      at = r * cb;
-      src = p.v + (t * p.vStride + (long long)hk * p.D) * p.vSize + at;
-    } else {
-      int ro = r - unitsV, g = 0;
-      while (ro >= unitsO) ro -= unitsO, ++g;
-      at = p.vPitch + g * p.oPitch + ro * cb;
-      src = p.o + (t * p.oStride + (long long)(h0 + g) * p.D) * p.oSize + ro * cb;
+  const int dJ = max(1, int(blockDim.x) / units), j0 = threadIdx.x / units;
+  if (j0 < dJ) {
+    const int uStep = int(blockDim.x) >= units ? units : int(blockDim.x);
+    for (int r = threadIdx.x - j0 * units; r < units; r += uStep) {
+      const char* base;
+      long long stride;
+      int at;
+      if (r < unitsV) {
+        at = r * cb;
+        base = p.v + (long long)hk * p.D * p.vSize + at;
+        stride = p.vStride * p.vSize;
+      } else {
+        const int g = (r - unitsV) / unitsO, ro = r - unitsV - g * unitsO;
+        at = p.vPitch + g * p.oPitch + ro * cb;
+        base = p.o + (long long)(h0 + g) * p.D * p.oSize + ro * cb;
+        stride = p.oStride * p.oSize;
+      }
+      const unsigned dst0 = smemAddr(raw + at);
+      if (cb == 16)
+        for (int j = j0; j < n; j += dJ) cpAsync16(dst0 + j * p.rowBytes, base + tokS[j] * stride, true);
+      else
+        for (int j = j0; j < n; j += dJ) cpAsync4(dst0 + j * p.rowBytes, base + tokS[j] * stride);
     }
-    const unsigned dst = smemAddr(raw + j * p.rowBytes + at);
-    if (cb == 16) cpAsync16(dst, src, true);
-    else cpAsync4(dst, src);
   }
   for (int j = threadIdx.x; j < n; j += blockDim.x) cpAsync4(smemAddr(flags + j), p.first + i + j);
   for (int j = threadIdx.x; j < nNext; j += blockDim.x) cpAsync4(smemAddr(tokNext + j), p.tok + iNext + j);
@@ -179,29 +184,57 @@ __device__ __forceinline__ void loadW(const unsigned char* src, int type, float 
 }
 
 // raw rows → F[t][section][Dp] fp32 (zeros past the stage's entries, past D, and for absent heads); W channels
-// per step (D % W == 0). Warp 0 also packs the stage's sequence starts into one bit mask.
+// per unit (D % W == 0). A thread keeps one (section, W channels) column unit and walks the entries (slot, slot
+// + dT, …), so with ctx it also sums o and o² of its columns over the stage and adds them to its slot's row of
+// ctx [slots][nh·D][2] (fixed slots, summed in order at the end: deterministic). Warp 0 also packs the stage's
+// sequence starts into one bit mask.
 template <int W>
 __device__ void convertStage(const ScanParams& p, const unsigned char* raw, const int* flags, float* F, unsigned* mask, int n,
-                             int nh) {
+                             int nh, float* ctx) {
   const int per = p.Dp / W, perShift = __ffs(per) - 1, perTok = p.sections * per;  // per: a power of two
-  // (entry t, unit r) of u = threadIdx.x + k·blockDim.x, stepped without a division per unit.
-  int t = threadIdx.x / perTok, r = threadIdx.x - t * perTok;
-  const int dT = blockDim.x / perTok, dR = blockDim.x - dT * perTok;
-  for (; t < p.TS; t += dT, r += dR) {
-    if (r >= perTok) r -= perTok, ++t;
-    if (t >= p.TS) break;
-    const int s = r >> perShift, c = (r & (per - 1)) * W;
-    float x[W];
+  const int dT = max(1, int(blockDim.x) / perTok), slot = threadIdx.x / perTok;
+  if (slot < dT) {
+    const int uStep = int(blockDim.x) >= perTok ? perTok : int(blockDim.x);
+    for (int u = threadIdx.x - slot * perTok; u < perTok; u += uStep) {
+      const int sct = u >> perShift, c = (u & (per - 1)) * W;
+      const bool live = c < p.D && sct <= nh;
+      const unsigned char* src = raw + (sct == 0 ? c * p.vSize : p.vPitch + (sct - 1) * p.oPitch + c * p.oSize);
+      const int type = sct == 0 ? p.vType : p.oType;
+      float* dst = F + (long long)sct * p.Dp + c;
+      float sum[W], sq[W];
 #pragma unroll
-    for (int q = 0; q < W; ++q) x[q] = 0.f;
-    if (t < n && c < p.D && s <= nh) {
-      const unsigned char* src = raw + t * p.rowBytes;
-      if (s == 0) loadW<W>(src + c * p.vSize, p.vType, x);
-      else loadW<W>(src + p.vPitch + (s - 1) * p.oPitch + c * p.oSize, p.oType, x);
+      for (int q = 0; q < W; ++q) sum[q] = sq[q] = 0.f;
+      const int tEnd = live ? n : 0;  // entries past it (and dead columns) are stored as zeros
+      auto walk = [&](auto typeTag) {
+        constexpr int kType = decltype(typeTag)::value;
+        int t = slot;
+        for (; t < tEnd; t += dT) {
+          float x[W];
+          loadW<W>(src + t * p.rowBytes, kType, x);
+          float* d = dst + (long long)t * p.sections * p.Dp;
+          if constexpr (W == 4) *reinterpret_cast<float4*>(d) = make_float4(x[0], x[1], x[2], x[3]);
+          else *reinterpret_cast<float2*>(d) = make_float2(x[0], x[1]);
+#pragma unroll
+          for (int q = 0; q < W; ++q) sum[q] += x[q], sq[q] = fmaf(x[q], x[q], sq[q]);
+        }
+        for (; t < p.TS; t += dT) {
+          float* d = dst + (long long)t * p.sections * p.Dp;
+          if constexpr (W == 4) *reinterpret_cast<float4*>(d) = make_float4(0.f, 0.f, 0.f, 0.f);
+          else *reinterpret_cast<float2*>(d) = make_float2(0.f, 0.f);
+        }
+      };
+      switch (type) {
+        case kBF16: walk(std::integral_constant<int, kBF16>{}); break;
+        case kF16: walk(std::integral_constant<int, kF16>{}); break;
+        case kF32: walk(std::integral_constant<int, kF32>{}); break;
+        default: walk(std::integral_constant<int, kF64>{}); break;
+      }
+      if (ctx && sct > 0 && live) {
+        float* row = ctx + ((long long)slot * nh * p.D + (sct - 1) * p.D + c) * 2;
+#pragma unroll
+        for (int q = 0; q < W; ++q) row[2 * q] += sum[q], row[2 * q + 1] += sq[q];
+      }
     }
-    float* dst = F + ((long long)t * p.sections + s) * p.Dp + c;
-    if constexpr (W == 4) *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
-    else *reinterpret_cast<float2*>(dst) = make_float2(x[0], x[1]);
   }
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -210,10 +243,16 @@ __device__ void convertStage(const ScanParams& p, const unsigned char* raw, cons
   }
 }
 
+// Column slots of convertStage for a block of `threads` (rows of the context partial sums).
+__host__ __device__ inline int ctxSlots(int threads, int sections, int Dp, int D) {
+  const int W = D % 4 == 0 ? 4 : 2;
+  return threads / (sections * (Dp / W)) > 1 ? threads / (sections * (Dp / W)) : 1;
+}
+
 __device__ __forceinline__ void convert(const ScanParams& p, const unsigned char* raw, const int* flags, float* F, unsigned* mask, int n,
-                                        int nh) {
-  if (p.D % 4 == 0) convertStage<4>(p, raw, flags, F, mask, n, nh);
-  else convertStage<2>(p, raw, flags, F, mask, n, nh);
+                                        int nh, float* ctx) {
+  if (p.D % 4 == 0) convertStage<4>(p, raw, flags, F, mask, n, nh, ctx);
+  else convertStage<2>(p, raw, flags, F, mask, n, nh, ctx);
 }
 
 template <int CB>
@@ -279,11 +318,15 @@ __device__ __forceinline__ void stateSteps(const float* F, int rowF, int n, unsi
 template <int CB, int KB, bool Starts>
 __device__ __forceinline__ void sweepPartials(const float* F, int rowF, unsigned bits, const float (&gam)[KB], float (&y)[KB][CB],
                                               float* part) {
+  float vn[CB];  // the next step's v, loaded a step ahead (shared-memory latency was sweep 1's main stall)
+  loadF<CB>(F, vn);
 #pragma unroll 2
   for (int j = 0; j < kBatch; ++j) {
     float m[KB], vv[CB];
     multipliers<KB, Starts>(gam, bits, j, m);
-    loadF<CB>(F + j * rowF, vv);
+#pragma unroll
+    for (int u = 0; u < CB; ++u) vv[u] = vn[u];
+    if (j + 1 < kBatch) loadF<CB>(F + (j + 1) * rowF, vn);
 #pragma unroll
     for (int b = 0; b < KB; ++b) {
       float pp = 0.f;
@@ -385,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) scanStates(ScanParams p) {
     const int is = at.i0 + s * TS, n = min(TS, at.i1 - is);
     cpWait<0>();
     __syncthreads();
-    convert(p, raw, flags, F, maskS, n, 0);
+    convert(p, raw, flags, F, maskS, n, 0, nullptr);
     __syncthreads();
     if (s + 1 < stages) {
       const int in = is + TS, nn = min(TS, at.i1 - in), n2 = min(TS, max(0, at.i1 - in - TS));
@@ -410,6 +453,133 @@ __global__ void __launch_bounds__(kThreads) scanStates(ScanParams p) {
           const int ch = lane * CB + u;
           if (ch < p.D) p.state[(((long long)c * p.HKV + at.hk) * p.K0 + k0 + b) * p.D + ch] = y[b][u];
         }
+      }
+    }
+  }
+}
+
+// The same end states on the tensor cores for 16-bit v (bf16 / f16, D % 16 == 0, K0 ≤ 64): per (chunk, KV head)
+// CTA, E[k][c] = Σ_s W[k][s] v[s][c] with W[k][s] = γ_k^(L−1−s) on m16n8k16. The chunk's rows are staged
+// right-aligned in L rows (entry r at row r + L − len; rows before the chunk's last sequence start and before
+// its first entry are zero), so every chunk shares one W: its A fragments are made once per call (scanWeights,
+// f64 pow) and split in three 16-bit terms (v is exact in the 16-bit type), which keeps the product at fp32
+// accuracy — as the fp32 recurrence it replaces (bit-for-bit equal results are not expected).
+constexpr int kTcMaxMTiles = 4;  // K0 ≤ 64
+constexpr int kTcPairs = 8;      // 16-channel pairs of n-tiles per accumulator group (64 registers)
+constexpr int kTcGroups = 4;     // cp.async commit groups per chunk (L / 16 k-steps divide by it: L ∈ {64, 256})
+
+// A fragments of W for m-tile m, k-step ks and lane: three terms × 4 registers, at table[((m·KS + ks)·32 + lane)·3 + term].
+template <typename E>
+__global__ void scanWeights(const double* __restrict__ decays, int K0, int L, int mTiles, uint4* __restrict__ table) {
+  using ptx::Elem;
+  const int KS = L / 16, n = mTiles * KS * 32;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int lane = i & 31, ks = (i >> 5) % KS, m = (i >> 5) / KS, g = lane >> 2, t4 = lane & 3;
+  unsigned reg[3][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {  // register r: row g + 8·(r & 1), columns 2t4 + {0, 1} + 8·(r >> 1)
+    const int k = m * 16 + g + 8 * (r & 1);
+    float w[2], t[3][2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = ks * 16 + 2 * t4 + e + 8 * (r >> 1);
+      w[e] = k < K0 ? float(pow(decays[k], double(L - 1 - col))) : 0.f;
+      float rest = w[e];
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {  // w = t0 + t1 + t2 (each residual exact in fp32)
+        const unsigned one = Elem<E>::pack(rest, 0.f);
+        t[q][e] = float(*reinterpret_cast<const E*>(&one));
+        rest -= t[q][e];
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 3; ++q) reg[q][r] = Elem<E>::pack(t[q][0], t[q][1]);
+  }
+#pragma unroll
+  for (int q = 0; q < 3; ++q) table[(long long)i * 3 + q] = make_uint4(reg[q][0], reg[q][1], reg[q][2], reg[q][3]);
+}
+
+template <typename E>
+__global__ void __launch_bounds__(32 * kTcMaxMTiles) scanStatesTC(ScanParams p, const uint4* __restrict__ table, int pitch) {
+  using ptx::Elem;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int lastStart;
+  const int chunk = blockIdx.x, hk = blockIdx.y;
+  const int i0 = chunk * p.L, len = min(p.L, p.count - i0), shift = p.L - len;
+  if (threadIdx.x == 0) lastStart = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < len; i += blockDim.x)
+    if (p.first[i0 + i]) atomicMax(&lastStart, i);
+  __syncthreads();
+  const int s0 = lastStart;
+  // Token ids first (one coalesced pass; a dependent global load per copy was this kernel's main stall), then
+  // the rows in kTcGroups commit groups of L / kTcGroups rows, so the products start on the first group.
+  int* tokS = reinterpret_cast<int*>(smem + p.L * pitch);
+  for (int r = threadIdx.x; r < len; r += blockDim.x) tokS[r] = p.tok[i0 + r];
+  __syncthreads();
+  const int units = p.D * 2 / 16, rowsPer = p.L / kTcGroups;
+#pragma unroll
+  for (int grp = 0; grp < kTcGroups; ++grp) {
+    for (int u = threadIdx.x; u < rowsPer * units; u += blockDim.x) {
+      const int row = grp * rowsPer + u / units, q = u % units, r = row - shift;
+      const bool valid = r >= s0;  // (r < len always)
+      const long long t = valid ? tokS[r] : 0;
+      ptx::cpAsync16(smemAddr(smem + row * pitch + q * 16), p.v + (t * p.vStride + (long long)hk * p.D) * 2 + (valid ? q * 16 : 0), valid);
+    }
+    cpCommit();
+  }
+  const int m = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int KS = p.L / 16, pairs = p.D / 16;
+  const uint4* tab = table + (long long)m * KS * 32 * 3 + lane * 3;
+  // ldmatrix.x4.trans: lanes 0–15 address rows 0–15 of the k-step at the pair's channel 0, lanes 16–31 at channel 8.
+  const unsigned bBase = smemAddr(smem + (lane & 15) * pitch + (lane >> 4) * 16);
+  for (int pg = 0; pg < pairs; pg += kTcPairs) {
+    float acc[kTcPairs][2][4];
+#pragma unroll
+    for (int q = 0; q < kTcPairs; ++q)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[q][n][e] = 0.f;
+#pragma unroll 2
+    for (int ks = 0; ks < KS; ++ks) {
+      if (pg == 0 && ks % (KS / kTcGroups) == 0) {  // the next group of rows has landed
+        const int grp = ks / (KS / kTcGroups);
+        if (grp == 0) cpWait<kTcGroups - 1>();
+        else if (grp == 1) cpWait<kTcGroups - 2>();
+        else if (grp == 2) cpWait<kTcGroups - 3>();
+        else cpWait<0>();
+        __syncthreads();
+      }
+      unsigned a[3][4];
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        const uint4 x = __ldg(tab + ks * 32 * 3 + q);
+        a[q][0] = x.x, a[q][1] = x.y, a[q][2] = x.z, a[q][3] = x.w;
+      }
+#pragma unroll
+      for (int q = 0; q < kTcPairs; ++q) {
+        if (pg + q >= pairs) break;
+        unsigned b[4];
+        ptx::ldsm4t(b, bBase + ks * 16 * pitch + (pg + q) * 32);
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int t = 2; t >= 0; --t) Elem<E>::mma(acc[q][n], a[t], b[2 * n], b[2 * n + 1]);  // small terms first
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = m * 16 + g + 8 * h;
+      if (k >= p.K0) continue;
+      float* dst = p.state + (((long long)chunk * p.HKV + hk) * p.K0 + k) * p.D;
+#pragma unroll
+      for (int q = 0; q < kTcPairs; ++q) {
+        if (pg + q >= pairs) break;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+          *reinterpret_cast<float2*>(dst + (pg + q) * 16 + n * 8 + 2 * t4) = make_float2(acc[q][n][2 * h], acc[q][n][2 * h + 1]);
       }
     }
   }
@@ -453,7 +623,8 @@ __global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
   constexpr int kRows = kBatch * KB;  // (step, decay) rows of a batch
   static_assert(kRows <= 32, "one lane per row");
   extern __shared__ __align__(16) unsigned char smem[];
-  const Layout ly = layoutOf(p.TS, p.rowBytes, p.sections, p.Dp, p.warps, KB, kHeads * p.D);
+  const int slots = ctxSlots(int(blockDim.x), p.sections, p.Dp, p.D);
+  const Layout ly = layoutOf(p.TS, p.rowBytes, p.sections, p.Dp, p.warps, KB, slots * kHeads * p.D);
   int* tokS = reinterpret_cast<int*>(smem + ly.tok);
   int* flags = reinterpret_cast<int*>(smem + ly.flags);
   unsigned* maskS = reinterpret_cast<unsigned*>(smem + ly.mask);
@@ -480,7 +651,7 @@ __global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
     }
   }
   if (ctxOn)
-    for (int c = threadIdx.x; c < 2 * ctxCols; c += blockDim.x) ctx[c] = 0.f;
+    for (int c = threadIdx.x; c < 2 * slots * ctxCols; c += blockDim.x) ctx[c] = 0.f;
   const float invD = 1.f / float(p.D), eps = float(kScanEps);
   const int TS = p.TS, stages = (at.i1 - at.i0 + TS - 1) / TS;
   for (int j = threadIdx.x; j < min(TS, at.i1 - at.i0); j += blockDim.x) tokS[j] = p.tok[at.i0 + j];
@@ -503,37 +674,24 @@ __global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
     }
     cpWait<0>();
     __syncthreads();
-    convert(p, raw, flags, F, maskS, n, at.nh);
+    convert(p, raw, flags, F, maskS, n, at.nh, ctxOn ? ctx : nullptr);
     __syncthreads();
     if (s + 1 < stages) {
       const int in = is + TS, nn = min(TS, at.i1 - in), n2 = min(TS, max(0, at.i1 - in - TS));
       issueStage(p, raw, tokS + ((s + 1) & 1) * TS, flags, tokS + (s & 1) * TS, in, nn, in + TS, n2, at.hk, at.h0, at.nh);
-    }
-    if (ctxOn) {  // Σ o, Σ o² per column (absent entries are zero rows)
-      for (int c = threadIdx.x; c < ctxCols; c += blockDim.x) {
-        const float* col = F + (1 + c / p.D) * p.Dp + c % p.D;
-        float a = 0.f, q = 0.f;
-        for (int t = 0; t < n; ++t) {
-          const float x = col[t * rowF];
-          a += x;
-          q = fmaf(x, x, q);
-        }
-        ctx[2 * c] += a;
-        ctx[2 * c + 1] += q;
-      }
     }
     const unsigned mask = *maskS;
 #pragma unroll 1
     for (int t0 = 0; t0 < TS; t0 += kBatch) {
       const unsigned mb = (mask >> t0) & ((1u << kBatch) - 1u);
       const float* Fb = F + t0 * rowF + lane * CB;
-      float y0[KB][CB];
+      float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
 #pragma unroll
       for (int b = 0; b < KB; ++b)
 #pragma unroll
-        for (int u = 0; u < CB; ++u) y0[b][u] = y[b][u];
-      if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, y, part + lane);
-      else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, y, part + lane);
+        for (int u = 0; u < CB; ++u) ys[b][u] = y[b][u];
+      if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, ys, part + lane);
+      else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, ys, part + lane);
       __syncwarp();
       if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
         const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
@@ -547,10 +705,6 @@ __global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
         rsb[lane] = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
       }
       __syncwarp();
-#pragma unroll
-      for (int b = 0; b < KB; ++b)
-#pragma unroll
-        for (int u = 0; u < CB; ++u) y[b][u] = y0[b][u];
       if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
       else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
     }
@@ -570,8 +724,11 @@ __global__ void __launch_bounds__(kThreads, 1) scanApply(ScanParams p) {
     }
   }
   if (ctxOn)
-    for (int c = threadIdx.x; c < 2 * ctxCols; c += blockDim.x)
-      p.ctxPart[((long long)at.span * p.H + at.h0) * p.D * 2 + c] = ctx[c];
+    for (int c = threadIdx.x; c < 2 * ctxCols; c += blockDim.x) {
+      float a = ctx[c];
+      for (int q = 1; q < slots; ++q) a += ctx[q * 2 * ctxCols + c];
+      p.ctxPart[((long long)at.span * p.H + at.h0) * p.D * 2 + c] = a;
+    }
 }
 
 // f64 sums of the span partials, in span order, into Σ ŷ∘o [H,K0,D] and Σ ŷ² [H,K0,D].
@@ -633,7 +790,8 @@ void launch(ScanParams prm, int sms, int maxSmem, const std::vector<int>& chunkR
   // one-word start mask); then spans so that one wave of CTAs fills the SMs.
   int bestWarps = 0, smemApply = 0;
   for (int ts : {32, 16, 8}) {
-    const int bytes = layoutOf(ts, prm.rowBytes, prm.sections, prm.Dp, prm.warps, KB, kHeads * prm.D).total;
+    const int slots = ctxSlots(threads, prm.sections, prm.Dp, prm.D);
+    const int bytes = layoutOf(ts, prm.rowBytes, prm.sections, prm.Dp, prm.warps, KB, slots * kHeads * prm.D).total;
     if (bytes > maxSmem) continue;
     const int w = residentBlocks(scanApply<CB>, threads, bytes) * prm.warps;
     if (w > bestWarps) bestWarps = w, prm.TS = ts, smemApply = bytes;
@@ -666,7 +824,28 @@ void launch(ScanParams prm, int sms, int maxSmem, const std::vector<int>& chunkR
   prm.sqPart = sqPart.ptr<float>();
   prm.ctxPart = ctxPart.ptr<float>();
 
-  scanStates<CB><<<dim3(unsigned(sp.spans), unsigned(prm.HKV * prm.kGroups)), unsigned(threads), size_t(smemStates), stream>>>(sp);
+  const bool tc16 = prm.vType == kBF16 || prm.vType == kF16;
+  const int pitch = prm.D * 2 + 16;  // 16-byte pad: the 8 rows of an ldmatrix hit distinct banks
+  const int smemTC = prm.L * pitch + prm.L * 4, mTiles = (prm.K0 + 15) / 16;  // rows + token ids
+  const bool statesTC = tc16 && prm.copy16 && prm.D % 16 == 0 && mTiles <= kTcMaxMTiles && smemTC <= maxSmem;
+  const int tableN = mTiles * (prm.L / 16) * 32;
+  Tensor table = empty({statesTC ? int64_t(tableN) * 3 * 4 : 4}, DType::I32, dev);  // lives until the launches are queued
+  if (statesTC) {
+    uint4* tab = reinterpret_cast<uint4*>(table.ptr<int>());
+    const dim3 grid(unsigned(prm.chunks), unsigned(prm.HKV));
+    const unsigned threadsTC = unsigned(32 * mTiles), blocksW = unsigned((tableN + 127) / 128);
+    if (prm.vType == kBF16) {
+      scanWeights<__nv_bfloat16><<<blocksW, 128, 0, stream>>>(prm.decays, prm.K0, prm.L, mTiles, tab);
+      residentBlocks(scanStatesTC<__nv_bfloat16>, int(threadsTC), smemTC);
+      scanStatesTC<__nv_bfloat16><<<grid, threadsTC, size_t(smemTC), stream>>>(prm, tab, pitch);
+    } else {
+      scanWeights<__half><<<blocksW, 128, 0, stream>>>(prm.decays, prm.K0, prm.L, mTiles, tab);
+      residentBlocks(scanStatesTC<__half>, int(threadsTC), smemTC);
+      scanStatesTC<__half><<<grid, threadsTC, size_t(smemTC), stream>>>(prm, tab, pitch);
+    }
+  } else {
+    scanStates<CB><<<dim3(unsigned(sp.spans), unsigned(prm.HKV * prm.kGroups)), unsigned(threads), size_t(smemStates), stream>>>(sp);
+  }
   checkLaunch("taylorMoments (scan states)");
   mark("scanStates");
   const long long nc = (long long)prm.HKV * prm.K0 * prm.D;
