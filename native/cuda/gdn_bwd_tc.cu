@@ -30,6 +30,7 @@
 #include "check.h"
 #include "device.h"
 #include "gdn_bwd_tc.h"
+#include "gdn_inverse.cuh"
 #include "mma.cuh"
 #include "types.cuh"
 
@@ -188,34 +189,6 @@ __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, 
 
 // ---- kernel 1: per (chunk, value head) ----
 
-// 3×TF32 tile products for the off-diagonal blocks of the inverse (as the forward's prep, gdn_fwd_v3.cu): x = hi +
-// lo with both parts in tf32; hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
-using TfA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using TfB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using TfC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-
-template <typename Frag>
-__device__ __forceinline__ void splitTf32(Frag& hi, Frag& lo) {
-#pragma unroll
-  for (int t = 0; t < hi.num_elements; ++t) {
-    const float v = hi.x[t], h = wmma::__float_to_tf32(v);
-    hi.x[t] = h;
-    lo.x[t] = wmma::__float_to_tf32(v - h);
-  }
-}
-// acc += a (16 × 8, row-major at lda) · b (8 × 16, row-major at ldb), both fp32 in shared memory.
-__device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, const float* b, int ldb) {
-  TfA ah, al;
-  TfB bh, bl;
-  wmma::load_matrix_sync(ah, a, lda);
-  wmma::load_matrix_sync(bh, b, ldb);
-  splitTf32(ah, al);
-  splitTf32(bh, bl);
-  wmma::mma_sync(acc, al, bh, acc);
-  wmma::mma_sync(acc, ah, bl, acc);
-  wmma::mma_sync(acc, ah, bh, acc);
-}
-
 // 8 consecutive fp32 values of shared memory → 8 16-bit values (one 16-byte vector), optionally zeroed.
 template <typename T>
 __device__ __forceinline__ uint4 pack8(const float* src, bool live) {
@@ -308,58 +281,9 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
     Skk[i * LF + j] = j < i ? bet[i] * Skk[i * LF + j] * gm : 0.f;  // M
   }
   __syncthreads();
-  // A = (I + M)⁻¹ by 16×16 blocks, as the forward's prep (session 3 ran one 64-step substitution per column on
-  // 64 threads while the other 192 waited: most of this kernel's 0.87 ms was latency around it).
-  // Diagonal block `warp` (warps 0–3) in registers: lane j (and its twin j + 16) owns column j, x[i] = A_ij;
-  // rows of M by broadcast float4 loads that do not depend on x.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp < 4) {
-    const int j = lane & 15;
-    const float* Mb = Skk + 16 * warp * LF + 16 * warp;
-    float x[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      float mr[16];
-#pragma unroll
-      for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
-        const float4 v = *reinterpret_cast<const float4*>(Mb + i * LF + 4 * q4);
-        mr[4 * q4] = v.x, mr[4 * q4 + 1] = v.y, mr[4 * q4 + 2] = v.z, mr[4 * q4 + 3] = v.w;
-      }
-      float s = 0.f;
-#pragma unroll
-      for (int m = 0; m < i; ++m) s += mr[m] * x[m];
-      x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
-    }
-    if (lane < 16)
-#pragma unroll
-      for (int i = 0; i < 16; ++i) Sqk[(16 * warp + i) * LF + 16 * warp + j] = x[i];
-  }
-  __syncthreads();
-  // Block row I: warp J < I forms A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32) through its own 16
-  // columns of Ts (the Ab tile's space, free until A is converted). Blocks above the diagonal are never written:
-  // the conversion below zeroes them.
-  for (int I = 1; I < 4; ++I) {
-    const int J = warp;
-    if (J < I) {
-      TfC acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int m = J; m < I; ++m)
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
-          mma3xTf32(acc, Skk + 16 * I * LF + 16 * m + 8 * kk, LF, Sqk + (16 * m + 8 * kk) * LF + 16 * J, LF);
-      float* Tw = Ts + 16 * warp;
-      wmma::store_matrix_sync(Tw, acc, LF, wmma::mem_row_major);
-      __syncwarp();
-      TfC d;
-      wmma::fill_fragment(d, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) mma3xTf32(d, Sqk + 16 * I * LF + 16 * I + 8 * kk, LF, Tw + 8 * kk * LF, LF);
-#pragma unroll
-      for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
-      wmma::store_matrix_sync(Sqk + 16 * I * LF + 16 * J, d, LF, wmma::mem_row_major);
-    }
-    __syncthreads();
-  }
+  // A = (I + M)⁻¹ by 16×16 blocks (gdn_inverse.cuh), through 16 columns per warp of Ts (the Ab tile's space,
+  // free until A is converted). Blocks above the diagonal are never written: the conversion below zeroes them.
+  gdn_inverse::blockInverse64(Skk, Sqk, Ts, LF);
   constexpr int NA = C * C / 8 / NTH;  // A → 16-bit (global, then Ab over the fp32 A), upper blocks zero
   static_assert(NA * 8 * NTH == C * C, "prep: A conversion by 8-element pieces");
   uint4 ap[NA];

@@ -25,6 +25,7 @@
 #include "../core/runtime.h"
 #include "check.h"
 #include "gdn_fwd_v3.h"
+#include "gdn_inverse.cuh"
 #include "types.cuh"
 
 namespace tcal::cuda::gdn_v3 {
@@ -133,34 +134,6 @@ constexpr size_t prepSmem() {
   // region, Gs (C × LDF f32: M), Ts (16 × LDF f32), 5 vectors of C floats: 40.4 KB at K = 64 and 128, five
   // blocks per SM (session 3 left an unused C × LDC bf16 tile here: 49.6 KB, four blocks per SM).
   return prepRegion<K>() + 4 * size_t(C) * LDF + 4 * (16 * LDF + 5 * C);
-}
-
-// 3×TF32 tile products for the off-diagonal blocks of the inverse: x = hi + lo with both parts in tf32;
-// hi·hi + hi·lo + lo·hi with fp32 accumulation is accurate to about fp32 rounding.
-using TfA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using TfB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using TfC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-
-template <typename Frag>
-__device__ __forceinline__ void splitTf32(Frag& hi, Frag& lo) {
-#pragma unroll
-  for (int t = 0; t < hi.num_elements; ++t) {
-    const float v = hi.x[t], h = wmma::__float_to_tf32(v);
-    hi.x[t] = h;
-    lo.x[t] = wmma::__float_to_tf32(v - h);
-  }
-}
-// acc += a (16 × 8, row-major at lda) · b (8 × 16, row-major at ldb), both fp32 in shared memory.
-__device__ __forceinline__ void mma3xTf32(TfC& acc, const float* a, int lda, const float* b, int ldb) {
-  TfA ah, al;
-  TfB bh, bl;
-  wmma::load_matrix_sync(ah, a, lda);
-  wmma::load_matrix_sync(bh, b, ldb);
-  splitTf32(ah, al);
-  splitTf32(bh, bl);
-  wmma::mma_sync(acc, al, bh, acc);
-  wmma::mma_sync(acc, ah, bl, acc);
-  wmma::mma_sync(acc, ah, bh, acc);
 }
 
 template <typename T, int K>
@@ -348,58 +321,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     ex[2 * lane + 1] = 2 * lane + 1 < L ? __expf(gs1) : 0.f;
   }
   static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
-  // A = (I + M)⁻¹. Diagonal block `warp` in registers: lane j (and its twin j + 16) owns column j,
-  // x[i] = A_ij; rows of M by broadcast float4 loads that do not depend on x.
-  {
-    const int j = lane & 15;
-    const float* Mb = Gs + 16 * warp * LDF + 16 * warp;
-    float x[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      float mr[16];
-#pragma unroll
-      for (int q4 = 0; q4 < (i + 3) / 4; ++q4) {
-        const float4 v = *reinterpret_cast<const float4*>(Mb + i * LDF + 4 * q4);
-        mr[4 * q4] = v.x;
-        mr[4 * q4 + 1] = v.y;
-        mr[4 * q4 + 2] = v.z;
-        mr[4 * q4 + 3] = v.w;
-      }
-      float s = 0.f;
-#pragma unroll
-      for (int m = 0; m < i; ++m) s += mr[m] * x[m];
-      x[i] = i == j ? 1.f : (i < j ? 0.f : -s);
-    }
-    if (lane < 16) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) As[(16 * warp + i) * LDF + 16 * warp + j] = x[i];
-    }
-  }
-  __syncthreads();
-  // Block row I: warp J < I computes A_IJ = −A_II Σ_{J ≤ m < I} M_Im A_mJ (16×16 tiles, 3×TF32), through its
-  // own 16 columns of Ts.
-  for (int I = 1; I < 4; ++I) {
-    const int J = warp;
-    if (J < I) {
-      TfC acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int m = J; m < I; ++m)
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
-          mma3xTf32(acc, Gs + 16 * I * LDF + 16 * m + 8 * kk, LDF, As + (16 * m + 8 * kk) * LDF + 16 * J, LDF);
-      float* Tw = Ts + 16 * warp;
-      wmma::store_matrix_sync(Tw, acc, LDF, wmma::mem_row_major);
-      __syncwarp();
-      TfC d;
-      wmma::fill_fragment(d, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) mma3xTf32(d, As + 16 * I * LDF + 16 * I + 8 * kk, LDF, Tw + 8 * kk * LDF, LDF);
-#pragma unroll
-      for (int t = 0; t < d.num_elements; ++t) d.x[t] = -d.x[t];
-      wmma::store_matrix_sync(As + 16 * I * LDF + 16 * J, d, LDF, wmma::mem_row_major);
-    }
-    __syncthreads();
-  }
+  gdn_inverse::blockInverse64(Gs, As, Ts, LDF);  // A = (I + M)⁻¹
   // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
   for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
     const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;

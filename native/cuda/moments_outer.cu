@@ -144,14 +144,28 @@ __global__ void __launch_bounds__(kThreads, 2) headOuterKernel(Params p) {
 
   float acc[2][8][4] = {};
   float colSum[8] = {};
-  for (int s0 = r0; s0 < r1; s0 += kStep) {
-    // Gather: every unit's loads are issued before any is used.
-    float zi[kUnits][8], zj[Whole ? 1 : kUnits][8];
+  // Token indices and positions one stage ahead, so a stage's row loads wait on one global load, not two.
+  int tokNext[kUnits], posNext[kUnits];
+  auto fetchIndex = [&](int s0) {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       const int rr = s0 + rsub + u * kRowsPerPass;
-      if (rr < r1) {
-        const int t = __ldg(p.tok + rr), ps = p.ropeHalf ? __ldg(p.pos + rr) : 0;
+      tokNext[u] = rr < r1 ? __ldg(p.tok + rr) : -1;
+      posNext[u] = rr < r1 && p.ropeHalf ? __ldg(p.pos + rr) : 0;
+    }
+  };
+  fetchIndex(r0);
+  for (int s0 = r0; s0 < r1; s0 += kStep) {
+    // Gather: every unit's loads are issued before any is used.
+    float zi[kUnits][8], zj[Whole ? 1 : kUnits][8];
+    int tokNow[kUnits], posNow[kUnits];
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) tokNow[u] = tokNext[u], posNow[u] = posNext[u];
+    if (s0 + kStep < r1) fetchIndex(s0 + kStep);
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      if (tokNow[u] >= 0) {
+        const int t = tokNow[u], ps = posNow[u];
         const T* row = src + (long long)t * p.stride;
         gatherZ(p, row, ps, ti * kTile + g * 8, zi[u]);
         if constexpr (!Whole)
