@@ -239,30 +239,40 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const float x0 = __shfl_sync(0xffffffffu, gs0, idx >> 1), x1 = __shfl_sync(0xffffffffu, gs1, idx >> 1);
     return idx & 1 ? x1 : x0;
   };
+  // Lower 16×16 tile `tile` ∈ [0, 10) (row block tr ≥ column block tc) of A·Kᵀ over K from 16-bit rows in shared
+  // memory (stride LDK) by mma.sync, with γ of the fragment's rows (gi) and columns (gj) gathered by shuffles.
+  const int gq = lane / 4, tq = lane % 4;
+  auto lowerTile = [&](const T* A, int tile, int& tr, int& tc, float (&acc)[2][4], float (&gi)[2], float (&gj)[2][2]) {
+    tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
+    tc = tile - tr * (tr + 1) / 2;
+    const int lr = lane % 8, lm = lane / 8;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+      uint32_t a[4], b[4];
+      ldsm4(a, A + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+      ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+      mma<T>(acc[0], a, b[0], b[1]);
+      mma<T>(acc[1], a, b[2], b[3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * tr + gq + 8 * r);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) gj[nt][c] = gammaAt(16 * tc + 8 * nt + 2 * tq + c);
+  };
   // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L} for the state pass's output warps (o wanted only):
   // the 10 lower 16×16 blocks (zero above the diagonal inside the diagonal blocks; the blocks above the
   // diagonal are never written nor read), bf16/f16 pairs straight from the fragments, [tokens, HV, C].
   if (AQout) {
     for (int job = warp; job < 10; job += kPrepThreads / 32) {
-      const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3;
-      const int ni = job - mi * (mi + 1) / 2;
-      const int lr = lane % 8, lm = lane / 8, gq = lane / 4, tq = lane % 4;
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < K / 16; ++ks) {
-        uint32_t a[4], b[4];
-        ldsm4(a, Qb + (16 * mi + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-        ldsm4(b, Kb + (16 * ni + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-        mma<T>(acc[0], a, b[0], b[1]);
-        mma<T>(acc[1], a, b[2], b[3]);
-      }
-      float gi[2], gj[2][2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * mi + gq + 8 * r);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) gj[nt][c] = gammaAt(16 * ni + 8 * nt + 2 * tq + c);
+      int mi, ni;
+      float acc[2][4], gi[2], gj[2][2];
+      lowerTile(Qb, job, mi, ni, acc, gi, gj);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -280,25 +290,9 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
-    const int tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
-    const int tc = tile - tr * (tr + 1) / 2;
-    const int lr = lane % 8, lm = lane / 8, gq = lane / 4, tq = lane % 4;
-    float acc[2][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < K / 16; ++ks) {
-      uint32_t a[4], b[4];
-      ldsm4(a, Kb + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-      ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-      mma<T>(acc[0], a, b[0], b[1]);
-      mma<T>(acc[1], a, b[2], b[3]);
-    }
-    float gi[2], gj[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * tr + gq + 8 * r);
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) gj[nt][c] = gammaAt(16 * tc + 8 * nt + 2 * tq + c);
+    int tr, tc;
+    float acc[2][4], gi[2], gj[2][2];
+    lowerTile(Kb, tile, tr, tc, acc, gi, gj);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
