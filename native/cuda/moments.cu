@@ -310,20 +310,6 @@ __global__ void columnPartials(const __nv_bfloat16* __restrict__ hi, const __nv_
   part[(long long)rb * width + col] = s;
 }
 
-__global__ void columnFinal(const float* __restrict__ part, int blocks, int width, double* __restrict__ sum) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= width) return;
-  double s = 0;
-#pragma unroll 8
-  for (int b = 0; b < blocks; ++b) s += double(part[(long long)b * width + col]);
-  sum[col] += s;
-}
-
-__global__ void addInto(double* __restrict__ dst, const float* __restrict__ src, long long n) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    dst[i] += double(src[i]);
-}
-
 void inputOuterBlas(const moments_outer::Job& j, const int* tok, int count, Device dev, cudaStream_t stream) {
   const int width = j.heads * j.D;
   const bool split = j.dtype != DType::BF16;
@@ -346,8 +332,8 @@ void inputOuterBlas(const moments_outer::Job& j, const int* tok, int count, Devi
     checkLaunch("taylorMoments (gather)");
     const int rb = (rows + kPart - 1) / kPart;
     columnPartials<<<dim3(unsigned((width + 127) / 128), unsigned(rb)), 128, 0, stream>>>(hiP, loP, rows, width, part.ptr<float>());
-    columnFinal<<<unsigned((width + 127) / 128), 128, 0, stream>>>(part.ptr<float>(), rb, width, j.sum);
     checkLaunch("taylorMoments (column sums)");
+    moments_outer::addPartialSums(part.ptr<float>(), rb, width, j.sum, stream);
     // Column-major: head h's rows are a D × rows matrix at hi + h·D with leading dimension `width`.
     auto gemm = [&](const void* a, const void* b, const float* beta) {
       blas::gemmStridedBatched(dev.index, stream, blas::OpN, blas::OpT, j.D, j.D, rows, &one, a, CUDA_R_16BF, width, j.D, b,
@@ -360,8 +346,7 @@ void inputOuterBlas(const moments_outer::Job& j, const int* tok, int count, Devi
       gemm(loP, hiP, &one);
     }
     const long long n = (long long)j.heads * j.D * j.D;
-    addInto<<<gridFor(n, 256), 256, 0, stream>>>(j.outer, c32.ptr<float>(), n);
-    checkLaunch("taylorMoments (outer sums)");
+    moments_outer::addPartialSums(c32.ptr<float>(), 1, n, j.outer, stream);
   }
 }
 

@@ -77,9 +77,8 @@ __device__ __forceinline__ void gatherZ(const Params& p, const T* row, int pos, 
     for (int i = 0; i < 8; ++i) z[i] = 0.f;
     return;
   }
-  const T* base = row;
   if (p.ropeHalf == 0) {
-    load8(base + c, p.vec, valid, z);
+    load8(row + c, p.vec, valid, z);
     return;
   }
   // RoPE undone on the pairs (j, j + half): z_j = a cos + b sin, z_{j+half} = b cos − a sin. With vec the 8
@@ -89,8 +88,8 @@ __device__ __forceinline__ void gatherZ(const Params& p, const T* row, int pos, 
     const bool lower = c < half;
     const int j = lower ? c : c - half;
     float a[8], b[8];
-    load8(base + j, true, 8, a);
-    load8(base + j + half, true, 8, b);
+    load8(row + j, true, 8, a);
+    load8(row + j + half, true, 8, b);
     const float4* cs = reinterpret_cast<const float4*>(p.trig + (long long)pos * half + j);
 #pragma unroll
     for (int i = 0; i < 8; i += 2) {
@@ -109,7 +108,7 @@ __device__ __forceinline__ void gatherZ(const Params& p, const T* row, int pos, 
     }
     const bool lower = col < half;
     const int j = lower ? col : col - half;
-    const float a = toF(base[j]), b = toF(base[j + half]);
+    const float a = toF(row[j]), b = toF(row[j + half]);
     const float2 t = __ldg(p.trig + (long long)pos * half + j);
     z[i] = lower ? fmaf(a, t.x, b * t.y) : fmaf(b, t.x, -a * t.y);
   }
@@ -315,9 +314,13 @@ void headOuterSums(const Job& j, const int* tok, const int* pos, int count, cons
     case DType::F32: launch<float>(prm, rowBlocks, split, stream); break;
     default: throwInvalid("k", std::string("the moment outer products take bf16, f16 or f32, got ") + dtypeName(j.dtype));
   }
-  addPartials<<<gridFor(outerElems, 256), 256, 0, stream>>>(prm.outerPart, rowBlocks, outerElems, j.outer);
-  addPartials<<<gridFor((long long)j.heads * j.D, 256), 256, 0, stream>>>(prm.sumPart, rowBlocks, (long long)j.heads * j.D, j.sum);
-  checkLaunch("taylorMoments (outer partial sums)");
+  addPartialSums(prm.outerPart, rowBlocks, outerElems, j.outer, stream);
+  addPartialSums(prm.sumPart, rowBlocks, (long long)j.heads * j.D, j.sum, stream);
+}
+
+void addPartialSums(const float* part, int blocks, long long n, double* dst, cudaStream_t stream) {
+  addPartials<<<gridFor(n, 256), 256, 0, stream>>>(part, blocks, n, dst);
+  checkLaunch("taylorMoments (partial sums)");
 }
 
 }  // namespace tcal::cuda::moments_outer

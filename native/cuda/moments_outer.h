@@ -21,4 +21,7 @@ struct Job {
 // of θ_j·pos, [longest sequence, ropeHalf] (read only when ropeHalf > 0).
 void headOuterSums(const Job& j, const int* tok, const int* pos, int count, const float2* trig, Device dev, cudaStream_t stream);
 
+// dst[e] += Σ_b part[b·n + e] for e < n, in f64 with the `blocks` fp32 partials summed in order (deterministic).
+void addPartialSums(const float* part, int blocks, long long n, double* dst, cudaStream_t stream);
+
 }  // namespace tcal::cuda::moments_outer
