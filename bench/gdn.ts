@@ -1,9 +1,10 @@
 /**
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
- * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd] [--no-variants]
+ * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd]
+ * [--no-variants | --no-fwd-variants]
  * (--once: two forward calls at the reference shape only, as a target for ncu; --once-bwd: a training forward
- * and one backward with its saved states; --no-variants: skip the forward
- * and backward versions timed side by side)
+ * and one backward with its saved states; --no-variants: skip the forward and backward versions timed side by
+ * side; --no-fwd-variants: only the backward's)
  * Forward + backward both ways: the backward recomputing the chunk-start states, and a training forward
  * (saveForBackward) handing them over; the saved states' memory per shape.
  * Shapes: B8·T4096·H16·K=V=128 (reference), B2·T16384·H16·D128, B8·T4096·H32·D64; bf16 q/k/v, f32 g/β,
@@ -76,13 +77,24 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
-  ['v4 (default)', {}],
+  ['v5 (default)', {}],
+  ['kernel 2 v3 + prep with P, W, Qe, Kn (session 4)', { TCAL_GDN_BWD_STATE: 'v3' }],
+  ['<dS, S0> by the shared-memory loop (session 4)', { TCAL_GDN_BWD_DOT: 'loop' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
   ['epilogue n from global rows (session 3)', { TCAL_GDN_BWD_EPI: 'global' }],
   ['dq/dk partials + qkGrads', { TCAL_GDN_BWD_FUSE: '0' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
-const VARIANT_KEYS = ['TCAL_GDN_FORWARD', 'TCAL_GDN_WS', 'TCAL_GDN_V3_SKIP', 'TCAL_GDN_BWD_EPI', 'TCAL_GDN_BWD_FUSE', 'TCAL_GDN_STATES'];
+const VARIANT_KEYS = [
+  'TCAL_GDN_FORWARD',
+  'TCAL_GDN_WS',
+  'TCAL_GDN_V3_SKIP',
+  'TCAL_GDN_BWD_EPI',
+  'TCAL_GDN_BWD_FUSE',
+  'TCAL_GDN_STATES',
+  'TCAL_GDN_BWD_STATE',
+  'TCAL_GDN_BWD_DOT',
+];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */
 async function withEnv<T>(env: Record<string, string>, fn: () => Promise<T>): Promise<T> {
@@ -117,6 +129,7 @@ function agreementWith(a: Float32Array, raw: Buffer): number {
 async function main(): Promise<void> {
   const noPeer = process.argv.includes('--no-peer');
   const noVariants = process.argv.includes('--no-variants');
+  const noFwdVariants = noVariants || process.argv.includes('--no-fwd-variants');
   const backend = initBackend({ backend: 'cuda' });
   const device = backend.device;
   const onceBwd = process.argv.includes('--once-bwd');
@@ -193,7 +206,7 @@ async function main(): Promise<void> {
       ours.o.dispose();
     }
     // Forward versions side by side (environment switches, see FORWARD_VARIANTS).
-    for (const [label, env] of noVariants ? [] : FORWARD_VARIANTS) {
+    for (const [label, env] of noFwdVariants ? [] : FORWARD_VARIANTS) {
       const skip = env.TCAL_GDN_V3_SKIP !== undefined;
       try {
         await withEnv(env, async () => {

@@ -9,10 +9,12 @@
 //   dR = Aᵀ(QKGᵀ dO + diag(d) K dS) = P dO + W dS,  P = Aᵀ QKGᵀ, W = Aᵀ diag(d) K
 //   dS_prev = e_L dS + Qᵀ diag(e) dO − Kᵀ diag(βe) dR
 // Kernel 1 (prep, per chunk × value head; WMMA, three blocks per SM): q, k normalised from the raw inputs,
-//   A (16×16-block inverse in fp32, stored 16-bit), P, W, Qe = diag(e)Q, Kn = −diag(βe)K, the normalised Q and K
-//   (16-bit, for kernel 3), e_L.
-// Kernel 2 (state3Kernel, per sequence × value head × 16·NW V columns, chunks in reverse; mma.sync with dSᵀ in
-//   registers): dR and dS by the two lines above; writes the dS entering every chunk (16-bit, transposed) and dh0.
+//   A (16×16-block inverse in fp32, stored 16-bit), QKG, the normalised Q and K (16-bit, for kernels 2 and 3),
+//   the gate vectors e, −βe, d and e_L. (TCAL_GDN_BWD_STATE=v3: P, W, Qe = diag(e)Q, Kn = −diag(βe)K instead of
+//   QKG and the vectors, for kernel 2 v3.)
+// Kernel 2 (state4Kernel, per sequence × value head × 16·NW V columns, chunks in reverse; mma.sync with dSᵀ in
+//   registers): dR and dS by the two lines above, dR as Aᵀ(QKGᵀdO + diag(d)K dS) in the chain; writes the dS
+//   entering every chunk (16-bit, transposed) and dh0.
 // Kernel 3 (grad3Kernel, per chunk × value head × 64 or 128 V columns; mma.sync, register accumulators): from
 //   S0, dS and A, every gradient of the chunk: dv = β dR; dq, dk, dγ, dβ as per-tile partial sums that gdn.cu's
 //   epilogues reduce, or dq, dk final where one tile covers V and G = 1 (the same formulas as v1's
@@ -101,13 +103,19 @@ __device__ __forceinline__ void store4(T* d, float4 x) {
   d[0] = fromF<T>(x.x), d[1] = fromF<T>(x.y), d[2] = fromF<T>(x.z), d[3] = fromF<T>(x.w);
 }
 
+// The chunk's raw gates for thread i < 64 (g, β; zero past L), loaded into registers so that other loads can
+// be issued before the scan below waits for them.
+__device__ __forceinline__ float2 gateLoad(const float* g, const float* beta, int64_t t0, int L, int HV, int hv) {
+  const int i = threadIdx.x;
+  return i < L && i < C ? make_float2(g[(t0 + i) * HV + hv], beta[(t0 + i) * HV + hv]) : make_float2(0.f, 0.f);
+}
+
 // γ (inclusive cumsum of g inside the chunk), e = exp γ, d = exp(γ_L − γ), β; zero past L. Needs ≥ 64 threads.
-__device__ void loadGates(const float* g, const float* beta, int64_t t0, int L, int HV, int hv, float* gam,
-                          float* ex, float* dd, float* bet) {
+__device__ void gateScan(float2 gb, int L, float* gam, float* ex, float* dd, float* bet) {
   const int i = threadIdx.x;
   if (i < C) {
-    gam[i] = i < L ? g[(t0 + i) * HV + hv] : 0.f;
-    bet[i] = i < L ? beta[(t0 + i) * HV + hv] : 0.f;
+    gam[i] = gb.x;
+    bet[i] = gb.y;
   }
   __syncthreads();
   if (i < 32) {  // warp scan, two tokens per lane
@@ -129,6 +137,11 @@ __device__ void loadGates(const float* g, const float* beta, int64_t t0, int L, 
     dd[i] = i < L ? __expf(gL - gam[i]) : 0.f;
   }
   __syncthreads();
+}
+
+__device__ void loadGates(const float* g, const float* beta, int64_t t0, int L, int HV, int hv, float* gam,
+                          float* ex, float* dd, float* bet) {
+  gateScan(gateLoad(g, beta, t0, L, HV, hv), L, gam, ex, dd, bet);
 }
 
 constexpr int NTH = 256;  // threads of kernel 1
@@ -221,7 +234,8 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
                                                   int H, int HV, int G, T* __restrict__ Aout,
                                                   T* __restrict__ Pout, T* __restrict__ Wout, T* __restrict__ Qeout,
                                                   T* __restrict__ Knout, T* __restrict__ Qhout, T* __restrict__ Khout,
-                                                  float* __restrict__ eLout) {
+                                                  float* __restrict__ eLout, T* __restrict__ QKGout,
+                                                  float* __restrict__ gvecOut) {
   constexpr int LK = K + 8;
   extern __shared__ __align__(128) unsigned char smem[];
   // Regions by lifetime: Sqk holds Q Kᵀ, then A (fp32), then A (16-bit, Ab); Skk K Kᵀ → M, then P, then W by
@@ -243,8 +257,9 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
   const int64_t t0 = chunkStart[ch];
   const int L = chunkLen[ch];
   const size_t blk = size_t(ch) * HV + hv;
-  loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
+  const float2 gb = gateLoad(g, beta, t0, L, HV, hv);  // in flight with the q / k rows
   loadQK<T, K>(q, k, t0, L, H, h, hv % G == 0 && rq != nullptr, scale, l2norm, rq, rk, Qb, Kb);
+  gateScan(gb, L, gam, ex, dd, bet);
   __syncthreads();
   for (int idx = threadIdx.x; idx < C * K / 8; idx += blockDim.x) {  // 16-bit Q, K for kernel 3 (cp.async there)
     const int r = idx / (K / 8), c = (idx % (K / 8)) * 8;
@@ -254,8 +269,17 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
   gemm<T, RM, CM>(Sqk, LF, Qb, LK, Kb, LK, C, C, K);  // Q Kᵀ
   gemm<T, RM, CM>(Skk, LF, Kb, LK, Kb, LK, C, C, K);  // K Kᵀ
   if (threadIdx.x == 0) eLout[blk] = ex[L - 1];
+  // Lean mode (QKGout given; kernel 2 v4): no P, W, Qe, Kn — kernel 2 forms dR from QKG, A, Kh and the gate
+  // vectors e, −βe, d written here ([blk][3][C] fp32).
+  const bool lean = QKGout != nullptr;
+  if (lean && threadIdx.x < C) {
+    const int i = threadIdx.x;
+    gvecOut[blk * 3 * C + i] = ex[i];
+    gvecOut[blk * 3 * C + C + i] = -bet[i] * ex[i];
+    gvecOut[blk * 3 * C + 2 * C + i] = dd[i];
+  }
   __syncthreads();  // Q and K rows are no longer read by the products: Kd takes K's place
-  for (int idx = threadIdx.x; idx < C * K / 8; idx += blockDim.x) {  // 8 elements per thread and pass
+  for (int idx = threadIdx.x; !lean && idx < C * K / 8; idx += blockDim.x) {  // 8 elements per thread and pass
     const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
     const uint4 qv = *reinterpret_cast<const uint4*>(Qb + i * LK + c), kv = *reinterpret_cast<const uint4*>(Kb + i * LK + c);
     const T* qe = reinterpret_cast<const T*>(&qv);
@@ -281,6 +305,11 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
     Skk[i * LF + j] = j < i ? bet[i] * Skk[i * LF + j] * gm : 0.f;  // M
   }
   __syncthreads();
+  if (lean)  // QKG (16-bit, the zero blocks included) for kernels 2 and 3; the inverse below leaves QKGb alone
+    for (int idx = threadIdx.x; idx < C * C / 8; idx += blockDim.x) {
+      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      *reinterpret_cast<uint4*>(QKGout + blk * C * C + i * C + c) = *reinterpret_cast<const uint4*>(QKGb + i * LB + c);
+    }
   // A = (I + M)⁻¹ by 16×16 blocks (gdn_inverse.cuh), through 16 columns per warp of Ts (the Ab tile's space,
   // free until A is converted). Blocks above the diagonal are never written: the conversion below zeroes them.
   gdn_inverse::blockInverse64(Skk, Sqk, Ts, LF);
@@ -293,6 +322,7 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
     ap[u] = pack8<T>(Sqk + i * LF + c, c / 16 <= i / 16);
     *reinterpret_cast<uint4*>(Aout + blk * C * C + i * C + c) = ap[u];
   }
+  if (lean) return;
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < NA; ++u) {
@@ -469,13 +499,7 @@ __global__ void __launch_bounds__(32 * NW) state3Kernel(
         dh0[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] = D[nt][e];
 }
 
-// ---- kernel 3, version 3: gradients per (chunk, value head, VB columns) with mma.sync and register
-// accumulators. Warp w owns V columns [16w, 16w + 16) of the tile for the products that contract over tokens
-// (phase 1: the chain Pk → X → ν → dν → dR stays in its registers, transposed as in the forward's state
-// pass); the products that contract over V or K (phase 2: dQK, dM, dq, dk) read the 16-bit operands that
-// phase 1 left in shared memory. VB = 128 (8 warps, one block per SM) halves the dq / dk partials and the
-// K-dependent products against 64-column tiles; VB = 64 (4 warps) where V is not a multiple of 128.
-
+// A packed pair of 16-bit values as floats.
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t u);
 template <>
@@ -486,6 +510,202 @@ template <>
 __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
+
+// ---- kernel 2, version 4 (the lean prep's): dR from QKG, A, the normalised Kh and the gate vectors, the way
+// kernel 3 forms it, instead of the prep's P = AᵀQKGᵀ and W = Aᵀdiag(d)K; Qe, Kn from Qh, Kh by scaling the
+// A fragments (dOᵀ by e, dRᵀ by −βe) in registers. Per chunk (reverse), warp w with dSᵀ (16 × K) in registers:
+//   dνᵀ = (dSᵀKhᵀ) diag(d) + dOᵀ QKG,   dRᵀ = dνᵀ A,   dSᵀ ← e_L dSᵀ + (dOᵀ diag(e)) Qh + (dRᵀ diag(−βe)) Kh
+// At K = 128 the prep writes 49 instead of 96 KB per (chunk, head), and this pass loads 49 instead of 56 (+ dO).
+template <int K, int NW>
+constexpr size_t state4Stage() {
+  return 2 * (2 * size_t(C) * (C + 8) + 2 * size_t(C) * (K + 8) + size_t(C) * (16 * NW + 8)) + 4 * 3 * size_t(C);
+}
+
+template <typename T, int K, int NW, int ST>
+__global__ void __launch_bounds__(32 * NW) state4Kernel(
+    const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ Qhg, const T* __restrict__ Khg,
+    const float* __restrict__ gvec, const float* __restrict__ eLg, const T* __restrict__ dO,
+    const float* __restrict__ dFinal, const int* __restrict__ cu, const int* __restrict__ chunkFirst, int HV, int V,
+    T* __restrict__ dSout, float* __restrict__ dh0) {
+  using E = ptx::Elem<T>;
+  constexpr int LK = K + 8, LC = C + 8, VT = 16 * NW, LVs = VT + 8, NTH = 32 * NW;
+  constexpr size_t SB = state4Stage<K, NW>();
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
+  const int v0 = blockIdx.x * VT, hv = blockIdx.y, n = blockIdx.z, vw = 16 * warp;
+  const size_t sBase = (size_t(n) * HV + hv) * K * V;
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const int first = chunkFirst[n], nCh = chunkFirst[n + 1] - first;
+  auto sa = [](const T* p) { return ptx::smemAddr(p); };
+  struct Stage {
+    T *G, *A, *Qh, *Kh, *dO;
+    float* vec;
+  };
+  auto stage = [&](int st) {
+    Stage r;
+    r.G = reinterpret_cast<T*>(smem + st * SB);
+    r.A = r.G + C * LC;
+    r.Qh = r.A + C * LC;
+    r.Kh = r.Qh + C * LK;
+    r.dO = r.Kh + C * LK;
+    r.vec = reinterpret_cast<float*>(r.dO + C * LVs);
+    return r;
+  };
+  auto issue = [&](int ci, int st) {
+    const Stage b = stage(st);
+    const int64_t t0 = seqBegin + int64_t(ci) * C;
+    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
+    const size_t blk = size_t(first + ci) * HV + hv;
+    for (int idx = tid; idx < C * (C / 8); idx += NTH) {
+      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+      ptx::cpAsync16(sa(b.G + i * LC + c), QKGg + blk * C * C + i * C + c, true);
+      ptx::cpAsync16(sa(b.A + i * LC + c), Ag + blk * C * C + i * C + c, true);
+    }
+    for (int idx = tid; idx < C * (K / 8); idx += NTH) {
+      const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
+      const size_t off = blk * C * K + i * K + c;
+      ptx::cpAsync16(sa(b.Qh + i * LK + c), Qhg + off, true);
+      ptx::cpAsync16(sa(b.Kh + i * LK + c), Khg + off, true);
+    }
+    for (int idx = tid; idx < C * (VT / 8); idx += NTH) {
+      const int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
+      const bool ok = i < L;
+      ptx::cpAsync16(sa(b.dO + i * LVs + c), dO + ((ok ? t0 + i : t0) * HV + hv) * V + v0 + c, ok);
+    }
+    for (int idx = tid; idx < 3 * C / 4; idx += NTH)
+      ptx::cpAsync16(ptx::smemAddr(b.vec + 4 * idx), gvec + blk * 3 * C + 4 * idx, true);
+  };
+  // dSᵀ: element [nt][e] is dS (row 8nt + 2tq + (e & 1), column v0 + vw + gq + 8(e >> 1)).
+  float D[K / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      D[nt][e] = dFinal ? dFinal[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] : 0.f;
+  if (ST == 2 && nCh > 0) {
+    issue(nCh - 1, 0);
+    ptx::cpCommit();
+  }
+  int st = 0;
+  for (int ci = nCh - 1; ci >= 0; --ci, st ^= (ST - 1)) {
+    const size_t blk = size_t(first + ci) * HV + hv;
+    __syncthreads();  // the previous chunk's reads of the stage about to be refilled are done
+    if (ST == 1) {
+      issue(ci, 0);
+    } else if (ci > 0) {
+      issue(ci - 1, st ^ 1);
+    }
+    ptx::cpCommit();  // possibly empty: one group per chunk
+    {  // the dS entering this chunk (the gradient of its final state), transposed, 16-bit
+      T* dst = dSout + blk * V * K + size_t(v0 + vw + gq) * K + 2 * tq;
+#pragma unroll
+      for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<unsigned*>(dst + size_t(8 * h) * K + 8 * nt) = E::pack(D[nt][2 * h], D[nt][2 * h + 1]);
+    }
+    const float eL = eLg[blk];
+    ptx::cpWait<ST - 1>();
+    __syncthreads();
+    const Stage b = stage(st);
+    const float* ve = b.vec;
+    const float* vnb = b.vec + C;
+    const float* vd = b.vec + 2 * C;
+    unsigned dOa[4][4];  // dOᵀ (16 × C) as A fragments
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      ptx::ldsm4t(dOa[ks], sa(b.dO + (16 * ks + lr + (lm >> 1) * 8) * LVs + vw + (lm & 1) * 8));
+    float R[8][4] = {};
+    {
+      float X[8][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < K / 16; ++ks) {  // dSᵀ Khᵀ
+        const unsigned a[4] = {E::pack(D[2 * ks][0], D[2 * ks][1]), E::pack(D[2 * ks][2], D[2 * ks][3]),
+                               E::pack(D[2 * ks + 1][0], D[2 * ks + 1][1]), E::pack(D[2 * ks + 1][2], D[2 * ks + 1][3])};
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          unsigned bk[4];
+          ptx::ldsm4(bk, sa(b.Kh + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
+          E::mma(X[2 * np], a, bk[0], bk[1]);
+          E::mma(X[2 * np + 1], a, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) X[nt][e] *= vd[8 * nt + 2 * tq + (e & 1)];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int np = 0; np <= ks; ++np) {  // + dOᵀ QKG (QKG[j][i] ≠ 0 for j ≥ i)
+          unsigned bg[4];
+          ptx::ldsm4t(bg, sa(b.G + (16 * ks + lr + (lm & 1) * 8) * LC + 16 * np + (lm >> 1) * 8));
+          E::mma(X[2 * np], dOa[ks], bg[0], bg[1]);
+          E::mma(X[2 * np + 1], dOa[ks], bg[2], bg[3]);
+        }
+      unsigned Xa[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) Xa[ks][2 * t + r] = E::pack(X[2 * ks + t][2 * r], X[2 * ks + t][2 * r + 1]);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int np = 0; np <= ks; ++np) {  // dRᵀ = dνᵀ A (A lower triangular)
+          unsigned ba[4];
+          ptx::ldsm4t(ba, sa(b.A + (16 * ks + lr + (lm & 1) * 8) * LC + 16 * np + (lm >> 1) * 8));
+          E::mma(R[2 * np], Xa[ks], ba[0], ba[1]);
+          E::mma(R[2 * np + 1], Xa[ks], ba[2], ba[3]);
+        }
+    }
+    // A fragments of dOᵀ diag(e) and dRᵀ diag(−βe): register 2t + r holds (row gq + 8r, tokens 16ks + 8t + 2tq + 0/1).
+    unsigned Ea[4][4], Ra[4][4];
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int tok = 16 * ks + 8 * t + 2 * tq;
+          const float2 o = unpack2<T>(dOa[ks][2 * t + r]);
+          Ea[ks][2 * t + r] = E::pack(o.x * ve[tok], o.y * ve[tok + 1]);
+          Ra[ks][2 * t + r] = E::pack(R[2 * ks + t][2 * r] * vnb[tok], R[2 * ks + t][2 * r + 1] * vnb[tok + 1]);
+        }
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) D[nt][e] *= eL;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int np = 0; np < K / 16; ++np) {  // + dOᵀ diag(e) Qh + dRᵀ diag(−βe) Kh
+        unsigned bq[4], bk[4];
+        ptx::ldsm4t(bq, sa(b.Qh + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
+        ptx::ldsm4t(bk, sa(b.Kh + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
+        E::mma(D[2 * np], Ea[ks], bq[0], bq[1]);
+        E::mma(D[2 * np + 1], Ea[ks], bq[2], bq[3]);
+        E::mma(D[2 * np], Ra[ks], bk[0], bk[1]);
+        E::mma(D[2 * np + 1], Ra[ks], bk[2], bk[3]);
+      }
+  }
+  if (dh0)
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        dh0[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] = D[nt][e];
+}
+
+// ---- kernel 3, version 3: gradients per (chunk, value head, VB columns) with mma.sync and register
+// accumulators. Warp w owns V columns [16w, 16w + 16) of the tile for the products that contract over tokens
+// (phase 1: the chain Pk → X → ν → dν → dR stays in its registers, transposed as in the forward's state
+// pass); the products that contract over V or K (phase 2: dQK, dM, dq, dk) read the 16-bit operands that
+// phase 1 left in shared memory. VB = 128 (8 warps, one block per SM) halves the dq / dk partials and the
+// K-dependent products against 64-column tiles; VB = 64 (4 warps) where V is not a multiple of 128.
+
 
 // Four consecutive chunk-start state values as floats, from fp32 or bf16 checkpoints.
 __device__ __forceinline__ float4 loadState4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
@@ -508,8 +728,8 @@ template <typename T, typename CK, int K, int VB>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
-    const T* __restrict__ Khg, const int* __restrict__ chunkStart, const int* __restrict__ chunkLen, int HV, int V,
-    int64_t NT, T* __restrict__ dv, float* __restrict__ dqP, float* __restrict__ dkP, float* __restrict__ dgamP,
+    const T* __restrict__ Khg, const T* __restrict__ QKGg, const int* __restrict__ chunkStart,
+    const int* __restrict__ chunkLen, int HV, int V, int64_t NT, T* __restrict__ dv, float* __restrict__ dqP, float* __restrict__ dkP, float* __restrict__ dgamP,
     float* __restrict__ dbetaP, Fused fz) {
   using E = ptx::Elem<T>;
   constexpr int NW = VB / 16, NTH = 32 * NW;
@@ -548,14 +768,14 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
 
   // ---- phase 0: loads, QKG, <dS, S0>. (Waiting for Q, K alone and forming QKG while the rest arrived was
-  // 0.03–0.1 ms slower in all, session-3 run 4.)
-  loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
+  // 0.03–0.1 ms slower in all, session-3 run 4.) The bulk copies go out before the gates' round trip.
   copyRowsAsync(Qs, LK, Qhg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(Ks, LK, Khg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(As, LC, Ag + blk * C * C, size_t(C), C, C, C);
   copyRowsAsync(dOs, LV, dO + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(dSs, LK, dSg + blk * K * V + size_t(v0) * K, size_t(K), VB, K, VB);
+  if (QKGg) copyRowsAsync(Gs, LC, QKGg + blk * C * C, size_t(C), C, C, C);  // the lean prep's QKG
   // S0: 16-bit states of the compute dtype by cp.async with the rest; fp32 ones (or bf16 ones for f16 inputs)
   // through registers, converted after the QKG products.
   constexpr bool direct = std::is_same<CK, T>::value;
@@ -571,10 +791,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       s0r[u] = loadState4(s0 + size_t(d) * V + c);
     }
   }
+  loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
   ptx::cpWait<0>();
   __syncthreads();
-  // QKG = Q Kᵀ ⊙ Γ (i ≥ j, i < L): the 10 lower 16×16 blocks (the others are never read).
-  for (int job = warp; job < 10; job += NW) {
+  // QKG = Q Kᵀ ⊙ Γ (i ≥ j, i < L): the 10 lower 16×16 blocks (the others are never read); loaded instead where
+  // the lean prep wrote it.
+  for (int job = warp; !QKGg && job < 10; job += NW) {
     const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3, ni = job - mi * (mi + 1) / 2;
     float acc[2][4] = {};
 #pragma unroll
@@ -604,8 +826,11 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   }
   ptx::cpWait<0>();
   __syncthreads();
-  {  // <dS, S0> over this tile: S0 as loaded (fp32 registers or the 16-bit tile), dS 16-bit; per-warp partials
-     // summed in order later
+  // <dS, S0> over this tile: with 16-bit S0 from the A fragments of phase 1 (S0ᵀ and dSᵀ land in the same
+  // layout there); otherwise (and TCAL_GDN_BWD_DOT=loop) by this loop — its dSᵀ column reads are 16-way bank
+  // conflicts. Per-warp partials summed in order later.
+  const bool dotFrag = direct && !fz.dotLoop;
+  if (!dotFrag) {
     float part = 0.f;
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
@@ -657,11 +882,18 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   float Pk[8][4] = {}, Dk[8][4] = {};
   {
     float Pq[8][4] = {};
+    float dotp = 0.f;
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {  // Pqᵀ = S0ᵀQᵀ, Pkᵀ = S0ᵀKᵀ, dSkᵀ = dSᵀKᵀ
       unsigned s0a[4], dsa[4];
       ptx::ldsm4t(s0a, sa(S0s + (16 * ks + lr + (lm >> 1) * 8) * LV + vw + (lm & 1) * 8));
       ptx::ldsm4(dsa, sa(dSs + (vw + lane % 16) * LK + 16 * ks + (lane / 16) * 8));
+      if (dotFrag)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float2 x = unpack2<T>(s0a[r]), y = unpack2<T>(dsa[r]);
+          dotp += x.x * y.x + x.y * y.y;
+        }
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         unsigned bq[4], bk[4];
@@ -674,6 +906,11 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         E::mma(Dk[2 * np], dsa, bk[0], bk[1]);
         E::mma(Dk[2 * np + 1], dsa, bk[2], bk[3]);
       }
+    }
+    if (dotFrag) {
+#pragma unroll
+      for (int o = 16; o; o >>= 1) dotp += __shfl_xor_sync(0xffffffffu, dotp, o);
+      if (lane == 0) dotW[warp] = dotp;
     }
     float s[8][2];
 #pragma unroll
@@ -1101,14 +1338,21 @@ template <typename T, int K>
 void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) {
   const int HV = int(p.HV), V = int(p.V), H = int(p.H), G = int(p.group());
   const int64_t nb = int64_t(a.nChunks) * HV;
+  // Lean prep + kernel 2 v4 (default): the prep writes A, QKG, Qh, Kh and the gate vectors; TCAL_GDN_BWD_STATE=v3
+  // keeps session 4's prep outputs (P, W, Qe, Kn) and kernel 2 v3 for the side-by-side timing.
+  const char* stateEnv = std::getenv("TCAL_GDN_BWD_STATE");
+  const bool lean = !(stateEnv && std::strcmp(stateEnv, "v3") == 0);
+  const int64_t nbOld = lean ? 0 : nb, nbLean = lean ? nb : 0;
   // Workspaces (16-bit buffers allocated as f32 of half the count).
   Tensor Aw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
   Tensor Qhw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
   Tensor Khw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Pw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
-  Tensor Ww = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Qw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Kw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
+  Tensor Pw = empty({std::max<int64_t>(nbOld * C * C / 2, 1)}, DType::F32, dev);
+  Tensor Ww = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
+  Tensor Qw = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
+  Tensor Kw = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
+  Tensor QKGw = empty({std::max<int64_t>(nbLean * C * C / 2, 1)}, DType::F32, dev);
+  Tensor gvec = empty({std::max<int64_t>(nbLean * 3 * C, 1)}, DType::F32, dev);
   Tensor eL = empty({std::max<int64_t>(nb, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
   T* P = static_cast<T*>(Pw.data());
@@ -1118,6 +1362,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   T* A = static_cast<T*>(Aw.data());
   T* Qh = static_cast<T*>(Qhw.data());
   T* Kh = static_cast<T*>(Khw.data());
+  T* QKG = lean ? static_cast<T*>(QKGw.data()) : nullptr;
   // TCAL_GDN_BWD_TIMING=1: per-kernel times on stderr (benchmark diagnostics; synchronises the stream).
   const bool timing = std::getenv("TCAL_GDN_BWD_TIMING") != nullptr;
   cudaEvent_t ev[4];
@@ -1129,7 +1374,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     allowSmem(k1, prepSmem<K>());
     k1<<<dim3(unsigned(a.nChunks), unsigned(HV)), 256, prepSmem<K>(), stream>>>(
         static_cast<const T*>(a.q), static_cast<const T*>(a.k), a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta,
-        a.chunkStart, a.chunkLen, H, HV, G, A, P, W, Qe, Kn, Qh, Kh, eL.ptr<float>());
+        a.chunkStart, a.chunkLen, H, HV, G, A, P, W, Qe, Kn, Qh, Kh, eL.ptr<float>(), QKG, gvec.ptr<float>());
     checkLaunch("gdn backward prep");
   }
   if (timing) check(cudaEventRecord(ev[1], stream), "cudaEventRecord");
@@ -1140,35 +1385,54 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
         static_cast<T*>(dS.data()), a.dh0);
     checkLaunch("gdn backward state pass");
   };
+  auto launch4 = [&](auto kern, size_t smemBytes, int cols, int threads) {
+    allowSmem(kern, smemBytes);
+    kern<<<dim3(unsigned(V / cols), unsigned(HV), unsigned(p.N)), threads, smemBytes, stream>>>(
+        QKG, A, Qh, Kh, gvec.ptr<float>(), eL.ptr<float>(), static_cast<const T*>(a.dO), a.dFinal, a.cu,
+        a.chunkFirst, HV, V, static_cast<T*>(dS.data()), a.dh0);
+    checkLaunch("gdn backward state pass");
+  };
   {
     // 4 warps × 16 columns per block while that fills the GPU at two blocks per SM, else 2 warps (more blocks:
     // long sequences, few heads); the next chunk's loads in flight (ST = 2) where two stages still fit twice
     // per SM or the blocks fit once.
     // (8 warps, one block per head with double buffering, timed the same at the reference shape: run 4.)
+    using std::integral_constant;
+    auto launchState = [&](auto nwTag, auto stTag) {
+      constexpr int NW = decltype(nwTag)::value, ST = decltype(stTag)::value;
+      if (lean)
+        launch4(state4Kernel<T, K, NW, ST>, ST * state4Stage<K, NW>(), 16 * NW, 32 * NW);
+      else
+        launch2(state3Kernel<T, K, NW, ST>, ST * state3Stage<K, NW>(), 16 * NW, 32 * NW);
+    };
+    const size_t stage4w = lean ? state4Stage<K, 4>() : state3Stage<K, 4>();
+    const size_t stage2w = lean ? state4Stage<K, 2>() : state3Stage<K, 2>();
     const int sms = multiprocessorCount(dev.index);
     const int64_t blocks4 = int64_t(p.N) * HV * (V / 64);
     if (blocks4 >= sms) {
-      if (2 * state3Stage<K, 4>() <= 113 * 1024)
-        launch2(state3Kernel<T, K, 4, 2>, 2 * state3Stage<K, 4>(), 64, 128);
+      if (2 * stage4w <= 113 * 1024)
+        launchState(integral_constant<int, 4>{}, integral_constant<int, 2>{});
       else
-        launch2(state3Kernel<T, K, 4, 1>, state3Stage<K, 4>(), 64, 128);
-    } else if (2 * blocks4 <= sms || 2 * state3Stage<K, 2>() <= 113 * 1024) {
-      launch2(state3Kernel<T, K, 2, 2>, 2 * state3Stage<K, 2>(), 32, 64);
+        launchState(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+    } else if (2 * blocks4 <= sms || 2 * stage2w <= 113 * 1024) {
+      launchState(integral_constant<int, 2>{}, integral_constant<int, 2>{});
     } else {
-      launch2(state3Kernel<T, K, 2, 1>, state3Stage<K, 2>(), 32, 64);
+      launchState(integral_constant<int, 2>{}, integral_constant<int, 1>{});
     }
   }
   if (timing) check(cudaEventRecord(ev[2], stream), "cudaEventRecord");
   const int vb = tileV(p);
   const char* epi = std::getenv("TCAL_GDN_BWD_EPI");  // benchmark switch: global = session 3's raw-row loads
-  const Fused fz{fusedQK(p), epi && std::strcmp(epi, "global") == 0, a.q, a.k, a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
+  const char* dotEnv = std::getenv("TCAL_GDN_BWD_DOT");  // benchmark switch: loop = session 4's <dS, S0> loop
+  const Fused fz{fusedQK(p), epi && std::strcmp(epi, "global") == 0, dotEnv && std::strcmp(dotEnv, "loop") == 0,
+                 a.q, a.k, a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
     auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
       allowSmem(kern, smemBytes);
       kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
           a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
-          static_cast<const T*>(dS.data()), A, Qh, Kh, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
+          static_cast<const T*>(dS.data()), A, Qh, Kh, QKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
       checkLaunch("gdn backward gradients");
     };
@@ -1188,7 +1452,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     check(cudaEventSynchronize(ev[3]), "cudaEventSynchronize");
     float ms[3];
     for (int i = 0; i < 3; ++i) check(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]), "cudaEventElapsedTime");
-    std::fprintf(stderr, "gdn backward v3: prep %.3f ms, state pass %.3f ms, gradients %.3f ms\n", ms[0], ms[1], ms[2]);
+    std::fprintf(stderr, "gdn backward v5: prep %.3f ms, state pass %.3f ms, gradients %.3f ms\n", ms[0], ms[1], ms[2]);
     for (auto& e : ev) cudaEventDestroy(e);
   }
 }
