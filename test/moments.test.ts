@@ -517,30 +517,93 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
 });
 
 (cudaEnabled() ? describe : describe.skip)('γ₀ scan on CUDA (native/cuda/moments_scan.cu) against the CPU oracle', () => {
-  // bf16-rounded q, k, v (what the device sees) and a random context, as the tensor-core path takes them.
+  // bf16-rounded q, k, v (what the device sees) and a random context, as the tensor-core path takes them. The
+  // context is bf16-rounded too, so handing it over in f32 (the CUDA-core apply) or in bf16 with
+  // TCAL_MOMENTS_SCAN=tc (the tensor-core apply, scanApplyTC: 16-bit v and context of one type) gives the op the
+  // same values and one oracle serves both.
+  // (Values under 1e-4 are flushed to 0 so that every value is exact in f16 as well: the f16 case reuses them.)
   const bf16Case = (c: Case, seed: number): Case => {
     const { T, H, D } = c.shape;
-    const r = (a: Float32Array) => a.map(roundBf16);
-    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: randn(T * H * D, seed, 0.5) };
+    const r = (a: Float32Array) => a.map((x) => (Math.abs(x) < 1e-4 ? 0 : roundBf16(x)));
+    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: r(randn(T * H * D, seed, 0.5)) };
+  };
+  // The case's context as a 16-bit tensor on the device, with the tensor-core apply chosen (TCAL_MOMENTS_SCAN=tc).
+  const withBf16Context = async (c: Case, body: (extra: TaylorMomentsOptions) => Promise<void>, dtype: 'bf16' | 'f16' = 'bf16'): Promise<void> => {
+    const { B, T, H, D } = c.shape;
+    const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
+    const before = process.env.TCAL_MOMENTS_SCAN;
+    process.env.TCAL_MOMENTS_SCAN = 'tc';
+    try {
+      await body({ context: ctx });
+    } finally {
+      if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
+      else process.env.TCAL_MOMENTS_SCAN = before;
+      ctx.dispose();
+    }
   };
 
-  test('spans of several chunks (the bench mapping: 8 KV heads, 4 heads each, D 128, K0 48): restarts from the carried state inside a CTA, a sequence start and a padding segment mid-span', async () => {
+  test('spans of several chunks (the bench mapping: 8 KV heads, 4 heads each, D 128, K0 48): restarts from the carried state inside a CTA, a sequence start and a padding segment mid-span; both applies', async () => {
     // One 12-warp CTA per SM and 8 KV heads give 16 spans on a 132-SM H200: 1150 included entries in chunks of
-    // 64 (18 chunks) put two chunks in a span. The oracle is the CPU streaming path (≤ 1e-10 of the materialising one).
+    // 64 (18 chunks) put two chunks in a span (CUDA-core apply) and 4 chunks in a segment group (tensor-core
+    // apply: 5 groups, the last one short). The oracle is the CPU streaming path (≤ 1e-10 of the materialising one).
     const c: Case = {
       ...bf16Case(randomCase(41, { T: 1600, cu: [0, 100, 101, 700, 1150, 1600], include: [1, 1, 1, 0, 1], H: 32, HKV: 8, D: 128 }), 94),
       decays: scanDecays(48),
     };
+    const oracle = await run(c, 'stream');
     const got = await run(c, 'stream', {}, 'cuda:0', 'bf16');
-    expectClose(got, await run(c, 'stream'), 1e-4);
+    expectClose(got, oracle, 1e-4);
     expect(await run(c, 'stream', {}, 'cuda:0', 'bf16')).toEqual(got);
+    await withBf16Context(c, async (extra) => {
+      const tc = await run(c, 'stream', extra, 'cuda:0', 'bf16');
+      expectClose(tc, oracle, 1e-4);
+      expect(await run(c, 'stream', extra, 'cuda:0', 'bf16')).toEqual(tc);
+    });
   });
 
-  test('K0 = 1, 13 and 60 decays (partly filled warps, two decay groups); D 128, 256 and 18', async () => {
-    for (const [K0, D] of [[1, 128], [13, 128], [60, 128], [13, 256]]) {
+  test('tensor-core apply: batch-split invariance (two calls add up to one, ≤ 1e-6) over several segment groups', async () => {
+    const cu = [0, 130, 131, 400, 600];
+    const c: Case = { ...bf16Case(randomCase(43, { T: 600, cu, H: 8, HKV: 2, D: 128 }), 95), decays: scanDecays(48) };
+    const { H, HKV, D } = c.shape;
+    const split = (lo: number, hi: number): Case => {
+      const a = cu[lo];
+      const b = cu[hi];
+      return {
+        ...c,
+        q: c.q.slice(a * H * D, b * H * D),
+        k: c.k.slice(a * HKV * D, b * HKV * D),
+        v: c.v.slice(a * HKV * D, b * HKV * D),
+        context: c.context!.slice(a * H * D, b * H * D),
+        shape: { ...c.shape, T: b - a },
+        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
+      };
+    };
+    const go = async (x: Case): Promise<Stats> => {
+      let out: Stats = {};
+      await withBf16Context(x, async (extra) => {
+        out = await run(x, 'stream', extra, 'cuda:0', 'bf16');
+      });
+      return out;
+    };
+    const whole = await go(c);
+    const p1 = await go(split(0, 2));
+    const p2 = await go(split(2, 4));
+    const merged: Stats = {};
+    for (const key of Object.keys(whole) as (keyof MomentAccumulators)[]) merged[key] = Float64Array.from(p1[key]!, (x, i) => x + p2[key]![i]);
+    expectClose(merged, whole, 1e-6);
+    expectClose(whole, await run(c, 'materialize'), 1e-4);
+  });
+
+  test('K0 = 1, 13 and 60 decays (partly filled warps and m-tiles, two decay groups); D 128, 256, 48 and 18; f16', async () => {
+    for (const [K0, D] of [[1, 128], [13, 128], [60, 128], [13, 256], [60, 48]]) {
       const c: Case = { ...bf16Case(randomCase(50 + K0 + D, { T: 150, cu: [0, 90, 150], H: 8, HKV: 2, D }), 93), decays: scanDecays(K0) };
-      expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), await run(c, 'materialize'), 1e-4);
+      const oracle = await run(c, 'materialize');
+      expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), oracle, 1e-4);
+      await withBf16Context(c, async (extra) => expectClose(await run(c, 'stream', extra, 'cuda:0', 'bf16'), oracle, 1e-4));
     }
+    // f16 v and context (the same values, exact in f16): the tensor-core apply's f16 conversions.
+    const h: Case = { ...bf16Case(randomCase(77, { T: 150, cu: [0, 90, 150], H: 8, HKV: 2, D: 64 }), 92), decays: scanDecays(13) };
+    await withBf16Context(h, async (extra) => expectClose(await run(h, 'stream', extra, 'cuda:0', 'f16'), await run(h, 'materialize'), 1e-4), 'f16');
     // f32, no context: f32 staging rows (shorter stages at D 256), and D 18 (not a multiple of 4: 2-wide conversion).
     for (const D of [256, 18]) {
       const c: Case = { ...randomCase(60 + D, { T: 130, cu: [0, 7, 130], H: 4, HKV: 1, D }), decays: scanDecays(13) };
