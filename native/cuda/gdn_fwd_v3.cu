@@ -1,4 +1,4 @@
-// CUDA Gated DeltaNet forward, versions 3–6: the chunk-local work runs for all chunks at once, only the state
+// CUDA Gated DeltaNet forward, versions 3–7: the chunk-local work runs for all chunks at once, only the state
 // recurrence is sequential, and that part is split over V so that the state lives in registers.
 //
 // Kernel 1 (prep), one block per (chunk, value head, sequence), all in parallel:
@@ -14,6 +14,8 @@
 // ldmatrix from padded shared memory filled by cp.async), output warps form O beside them. Per chunk:
 //   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃                 (recurrence warps)
 //   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ                                                      (output warps)
+// v7 (session 5): the prep forms Aqk and M in one pass over the lower tiles; an opt-in state pass (`ringKernel`,
+// TCAL_GDN_WS=ring) decouples the two roles with a load ring per role and an exchange slot between them.
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <mma.h>
 
@@ -136,7 +138,10 @@ constexpr size_t prepSmem() {
   return prepRegion<K>() + 4 * size_t(C) * LDF + 4 * (16 * LDF + 5 * C);
 }
 
-template <typename T, int K>
+// FUSED (v7, default): one job per lower tile forms Q̃K̃ᵀ and K K̃ᵀ together (shared B fragments, one exp per
+// element for both Aqk and M) and stores the Aqk tile as 32-byte rows through a per-warp staging tile;
+// !FUSED (TCAL_GDN_V3_PREP=old): session 4's two loops with 4-byte Aqk stores.
+template <typename T, int K, bool FUSED>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -242,14 +247,16 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   // Lower 16×16 tile `tile` ∈ [0, 10) (row block tr ≥ column block tc) of A·Kᵀ over K from 16-bit rows in shared
   // memory (stride LDK) by mma.sync, with γ of the fragment's rows (gi) and columns (gj) gathered by shuffles.
   const int gq = lane / 4, tq = lane % 4;
-  auto lowerTile = [&](const T* A, int tile, int& tr, int& tc, float (&acc)[2][4], float (&gi)[2], float (&gj)[2][2]) {
+  // With A2 (a second A operand, or nullptr: folded at each call site), acc2 = A2·Kᵀ of the same tile.
+  auto lowerTile = [&](const T* A, int tile, int& tr, int& tc, float (&acc)[2][4], float (&gi)[2], float (&gj)[2][2],
+                       const T* A2, float (&acc2)[2][4]) {
     tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
     tc = tile - tr * (tr + 1) / 2;
     const int lr = lane % 8, lm = lane / 8;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+      for (int e = 0; e < 4; ++e) acc[nt][e] = acc2[nt][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {
       uint32_t a[4], b[4];
@@ -257,6 +264,12 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
       mma<T>(acc[0], a, b[0], b[1]);
       mma<T>(acc[1], a, b[2], b[3]);
+      if (A2) {
+        uint32_t a2[4];
+        ldsm4(a2, A2 + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
+        mma<T>(acc2[0], a2, b[0], b[1]);
+        mma<T>(acc2[1], a2, b[2], b[3]);
+      }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) gi[r] = gammaAt(16 * tr + gq + 8 * r);
@@ -268,11 +281,68 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   // Aqk = (Q Kᵀ ⊙ sq_i rk_j exp(γ_i − γ_j))_{j ≤ i < L} for the state pass's output warps (o wanted only):
   // the 10 lower 16×16 blocks (zero above the diagonal inside the diagonal blocks; the blocks above the
   // diagonal are never written nor read), bf16/f16 pairs straight from the fragments, [tokens, HV, C].
-  if (AQout) {
+  // M of tile (tr, tc) from its K Kᵀ fragment (zero past L and on or above the diagonal), element pair (nt, r),
+  // with the decay factors e0, e1 = exp(γ_i − γ_j), exp(γ_i − γ_{j+1}).
+  auto mPair = [&](const float (&acc)[2][4], int tr, int tc, int nt, int r, float e0, float e1) {
+    const int i = 16 * tr + gq + 8 * r, j = 16 * tc + 8 * nt + 2 * tq;
+    const float fi = bet[i] * rk[i];
+    float m0 = 0.f, m1 = 0.f;
+    if (i < L) {
+      if (j < i) m0 = fi * rk[j] * acc[nt][2 * r] * e0;
+      if (j + 1 < i) m1 = fi * rk[j + 1] * acc[nt][2 * r + 1] * e1;
+    }
+    return make_float2(m0, m1);
+  };
+  float dummy[2][4];
+  if (AQout && FUSED) {
+    // Warps 0, 1 take three tiles, warps 2, 3 two; M waits in registers until the q rows (M's region) are read.
+    // The Aqk tile leaves through this warp's 16 × 16 slot of Ts (free until the inverse) as 32-byte rows.
+    static_assert(16 * LDF * sizeof(float) >= 4 * 256 * sizeof(T), "prep: Aqk staging fits Ts");
+    T* stg = reinterpret_cast<T*>(Ts) + warp * 256;
+    float2 mv[3][2][2];
+    int trs[3], tcs[3];
+#pragma unroll
+    for (int u = 0; u < 3; ++u) {
+      const int job = warp + 4 * u;
+      if (job >= 10) break;
+      float accQ[2][4], accK[2][4], gi[2], gj[2][2];
+      lowerTile(Qb, job, trs[u], tcs[u], accQ, gi, gj, Kb, accK);
+      const int mi = trs[u], ni = tcs[u];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+          const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
+          const float x0 = j <= i ? accQ[nt][2 * r] * sq[i] * rk[j] * e0 : 0.f;
+          const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sq[i] * rk[j + 1] * e1 : 0.f;
+          *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
+          mv[u][nt][r] = mPair(accK, mi, ni, nt, r, e0, e1);
+        }
+      __syncwarp();
+      {
+        const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
+        if (i < L)
+          *reinterpret_cast<uint4*>(AQout + ((t0 + i) * HV + hv) * C + 16 * ni + 8 * half) =
+              *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
+      }
+      __syncwarp();
+    }
+    __syncthreads();  // q rows read: M takes their place
+#pragma unroll
+    for (int u = 0; u < 3; ++u) {
+      if (warp + 4 * u >= 10) break;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
+    }
+  } else if (AQout) {
     for (int job = warp; job < 10; job += kPrepThreads / 32) {
       int mi, ni;
       float acc[2][4], gi[2], gj[2][2];
-      lowerTile(Qb, job, mi, ni, acc, gi, gj);
+      lowerTile(Qb, job, mi, ni, acc, gi, gj, nullptr, dummy);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -289,24 +359,18 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
-  for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
-    int tr, tc;
-    float acc[2][4], gi[2], gj[2][2];
-    lowerTile(Kb, tile, tr, tc, acc, gi, gj);
+  if (!(AQout && FUSED))
+    for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
+      int tr, tc;
+      float acc[2][4], gi[2], gj[2][2];
+      lowerTile(Kb, tile, tr, tc, acc, gi, gj, nullptr, dummy);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = 16 * tr + gq + 8 * r, j = 16 * tc + 8 * nt + 2 * tq;
-        const float fi = bet[i] * rk[i];
-        float m0 = 0.f, m1 = 0.f;
-        if (i < L) {
-          if (j < i) m0 = fi * rk[j] * acc[nt][2 * r] * __expf(gi[r] - gj[nt][0]);
-          if (j + 1 < i) m1 = fi * rk[j + 1] * acc[nt][2 * r + 1] * __expf(gi[r] - gj[nt][1]);
-        }
-        *reinterpret_cast<float2*>(Gs + i * LDF + j) = make_float2(m0, m1);
-      }
-  }
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
+              mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
+    }
   __syncthreads();  // Kb is dead from here on: As takes its place
   if (warp == 0) {
     gam[2 * lane] = gs0;
@@ -399,6 +463,212 @@ __device__ __forceinline__ void namedArrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
+// Steps of the recurrence and output warps, shared by the ws and ring kernels. Sᵀ fragments: element [nt][e] of
+// a warp's Sᵀ (16 columns × KH rows of S from row kb) is state (kk = kb + 8nt + 2tq + (e&1), column
+// col0 + gq + 8(e>>1)).
+template <typename T>
+__device__ __forceinline__ uint4 packFrag(const float (&a)[4], const float (&b)[4]) {
+  return make_uint4(pack2<T>(a[0], a[1]), pack2<T>(a[2], a[3]), pack2<T>(b[0], b[1]), pack2<T>(b[2], b[3]));
+}
+
+// Chunk-start state into the checkpoint (row kk of S at dst + kk·V): fp32, or bf16 (CK16 is a template argument:
+// as a run-time flag it cost the other paths 7 registers and spills) where lanes gq and gq + 1 swap one element so
+// that each stores a (col, col + 1) pair of one row — even gq row kk, odd gq row kk + 1 — as one 4-byte store.
+template <int KH, bool CK16>
+__device__ __forceinline__ void storeCkpt(const float (&S)[KH / 8][4], void* ckpt, size_t base, int V, int kb, int col0,
+                                          int lane) {
+  const int gq = lane / 4, tq = lane % 4;
+  if constexpr (!CK16) {
+    float* dst = static_cast<float*>(ckpt) + base;
+#pragma unroll
+    for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int kk = kb + 8 * nt + 2 * tq + (e & 1), col = col0 + gq + 8 * (e >> 1);
+        dst[size_t(kk) * V + col] = S[nt][e];
+      }
+  } else {
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(ckpt) + base;
+    const bool odd = gq & 1;
+#pragma unroll
+    for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        const float a = S[nt][2 * hi], b = S[nt][2 * hi + 1];
+        const float got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 4);
+        const int kk = kb + 8 * nt + 2 * tq + (odd ? 1 : 0), col = col0 + (gq & ~1) + 8 * hi;
+        *reinterpret_cast<__nv_bfloat162*>(dst + size_t(kk) * V + col) =
+            odd ? __floats2bfloat162_rn(got, b) : __floats2bfloat162_rn(a, got);
+      }
+  }
+}
+
+// A 16-byte shared-memory load the compiler cannot forward from an earlier store (see the ring kernel's formP).
+__device__ __forceinline__ uint4 lds128(const void* p) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(smemAddr(p)));
+  return r;
+}
+
+// Pᵀ (16 columns × 64 tokens) += Sᵀ kᵀ over this warp's rows kb … kb + KH of S; sFrag(ks) is Sᵀ's A fragment of
+// k-step ks (uint4).
+template <typename T, int KH, int LDK, typename SFrag>
+__device__ __forceinline__ void formP(float (&P)[8][4], SFrag&& sFrag, const T* Ks, int kb, int lane) {
+  const int lr = lane % 8, lm = lane / 8;
+#pragma unroll
+  for (int ks = 0; ks < KH / 16; ++ks) {
+    const uint4 s4 = sFrag(ks);
+    const uint32_t sa[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm4(b, Ks + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
+      mma<T>(P[2 * np], sa, b[0], b[1]);
+      mma<T>(P[2 * np + 1], sa, b[2], b[3]);
+    }
+  }
+}
+
+// Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments (V columns vw … vw + 16 of the stage), νᵀ = Xᵀ Abᵀ (Ab lower
+// triangular).
+template <typename T, int LDV>
+__device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4], const T* Vs, int vw,
+                                       const float4* auxs, const T* Abs, int lane) {
+  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
+  uint32_t Xa[4][4];
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t a[4];
+    ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int j = 16 * ks + 8 * t + 2 * tq;
+      const float f0 = auxs[2 * j].w, f1 = auxs[2 * j + 2].w;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
+        Xa[ks][2 * t + r] =
+            pack2<T>(toF(ve[0]) - P[2 * ks + t][2 * r] * f0, toF(ve[1]) - P[2 * ks + t][2 * r + 1] * f1);
+      }
+    }
+  }
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int np = ks; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+      mma<T>(N[2 * np], Xa[ks], b[0], b[1]);
+      mma<T>(N[2 * np + 1], Xa[ks], b[2], b[3]);
+    }
+}
+
+// Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are zero-filled,
+// so f_j = 0 there). N is scaled in place.
+template <typename T, int KH, int LDK>
+__device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4], const T* Ks, const float4* auxs,
+                                        int kb, int lane) {
+  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
+  const float eL = auxs[1].z;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 f = make_float2(auxs[2 * (8 * nt + 2 * tq) + 1].y, auxs[2 * (8 * nt + 2 * tq) + 3].y);
+    N[nt][0] *= f.x;
+    N[nt][2] *= f.x;
+    N[nt][1] *= f.y;
+    N[nt][3] *= f.y;
+  }
+#pragma unroll
+  for (int nt = 0; nt < KH / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t a[4];
+    a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
+    a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
+    a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
+    a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
+#pragma unroll
+    for (int np = 0; np < KH / 16; ++np) {
+      uint32_t b[4];
+      ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + kb + 16 * np + (lm >> 1) * 8);
+      mma<T>(S[2 * np], a, b[0], b[1]);
+      mma<T>(S[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Oᵀ = Sᵀ Q̃ᵀ over the token blocks np with own(np), columns scaled by sq_i exp γ_i; sFrag(ks) is Sᵀ's A fragment
+// of k-step ks (uint4).
+template <typename T, int K, typename SFrag, typename Own>
+__device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* Qs, const float4* auxs, int lane,
+                                      Own&& own) {
+  constexpr int LDK = K + 8;
+  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
+#pragma unroll
+  for (int ks = 0; ks < K / 16; ++ks) {
+    const uint4 s4 = sFrag(ks);
+    const uint32_t sa[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (!own(np)) continue;
+      uint32_t b[4];
+      ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
+      mma<T>(O[2 * np], sa, b[0], b[1]);
+      mma<T>(O[2 * np + 1], sa, b[2], b[3]);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float f = auxs[2 * (8 * nt + 2 * tq + c) + 1].x;  // sq_i exp γ_i
+      O[nt][c] *= f;
+      O[nt][c + 2] *= f;
+    }
+}
+
+// Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
+template <typename T, typename Own>
+__device__ __forceinline__ void outNuAQ(float (&O)[8][4], const uint32_t (&Nf)[4][4], const T* AQs, int lane, Own&& own) {
+  const int lr = lane % 8, lm = lane / 8;
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    if (!own(np)) continue;
+#pragma unroll
+    for (int ks = 0; ks <= np; ++ks) {
+      uint32_t b[4];
+      ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
+      mma<T>(O[2 * np], Nf[ks], b[0], b[1]);
+      mma<T>(O[2 * np + 1], Nf[ks], b[2], b[3]);
+    }
+  }
+}
+
+// o rows from Oᵀ (16 columns): staged transposed in `stage` (token rows LDS elements apart) by stmatrix.trans —
+// matrix m of token block np holds tokens 8(2np + (m >> 1)) + [0, 8) × columns 8(m & 1) + [0, 8) — then 16-byte
+// stores to orow (token 0's first column; tokens rowStride elements apart), tokens < L.
+template <typename T, int LDS, typename Own>
+__device__ __forceinline__ void outStore(const float (&O)[8][4], T* stage, T* orow, int64_t rowStride, int L, int lane,
+                                         Own&& own) {
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    if (!own(np)) continue;
+    const int m = lane / 8;
+    stsm4t(stage + (16 * np + 8 * (m >> 1) + lane % 8) * LDS + 8 * (m & 1), pack2<T>(O[2 * np][0], O[2 * np][1]),
+           pack2<T>(O[2 * np][2], O[2 * np][3]), pack2<T>(O[2 * np + 1][0], O[2 * np + 1][1]),
+           pack2<T>(O[2 * np + 1][2], O[2 * np + 1][3]));
+  }
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int i = (lane + 32 * it) / 2, half = lane % 2;
+    if (i < L && own(i / 16))
+      *reinterpret_cast<uint4*>(orow + i * rowStride + 8 * half) = *reinterpret_cast<const uint4*>(stage + i * LDS + 8 * half);
+  }
+}
+
 template <typename T, int K, int CG, int KS2, int ST, int MINB, bool CK16>
 __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __restrict__ cu, int H, int HV, int V,
                                                                 const T* __restrict__ q, const T* __restrict__ k,
@@ -425,7 +695,6 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
   const int role = rec ? warp : warp - R;  // index among the warps of this role
   const int cg = role / KS2, kh = role % KS2;
   const int gq = lane / 4, tq = lane % 4;
-  const int lr = lane % 8, lm = lane / 8;
   const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
   const int v0 = blockIdx.x * VT, vw = 16 * cg;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
@@ -472,7 +741,6 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
   // The two roles run the chunk loop in separate code, so that the output warps do not carry Sᵀ's registers.
   if (rec) {
     const int kb = kh * KH;
-    // Sᵀ (16 × KH): element [nt][e] is state (kk = kb + 8nt + 2tq + (e&1), column v0 + vw + gq + 8(e>>1)).
     float S[KH / 8][4];
 #pragma unroll
     for (int nt = 0; nt < KH / 8; ++nt)
@@ -492,58 +760,18 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       const T* Vs = Abs + C * LDC;
       const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
       top(t0, st, [&] {
-        if (ckpt && !CK16) {  // chunk-start state, overlapping the loads
-          float* dst = static_cast<float*>(ckpt) + (size_t(chunk) * HV + hv) * K * V;
-#pragma unroll
-          for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int kk = kb + 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
-              dst[size_t(kk) * V + col] = S[nt][e];
-            }
-        } else if (ckpt) {
-          // bf16 (CK16 is a template argument: as a run-time flag it cost the other paths 7 registers and
-          // spills): lanes gq and gq + 1 swap one element so that each stores a (col, col + 1) pair of one
-          // row — even gq row kk, odd gq row kk + 1 — as one 4-byte store.
-          __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(ckpt) + (size_t(chunk) * HV + hv) * K * V;
-          const bool odd = gq & 1;
-#pragma unroll
-          for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-            for (int hi = 0; hi < 2; ++hi) {
-              const float a = S[nt][2 * hi], b = S[nt][2 * hi + 1];
-              const float got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 4);
-              const int kk = kb + 8 * nt + 2 * tq + (odd ? 1 : 0), col = v0 + vw + (gq & ~1) + 8 * hi;
-              *reinterpret_cast<__nv_bfloat162*>(dst + size_t(kk) * V + col) =
-                  odd ? __floats2bfloat162_rn(got, b) : __floats2bfloat162_rn(a, got);
-            }
-        }
+        if (ckpt) storeCkpt<KH, CK16>(S, ckpt, (size_t(chunk) * HV + hv) * K * V, V, kb, v0 + vw, lane);
         if (wantO) {  // chunk-start Sᵀ for the output warps (visible after the barrier)
 #pragma unroll
           for (int ks = 0; ks < KSH; ++ks)
-            *reinterpret_cast<uint4*>(xS + (kb / 16 + ks) * 128) = make_uint4(
-                pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
-                pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]), pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]));
+            *reinterpret_cast<uint4*>(xS + (kb / 16 + ks) * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
         }
       });
 
-      // Pᵀ = Sᵀ kᵀ; Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments; νᵀ = Xᵀ Abᵀ (Ab lower triangular).
       float N[8][4] = {};
       {
         float P[8][4] = {};
-#pragma unroll
-        for (int ks = 0; ks < KSH; ++ks) {
-          const uint32_t sa[4] = {pack2<T>(S[2 * ks][0], S[2 * ks][1]), pack2<T>(S[2 * ks][2], S[2 * ks][3]),
-                                  pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]),
-                                  pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3])};
-#pragma unroll
-          for (int np = 0; np < 4; ++np) {
-            uint32_t b[4];
-            ldsm4(b, Ks + (16 * np + lr + (lm >> 1) * 8) * LDK + kb + 16 * ks + (lm & 1) * 8);
-            mma<T>(P[2 * np], sa, b[0], b[1]);
-            mma<T>(P[2 * np + 1], sa, b[2], b[3]);
-          }
-        }
+        formP<T, KH, LDK>(P, [&](int ks) { return packFrag<T>(S[2 * ks], S[2 * ks + 1]); }, Ks, kb, lane);
         if constexpr (KS2 == 2) {  // the pair's partial products, added in the same order by both warps
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
@@ -557,73 +785,16 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
             for (int e = 0; e < 4; ++e) P[nt][e] = kh == 0 ? P[nt][e] + o4[e] : o4[e] + P[nt][e];
           }
         }
-        uint32_t Xa[4][4];
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          uint32_t a[4];
-          ldsm4t(a, Vs + (16 * ks + lr + (lm >> 1) * 8) * LDV + vw + (lm & 1) * 8);
-#pragma unroll
-          for (int t = 0; t < 2; ++t) {
-            const int j = 16 * ks + 8 * t + 2 * tq;
-            const float f0 = auxs[2 * j].w, f1 = auxs[2 * j + 2].w;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
-              Xa[ks][2 * t + r] =
-                  pack2<T>(toF(ve[0]) - P[2 * ks + t][2 * r] * f0, toF(ve[1]) - P[2 * ks + t][2 * r + 1] * f1);
-            }
-          }
-        }
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-          for (int np = ks; np < 4; ++np) {
-            uint32_t b[4];
-            ldsm4(b, Abs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-            mma<T>(N[2 * np], Xa[ks], b[0], b[1]);
-            mma<T>(N[2 * np + 1], Xa[ks], b[2], b[3]);
-          }
+        formNu<T, LDV>(N, P, Vs, vw, auxs, Abs, lane);
       }
       if (wantO) {  // hand νᵀ to the output warps (every recurrence warp arrives: it has read Vs by now)
         if (kh == 0) {
 #pragma unroll
-          for (int ks = 0; ks < 4; ++ks)
-            *reinterpret_cast<uint4*>(xN + ks * 128) = make_uint4(
-                pack2<T>(N[2 * ks][0], N[2 * ks][1]), pack2<T>(N[2 * ks][2], N[2 * ks][3]),
-                pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]), pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]));
+          for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
         }
         namedArrive(1 + cg, kNuCount);
       }
-      // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are
-      // zero-filled, so f_j = 0 there)
-      const float eL = auxs[1].z;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const float2 f = make_float2(auxs[2 * (8 * nt + 2 * tq) + 1].y, auxs[2 * (8 * nt + 2 * tq) + 3].y);
-        N[nt][0] *= f.x;
-        N[nt][2] *= f.x;
-        N[nt][1] *= f.y;
-        N[nt][3] *= f.y;
-      }
-#pragma unroll
-      for (int nt = 0; nt < KH / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[4];
-        a[0] = pack2<T>(N[2 * ks][0], N[2 * ks][1]);
-        a[1] = pack2<T>(N[2 * ks][2], N[2 * ks][3]);
-        a[2] = pack2<T>(N[2 * ks + 1][0], N[2 * ks + 1][1]);
-        a[3] = pack2<T>(N[2 * ks + 1][2], N[2 * ks + 1][3]);
-#pragma unroll
-        for (int np = 0; np < KSH; ++np) {
-          uint32_t b[4];
-          ldsm4t(b, Ks + (16 * ks + lr + (lm & 1) * 8) * LDK + kb + 16 * np + (lm >> 1) * 8);
-          mma<T>(S[2 * np], a, b[0], b[1]);
-          mma<T>(S[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      updateS<T, KH, LDK>(S, N, Ks, auxs, kb, lane);
     }
     if (hT) {
 #pragma unroll
@@ -648,32 +819,10 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       const T* AQs = reinterpret_cast<const T*>(auxs + 2 * C);  // Aqk from the prep, loaded with the stage
       top(t0, st, [] {});
       if (!wantO) continue;
-      // Oᵀ = Sᵀ Qᵀ over this warp's token blocks (chunk-start Sᵀ from the recurrence warps), columns scaled by
-      // sq_i exp(γ_i).
+      // Chunk-start Sᵀ from the recurrence warps.
       float O[8][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint4 s4 = *reinterpret_cast<const uint4*>(xS + ks * 128);
-        const uint32_t sa[4] = {s4.x, s4.y, s4.z, s4.w};
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          if (!own(np)) continue;
-          uint32_t b[4];
-          ldsm4(b, Qs + (16 * np + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-          mma<T>(O[2 * np], sa, b[0], b[1]);
-          mma<T>(O[2 * np + 1], sa, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float f = auxs[2 * (8 * nt + 2 * tq + c) + 1].x;  // sq_i exp γ_i
-          O[nt][c] *= f;
-          O[nt][c + 2] *= f;
-        }
+      outQS<T, K>(O, [&](int ks) { return *reinterpret_cast<const uint4*>(xS + ks * 128); }, Qs, auxs, lane, own);
       namedSync(1 + cg, kNuCount);  // νᵀ from the recurrence warps
-      // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
       uint32_t Nf[4][4];
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
@@ -683,36 +832,180 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
         Nf[ks][2] = n4.z;
         Nf[ks][3] = n4.w;
       }
+      outNuAQ<T>(O, Nf, AQs, lane, own);
+      // o staged in this group's columns of Vs (the recurrence warps read them before they arrived).
+      outStore<T, LDV>(O, Vs + vw, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane, own);
+    }
+  }
+}
+
+// Kernel 2, v7 (session 5, `ringKernel`): the two roles decoupled. One block per (sequence, value head, 128 columns
+// of V), 8 recurrence + 8 output warps (one per 16 columns each), one block per SM. Each role loads what it
+// consumes into its own two-slot ring by cp.async (recurrence: K, Ab, V, aux; output: Q, Aqk, aux) and meets only
+// its own warps at one named barrier per chunk (the slot it refills was released by all of them), so loads are
+// always a chunk ahead. The recurrence warps hand the chunk-start Sᵀ and νᵀ over through one exchange slot per
+// group: "ready" (recurrence arrive, output sync) after both are written, "free" (output arrive, recurrence sync)
+// once the output warps hold them in registers, before the exchange is written again (at the top of the next
+// chunk). So the recurrence warps run up to a chunk ahead of the output warps and do not wait for their
+// products or o stores unless those take longer than a chunk of the chain (v6: 22 % of the recurrence warps' time
+// at the chunk-top barrier, 13 % on the single stage's cp.async). o only (the backward's checkpoint pass without o
+// keeps the ws kernel); opt-in (TCAL_GDN_WS=ring): see runWs. 218 KB of shared memory, so sm_90 only.
+template <int K>
+struct RingLayout {
+  static constexpr int LDK = K + 8, VT = 128, LDV = VT + 8, LDO = 24;  // LDO: 48-byte o rows, stmatrix conflict-free
+  static constexpr size_t kRec = 2 * (size_t(C) * LDK + size_t(C) * LDC + size_t(C) * LDV) + 32 * C;  // K, Ab, V, aux
+  static constexpr size_t kOut = 2 * (size_t(C) * LDK + size_t(C) * LDC) + 32 * C;                    // Q, Aqk, aux
+  static constexpr size_t kXch = 8 * 4 * size_t(wsXchgWords<K, 1>());                                  // Sᵀ, νᵀ per group
+  static constexpr size_t kO = 8 * size_t(C) * LDO * 2;                                                // o per output warp
+  static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 218 KB at K = 128
+};
+
+template <typename T, int K, bool CK16>
+__global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu, int H, int HV, int V,
+                                                     const T* __restrict__ q, const T* __restrict__ k,
+                                                     const T* __restrict__ v, const T* __restrict__ Ab,
+                                                     const T* __restrict__ AQ, const float4* __restrict__ aux,
+                                                     const float* __restrict__ h0, T* __restrict__ o,
+                                                     float* __restrict__ hT, void* __restrict__ ckpt,
+                                                     const int* __restrict__ chunkFirst) {
+  using Lay = RingLayout<K>;
+  constexpr int LDK = Lay::LDK, VT = Lay::VT, LDV = Lay::LDV, LDO = Lay::LDO, KS = K / 16;
+  constexpr int NR = 256;  // threads per role
+  constexpr int XW = wsXchgWords<K, 1>();
+  constexpr int kBarRec = 1, kBarOut = 2, kBarReady = 3, kBarFree = 4;
+  extern __shared__ __align__(128) unsigned char sm[];
+  unsigned char* recSlots = sm;
+  unsigned char* outSlots = sm + 2 * Lay::kRec;
+  uint32_t* xch = reinterpret_cast<uint32_t*>(outSlots + 2 * Lay::kOut);
+  T* oStage = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(xch) + Lay::kXch);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, rtid = tid % NR;
+  const bool rec = warp < 8;
+  const int cg = warp % 8;
+  const int gq = lane / 4, tq = lane % 4;
+  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int v0 = blockIdx.x * VT, vw = 16 * cg;
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
+  uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
+  auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
+
+  if (rec) {
+    auto slot = [&](int s) { return reinterpret_cast<T*>(recSlots + s * Lay::kRec); };
+    auto issue = [&](int64_t tc, int s) {
+      T* Ks = slot(s);
+      T* Abs = Ks + C * LDK;
+      T* Vs = Abs + C * LDC;
+      float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+      const int Lc = chunkLen(tc);
+      // The thread index through an opaque move: the per-piece offsets are recomputed here instead of being
+      // hoisted out of the chunk loop, where ≈ 30 registers of them stayed live through the chain (ptxas: spills).
+      int me;
+      asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
+      tileAsync<K / 8, LDK, NR>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, me);
+      tileAsync<C / 8, LDC, NR>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
+      tileAsync<VT / 8, LDV, NR>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, me);
+      tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
+    };
+    if (seqBegin < seqEnd) issue(seqBegin, 0);
+    cpAsyncCommit();
+    const size_t stateBase = (size_t(n) * HV + hv) * K * V;
+    float S[K / 8][4];
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (!own(np)) continue;
+    for (int nt = 0; nt < K / 8; ++nt)
 #pragma unroll
-        for (int ks = 0; ks <= np; ++ks) {
-          uint32_t b[4];
-          ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-          mma<T>(O[2 * np], Nf[ks], b[0], b[1]);
-          mma<T>(O[2 * np + 1], Nf[ks], b[2], b[3]);
+      for (int e = 0; e < 4; ++e) {
+        int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+        S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
+      }
+    int chunk = chunkFirst ? chunkFirst[n] : 0;
+    int s = 0;
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, s ^= 1) {
+      cpAsyncWait<0>();         // this chunk's slot (issued a chunk ago) has landed for this thread …
+      namedSync(kBarRec, NR);   // … and for all; every recurrence warp is done with the other slot
+      if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+      cpAsyncCommit();
+      const T* Ks = slot(s);
+      const T* Abs = Ks + C * LDK;
+      const T* Vs = Abs + C * LDC;
+      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      if (ckpt) storeCkpt<K, CK16>(S, ckpt, (size_t(chunk) * HV + hv) * K * V, V, 0, v0 + vw, lane);
+      // The output warps hold the previous chunk's Sᵀ, νᵀ: write this chunk's Sᵀ now (written after νᵀ, with S
+      // and N both live, it spilled 400 B — ptxas, K = 128).
+      namedSync(kBarFree, 2 * NR);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
+      float N[8][4] = {};
+      {
+        float P[8][4] = {};
+        // The A fragments back from the exchange: packed again from S (or forwarded by the compiler), all 32
+        // stay live through the products (ptxas: 192 B of spill instead of 76).
+        formP<T, K, LDK>(P, [&](int ks) { return lds128(xS + ks * 128); }, Ks, 0, lane);
+        formNu<T, LDV>(N, P, Vs, vw, auxs, Abs, lane);
+      }
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
+      namedArrive(kBarReady, 2 * NR);
+      updateS<T, K, LDK>(S, N, Ks, auxs, 0, lane);
+    }
+    if (hT) {
+#pragma unroll
+      for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
+          hT[stateBase + size_t(kk) * V + col] = S[nt][e];
         }
-      }
-      // o: stage Oᵀ in this group's columns of Vs (the recurrence warps read them before they arrived), then
-      // 16-byte stores.
-      // stmatrix.trans: matrix m of token block np holds tokens 8(2np + (m >> 1)) + [0, 8) × columns 8(m & 1) + [0, 8).
+    }
+  } else {
+    auto slot = [&](int s) { return reinterpret_cast<T*>(outSlots + s * Lay::kOut); };
+    auto issue = [&](int64_t tc, int s) {
+      T* Qs = slot(s);
+      T* AQs = Qs + C * LDK;
+      float4* auxs = reinterpret_cast<float4*>(AQs + C * LDC);
+      const int Lc = chunkLen(tc);
+      int me;  // as in the recurrence role
+      asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
+      tileAsync<K / 8, LDK, NR>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, me);
+      tileAsync<C / 8, LDC, NR>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
+      tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
+    };
+    auto own = [](int) { return true; };
+    T* Os = oStage + cg * C * LDO;
+    if (seqBegin < seqEnd) {
+      issue(seqBegin, 0);
+      namedArrive(kBarFree, 2 * NR);  // the exchange starts free
+    }
+    cpAsyncCommit();
+    int s = 0;
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, s ^= 1) {
+      const int L = chunkLen(t0);
+      cpAsyncWait<0>();
+      namedSync(kBarOut, NR);
+      if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+      cpAsyncCommit();
+      const T* Qs = slot(s);
+      const T* AQs = Qs + C * LDK;
+      const float4* auxs = reinterpret_cast<const float4*>(AQs + C * LDC);
+      namedSync(kBarReady, 2 * NR);  // this chunk's Sᵀ, νᵀ
+      uint4 Sf[KS];
+      uint32_t Nf[4][4];
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (!own(np)) continue;
-        const int m = lane / 8;
-        stsm4t(Vs + (16 * np + 8 * (m >> 1) + lane % 8) * LDV + vw + 8 * (m & 1),
-               pack2<T>(O[2 * np][0], O[2 * np][1]), pack2<T>(O[2 * np][2], O[2 * np][3]),
-               pack2<T>(O[2 * np + 1][0], O[2 * np + 1][1]), pack2<T>(O[2 * np + 1][2], O[2 * np + 1][3]));
-      }
-      __syncwarp();
+      for (int ks = 0; ks < KS; ++ks) Sf[ks] = *reinterpret_cast<const uint4*>(xS + ks * 128);
 #pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int i = (lane + 32 * it) / 2, half = lane % 2;
-        if (i < L && own(i / 16))
-          *reinterpret_cast<uint4*>(o + ((t0 + i) * HV + hv) * V + v0 + vw + 8 * half) =
-              *reinterpret_cast<const uint4*>(Vs + i * LDV + vw + 8 * half);
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint4 n4 = *reinterpret_cast<const uint4*>(xN + ks * 128);
+        Nf[ks][0] = n4.x;
+        Nf[ks][1] = n4.y;
+        Nf[ks][2] = n4.z;
+        Nf[ks][3] = n4.w;
       }
+      if (t0 + C < seqEnd) namedArrive(kBarFree, 2 * NR);  // (one arrival per recurrence-side wait)
+      float O[8][4] = {};
+      outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
+      outNuAQ<T>(O, Nf, AQs, lane, own);
+      outStore<T, LDO>(O, Os, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane, own);
+      __syncwarp();  // every lane has read Os before the next chunk's stmatrix
     }
   }
 }
@@ -729,6 +1022,12 @@ int smCount() {
   int sms = 132, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   return sms;
+}
+// Shared memory one block may opt in to (227 KB on sm_90, 163 KB on sm_80: the ring kernel needs sm_90's).
+size_t smemOptin() {
+  int bytes = 0, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return size_t(bytes);
 }
 
 // Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per group, two blocks per SM
@@ -752,11 +1051,35 @@ void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const
 }
 
 template <typename T, int K>
+void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux,
+                T* o, float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
+  constexpr size_t smem = RingLayout<K>::total;
+  auto kern = ckpt && ckpt16 ? ringKernel<T, K, true> : ringKernel<T, K, false>;
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "cudaFuncSetAttribute(gdn v7 state)");
+  dim3 grid(unsigned(p.V / RingLayout<K>::VT), unsigned(p.HV), unsigned(p.N));
+  kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
+                                    Ab, AQ, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT, ckpt, chunkFirst);
+  checkLaunch("gdn v7 state");
+}
+
+// ws wide where 64-column blocks give at least one per SM, else ws small. TCAL_GDN_WS=wide|small|ring forces one;
+// ring (v7) only where o is wanted, V % 128 = 0 and the device has sm_90's shared memory. The ring kernel is not
+// the default: H200 session 5 call 1 timed it slower than ws wide (0.41 vs 0.38 ms, state pass alone, reference
+// shape) while it spilled; its spill fix has not run on a GPU yet (bench/NOTES.md, Version 7).
+template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
-  bool wide = p.N * p.HV * (p.V / 64) >= smCount();
-  if (const char* e = std::getenv("TCAL_GDN_WS")) wide = std::strcmp(e, "small") != 0;
-  if (!wide) {
+  const int sms = smCount();
+  bool wide = p.N * p.HV * (p.V / 64) >= sms;
+  bool ring = false;
+  if (const char* e = std::getenv("TCAL_GDN_WS")) {
+    wide = std::strcmp(e, "small") != 0;
+    ring = std::strcmp(e, "ring") == 0 && o && p.V % RingLayout<K>::VT == 0 && smemOptin() >= RingLayout<K>::total;
+  }
+  if (ring) {
+    launchRing<T, K>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+  } else if (!wide) {
     launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
     launchWs<T, K, 4, 1, 2, 2>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
@@ -780,7 +1103,8 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    auto kern = prepKernel<T, K>;
+    const char* pe = std::getenv("TCAL_GDN_V3_PREP");  // =old: session 4's prep (benchmark comparison)
+    auto kern = pe && std::strcmp(pe, "old") == 0 ? prepKernel<T, K, false> : prepKernel<T, K, true>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
