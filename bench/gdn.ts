@@ -80,6 +80,8 @@ const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['kernel 2 v3 + prep with P, W, Qe, Kn (session 4)', { TCAL_GDN_BWD_STATE: 'v3' }],
   ['<dS, S0> by the shared-memory loop (session 4)', { TCAL_GDN_BWD_DOT: 'loop' }],
+  ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
+  ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
   ['epilogue n from global rows (session 3)', { TCAL_GDN_BWD_EPI: 'global' }],
   ['dq/dk partials + qkGrads', { TCAL_GDN_BWD_FUSE: '0' }],
@@ -94,6 +96,8 @@ const VARIANT_KEYS = [
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_STATE',
   'TCAL_GDN_BWD_DOT',
+  'TCAL_GDN_BWD_KK',
+  'TCAL_GDN_BWD_K3',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */
