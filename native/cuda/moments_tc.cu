@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -102,10 +103,85 @@ __device__ __forceinline__ int binOf(int delta) {
   return b < kBins - 1 ? b : kBins - 1;
 }
 
+// ---- sm_90a: warpgroup MMA (wgmma) for QKᵀ and P·F (the `Wg` configs; native/cuda keeps mma.sync elsewhere) ----
+// Operands in shared memory are K-major with the 128-byte swizzle: rows of 64 16-bit elements (128 B), 16-byte
+// chunk c of row r at ((c ^ (r & 7)) * 16), 8-row groups 1024 B apart (the descriptor's stride), tiles 1024-byte
+// aligned; a 16-element k step inside the 64-element row is +32 B on the start address (the swizzle is applied to
+// the address bits, so the start may sit inside a row). The accumulator layout of m64nNk16 per warp w of the
+// warpgroup (rows 16w..16w+15) is mma.sync m16n8k16's per n-block, and so is the register A fragment: the per-warp
+// statistics code below is shared by both paths unchanged.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TCAL_MOMENTS_WGMMA 1
+#endif
+namespace wg {
+__device__ __forceinline__ void fence() {
+#ifdef TCAL_MOMENTS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void commit() {
+#ifdef TCAL_MOMENTS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait0() {
+#ifdef TCAL_MOMENTS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// cp.async writes (generic proxy) that the tensor cores read next (async proxy): fence before the barrier.
+__device__ __forceinline__ void fenceProxy() {
+#ifdef TCAL_MOMENTS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving reads of accumulators across the wait (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void pin(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+__device__ __forceinline__ unsigned long long desc(unsigned addr) {
+  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+// S[64×64] (+)= A[64×16]·B[64×16]ᵀ, both from shared memory (16-bit E).
+template <typename E>
+__device__ __forceinline__ void qk(float (&d)[8][4], unsigned long long da, unsigned long long db, int accumulate) {
+#ifdef TCAL_MOMENTS_WGMMA
+  if constexpr (std::is_same_v<E, __nv_bfloat16>)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(da), "l"(db), "r"(accumulate));
+  else
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(da), "l"(db), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+// C[64×128] += P[64×16]·F[128×16]ᵀ, P fp16 from registers (the mma.sync A fragment), F from shared memory.
+__device__ __forceinline__ void pf(float (&d)[16][4], const unsigned (&a)[4], unsigned long long db) {
+#ifdef TCAL_MOMENTS_WGMMA
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+#else
+  __trap();
+#endif
+}
+}  // namespace wg
+
 struct StatParams {
   const void* q;
   const void* k;
-  const __half* feat;   // [maxLen, D]: cos θ_j σ at column j, sin θ_j σ at D/2 + j (0 for j ≥ half)
+  const __half* feat;   // [maxLen, D]: cos θ_j σ at column j, sin θ_j σ at D/2 + j (0 for j ≥ half); Wg: [D, featLd]
+  int featLd;
   const float2* trig;   // [maxLen, half]
   const int4* work;     // {rowStart, len, tile, 0}, longest first
   const float* lse;     // Exact: [B, H, T] natural-log row normalisers of the scaled scores (attentionForward's)
@@ -121,13 +197,20 @@ struct StatParams {
 // cross histogram bin edges find their tail masses — 0: per edge a compare-and-add over every element of the
 // lane and a quad reduction; 4: the rows' prefix sums on the tensor cores, each edge's tail read by the one
 // lane that holds it (session 4: 0.54 → ~0.2 ms of crossing work at the bench shape, bench/NOTES.md).
-template <int D_, int W_, int MT_, int BK_, int MinBlocks_, bool Spare_ = true, int KNear_ = 128, int Tails_ = 0>
+// Wg (sm_90a): QKᵀ and P·F on wgmma, one warpgroup per 64 rows (MT = 1), the feature table transposed ([D][keys])
+// so that both products read K-major tiles; +1 KB of shared memory to align the tiles to 1024 B.
+// OneK (Wg, one warpgroup per CTA): a single K buffer — the next tile's K is loaded after a barrier that follows
+// this tile's QKᵀ, under the statistics — so that three CTAs fit an SM's shared memory (72 KB each).
+template <int D_, int W_, int MT_, int BK_, int MinBlocks_, bool Spare_ = true, int KNear_ = 128, int Tails_ = 0, bool Wg_ = false,
+          bool OneK_ = false>
 struct StatCfg {
   static constexpr int D = D_, W = W_, MT = MT_, BK = BK_, MinBlocks = MinBlocks_;
-  static constexpr bool Spare = Spare_;
+  static constexpr bool Spare = Spare_, Wg = Wg_, OneK = OneK_;
   static constexpr int KNear = KNear_, Tails = Tails_;
-  static constexpr int BQ = 16 * MT * W;
-  static constexpr size_t smem() { return size_t(BQ * D + 4 * BK * D) * 2 + size_t(kBins * BQ + 3 * BQ) * 4 + size_t(BK * 8) * 2; }
+  static constexpr int BQ = 16 * MT * W, KStages = OneK ? 1 : 2;
+  static constexpr size_t smem() {
+    return size_t(BQ * D + (KStages + 2) * BK * D) * 2 + size_t(kBins * BQ + 3 * BQ) * 4 + size_t(BK * 8) * 2 + (Wg ? 1024 : 0);
+  }
 };
 using Cfg64 = StatCfg<64, 4, 2, 64, 2>;
 // D = 128: 64-key tiles (run 3 of session 3: 4.41 ms against 4.69 ms for 32-key tiles) with the tensor-core
@@ -137,6 +220,13 @@ using Cfg128 = StatCfg<128, 4, 2, 64, 2, true, 128, 4>;
 using Cfg128edges = StatCfg<128, 4, 2, 64, 2>;
 using Cfg128bk32 = StatCfg<128, 4, 2, 32, 2>;
 using Cfg256 = StatCfg<256, 8, 1, 32, 1>;
+// sm_90a, D = 128 (where the build has sm_90a code): wgmma with one warpgroup per 64 rows, two CTAs per SM (the
+// default: session 5, call 1: kernel 3.98 → 3.15 ms), or two warpgroups per 128 rows in one CTA per SM
+// (TCAL_MOMENTS_KERNEL=wg2: 3.67 ms — the exposed prologue / epilogue and 8-warp barriers). TCAL_MOMENTS_KERNEL=mtail
+// keeps the mma.sync kernel (Cfg128) for the same-run comparison.
+using Cfg128wg2 = StatCfg<128, 8, 1, 64, 1, true, 128, 4, true>;
+using Cfg128wg1 = StatCfg<128, 4, 1, 64, 2, true, 128, 4, true>;
+using Cfg128wg1k = StatCfg<128, 4, 1, 64, 3, true, 128, 4, true, true>;  // TCAL_MOMENTS_KERNEL=wg1k: 3 CTAs/SM
 
 template <typename E, typename C, bool Exact>
 __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParams p) {
@@ -146,11 +236,17 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   constexpr bool Spare = C::Spare;
   static_assert(NB % 2 == 0 && DB % 2 == 0 && BK % 32 == 0, "tile shapes");
   static_assert(C::Tails == 0 || C::Tails == 4, "crossing tails: per edge (0) or tensor-core prefix (4)");
+  constexpr bool Wg = C::Wg;
+  static_assert(!Wg || (MT == 1 && W % 4 == 0 && D == 128 && BK == 64), "wgmma: warpgroups of 64 rows, 128-byte rows");
+  constexpr bool OneK = C::OneK;
+  static_assert(!OneK || (Wg && W == 4), "one K buffer: one warpgroup per CTA (its barriers are the CTA's)");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smemRaw[];
+  unsigned char* smem = smemRaw;
+  if constexpr (Wg) smem += (1024u - (smemAddr(smemRaw) & 1023u)) & 1023u;  // the 128-byte swizzle is address-based
   E* sQ = reinterpret_cast<E*>(smem);
-  E* sK = sQ + BQ * D;                                   // [2][BK][D]
-  __half* sF = reinterpret_cast<__half*>(sK + 2 * BK * D);  // [2][BK][D]
+  E* sK = sQ + BQ * D;                                              // [KStages][BK][D]
+  __half* sF = reinterpret_cast<__half*>(sK + C::KStages * BK * D);  // [2][BK][D]
   float* sHist = reinterpret_cast<float*>(sF + 2 * BK * D);  // [kBins][BQ]
   float* sL = sHist + kBins * BQ;                        // [BQ] 1 / final row sums (0: row not counted)
   float* sZ = sL + BQ;                                   // [BQ] p at σ = 0 (written once per row, by its own lane)
@@ -173,38 +269,63 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   static_assert(NT % DC == 0 && (NT / DC) % 8 == 0, "loader layout");
   constexpr int LR = NT / DC;
   const int ldRow = tid / DC, ldChunk = tid % DC;
+  // mma.sync: rows of D elements, chunk ^ (row & 7). Wg: two 64-column halves of ROWS rows × 128 B each.
   const unsigned ldSmem = unsigned((ldRow * D + ((ldChunk ^ (ldRow & 7)) * 8)) * 2);
+  auto ldOff = [&](int rows) -> unsigned {
+    if constexpr (Wg) return unsigned((ldChunk >> 3) * rows * 128 + ldRow * 128 + (((ldChunk & 7) ^ (ldRow & 7)) << 4));
+    else return ldSmem;
+  };
+  constexpr int ldRowB = Wg ? 128 : D * 2;
   auto loadTile = [&](unsigned dst, const void* srcV, const void* safe, long long stepBytes, int row0, auto rowsTag) {
     constexpr int ROWS = decltype(rowsTag)::value;
-    static_assert(ROWS % LR == 0, "tile rows");
     const int rem = len - row0 - ldRow;
     const char* g = static_cast<const char*>(srcV);
+    const unsigned o = dst + ldOff(ROWS);
 #pragma unroll
-    for (int kk = 0; kk < ROWS / LR; ++kk) {
+    for (int kk = 0; kk < (ROWS + LR - 1) / LR; ++kk) {
+      if (ROWS % LR != 0 && kk * LR + ldRow >= ROWS) break;  // 12 warps: 24 rows per pass
       const bool ok = kk * LR < rem;
-      cpAsync16(dst + ldSmem + unsigned(kk * LR * D * 2), ok ? static_cast<const void*>(g) : safe, ok);
+      cpAsync16(o + unsigned(kk * LR * ldRowB), ok ? static_cast<const void*>(g) : safe, ok);
       g += stepBytes;
     }
   };
   // Tiles below the last one (every tile the loop prefetches) lie wholly inside the sequence: no row checks.
   auto loadFull = [&](unsigned dst, const void* srcV, long long stepBytes) {
     const char* g = static_cast<const char*>(srcV);
+    const unsigned o = dst + ldOff(BK);
 #pragma unroll
-    for (int kk = 0; kk < BK / LR; ++kk) {
-      cpAsync16(dst + ldSmem + unsigned(kk * LR * D * 2), g, true);
+    for (int kk = 0; kk < (BK + LR - 1) / LR; ++kk) {
+      if (BK % LR != 0 && kk * LR + ldRow >= BK) break;
+      cpAsync16(o + unsigned(kk * LR * ldRowB), g, true);
       g += stepBytes;
+    }
+  };
+  // Wg: the transposed feature tile [D features][BK keys] (one 128-byte row per feature), from featT [D][featLd]
+  // (featLd a multiple of BK: every tile is whole).
+  constexpr int FR = NT / 8;
+  const int fRow = tid >> 3, fChunk = tid & 7;
+  const unsigned fOff = unsigned(fRow * 128 + ((fChunk ^ (fRow & 7)) << 4));
+  auto loadFT = [&](unsigned dst, const void* srcV) {
+    const char* g = static_cast<const char*>(srcV);
+#pragma unroll
+    for (int kk = 0; kk < (D + FR - 1) / FR; ++kk) {
+      if (D % FR != 0 && kk * FR + fRow >= D) break;
+      cpAsync16(dst + fOff + unsigned(kk * FR * 128), g, true);
+      g += (long long)FR * p.featLd * 2;
     }
   };
   using QRows = std::integral_constant<int, BQ>;
   using KRows = std::integral_constant<int, BK>;
 
   const long long kStepB = (long long)LR * p.kvStride * 2, kTileB = (long long)BK * p.kvStride * 2;
-  const long long fStepB = (long long)LR * D * 2, fTileB = (long long)BK * D * 2;
+  const long long fStepB = (long long)LR * D * 2, fTileB = Wg ? (long long)BK * 2 : (long long)BK * D * 2;
   const char* ldK = reinterpret_cast<const char*>(gK + (long long)(nKT - 1) * BK * p.kvStride + (long long)ldRow * p.kvStride + ldChunk * 8);
-  const char* ldF = reinterpret_cast<const char*>(p.feat + (long long)((nKT - 1) * BK + ldRow) * D + ldChunk * 8);
+  const char* ldF = Wg ? reinterpret_cast<const char*>(p.feat + (long long)fRow * p.featLd + (nKT - 1) * BK + fChunk * 8)
+                       : reinterpret_cast<const char*>(p.feat + (long long)((nKT - 1) * BK + ldRow) * D + ldChunk * 8);
   loadTile(smemAddr(sQ), gQ + (long long)(q0 + ldRow) * p.qStride + ldChunk * 8, gQ, (long long)LR * p.qStride * 2, q0, QRows{});
   loadTile(smemAddr(sK), ldK, gK, kStepB, (nKT - 1) * BK, KRows{});
-  loadTile(smemAddr(sF), ldF, p.feat, fStepB, (nKT - 1) * BK, KRows{});
+  if constexpr (Wg) loadFT(smemAddr(sF), ldF);
+  else loadTile(smemAddr(sF), ldF, p.feat, fStepB, (nKT - 1) * BK, KRows{});
   cpCommit();
 
   const int sw = lane & 7;
@@ -270,25 +391,53 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
   for (int it = 0; it < nKT; ++it) {
     const int j = nKT - 1 - it;
     const int stage = it & 1;
-    if (it + 1 < nKT) {
+    if constexpr (OneK) {
+      cpWait<0>();
+    } else if (it + 1 < nKT) {
       ldK -= kTileB;
       ldF -= fTileB;
       loadFull(smemAddr(sK + (stage ^ 1) * BK * D), ldK, kStepB);
-      loadFull(smemAddr(sF + (stage ^ 1) * BK * D), ldF, fStepB);
+      if constexpr (Wg) loadFT(smemAddr(sF + (stage ^ 1) * BK * D), ldF);
+      else loadFull(smemAddr(sF + (stage ^ 1) * BK * D), ldF, fStepB);
       cpCommit();
       cpWait<1>();
     } else {
       cpWait<0>();
     }
+    if constexpr (Wg) wg::fenceProxy();
     __syncthreads();
     const int key0 = j * BK;
-    if (key0 <= warpRow0 + RW - 1) {
+    // wgmma is a warpgroup instruction: a warp above the tile still joins its group's products (with P = 0).
+    const bool warpActive = key0 <= warpRow0 + RW - 1;
+    const bool groupActive = Wg ? key0 <= q0 + (warp >> 2) * 64 + 63 : warpActive;
+    if (groupActive) {
       float s[MT][NB][4];
+      const unsigned stageOff = unsigned(stage * BK * D * 2);
+      if constexpr (Wg) {
+        const unsigned qA = sQa + unsigned((warp >> 2) * 64 * 128), kB = sKa + (OneK ? 0u : stageOff);
+        wg::fence();
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+          wg::qk<E>(s[0], wg::desc(qA + unsigned((ks >> 2) * BQ * 128 + (ks & 3) * 32)),
+                    wg::desc(kB + unsigned((ks >> 2) * BK * 128 + (ks & 3) * 32)), ks);
+        wg::commit();
+        wg::wait0();
+        wg::pin(s[0]);
+        if constexpr (OneK) {  // (groupActive holds for every tile of a one-warpgroup CTA: the barrier is uniform)
+          __syncthreads();     // every warp's share of QKᵀ is done: the K buffer is free
+          if (it + 1 < nKT) {
+            ldK -= kTileB;
+            ldF -= fTileB;
+            loadFull(smemAddr(sK), ldK, kStepB);
+            loadFT(smemAddr(sF + (stage ^ 1) * BK * D), ldF);  // last read by the previous tile's P·F, done before the top barrier
+            cpCommit();
+          }
+        }
+      } else {
 #pragma unroll
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int n = 0; n < NB; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
-      const unsigned stageOff = unsigned(stage * BK * D * 2);
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         unsigned a[MT][4];
@@ -305,7 +454,12 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           }
         }
       }
+      }
       unsigned pa[MT][BK / 16][4];  // P in fp16 as A fragments
+      if (!warpActive) {  // Wg only: every key of the tile lies after the warp's rows
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) pa[0][kk][0] = pa[0][kk][1] = pa[0][kk][2] = pa[0][kk][3] = 0u;
+      } else {  // (the m-tile loop below is the mma.sync path's, unchanged)
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const int mRow0 = warpRow0 + m * 16;
@@ -543,22 +697,32 @@ __global__ void __launch_bounds__(C::W * 32, C::MinBlocks) momentStats(StatParam
           }
         }
       }
+      }
       // C += P F on fp16 (P rounded to fp16, F an fp16 table).
+      if constexpr (Wg) {
+        wg::fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
+        for (int kk = 0; kk < BK / 16; ++kk) wg::pf(cacc[0], pa[0][kk], wg::desc(sFa + stageOff + unsigned(kk * 32)));
+        wg::commit();
+        wg::wait0();
+        wg::pin(cacc[0]);
+      } else {
 #pragma unroll
-        for (int d2 = 0; d2 < DB / 2; ++d2) {
-          unsigned b[4];
-          ldsm4t(b, fBase4[d2 & 3] + stageOff + unsigned(kk * 16 * D * 2 + (d2 >> 2) * 128));
+        for (int kk = 0; kk < BK / 16; ++kk) {
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            mmaF16(cacc[m][2 * d2], pa[m][kk], b[0], b[1]);
-            mmaF16(cacc[m][2 * d2 + 1], pa[m][kk], b[2], b[3]);
+          for (int d2 = 0; d2 < DB / 2; ++d2) {
+            unsigned b[4];
+            ldsm4t(b, fBase4[d2 & 3] + stageOff + unsigned(kk * 16 * D * 2 + (d2 >> 2) * 128));
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              mmaF16(cacc[m][2 * d2], pa[m][kk], b[0], b[1]);
+              mmaF16(cacc[m][2 * d2 + 1], pa[m][kk], b[2], b[3]);
+            }
           }
         }
       }
     }
-    __syncthreads();
+    if constexpr (!OneK) __syncthreads();
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -714,6 +878,48 @@ __global__ void featureTable(__half* __restrict__ feat, const double* __restrict
   }
 }
 
+// Wg: featT[c, σ] = feat[σ, c] for σ < featLd (a multiple of the key tile; entries past the longest sequence are
+// finite and meet only masked probabilities).
+__global__ void featureTableT(__half* __restrict__ featT, const double* __restrict__ theta, int featLd, int half, int Dp) {
+  const long long n = (long long)featLd * Dp;
+  const int hp = Dp / 2;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const int c = int(i / featLd), sigma = int(i % featLd), j = c < hp ? c : c - hp;
+    float v = 0.f;
+    if (j < half) {
+      double sn, cs;
+      sincos(theta[j] * double(sigma), &sn, &cs);
+      v = float(c < hp ? cs : sn);
+    }
+    featT[i] = __float2half_rn(v);
+  }
+}
+
+// Whether this build runs sm_90a code on the device (the wgmma kernels' bodies exist only there): one probe per device.
+__global__ void wgmmaProbe(int* out) {
+#ifdef TCAL_MOMENTS_WGMMA
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+bool hasWgmma(Device dev, cudaStream_t stream) {
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  if (dev.index < 0 || dev.index >= 64) return false;
+  int k = known[dev.index].load();
+  if (k == 0) {
+    Tensor flag = empty({1}, DType::I32, dev);
+    wgmmaProbe<<<1, 1, 0, stream>>>(flag.ptr<int>());
+    checkLaunch("taylorMoments (sm_90a probe)");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    int v = 0;
+    copyToHost(&v, flag, sizeof(int));
+    k = v ? 2 : 1;
+    known[dev.index].store(k);
+  }
+  return k == 2;
+}
+
 // TCAL_MOMENTS_PROFILE=1: the statistics phase split into host set-up + feature table, the kernel, and the
 // CTA sums (events; stderr), so the phase time of native/cuda/moments.cu can be read against the kernel alone.
 struct StatsTimer {
@@ -766,9 +972,14 @@ void runStats(const Problem& p, const void* q, const void* k, const float* lse, 
   std::vector<double> theta(p.invFreq);
   Tensor thetaD = empty({int64_t(half)}, DType::F64, dev);
   copyFromHost(thetaD, theta.data(), theta.size() * sizeof(double));
-  Tensor feat = empty({int64_t(maxLen) * Dp}, DType::F16, dev);
-  featureTable<<<gridFor(int64_t(maxLen) * Dp, 256), 256, 0, stream>>>(reinterpret_cast<__half*>(feat.data()), thetaD.ptr<double>(),
-                                                                      maxLen, half, Dp);
+  const int featLd = (maxLen + C::BK - 1) / C::BK * C::BK;
+  Tensor feat = empty({int64_t(C::Wg ? featLd : maxLen) * Dp}, DType::F16, dev);
+  if constexpr (C::Wg)
+    featureTableT<<<gridFor(int64_t(featLd) * Dp, 256), 256, 0, stream>>>(reinterpret_cast<__half*>(feat.data()), thetaD.ptr<double>(),
+                                                                         featLd, half, Dp);
+  else
+    featureTable<<<gridFor(int64_t(maxLen) * Dp, 256), 256, 0, stream>>>(reinterpret_cast<__half*>(feat.data()), thetaD.ptr<double>(),
+                                                                        maxLen, half, Dp);
   checkLaunch("taylorMoments (feature table)");
   const int R = kScalars + kBins + 2 * half;
   Tensor partial = empty({blocks * R}, DType::F64, dev);
@@ -776,6 +987,7 @@ void runStats(const Problem& p, const void* q, const void* k, const float* lse, 
   prm.q = q;
   prm.k = k;
   prm.feat = reinterpret_cast<const __half*>(feat.data());
+  prm.featLd = featLd;
   prm.trig = trig;
   prm.work = reinterpret_cast<const int4*>(work.data());
   prm.lse = lse;
@@ -791,6 +1003,9 @@ void runStats(const Problem& p, const void* q, const void* k, const float* lse, 
   const size_t smem = C::smem();
   auto kern = lse ? momentStats<E, C, true> : momentStats<E, C, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
+  if constexpr (C::Wg)  // all of the SM's shared memory (three 72-KB CTAs for OneK)
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)),
+          "cudaFuncSetAttribute");
   prof.mark();
   kern<<<unsigned(blocks), C::W * 32, smem, stream>>>(prm);
   checkLaunch("taylorMoments (tensor-core statistics)");
@@ -811,6 +1026,13 @@ void runStatsFor(const Problem& p, const void* q, const void* k, const float* ls
     const std::string v = variant ? variant : "";
     if (v == "bk32") return runStats<E, Cfg128bk32>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
     if (v == "edges") return runStats<E, Cfg128edges>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    if (v != "mtail" && hasWgmma(dev, stream)) {
+      if constexpr (std::is_same_v<E, __nv_bfloat16>) {  // the other shapes, for the same-run comparison (bench dtype only)
+        if (v == "wg2") return runStats<E, Cfg128wg2>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+        if (v == "wg1k") return runStats<E, Cfg128wg1k>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+      }
+      return runStats<E, Cfg128wg1>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
+    }
     runStats<E, Cfg128>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
   }
   else runStats<E, Cfg256>(p, q, k, lse, Dp, trig, seqs, maxLen, acc, dev, stream);
