@@ -78,24 +78,16 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
-  ['kernel 2 v3 + prep with P, W, Qe, Kn (session 4)', { TCAL_GDN_BWD_STATE: 'v3' }],
-  ['<dS, S0> by the shared-memory loop (session 4)', { TCAL_GDN_BWD_DOT: 'loop' }],
   ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
   ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
-  ['epilogue n from global rows (session 3)', { TCAL_GDN_BWD_EPI: 'global' }],
-  ['dq/dk partials + qkGrads', { TCAL_GDN_BWD_FUSE: '0' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
 const VARIANT_KEYS = [
   'TCAL_GDN_FORWARD',
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
-  'TCAL_GDN_BWD_EPI',
-  'TCAL_GDN_BWD_FUSE',
   'TCAL_GDN_STATES',
-  'TCAL_GDN_BWD_STATE',
-  'TCAL_GDN_BWD_DOT',
   'TCAL_GDN_BWD_KK',
   'TCAL_GDN_BWD_K3',
 ];

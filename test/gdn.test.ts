@@ -453,11 +453,9 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     expectBelow(e16, 1e-2, 2e-2, `${name} bf16`);
   });
 
-  // Paths behind switches (native/cuda/gdn_bwd_tc.cu): session 4's kernel 2 and <dS, S0> loop, and the opt-in
-  // lean kernel 3 (its first GPU run is still to come).
+  // Paths behind switches (native/cuda/gdn_bwd_tc.cu): the opt-in lean kernel 3 (its first GPU run is still to
+  // come).
   test.each([
-    ['TCAL_GDN_BWD_STATE=v3', { TCAL_GDN_BWD_STATE: 'v3' }],
-    ['TCAL_GDN_BWD_DOT=loop', { TCAL_GDN_BWD_DOT: 'loop' }],
     ['TCAL_GDN_BWD_K3=lean', { TCAL_GDN_BWD_K3: 'lean' }],
     ['TCAL_GDN_BWD_K3=lean TCAL_GDN_BWD_KK=mma', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ] as [string, Record<string, string>][])('backward with %s (bf16, ragged varlen + h0 + d final, and K=64 GVA)', async (label, env) => {

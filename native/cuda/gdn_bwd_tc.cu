@@ -6,12 +6,11 @@
 // Γ_ij = exp(γ_i − γ_j) (i ≥ j: every exponent ≤ 0), KKG = KKᵀ⊙Γ (strictly lower), QKG = QKᵀ⊙Γ (lower),
 // M = diag(β)KKG, A = (I + M)⁻¹, ν = A diag(β)(V − diag(e) K S0). Backward per chunk with dS the gradient of
 // the chunk's final state:
-//   dR = Aᵀ(QKGᵀ dO + diag(d) K dS) = P dO + W dS,  P = Aᵀ QKGᵀ, W = Aᵀ diag(d) K
+//   dR = Aᵀ(QKGᵀ dO + diag(d) K dS)
 //   dS_prev = e_L dS + Qᵀ diag(e) dO − Kᵀ diag(βe) dR
 // Kernel 1 (prep, per chunk × value head; WMMA, three blocks per SM): q, k normalised from the raw inputs,
 //   A (16×16-block inverse in fp32, stored 16-bit), QKG, the normalised Q and K (16-bit, for kernels 2 and 3),
-//   the gate vectors e, −βe, d and e_L. (TCAL_GDN_BWD_STATE=v3: P, W, Qe = diag(e)Q, Kn = −diag(βe)K instead of
-//   QKG and the vectors, for kernel 2 v3.)
+//   the gate vectors e, −βe, d and e_L.
 // Kernel 2 (state4Kernel, per sequence × value head × 16·NW V columns, chunks in reverse; mma.sync with dSᵀ in
 //   registers): dR and dS by the two lines above, dR as Aᵀ(QKGᵀdO + diag(d)K dS) in the chain; writes the dS
 //   entering every chunk (16-bit, transposed) and dh0.
@@ -218,7 +217,7 @@ constexpr size_t prepRegionQ() {  // the Q rows (C × (K+8) 16-bit), later QKG (
   return 2 * size_t(C) * (K + 8) > 2 * size_t(C) * LB + 4 * 16 * size_t(LF) ? 2 * size_t(C) * (K + 8)
                                                                              : 2 * size_t(C) * LB + 4 * 16 * size_t(LF);
 }
-// Two fp32 C × LF tiles, the Q region, the K rows (later diag(d) K, in place), 4 gate vectors: 69 KB at K = 128,
+// Two fp32 C × LF tiles, the Q region, the K rows, 4 gate vectors: 69 KB at K = 128,
 // 57 KB at K = 64, three blocks per SM (session 3's layout took 106.5 KB: two).
 template <int K>
 constexpr size_t prepSmem() {
@@ -232,14 +231,13 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
                                                   const float* __restrict__ g, const float* __restrict__ beta,
                                                   const int* __restrict__ chunkStart, const int* __restrict__ chunkLen,
                                                   int H, int HV, int G, T* __restrict__ Aout,
-                                                  T* __restrict__ Pout, T* __restrict__ Wout, T* __restrict__ Qeout,
-                                                  T* __restrict__ Knout, T* __restrict__ Qhout, T* __restrict__ Khout,
+                                                  T* __restrict__ Qhout, T* __restrict__ Khout,
                                                   float* __restrict__ eLout, T* __restrict__ QKGout,
                                                   float* __restrict__ gvecOut, T* __restrict__ KKGout) {
   constexpr int LK = K + 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  // Regions by lifetime: Sqk holds Q Kᵀ, then A (fp32), then A (16-bit, Ab); Skk K Kᵀ → M, then P, then W by
-  // 64-column halves; the Q region Q, then QKG and the inverse's Ts; Kb K, then diag(d) K (Kd, in place).
+  // Regions by lifetime: Sqk holds Q Kᵀ, then A (fp32); Skk K Kᵀ → M; the Q region Q, then QKG and the
+  // inverse's Ts; Kb K.
   float* Sqk = reinterpret_cast<float*>(smem);  // C × LF
   float* Skk = Sqk + C * LF;                    // C × LF
   unsigned char* regionQ = reinterpret_cast<unsigned char*>(Skk + C * LF);
@@ -247,8 +245,6 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
   T* QKGb = Qb;                                 // C × LB (after Q's last use)
   float* Ts = reinterpret_cast<float*>(regionQ + 2 * C * LB);  // 16 × LF
   T* Kb = reinterpret_cast<T*>(regionQ + prepRegionQ<K>());
-  T* Kd = Kb;                                   // diag(d) K, in place of K
-  T* Ab = reinterpret_cast<T*>(Sqk);            // C × LB (after A's conversion)
   float* gam = reinterpret_cast<float*>(Kb + C * LK);
   float* ex = gam + C;
   float* dd = ex + C;
@@ -269,35 +265,15 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
   gemm<T, RM, CM>(Sqk, LF, Qb, LK, Kb, LK, C, C, K);  // Q Kᵀ
   gemm<T, RM, CM>(Skk, LF, Kb, LK, Kb, LK, C, C, K);  // K Kᵀ
   if (threadIdx.x == 0) eLout[blk] = ex[L - 1];
-  // Lean mode (QKGout given; kernel 2 v4): no P, W, Qe, Kn — kernel 2 forms dR from QKG, A, Kh and the gate
-  // vectors e, −βe, d written here ([blk][3][C] fp32).
-  const bool lean = QKGout != nullptr;
-  if (lean && threadIdx.x < C) {
+  // The gate vectors e, −βe, d ([blk][3][C] fp32) for kernel 2, which forms dR from QKG, A and Kh.
+  if (threadIdx.x < C) {
     const int i = threadIdx.x;
     gvecOut[blk * 3 * C + i] = ex[i];
     gvecOut[blk * 3 * C + C + i] = -bet[i] * ex[i];
     gvecOut[blk * 3 * C + 2 * C + i] = dd[i];
   }
-  __syncthreads();  // Q and K rows are no longer read by the products: Kd takes K's place
-  for (int idx = threadIdx.x; !lean && idx < C * K / 8; idx += blockDim.x) {  // 8 elements per thread and pass
-    const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
-    const uint4 qv = *reinterpret_cast<const uint4*>(Qb + i * LK + c), kv = *reinterpret_cast<const uint4*>(Kb + i * LK + c);
-    const T* qe = reinterpret_cast<const T*>(&qv);
-    const T* ke = reinterpret_cast<const T*>(&kv);
-    alignas(16) T od[8], oq[8], on[8];
-    const float e = ex[i], d = dd[i], nb = -bet[i] * ex[i];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const float kf = toF(ke[u]);
-      od[u] = fromF<T>(d * kf);
-      oq[u] = fromF<T>(e * toF(qe[u]));
-      on[u] = fromF<T>(nb * kf);
-    }
-    *reinterpret_cast<uint4*>(Kd + i * LK + c) = *reinterpret_cast<const uint4*>(od);
-    *reinterpret_cast<uint4*>(Qeout + blk * C * K + i * K + c) = *reinterpret_cast<const uint4*>(oq);
-    *reinterpret_cast<uint4*>(Knout + blk * C * K + i * K + c) = *reinterpret_cast<const uint4*>(on);
-  }
   __syncthreads();  // Q rows dead: QKG takes their place
+  __syncthreads();  // (redundant since kernel 2 v3's prep outputs went; kept: this is the code call 1 timed)
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
     const int i = idx / C, j = idx % C;
     const float gm = (j <= i && i < L) ? __expf(gam[i] - gam[j]) : 0.f;
@@ -306,198 +282,21 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
     Skk[i * LF + j] = j < i ? bet[i] * Skk[i * LF + j] * gm : 0.f;  // M
   }
   __syncthreads();
-  if (lean)  // QKG (16-bit, the zero blocks included) for kernels 2 and 3; the inverse below leaves QKGb alone
-    for (int idx = threadIdx.x; idx < C * C / 8; idx += blockDim.x) {
-      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      *reinterpret_cast<uint4*>(QKGout + blk * C * C + i * C + c) = *reinterpret_cast<const uint4*>(QKGb + i * LB + c);
-    }
-  // A = (I + M)⁻¹ by 16×16 blocks (gdn_inverse.cuh), through 16 columns per warp of Ts (the Ab tile's space,
-  // free until A is converted). Blocks above the diagonal are never written: the conversion below zeroes them.
-  gdn_inverse::blockInverse64(Skk, Sqk, Ts, LF);
-  constexpr int NA = C * C / 8 / NTH;  // A → 16-bit (global, then Ab over the fp32 A), upper blocks zero
-  static_assert(NA * 8 * NTH == C * C, "prep: A conversion by 8-element pieces");
-  uint4 ap[NA];
-#pragma unroll
-  for (int u = 0; u < NA; ++u) {
-    const int idx = threadIdx.x + u * NTH, i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-    ap[u] = pack8<T>(Sqk + i * LF + c, c / 16 <= i / 16);
-    *reinterpret_cast<uint4*>(Aout + blk * C * C + i * C + c) = ap[u];
-  }
-  if (lean) return;
-  __syncthreads();
-#pragma unroll
-  for (int u = 0; u < NA; ++u) {
-    const int idx = threadIdx.x + u * NTH, i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-    *reinterpret_cast<uint4*>(Ab + i * LB + c) = ap[u];
-  }
-  __syncthreads();
-  gemm<T, CM, CM>(Skk, LF, Ab, LB, QKGb, LB, C, C, C);  // P = Aᵀ QKGᵀ
-  __syncthreads();
+  // QKG (16-bit, the zero blocks included) for kernels 2 and 3; the inverse below leaves QKGb alone.
   for (int idx = threadIdx.x; idx < C * C / 8; idx += blockDim.x) {
     const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-    *reinterpret_cast<uint4*>(Pout + blk * C * C + i * C + c) = pack8<T>(Skk + i * LF + c, true);
+    *reinterpret_cast<uint4*>(QKGout + blk * C * C + i * C + c) = *reinterpret_cast<const uint4*>(QKGb + i * LB + c);
   }
-  __syncthreads();
-  for (int wh = 0; wh < K / 64; ++wh) {  // W = Aᵀ diag(d) K by 64-column halves, staged in Skk
-    if (wh > 0) __syncthreads();  // the previous half's stores have read Skk
-    gemm<T, CM, RM>(Skk, LF, Ab, LB, Kd + 64 * wh, LK, C, 64, C);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < C * 64 / 8; idx += blockDim.x) {
-      const int i = idx / 8, c = (idx % 8) * 8;
-      *reinterpret_cast<uint4*>(Wout + blk * C * K + i * K + 64 * wh + c) = pack8<T>(Skk + i * LF + c, true);
-    }
+  // A = (I + M)⁻¹ by 16×16 blocks (gdn_inverse.cuh), through 16 columns per warp of Ts (beside QKG in the Q
+  // region). Blocks above the diagonal are never written: the conversion below zeroes them.
+  gdn_inverse::blockInverse64(Skk, Sqk, Ts, LF);
+  constexpr int NA = C * C / 8 / NTH;  // A → 16-bit, upper blocks zero
+  static_assert(NA * 8 * NTH == C * C, "prep: A conversion by 8-element pieces");
+#pragma unroll
+  for (int u = 0; u < NA; ++u) {
+    const int idx = threadIdx.x + u * NTH, i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+    *reinterpret_cast<uint4*>(Aout + blk * C * C + i * C + c) = pack8<T>(Sqk + i * LF + c, c / 16 <= i / 16);
   }
-}
-
-// ---- kernel 2, version 3: the dS recurrence with mma.sync, dSᵀ in registers ----
-// Block (16·NW columns, value head, sequence); warp w owns columns vw..vw+15 and keeps dSᵀ (16 × K, fp32) in
-// its accumulators (the layout of the forward's state pass), so that dSᵀ is the A operand of dSᵀWᵀ straight
-// from registers and no fp32 tile goes through shared memory. Per chunk (reverse):
-//   dRᵀ = dOᵀPᵀ + dSᵀWᵀ,   dSᵀ ← e_L dSᵀ + dOᵀ Qe + dRᵀ Kn
-// (P = AᵀQKGᵀ is upper triangular). ST = 2: the next chunk's loads are issued before this chunk's products.
-// Writes the dS entering every chunk transposed and 16-bit ([chunk, HV, V, K]: 4-byte stores of accumulator
-// pairs; kernel 3 v3 reads it so) and dh0.
-template <int K, int NW>
-constexpr size_t state3Stage() {
-  return 2 * (size_t(C) * (C + 8) + 3 * size_t(C) * (K + 8) + size_t(C) * (16 * NW + 8));
-}
-
-template <typename T, int K, int NW, int ST>
-__global__ void __launch_bounds__(32 * NW) state3Kernel(
-    const T* __restrict__ Pg, const T* __restrict__ Wg, const T* __restrict__ Qeg, const T* __restrict__ Kng,
-    const float* __restrict__ eLg, const T* __restrict__ dO, const float* __restrict__ dFinal,
-    const int* __restrict__ cu, const int* __restrict__ chunkFirst, int HV, int V, T* __restrict__ dSout,
-    float* __restrict__ dh0) {
-  using E = ptx::Elem<T>;
-  constexpr int LK = K + 8, LC = C + 8, VT = 16 * NW, LVs = VT + 8, NTH = 32 * NW;
-  constexpr size_t SB = state3Stage<K, NW>();
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
-  const int v0 = blockIdx.x * VT, hv = blockIdx.y, n = blockIdx.z, vw = 16 * warp;
-  const size_t sBase = (size_t(n) * HV + hv) * K * V;
-  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
-  const int first = chunkFirst[n], nCh = chunkFirst[n + 1] - first;
-  auto sa = [](const T* p) { return ptx::smemAddr(p); };
-  auto issue = [&](int ci, int st) {
-    T* Pb = reinterpret_cast<T*>(smem + st * SB);
-    T* Wb = Pb + C * LC;
-    T* Qb = Wb + C * LK;
-    T* Kb = Qb + C * LK;
-    T* dOb = Kb + C * LK;
-    const int64_t t0 = seqBegin + int64_t(ci) * C;
-    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
-    const size_t blk = size_t(first + ci) * HV + hv;
-    for (int idx = tid; idx < C * (C / 8); idx += NTH) {
-      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      ptx::cpAsync16(sa(Pb + i * LC + c), Pg + blk * C * C + i * C + c, true);
-    }
-    for (int idx = tid; idx < C * (K / 8); idx += NTH) {
-      const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
-      const size_t off = blk * C * K + i * K + c;
-      ptx::cpAsync16(sa(Wb + i * LK + c), Wg + off, true);
-      ptx::cpAsync16(sa(Qb + i * LK + c), Qeg + off, true);
-      ptx::cpAsync16(sa(Kb + i * LK + c), Kng + off, true);
-    }
-    for (int idx = tid; idx < C * (VT / 8); idx += NTH) {
-      const int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-      const bool ok = i < L;
-      ptx::cpAsync16(sa(dOb + i * LVs + c), dO + ((ok ? t0 + i : t0) * HV + hv) * V + v0 + c, ok);
-    }
-  };
-  // dSᵀ: element [nt][e] is dS (row 8nt + 2tq + (e & 1), column v0 + vw + gq + 8(e >> 1)).
-  float D[K / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      D[nt][e] = dFinal ? dFinal[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] : 0.f;
-  if (ST == 2 && nCh > 0) {
-    issue(nCh - 1, 0);
-    ptx::cpCommit();
-  }
-  int st = 0;
-  for (int ci = nCh - 1; ci >= 0; --ci, st ^= (ST - 1)) {
-    const size_t blk = size_t(first + ci) * HV + hv;
-    __syncthreads();  // the previous chunk's reads of the stage about to be refilled are done
-    if (ST == 1) {
-      issue(ci, 0);
-    } else if (ci > 0) {
-      issue(ci - 1, st ^ 1);
-    }
-    ptx::cpCommit();  // possibly empty: one group per chunk
-    {  // the dS entering this chunk (the gradient of its final state), transposed, 16-bit
-      T* dst = dSout + blk * V * K + size_t(v0 + vw + gq) * K + 2 * tq;
-#pragma unroll
-      for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<unsigned*>(dst + size_t(8 * h) * K + 8 * nt) = E::pack(D[nt][2 * h], D[nt][2 * h + 1]);
-    }
-    const float eL = eLg[blk];
-    ptx::cpWait<ST - 1>();
-    __syncthreads();
-    const T* Pb = reinterpret_cast<const T*>(smem + st * SB);
-    const T* Wb = Pb + C * LC;
-    const T* Qb = Wb + C * LK;
-    const T* Kb = Qb + C * LK;
-    const T* dOb = Kb + C * LK;
-    unsigned dOa[4][4];  // dOᵀ (16 × C) as A fragments
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-      ptx::ldsm4t(dOa[ks], sa(dOb + (16 * ks + lr + (lm >> 1) * 8) * LVs + vw + (lm & 1) * 8));
-    float R[8][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-      for (int np = 0; np <= ks; ++np) {  // dOᵀPᵀ: P[i][j] ≠ 0 only for j ≥ i
-        unsigned b[4];
-        ptx::ldsm4(b, sa(Pb + (16 * np + lr + (lm >> 1) * 8) * LC + 16 * ks + (lm & 1) * 8));
-        E::mma(R[2 * np], dOa[ks], b[0], b[1]);
-        E::mma(R[2 * np + 1], dOa[ks], b[2], b[3]);
-      }
-#pragma unroll
-    for (int ks = 0; ks < K / 16; ++ks) {  // + dSᵀWᵀ
-      const unsigned a[4] = {E::pack(D[2 * ks][0], D[2 * ks][1]), E::pack(D[2 * ks][2], D[2 * ks][3]),
-                             E::pack(D[2 * ks + 1][0], D[2 * ks + 1][1]), E::pack(D[2 * ks + 1][2], D[2 * ks + 1][3])};
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        unsigned b[4];
-        ptx::ldsm4(b, sa(Wb + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
-        E::mma(R[2 * np], a, b[0], b[1]);
-        E::mma(R[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    unsigned Ra[4][4];
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) Ra[ks][2 * t + r] = E::pack(R[2 * ks + t][2 * r], R[2 * ks + t][2 * r + 1]);
-#pragma unroll
-    for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) D[nt][e] *= eL;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-      for (int np = 0; np < K / 16; ++np) {  // + dOᵀ Qe + dRᵀ Kn
-        unsigned bq[4], bk[4];
-        ptx::ldsm4t(bq, sa(Qb + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
-        ptx::ldsm4t(bk, sa(Kb + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
-        E::mma(D[2 * np], dOa[ks], bq[0], bq[1]);
-        E::mma(D[2 * np + 1], dOa[ks], bq[2], bq[3]);
-        E::mma(D[2 * np], Ra[ks], bk[0], bk[1]);
-        E::mma(D[2 * np + 1], Ra[ks], bk[2], bk[3]);
-      }
-  }
-  if (dh0)
-#pragma unroll
-    for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        dh0[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] = D[nt][e];
 }
 
 // A packed pair of 16-bit values as floats.
@@ -512,11 +311,10 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
 
-// ---- kernel 2, version 4 (the lean prep's): dR from QKG, A, the normalised Kh and the gate vectors, the way
-// kernel 3 forms it, instead of the prep's P = AᵀQKGᵀ and W = Aᵀdiag(d)K; Qe, Kn from Qh, Kh by scaling the
-// A fragments (dOᵀ by e, dRᵀ by −βe) in registers. Per chunk (reverse), warp w with dSᵀ (16 × K) in registers:
+// ---- kernel 2, version 4: dR from QKG, A, the normalised Kh and the gate vectors, the way kernel 3 forms it
+// (session 4's v3 read P = AᵀQKGᵀ, W = Aᵀdiag(d)K, Qe, Kn from a fatter prep: 0.28 ms slower in all); Qe, Kn
+// from Qh, Kh by scaling the A fragments (dOᵀ by e, dRᵀ by −βe) in registers. Per chunk (reverse), warp w with dSᵀ (16 × K) in registers:
 //   dνᵀ = (dSᵀKhᵀ) diag(d) + dOᵀ QKG,   dRᵀ = dνᵀ A,   dSᵀ ← e_L dSᵀ + (dOᵀ diag(e)) Qh + (dRᵀ diag(−βe)) Kh
-// At K = 128 the prep writes 49 instead of 96 KB per (chunk, head), and this pass loads 49 instead of 56 (+ dO).
 template <int K, int NW>
 constexpr size_t state4Stage() {
   return 2 * (2 * size_t(C) * (C + 8) + 2 * size_t(C) * (K + 8) + size_t(C) * (16 * NW + 8)) + 4 * 3 * size_t(C);
@@ -755,7 +553,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + C * LK;
   T* S0s = Ks + C * LK;  // K × LV
-  T* dSs = S0s + K * LV;  // dSᵀ: VB × LK (kernel 2 v3 writes dS transposed, [chunk, HV, V, K])
+  T* dSs = S0s + K * LV;  // dSᵀ: VB × LK (kernel 2 writes dS transposed, [chunk, HV, V, K])
   T* As = dSs + VB * LK;  // C × LC: A, then dQK ⊙ Γ
   T* Gs = As + C * LC;   // C × LC: QKG, then dM ⊙ βΓ
   T* dOs = Gs + C * LC;  // C × LV
@@ -786,19 +584,18 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   const size_t blk = size_t(ch) * HV + hv;
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
 
-  // ---- phase 0: loads, QKG, <dS, S0>. (Waiting for Q, K alone and forming QKG while the rest arrived was
-  // 0.03–0.1 ms slower in all, session-3 run 4.) The bulk copies go out before the gates' round trip.
+  // ---- phase 0: loads (QKG from the prep), <dS, S0>. The bulk copies go out before the gates' round trip.
   copyRowsAsync(Qs, LK, Qhg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(Ks, LK, Khg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(As, LC, Ag + blk * C * C, size_t(C), C, C, C);
   copyRowsAsync(dOs, LV, dO + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(dSs, LK, dSg + blk * K * V + size_t(v0) * K, size_t(K), VB, K, VB);
-  if (QKGg) copyRowsAsync(Gs, LC, QKGg + blk * C * C, size_t(C), C, C, C);  // the lean prep's QKG
+  copyRowsAsync(Gs, LC, QKGg + blk * C * C, size_t(C), C, C, C);
   const bool kkLoaded = KKSM && KKGg != nullptr;  // (LEAN3 only)
   if (kkLoaded) copyRowsAsync(KGs, LC, KKGg + blk * C * C, size_t(C), C, C, C);
   // S0: 16-bit states of the compute dtype by cp.async with the rest; fp32 ones (or bf16 ones for f16 inputs)
-  // through registers, converted after the QKG products.
+  // through registers, converted once the gates are in.
   constexpr bool direct = std::is_same<CK, T>::value;
   if constexpr (direct) copyRowsAsync(S0s, LV, ckpt + blk * K * V + v0, size_t(V), K, VB, K);
   ptx::cpCommit();
@@ -815,29 +612,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
   ptx::cpWait<0>();
   __syncthreads();
-  // QKG = Q Kᵀ ⊙ Γ (i ≥ j, i < L): the 10 lower 16×16 blocks (the others are never read); loaded instead where
-  // the lean prep wrote it.
-  for (int job = warp; !QKGg && job < 10; job += NW) {
-    const int mi = job < 1 ? 0 : job < 3 ? 1 : job < 6 ? 2 : 3, ni = job - mi * (mi + 1) / 2;
-    float acc[2][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < K / 16; ++ks) {
-      unsigned a[4], b[4];
-      ptx::ldsm4(a, sa(Qs + (16 * mi + lane % 16) * LK + 16 * ks + (lane / 16) * 8));
-      ptx::ldsm4(b, sa(Ks + (16 * ni + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
-      E::mma(acc[0], a, b[0], b[1]);
-      E::mma(acc[1], a, b[2], b[3]);
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = 16 * mi + gq + 8 * h, j = 16 * ni + 8 * t + 2 * tq;
-        const float x0 = (j <= i && i < L) ? acc[t][2 * h] * __expf(gam[i] - gam[j]) : 0.f;
-        const float x1 = (j + 1 <= i && i < L) ? acc[t][2 * h + 1] * __expf(gam[i] - gam[j + 1]) : 0.f;
-        *reinterpret_cast<unsigned*>(Gs + i * LC + j) = E::pack(x0, x1);
-      }
-  }
   if constexpr (!direct) {
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
@@ -848,23 +622,16 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   ptx::cpWait<0>();
   __syncthreads();
   // <dS, S0> over this tile: with 16-bit S0 from the A fragments of phase 1 (S0ᵀ and dSᵀ land in the same
-  // layout there); otherwise (and TCAL_GDN_BWD_DOT=loop) by this loop — its dSᵀ column reads are 16-way bank
-  // conflicts. Per-warp partials summed in order later.
-  const bool dotFrag = direct && !fz.dotLoop;
-  if (!dotFrag) {
+  // layout there; session 4's shared-memory loop, whose dSᵀ column reads were 16-way bank conflicts, cost
+  // 0.25 ms); with fp32 states (or bf16 ones for f16 inputs) from the registers by this loop. Per-warp partials
+  // summed in order later.
+  if constexpr (!direct) {
     float part = 0.f;
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
       const int idx = tid + u * NTH, d = idx / (VB / 4), c = (idx % (VB / 4)) * 4;
       const T* ds = dSs + c * LK + d;
-      float4 s;
-      if constexpr (direct) {
-        const uint2 w = *reinterpret_cast<const uint2*>(S0s + d * LV + c);
-        const float2 a = unpack2<T>(w.x), b = unpack2<T>(w.y);
-        s = make_float4(a.x, a.y, b.x, b.y);
-      } else {
-        s = s0r[u];
-      }
+      const float4 s = s0r[u];
       part += s.x * toF(ds[0]) + s.y * toF(ds[LK]) + s.z * toF(ds[2 * LK]) + s.w * toF(ds[3 * LK]);
     }
 #pragma unroll
@@ -909,12 +676,13 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       unsigned s0a[4], dsa[4];
       ptx::ldsm4t(s0a, sa(S0s + (16 * ks + lr + (lm >> 1) * 8) * LV + vw + (lm & 1) * 8));
       ptx::ldsm4(dsa, sa(dSs + (vw + lane % 16) * LK + 16 * ks + (lane / 16) * 8));
-      if (dotFrag)
+      if constexpr (direct) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const float2 x = unpack2<T>(s0a[r]), y = unpack2<T>(dsa[r]);
           dotp += x.x * y.x + x.y * y.y;
         }
+      }
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         unsigned bq[4], bk[4];
@@ -930,7 +698,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         E::mma(Dk[2 * np + 1], dsa, bk[2], bk[3]);
       }
     }
-    if (dotFrag) {
+    if constexpr (direct) {
 #pragma unroll
       for (int o = 16; o; o >>= 1) dotp += __shfl_xor_sync(0xffffffffu, dotp, o);
       if (lane == 0) dotW[warp] = dotp;
@@ -1145,7 +913,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         E::mma(dmr[0], ar, b[0], b[1]);
         E::mma(dmr[1], ar, b[2], b[3]);
       }
-      // Q Kᵀ and K Kᵀ in fp32; LEAN3: QKG from Gs (the prep's, or phase 0's) and KKG from the prep where
+      // Q Kᵀ and K Kᵀ in fp32; LEAN3: QKG from Gs (the prep's) and KKG from the prep where
       // loaded, 16-bit like every other operand of the kernel.
       if (!kkLoaded)
 #pragma unroll
@@ -1281,20 +1049,11 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       // One tile and one value head per key head: dq, dk are final here. Scale and the L2 norm's chain rule
       // (dx = (g − n (n·g)) / ‖x‖ with n = x / ‖x‖, as gdn.cu's qkGrads) on the accumulators; the row dots
       // over K meet across the NS warps of a band in shared memory. n comes from the normalised 16-bit rows
-      // already in shared memory (Ks = n_k, Qs = scale·n_q; one bf16 rounding of n); TCAL_GDN_BWD_EPI=global
-      // reads the raw rows from global memory instead (session 3: ≈ 0.45 ms of kernel 3 at the reference shape
-      // for the fused epilogue, two dependent global round trips per block).
-      const T* qRaw = static_cast<const T*>(fz.q);
-      const T* kRaw = static_cast<const T*>(fz.k);
+      // already in shared memory (Ks = n_k, Qs = scale·n_q; one bf16 rounding of n; session 3 read the raw rows
+      // from global memory: two dependent round trips per block).
       const float invScale = fz.scale != 0.f ? 1.f / fz.scale : 0.f;  // scale 0: dq = 0 whatever n is
       // n at (row i, columns col, col + 1) of q (or k).
-      auto rowN = [&](bool isQ, int i, int col, int h) -> float2 {
-        if (fz.rawRows) {
-          const size_t off = ((t0 + i) * HV + hv) * K + col;
-          const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>((isQ ? qRaw : kRaw) + off));
-          const float f = isQ ? iq[h] : ik[h];
-          return make_float2(a.x * f, a.y * f);
-        }
+      auto rowN = [&](bool isQ, int i, int col) -> float2 {
         const float2 a = unpack2<T>(*reinterpret_cast<const unsigned*>((isQ ? Qs : Ks) + i * LK + col));
         return isQ ? make_float2(a.x * invScale, a.y * invScale) : a;
       };
@@ -1309,7 +1068,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
           dq[nt][2 * h + 1] *= fz.scale;
           if (ok) {
             const int col = d0 + 8 * nt + 2 * tq;
-            const float2 a = rowN(true, i, col, h), b = rowN(false, i, col, h);
+            const float2 a = rowN(true, i, col), b = rowN(false, i, col);
             pq[h] += a.x * dq[nt][2 * h] + a.y * dq[nt][2 * h + 1];
             pk[h] += b.x * dk[nt][2 * h] + b.y * dk[nt][2 * h + 1];
           }
@@ -1337,7 +1096,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
           float2 oq = make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]), ok = make_float2(dk[nt][2 * h], dk[nt][2 * h + 1]);
           if (fz.l2norm) {
             const int col = d0 + 8 * nt + 2 * tq;
-            const float2 a = rowN(true, i, col, h), b = rowN(false, i, col, h);
+            const float2 a = rowN(true, i, col), b = rowN(false, i, col);
             oq = make_float2((oq.x - a.x * sq) * iq[h], (oq.y - a.y * sq) * iq[h]);
             ok = make_float2((ok.x - b.x * sk) * ik[h], (ok.y - b.y * sk) * ik[h]);
           }
@@ -1395,40 +1154,27 @@ template <typename T, int K>
 void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) {
   const int HV = int(p.HV), V = int(p.V), H = int(p.H), G = int(p.group());
   const int64_t nb = int64_t(a.nChunks) * HV;
-  // Lean prep + kernel 2 v4 (default): the prep writes A, QKG, Qh, Kh and the gate vectors; TCAL_GDN_BWD_STATE=v3
-  // keeps session 4's prep outputs (P, W, Qe, Kn) and kernel 2 v3 for the side-by-side timing.
-  const char* stateEnv = std::getenv("TCAL_GDN_BWD_STATE");
-  const bool lean = !(stateEnv && std::strcmp(stateEnv, "v3") == 0);
-  const int64_t nbOld = lean ? 0 : nb, nbLean = lean ? nb : 0;
-  // Workspaces (16-bit buffers allocated as f32 of half the count).
+  // Workspaces (16-bit buffers allocated as f32 of half the count): the prep's A, Qh, Kh, QKG for kernels 2 and 3.
   Tensor Aw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
   Tensor Qhw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
   Tensor Khw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Pw = empty({std::max<int64_t>(nbOld * C * C / 2, 1)}, DType::F32, dev);
-  Tensor Ww = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Qw = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Kw = empty({std::max<int64_t>(nbOld * C * K / 2, 1)}, DType::F32, dev);
-  Tensor QKGw = empty({std::max<int64_t>(nbLean * C * C / 2, 1)}, DType::F32, dev);
+  Tensor QKGw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
   // TCAL_GDN_BWD_K3=lean: kernel 3 LEAN3 (16-bit states of the input dtype only), with KKG from the prep where it
   // keeps it in shared memory (TCAL_GDN_BWD_KK=mma: K Kᵀ formed there instead).
   const int vb = tileV(p);
   const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
   const char* kkEnv = std::getenv("TCAL_GDN_BWD_KK");
   const bool lean3 = k3Env && std::strcmp(k3Env, "lean") == 0 && a.ckpt16 && std::is_same<T, __nv_bfloat16>::value;
-  const bool kkg = lean && lean3 && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
+  const bool kkg = lean3 && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
                    (vb == 128 ? grad3KKG<K, 128>() : grad3KKG<K, 64>());
   Tensor KKGw = empty({std::max<int64_t>(kkg ? nb * C * C / 2 : 0, 1)}, DType::F32, dev);
-  Tensor gvec = empty({std::max<int64_t>(nbLean * 3 * C, 1)}, DType::F32, dev);
+  Tensor gvec = empty({std::max<int64_t>(nb * 3 * C, 1)}, DType::F32, dev);
   Tensor eL = empty({std::max<int64_t>(nb, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
-  T* P = static_cast<T*>(Pw.data());
-  T* W = static_cast<T*>(Ww.data());
-  T* Qe = static_cast<T*>(Qw.data());
-  T* Kn = static_cast<T*>(Kw.data());
   T* A = static_cast<T*>(Aw.data());
   T* Qh = static_cast<T*>(Qhw.data());
   T* Kh = static_cast<T*>(Khw.data());
-  T* QKG = lean ? static_cast<T*>(QKGw.data()) : nullptr;
+  T* QKG = static_cast<T*>(QKGw.data());
   T* KKG = kkg ? static_cast<T*>(KKGw.data()) : nullptr;
   // TCAL_GDN_BWD_TIMING=1: per-kernel times on stderr (benchmark diagnostics; synchronises the stream).
   const bool timing = std::getenv("TCAL_GDN_BWD_TIMING") != nullptr;
@@ -1441,17 +1187,10 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     allowSmem(k1, prepSmem<K>());
     k1<<<dim3(unsigned(a.nChunks), unsigned(HV)), 256, prepSmem<K>(), stream>>>(
         static_cast<const T*>(a.q), static_cast<const T*>(a.k), a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta,
-        a.chunkStart, a.chunkLen, H, HV, G, A, P, W, Qe, Kn, Qh, Kh, eL.ptr<float>(), QKG, gvec.ptr<float>(), KKG);
+        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eL.ptr<float>(), QKG, gvec.ptr<float>(), KKG);
     checkLaunch("gdn backward prep");
   }
   if (timing) check(cudaEventRecord(ev[1], stream), "cudaEventRecord");
-  auto launch2 = [&](auto kern, size_t smemBytes, int cols, int threads) {
-    allowSmem(kern, smemBytes);
-    kern<<<dim3(unsigned(V / cols), unsigned(HV), unsigned(p.N)), threads, smemBytes, stream>>>(
-        P, W, Qe, Kn, eL.ptr<float>(), static_cast<const T*>(a.dO), a.dFinal, a.cu, a.chunkFirst, HV, V,
-        static_cast<T*>(dS.data()), a.dh0);
-    checkLaunch("gdn backward state pass");
-  };
   auto launch4 = [&](auto kern, size_t smemBytes, int cols, int threads) {
     allowSmem(kern, smemBytes);
     kern<<<dim3(unsigned(V / cols), unsigned(HV), unsigned(p.N)), threads, smemBytes, stream>>>(
@@ -1467,13 +1206,10 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     using std::integral_constant;
     auto launchState = [&](auto nwTag, auto stTag) {
       constexpr int NW = decltype(nwTag)::value, ST = decltype(stTag)::value;
-      if (lean)
-        launch4(state4Kernel<T, K, NW, ST>, ST * state4Stage<K, NW>(), 16 * NW, 32 * NW);
-      else
-        launch2(state3Kernel<T, K, NW, ST>, ST * state3Stage<K, NW>(), 16 * NW, 32 * NW);
+      launch4(state4Kernel<T, K, NW, ST>, ST * state4Stage<K, NW>(), 16 * NW, 32 * NW);
     };
-    const size_t stage4w = lean ? state4Stage<K, 4>() : state3Stage<K, 4>();
-    const size_t stage2w = lean ? state4Stage<K, 2>() : state3Stage<K, 2>();
+    const size_t stage4w = state4Stage<K, 4>();
+    const size_t stage2w = state4Stage<K, 2>();
     const int sms = multiprocessorCount(dev.index);
     const int64_t blocks4 = int64_t(p.N) * HV * (V / 64);
     if (blocks4 >= sms) {
@@ -1488,10 +1224,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     }
   }
   if (timing) check(cudaEventRecord(ev[2], stream), "cudaEventRecord");
-  const char* epi = std::getenv("TCAL_GDN_BWD_EPI");  // benchmark switch: global = session 3's raw-row loads
-  const char* dotEnv = std::getenv("TCAL_GDN_BWD_DOT");  // benchmark switch: loop = session 4's <dS, S0> loop
-  const Fused fz{fusedQK(p), epi && std::strcmp(epi, "global") == 0, dotEnv && std::strcmp(dotEnv, "loop") == 0,
-                 a.q, a.k, a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
+  const Fused fz{fusedQK(p), a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
     auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
@@ -1536,10 +1269,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
 
 int tileV(const gdn::Problem& p) { return p.V % 128 == 0 ? 128 : kTileV; }
 
-bool fusedQK(const gdn::Problem& p) {
-  const char* f = std::getenv("TCAL_GDN_BWD_FUSE");  // benchmark switch: 0 keeps the partials + qkGrads
-  return p.group() == 1 && p.V == tileV(p) && !(f && std::strcmp(f, "0") == 0);
-}
+bool fusedQK(const gdn::Problem& p) { return p.group() == 1 && p.V == tileV(p); }
 
 bool eligible(const gdn::Problem& p, DType in, DType dO, DType dv, const void* qPtr, const void* kPtr, const void* vPtr,
               const void* dOPtr) {

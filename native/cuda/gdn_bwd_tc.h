@@ -18,9 +18,6 @@ bool fusedQK(const gdn::Problem& p);
 // Kernel 3's fused dq/dk epilogue (on = fusedQK).
 struct Fused {
   bool on;
-  bool rawRows;  // TCAL_GDN_BWD_EPI=global: the chain rule's n from the raw q / k rows in global memory (session 3)
-  bool dotLoop;  // TCAL_GDN_BWD_DOT=loop: <dS, S0> by session 4's shared-memory loop, not from phase 1's fragments
-  const void *q, *k;
   const float *rq, *rk;
   float scale;
   bool l2norm;
