@@ -1,12 +1,13 @@
 /**
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
- * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd]
- * [--no-variants | --no-fwd-variants]
+ * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd
+ * [--full]] [--no-variants | --no-fwd-variants]
  * (--once: two forward calls at the reference shape only, as a target for ncu; --once-bwd: a training forward
- * and one backward with its saved states; --no-variants: skip the forward and backward versions timed side by
- * side; --no-fwd-variants: only the backward's)
- * Forward + backward both ways: the backward recomputing the chunk-start states, and a training forward
- * (saveForBackward) handing them over; the saved states' memory per shape.
+ * and one backward with its saved states, --full: with the full hand-over; --no-variants: skip the forward and
+ * backward versions timed side by side; --no-fwd-variants: only the backward's)
+ * Forward + backward three ways: the backward recomputing the chunk-start states, a training forward
+ * (saveForBackward) handing them over, and one handing over the backward prep's outputs too
+ * (saveForBackward 'full': the backward skips its prep); the saved memory per shape.
  * Shapes: B8·T4096·H16·K=V=128 (reference), B2·T16384·H16·D128, B8·T4096·H32·D64; bf16 q/k/v, f32 g/β,
  * in-kernel q/k L2 norm (as fla's use_qk_l2norm_in_kernel). Floors first (bytes / bandwidth, FLOPs / rate),
  * then ours and fla's medians, our forward output against fla's, tokens/s. JSON under bench/results/.
@@ -15,6 +16,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { Tensor, initBackend, cudaDevices, randomFill, gdnForward, gdnBackward } from '../lib';
+import type { GdnSaved } from '../lib/ops/gdn';
 import { timeDevice, runPythonPeer, printTable, writeResults } from './common';
 
 interface Shape {
@@ -142,7 +144,7 @@ async function main(): Promise<void> {
       beta: await randomFill(mk([s.B, s.T, s.HV]), { kind: 'uniform', low: 0.05, high: 0.95 }, 5),
     };
     if (onceBwd) {
-      const f = await gdnForward(ins, { l2norm: true, saveForBackward: true });
+      const f = await gdnForward(ins, { l2norm: true, saveForBackward: process.argv.includes('--full') ? 'full' : true });
       const dO = await randomFill(mk([s.B, s.T, s.HV, s.V], 'bf16'), { kind: 'normal' }, 6);
       await gdnBackward(ins, dO, { l2norm: true, saved: f.saved });
       return;
@@ -257,6 +259,31 @@ async function main(): Promise<void> {
       );
     const bwdSavedMs = await timeBwdSaved(probe);
     const fbSavedMs = await timeFbSaved();
+    // The full hand-over (saveForBackward 'full'): the forward's prep also writes A, QKG, Qh, Kh, the gate vectors
+    // and norm factors; the backward's prep does not run.
+    const disposeSaved = (sv: GdnSaved) => {
+      for (const t of Object.values(sv)) (t as Tensor | undefined)?.dispose();
+    };
+    const trainFwdFull = async () => {
+      const r = await gdnForward(ins, { ...opts, saveForBackward: 'full' });
+      r.o.dispose();
+      return r.saved!;
+    };
+    const probeFull = await trainFwdFull();
+    let handMB = 0;
+    for (const [name, t] of Object.entries(probeFull))
+      if (name !== 'chunkStates' && t) handMB += (t as Tensor).numel * ((t as Tensor).dtype === 'f32' ? 4 : 2) / 1e6;
+    const fwdFullMs = await timeDevice(async () => disposeSaved(await trainFwdFull()), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const bwdHandMs = await timeBwdSaved(probeFull);
+    const fbHandMs = await timeDevice(
+      async () => {
+        const saved = await trainFwdFull();
+        disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved }));
+        disposeSaved(saved);
+      },
+      device,
+      { warmup: 2, batches: 5, perBatch: 3 },
+    );
     // Backward versions with saved states (the training forward under the same switches), and per-kernel times
     // (TCAL_GDN_BWD_TIMING prints them on stderr).
     for (const [label, env] of noVariants ? [] : BACKWARD_VARIANTS) {
@@ -274,11 +301,13 @@ async function main(): Promise<void> {
       }
     }
     process.env.TCAL_GDN_BWD_TIMING = '1';
-    console.error(`  ${s.name} per-kernel, recomputed then saved:`);
+    console.error(`  ${s.name} per-kernel, recomputed, saved, handed over:`);
     disposeGrads(await gdnBackward(ins, x.dO, opts));
     disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved: probe }));
+    disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved: probeFull }));
     delete process.env.TCAL_GDN_BWD_TIMING;
     probe.chunkStates.dispose();
+    disposeSaved(probeFull);
     const fl = floors(s);
     const p = peer.rows.find((r) => r.name === s.name);
     const tokens = s.B * s.T;
@@ -296,9 +325,14 @@ async function main(): Promise<void> {
       'f+b ms (saved)': fbSavedMs,
       'saved MB': savedMB,
       'saved dtype': savedDtype,
+      'fwd ms (full)': fwdFullMs,
+      'bwd ms (handed over)': bwdHandMs,
+      'f+b ms (handed over)': fbHandMs,
+      'hand-over MB': handMB,
       'fla f+b': p?.fwdbwd_ms ?? NaN,
       'f+b ×fla': p ? p.fwdbwd_ms / fbMs : NaN,
       'f+b ×fla (saved)': p ? p.fwdbwd_ms / fbSavedMs : NaN,
+      'f+b ×fla (handed over)': p ? p.fwdbwd_ms / fbHandMs : NaN,
       'fwd Mtok/s': tokens / fwdMs / 1e3,
       'bwd Mtok/s': tokens / bwdMs / 1e3,
       'f+b Mtok/s': tokens / fbMs / 1e3,

@@ -79,11 +79,24 @@ export interface GdnNativeOptions {
   precision?: 'f32' | 'f64';
   outDtype?: DType;
   dFinalState?: NativeTensor | null;
-  /** Forward: also return the chunk-start states (CUDA). */
-  saveForBackward?: boolean;
+  /** Forward: also return the chunk-start states (CUDA); 'full': and the backward prep's outputs (`handover`). */
+  saveForBackward?: boolean | 'full';
   /** Backward: the forward's chunk-start states [chunks, HV, K, V] (f32 or bf16); the backward then skips its recompute. */
   chunkStates?: NativeTensor | null;
+  /** Backward: the forward's hand-over (saveForBackward 'full'); the backward then skips its prep. */
+  handover?: GdnNativeHandover | null;
   out?: Record<string, NativeTensor | undefined>;
+}
+
+/** What a training forward with saveForBackward 'full' writes for the backward's kernels (see GdnSaved in lib/ops/gdn.ts). */
+export interface GdnNativeHandover {
+  A: NativeTensor;
+  QKG: NativeTensor;
+  Qh: NativeTensor;
+  Kh: NativeTensor;
+  gates: NativeTensor;
+  gateEnds: NativeTensor;
+  norms: NativeTensor | null;
 }
 
 export interface GdnNativeGrads {
@@ -192,7 +205,7 @@ export interface NativeAddon {
   ): Promise<{ loss: NativeTensor; dLogits: NativeTensor }>;
   gdnForward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, opts: GdnNativeOptions,
-  ): Promise<{ o: NativeTensor; finalState: NativeTensor | null; chunkStates: NativeTensor | null }>;
+  ): Promise<{ o: NativeTensor; finalState: NativeTensor | null; chunkStates: NativeTensor | null; handover: GdnNativeHandover | null }>;
   gdnBackward(
     q: NativeTensor, k: NativeTensor, v: NativeTensor, g: NativeTensor, beta: NativeTensor, dO: NativeTensor,
     opts: GdnNativeOptions,

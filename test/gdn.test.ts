@@ -168,11 +168,14 @@ async function gradArrays(g: GdnGradients): Promise<Record<string, Float64Array>
   return r;
 }
 
-/** Runs forward and backward on `device` with poisoned outputs; returns the relative errors against `ref`. */
+/**
+ * Runs forward and backward on `device` with poisoned outputs; returns the relative errors against `ref`.
+ * save 'full': the training forward also hands over the backward prep's outputs (CUDA, tensor-core path).
+ */
 async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Awaited<ReturnType<typeof reference>>,
-  extra: { algorithm?: 'chunk' | 'recurrent' } = {}) {
+  extra: { algorithm?: 'chunk' | 'recurrent'; save?: 'full' } = {}) {
   const d = await upload(c, h, device, dtype);
-  const o = { ...opts(c, d), ...extra };
+  const o = { ...opts(c, d), algorithm: extra.algorithm };
   const N = h.N;
   const out = {
     o: await poison([c.B, c.T, c.HV, c.V], dtype, device),
@@ -181,12 +184,24 @@ async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Await
   const fwd = await gdnForward(d.inputs, { ...o, outputFinalState: true, out });
   expect(fwd.o).toBe(out.o);
   // A training forward: the same o, and (CUDA) the chunk-start states for the backward; the CPU saves nothing.
-  const train = await gdnForward(d.inputs, { ...o, saveForBackward: true, out: { o: await poison([c.B, c.T, c.HV, c.V], dtype, device) } });
+  const train = await gdnForward(d.inputs, {
+    ...o, saveForBackward: extra.save ?? true, out: { o: await poison([c.B, c.T, c.HV, c.V], dtype, device) },
+  });
   if (device === 'cpu') expect(train.saved).toBeUndefined();
   else {
     const st = train.saved!.chunkStates;
-    expect(st.shape).toEqual([chunkCount(c, h), c.HV, c.K, c.V]);
+    const n = chunkCount(c, h);
+    expect(st.shape).toEqual([n, c.HV, c.K, c.V]);
     expect(['f32', 'bf16']).toContain(st.dtype);
+    const s = train.saved!;
+    if (extra.save === 'full') {
+      // the hand-over, in the shapes the backward's kernels read (every case given here takes the tensor-core path)
+      expect([s.A?.shape, s.QKG?.shape, s.Qh?.shape, s.Kh?.shape]).toEqual([[n, c.HV, 64, 64], [n, c.HV, 64, 64], [n, c.HV, 64, c.K], [n, c.HV, 64, c.K]]);
+      expect([s.A!.dtype, s.gates?.shape, s.gateEnds?.shape]).toEqual([dtype, [n, c.HV, 3, 64], [n, c.HV]]);
+      expect(s.norms?.shape).toEqual(c.l2norm ? [2, c.B * c.T, c.H] : undefined);
+    } else {
+      expect(s.A).toBeUndefined();
+    }
   }
   const tail = (a: Float64Array, per: number) => !h.cu || a.subarray(h.cu[h.cu.length - 1] * per).every((x) => x === 0);
   // Backward with poisoned outputs, recomputing the states or (`saved`) taking the forward's.
@@ -384,6 +399,16 @@ describe('GDN CPU reference', () => {
     await expect(bv(2)).rejects.toMatchObject({ argument: 'saved.chunkStates' });
     await expect(bv(3)).resolves.toBeDefined();
   });
+
+  test("saveForBackward 'full': nothing saved on the CPU; the hand-over comes whole (typed errors)", async () => {
+    const c: Case = { B: 1, T: 70, H: 1, HV: 2, K: 8, V: 4 };
+    const d = await upload(c, makeHost(c, 7), 'cpu', 'f32');
+    expect((await gdnForward(d.inputs, { saveForBackward: 'full' })).saved).toBeUndefined();
+    await expect(gdnForward(d.inputs, { saveForBackward: 'most' as never })).rejects.toMatchObject({ argument: 'saveForBackward' });
+    const st = await Tensor.zeros([2, 2, 8, 4], { device: 'cpu' });
+    await expect(gdnBackward(d.inputs, d.dO, { saved: { chunkStates: st, A: st } })).rejects.toMatchObject({ argument: 'saved.QKG' });
+    await expect(gdnBackward(d.inputs, d.dO, { saved: { chunkStates: st, norms: st } })).rejects.toMatchObject({ argument: 'saved.A' });
+  });
 });
 
 async function decodeMatchesForward(device: string, dtype: DType, c: Case, tol = 1e-4): Promise<void> {
@@ -469,6 +494,51 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     } finally {
       for (const k of Object.keys(env)) delete process.env[k];
     }
+  });
+
+  // The training forward's hand-over (saveForBackward 'full': A, QKG, Qh, Kh, gate vectors, norm factors from the
+  // forward's prep; the backward's prep does not run). Not yet run on a GPU (written in session 5 without one).
+  const handoverCases = cudaCases.filter(([n]) => /^(T=1000 D=128|T=65 D=64|ragged|K=64 V=256|l2norm|strong decay|β near 1)/.test(n));
+  test.each(handoverCases)("backward with the forward's full hand-over (bf16): %s", async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'), { save: 'full' });
+    console.log(`gdn cuda hand-over ${name}: bf16 ${JSON.stringify(e16)}`);
+    expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (full hand-over)`);
+  });
+
+  test("full hand-over with the opt-in lean kernel 3 (TCAL_GDN_BWD_K3=lean forms K Kᵀ itself: no KKG handed over)", async () => {
+    process.env.TCAL_GDN_BWD_K3 = 'lean';
+    try {
+      for (const c of [cudaCases.find(([n]) => n.startsWith('ragged'))![1], cudaCases.find(([n]) => n.startsWith('l2norm'))![1]]) {
+        const h = makeHost(c, 1000 + c.T + c.K);
+        expectBelow(await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'), { save: 'full' }), 1e-2, 2e-2, 'lean + hand-over');
+      }
+    } finally {
+      delete process.env.TCAL_GDN_BWD_K3;
+    }
+  });
+
+  test('full hand-over: typed errors for pieces of other inputs or options (CUDA)', async () => {
+    const c: Case = { B: 1, T: 130, H: 1, HV: 2, K: 64, V: 64, l2norm: true };
+    const d = await upload(c, makeHost(c, 23), 'cuda:0', 'bf16');
+    const full = (await gdnForward(d.inputs, { l2norm: true, saveForBackward: 'full' })).saved!;
+    expect(full.norms!.shape).toEqual([2, 130, 1]);
+    const bwd = (saved: GdnSaved, l2norm = true) => gdnBackward(d.inputs, d.dO, { l2norm, saved });
+    await expect(bwd({ ...full, QKG: undefined })).rejects.toMatchObject({ argument: 'saved.QKG' });
+    // A of a shorter forward (2 chunks against 3)
+    const cs: Case = { ...c, T: 100 };
+    const ds = await upload(cs, makeHost(cs, 24), 'cuda:0', 'bf16');
+    const short = (await gdnForward(ds.inputs, { l2norm: true, saveForBackward: 'full' })).saved!;
+    await expect(bwd({ ...full, A: short.A })).rejects.toMatchObject({ argument: 'saved.A' });
+    await expect(bwd({ ...full, gates: Tensor.empty([3, 2, 3, 64], { device: 'cuda:0', dtype: 'bf16' }) })).rejects.toMatchObject({ argument: 'saved.gates' });
+    await expect(bwd({ ...full, Kh: await full.Kh!.to('cpu') })).rejects.toMatchObject({ argument: 'saved.Kh' });
+    // norm factors: required with l2norm, refused without
+    await expect(bwd({ ...full, norms: undefined })).rejects.toMatchObject({ argument: 'saved.norms' });
+    await expect(bwd(full, false)).rejects.toMatchObject({ argument: 'saved.norms' });
+    // f32 inputs take the v1 kernels: states only
+    const d32 = await upload(c, makeHost(c, 23), 'cuda:0', 'f32');
+    const s32 = (await gdnForward(d32.inputs, { l2norm: true, saveForBackward: 'full' })).saved!;
+    expect([s32.chunkStates.dtype, s32.A]).toEqual(['f32', undefined]);
   });
 
   test('saved states: typed errors for states of other inputs (CUDA)', async () => {

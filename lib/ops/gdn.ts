@@ -63,16 +63,34 @@ export interface GdnSaved {
    * 128, V a multiple of 64).
    */
   chunkStates: Tensor;
+  /**
+   * With `saveForBackward: 'full'` where the tensor-core forward runs (bf16 / f16, K 64 or 128, V a multiple of 64,
+   * o in the input dtype), what the backward's prep would compute, so that gdnBackward skips it: A = (I + M)⁻¹ and
+   * QKG = scale·Q̂K̂ᵀ ⊙ Γ (lower blocks; 16-bit [chunks, HV, 64, 64]), the normalised rows Qh = scale·q̂, Kh = k̂
+   * (16-bit [chunks, HV, 64, K]), the gate vectors e, −βe, d (f32 [chunks, HV, 3, 64]) and e_L (f32
+   * [chunks, HV]), with `l2norm` the norm factors 1/‖q‖, 1/‖k‖ (f32 [2, B·T, H]). ≈ 0.41 GB beside the states'
+   * 0.27 at B8·T4096·H16·D128.
+   */
+  A?: Tensor;
+  QKG?: Tensor;
+  Qh?: Tensor;
+  Kh?: Tensor;
+  gates?: Tensor;
+  gateEnds?: Tensor;
+  norms?: Tensor;
 }
+
+const HANDOVER = ['A', 'QKG', 'Qh', 'Kh', 'gates', 'gateEnds', 'norms'] as const;
 
 export interface GdnForwardOptions extends GdnOptions {
   /** Also return the final state [N,HV,K,V] f32. */
   outputFinalState?: boolean;
   /**
    * Also return `saved` for gdnBackward (CUDA; it costs the states' memory: 268 MB in bf16 at B8·T4096·H16·D128).
-   * The CPU returns nothing to save: its backward recomputes.
+   * The CPU returns nothing to save: its backward recomputes. 'full' (or `true` with TCAL_GDN_SAVE=full in the
+   * environment): also the backward prep's outputs (GdnSaved.A …), where the tensor-core paths run.
    */
-  saveForBackward?: boolean;
+  saveForBackward?: boolean | 'full';
   /** Preallocated outputs (written entirely). */
   out?: { o?: Tensor; finalState?: Tensor };
 }
@@ -136,21 +154,32 @@ function outs(o?: Record<string, Tensor | undefined>): Record<string, import('..
   return r;
 }
 
+function savedOf(states: import('../native').NativeTensor, h: import('../native').GdnNativeHandover | null): GdnSaved {
+  const saved: GdnSaved = { chunkStates: new Tensor(states) };
+  if (h) for (const name of HANDOVER) if (h[name]) saved[name] = new Tensor(h[name]!);
+  return saved;
+}
+
 /** Chunked GDN forward: o [B,T,HV,V] (input dtype) and optionally the final state. */
 export async function gdnForward(inputs: GdnInputs, options: GdnForwardOptions = {}): Promise<GdnForwardResult> {
   const { q, k, v, g, beta } = inputs;
   const r = await native().gdnForward(q.native, k.native, v.native, g.native, beta.native, {
     ...nativeOptions(inputs, options),
     outputFinalState: options.outputFinalState ?? false,
-    saveForBackward: options.saveForBackward ?? false,
+    saveForBackward: options.saveForBackward === true && process.env.TCAL_GDN_SAVE === 'full' ? 'full' : (options.saveForBackward ?? false),
     out: outs(options.out),
   });
   const pick = (given: Tensor | undefined, h: import('../native').NativeTensor): Tensor => given ?? new Tensor(h);
   return {
     o: pick(options.out?.o, r.o),
     ...(r.finalState ? { finalState: pick(options.out?.finalState, r.finalState) } : {}),
-    ...(r.chunkStates ? { saved: { chunkStates: new Tensor(r.chunkStates) } } : {}),
+    ...(r.chunkStates ? { saved: savedOf(r.chunkStates, r.handover) } : {}),
   };
+}
+
+function nativeOf(t: Tensor | undefined, name: string): import('../native').NativeTensor {
+  if (!(t instanceof Tensor)) throw new InvalidArgumentError(name, "expected a Tensor: the forward's hand-over comes whole (saveForBackward 'full')");
+  return t.native;
 }
 
 /** GDN backward from dO (and optionally d finalState): gradients for every input that has one. */
@@ -164,6 +193,17 @@ export async function gdnBackward(inputs: GdnInputs, dO: Tensor, options: GdnBac
     ...nativeOptions(inputs, options),
     dFinalState: options.dFinalState?.native ?? null,
     chunkStates: saved?.chunkStates.native ?? null,
+    handover: HANDOVER.some((n) => saved?.[n] !== undefined)
+      ? {
+          A: nativeOf(saved!.A, 'saved.A'),
+          QKG: nativeOf(saved!.QKG, 'saved.QKG'),
+          Qh: nativeOf(saved!.Qh, 'saved.Qh'),
+          Kh: nativeOf(saved!.Kh, 'saved.Kh'),
+          gates: nativeOf(saved!.gates, 'saved.gates'),
+          gateEnds: nativeOf(saved!.gateEnds, 'saved.gateEnds'),
+          norms: saved!.norms === undefined ? null : nativeOf(saved!.norms, 'saved.norms'),
+        }
+      : null,
     out: outs(options.out),
   });
   const given = options.out ?? {};

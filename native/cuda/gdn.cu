@@ -657,15 +657,16 @@ void zeroTail(const Tensor& t, int64_t validTokens, int64_t totalTokens, cudaStr
 
 }  // namespace
 
-Tensor gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out, bool saveStates) {
+GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out, GdnSave save) {
   cudaStream_t stream = use(in.q.device().index);
   Device dev = in.q.device();
   // Saved chunk-start states (a training forward): the backward then skips its recompute.
-  Tensor states;
+  const bool saveStates = save != GdnSave::None;
+  GdnSaved saved;
   auto stateBuffer = [&](int64_t chunks, DType dt) -> void* {
     if (!saveStates) return nullptr;
-    states = empty({chunks, p.HV, p.K, p.V}, dt, dev);
-    return chunks > 0 ? states.data() : nullptr;
+    saved.chunkStates = empty({chunks, p.HV, p.K, p.V}, dt, dev);
+    return chunks > 0 ? saved.chunkStates.data() : nullptr;
   };
   // The fused tensor-core kernel where it applies (TCAL_GDN_FORWARD=simple forces version 1).
   const char* force = std::getenv("TCAL_GDN_FORWARD");
@@ -674,16 +675,35 @@ Tensor gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::Forwa
     std::vector<int32_t> table(p.cu.begin(), p.cu.end());  // cu, then (saving) each sequence's first chunk
     void* ckpt = nullptr;
     const DType ckptType = gdn_tc::checkpointType(p, in, out.o);  // bf16 where the v3 forward runs
+    int64_t chunks = 0;
     if (saveStates) {
       gdn::ChunkTable ct = gdn::chunkTable(p);
       table.insert(table.end(), ct.first.begin(), ct.first.end());
-      ckpt = stateBuffer(int64_t(ct.start.size()), ckptType);
+      chunks = int64_t(ct.start.size());
+      ckpt = stateBuffer(chunks, ckptType);
     }
     Tensor t = deviceInts(table, dev);
+    // GdnSave::Full: the v3 prep also writes the backward prep's outputs (gdn_v3::Handover).
+    gdn_v3::Handover ho{};
+    const bool full = save == GdnSave::Full && gdn_tc::handsOver(p, in, out.o);
+    if (full) {
+      const DType dt = in.q.dtype();
+      saved.A = empty({chunks, p.HV, C, C}, dt, dev);
+      saved.QKG = empty({chunks, p.HV, C, C}, dt, dev);
+      saved.Qh = empty({chunks, p.HV, C, p.K}, dt, dev);
+      saved.Kh = empty({chunks, p.HV, C, p.K}, dt, dev);
+      saved.gates = empty({chunks, p.HV, 3, C}, DType::F32, dev);
+      saved.gateEnds = empty({chunks, p.HV}, DType::F32, dev);
+      if (p.l2norm) saved.norms = empty({2, p.tokens(), p.H}, DType::F32, dev);
+      float* norms = p.l2norm ? saved.norms.ptr<float>() : nullptr;
+      ho = gdn_v3::Handover{saved.A.data(), saved.QKG.data(), saved.Qh.data(), saved.Kh.data(), saved.gates.ptr<float>(),
+                            saved.gateEnds.ptr<float>(), norms, norms ? norms + p.tokens() * p.H : nullptr,
+                            t.ptr<int>() + (p.N + 1)};
+    }
     gdn_tc::forward(p, in, out.o, out.finalState, t.ptr<int>(), stream, ckpt, ckptType,
-                    saveStates ? t.ptr<int>() + (p.N + 1) : nullptr);
+                    saveStates ? t.ptr<int>() + (p.N + 1) : nullptr, full ? &ho : nullptr);
     zeroTail(out.o, p.cu[size_t(p.N)], p.tokens(), stream);
-    return states;
+    return saved;
   }
   dispatchIn(in.q.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -699,11 +719,12 @@ Tensor gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::Forwa
     zeroTail(out.o, valid, p.tokens(), stream);
     // A sequence of length 0 keeps its initial state (the kernel writes it too; nothing else to do).
   });
-  return states;
+  return saved;
 }
 
 void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO, const Tensor& dFinal,
-                 const gdn::BackwardOut& out, const Tensor& chunkStates) {
+                 const gdn::BackwardOut& out, const GdnSaved& handed) {
+  const Tensor& chunkStates = handed.chunkStates;
   cudaStream_t stream = use(in.q.device().index);
   Device dev = in.q.device();
   if (out.dv.dtype() != in.v.dtype())
@@ -734,6 +755,11 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     // where both tensor-core paths run: kernel 3 reads S0 as a 16-bit operand).
     const DType ckptType = tc && fwdTc ? gdn_tc::checkpointType(p, in, Tensor()) : DType::F32;
     Tensor ckpt = saved ? chunkStates : empty({std::max(nChunks, 1), p.HV, p.K, p.V}, ckptType, dev);
+    // The forward's hand-over (GdnSave::Full) replaces the tensor-core backward's prep, norm factors included.
+    const bool handover = tc && saved && handed.A.defined();
+    const int64_t rows = NT * p.H;
+    float* rq = !p.l2norm ? nullptr : handover ? handed.norms.ptr<float>() : pr.rq.ptr<float>();
+    float* rk = !p.l2norm ? nullptr : handover ? handed.norms.ptr<float>() + rows : pr.rk.ptr<float>();
     if (saved) {
       // nothing to recompute
     } else if (fwdTc) {
@@ -759,14 +785,21 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     }
     if (p.N > 0 && tc) {
       const int* base = pr.table.ptr<int>();
-      gdn_bwd_tc::Args a{in.q.data(), in.k.data(), p.l2norm ? pr.rq.ptr<float>() : nullptr,
-                         p.l2norm ? pr.rk.ptr<float>() : nullptr, float(p.scale), p.l2norm, pr.g.ptr<float>(),
+      gdn_bwd_tc::Args a{in.q.data(), in.k.data(), rq, rk, float(p.scale), p.l2norm, pr.g.ptr<float>(),
                          pr.beta.ptr<float>(), ckpt.data(), ckpt.dtype() != DType::F32,
                          dFinal.defined() ? dFinal.ptr<float>() : nullptr, in.v.data(), dO.data(),
                          pr.geo.cu, pr.geo.chunkFirst, base + 2 * (p.N + 1), base + 2 * (p.N + 1) + nChunks,
                          nChunks, NT, out.dv.data(), dqP.ptr<float>(), dkP.ptr<float>(), dgamP.ptr<float>(),
                          dbetaP.ptr<float>(), out.dh0.defined() ? out.dh0.ptr<float>() : nullptr, out.dq.data(),
                          out.dk.data()};
+      if (handover) {
+        a.hA = handed.A.data();
+        a.hQKG = handed.QKG.data();
+        a.hQh = handed.Qh.data();
+        a.hKh = handed.Kh.data();
+        a.hGates = handed.gates.ptr<float>();
+        a.hGateEnds = handed.gateEnds.ptr<float>();
+      }
       gdn_bwd_tc::backward(p, in.q.dtype(), dev, a, stream);
     } else if (p.N > 0) {
       size_t smem = backwardSmem(int(p.K));
@@ -804,8 +837,7 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
       zeroTail(out.dk, valid, NT, stream);
     } else if (NT * p.H > 0) {
       qkGrads<T><<<gridFor(NT * p.H, 8, INT32_MAX), 256, 0, stream>>>(
-          dqP.ptr<float>(), dkP.ptr<float>(), in.q.ptr<T>(), in.k.ptr<T>(), p.l2norm ? pr.rq.ptr<float>() : nullptr,
-          p.l2norm ? pr.rk.ptr<float>() : nullptr, out.dq.ptr<T>(), out.dk.ptr<T>(), NT, valid, int(p.H),
+          dqP.ptr<float>(), dkP.ptr<float>(), in.q.ptr<T>(), in.k.ptr<T>(), rq, rk, out.dq.ptr<T>(), out.dk.ptr<T>(), NT, valid, int(p.H),
           int(p.HV), int(p.K), tiles, float(p.scale), p.l2norm);
       checkLaunch("gdn qk grads");
     }

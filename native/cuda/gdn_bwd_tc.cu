@@ -1154,27 +1154,32 @@ template <typename T, int K>
 void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) {
   const int HV = int(p.HV), V = int(p.V), H = int(p.H), G = int(p.group());
   const int64_t nb = int64_t(a.nChunks) * HV;
-  // Workspaces (16-bit buffers allocated as f32 of half the count): the prep's A, Qh, Kh, QKG for kernels 2 and 3.
-  Tensor Aw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
-  Tensor Qhw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Khw = empty({std::max<int64_t>(nb * C * K / 2, 1)}, DType::F32, dev);
-  Tensor QKGw = empty({std::max<int64_t>(nb * C * C / 2, 1)}, DType::F32, dev);
+  // Workspaces (16-bit buffers allocated as f32 of half the count): the prep's A, Qh, Kh, QKG for kernels 2 and 3,
+  // or the forward's hand-over instead (the prep then does not run).
+  const bool handed = a.hA != nullptr;
+  const int64_t nbPrep = handed ? 0 : nb;
+  Tensor Aw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
+  Tensor Qhw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
+  Tensor Khw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
+  Tensor QKGw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
   // TCAL_GDN_BWD_K3=lean: kernel 3 LEAN3 (16-bit states of the input dtype only), with KKG from the prep where it
   // keeps it in shared memory (TCAL_GDN_BWD_KK=mma: K Kᵀ formed there instead).
   const int vb = tileV(p);
   const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
   const char* kkEnv = std::getenv("TCAL_GDN_BWD_KK");
   const bool lean3 = k3Env && std::strcmp(k3Env, "lean") == 0 && a.ckpt16 && std::is_same<T, __nv_bfloat16>::value;
-  const bool kkg = lean3 && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
+  const bool kkg = lean3 && !handed && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
                    (vb == 128 ? grad3KKG<K, 128>() : grad3KKG<K, 64>());
   Tensor KKGw = empty({std::max<int64_t>(kkg ? nb * C * C / 2 : 0, 1)}, DType::F32, dev);
-  Tensor gvec = empty({std::max<int64_t>(nb * 3 * C, 1)}, DType::F32, dev);
-  Tensor eL = empty({std::max<int64_t>(nb, 1)}, DType::F32, dev);
+  Tensor gvec = empty({std::max<int64_t>(nbPrep * 3 * C, 1)}, DType::F32, dev);
+  Tensor eL = empty({std::max<int64_t>(nbPrep, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
-  T* A = static_cast<T*>(Aw.data());
-  T* Qh = static_cast<T*>(Qhw.data());
-  T* Kh = static_cast<T*>(Khw.data());
-  T* QKG = static_cast<T*>(QKGw.data());
+  T* A = handed ? static_cast<T*>(const_cast<void*>(a.hA)) : static_cast<T*>(Aw.data());
+  T* Qh = handed ? static_cast<T*>(const_cast<void*>(a.hQh)) : static_cast<T*>(Qhw.data());
+  T* Kh = handed ? static_cast<T*>(const_cast<void*>(a.hKh)) : static_cast<T*>(Khw.data());
+  T* QKG = handed ? static_cast<T*>(const_cast<void*>(a.hQKG)) : static_cast<T*>(QKGw.data());
+  float* gv = handed ? const_cast<float*>(a.hGates) : gvec.ptr<float>();
+  float* eLp = handed ? const_cast<float*>(a.hGateEnds) : eL.ptr<float>();
   T* KKG = kkg ? static_cast<T*>(KKGw.data()) : nullptr;
   // TCAL_GDN_BWD_TIMING=1: per-kernel times on stderr (benchmark diagnostics; synchronises the stream).
   const bool timing = std::getenv("TCAL_GDN_BWD_TIMING") != nullptr;
@@ -1182,19 +1187,19 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   if (timing)
     for (auto& e : ev) check(cudaEventCreate(&e), "cudaEventCreate");
   if (timing) check(cudaEventRecord(ev[0], stream), "cudaEventRecord");
-  if (a.nChunks > 0) {
+  if (a.nChunks > 0 && !handed) {
     auto k1 = prepKernel<T, K>;
     allowSmem(k1, prepSmem<K>());
     k1<<<dim3(unsigned(a.nChunks), unsigned(HV)), 256, prepSmem<K>(), stream>>>(
         static_cast<const T*>(a.q), static_cast<const T*>(a.k), a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta,
-        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eL.ptr<float>(), QKG, gvec.ptr<float>(), KKG);
+        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eLp, QKG, gv, KKG);
     checkLaunch("gdn backward prep");
   }
   if (timing) check(cudaEventRecord(ev[1], stream), "cudaEventRecord");
   auto launch4 = [&](auto kern, size_t smemBytes, int cols, int threads) {
     allowSmem(kern, smemBytes);
     kern<<<dim3(unsigned(V / cols), unsigned(HV), unsigned(p.N)), threads, smemBytes, stream>>>(
-        QKG, A, Qh, Kh, gvec.ptr<float>(), eL.ptr<float>(), static_cast<const T*>(a.dO), a.dFinal, a.cu,
+        QKG, A, Qh, Kh, gv, eLp, static_cast<const T*>(a.dO), a.dFinal, a.cu,
         a.chunkFirst, HV, V, static_cast<T*>(dS.data()), a.dh0);
     checkLaunch("gdn backward state pass");
   };

@@ -291,13 +291,17 @@ DType checkpointType(const gdn::Problem& p, const gdn::Inputs& in, const Tensor&
   return useV3(p, in, o) ? DType::BF16 : DType::F32;
 }
 
+bool handsOver(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o) { return o.defined() && useV3(p, in, o); }
+
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst) {
+             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst,
+             const gdn_v3::Handover* handover) {
   if (p.N == 0) return;
   if (useV3(p, in, o)) {
-    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, ckptType, chunkFirst);
+    gdn_v3::forward(p, in, o, finalState, cu, stream, ckpt, ckptType, chunkFirst, handover);
     return;
   }
+  if (handover) throwInvalid("saveForBackward", "only the v3 GDN forward hands over the backward's prep outputs");
   if (ckpt && ckptType != DType::F32) throwInvalid("ckpt", "the v2 GDN forward writes f32 checkpoints only");
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;

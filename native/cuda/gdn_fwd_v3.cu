@@ -141,7 +141,10 @@ constexpr size_t prepSmem() {
 // FUSED (v7, default): one job per lower tile forms Q̃K̃ᵀ and K K̃ᵀ together (shared B fragments, one exp per
 // element for both Aqk and M) and stores the Aqk tile as 32-byte rows through a per-warp staging tile;
 // !FUSED (TCAL_GDN_V3_PREP=old): session 4's two loops with 4-byte Aqk stores.
-template <typename T, int K, bool FUSED>
+// SAVE (saveForBackward 'full', with FUSED and o): also writes the Handover `ho` for the backward, whose prep
+// then does not run — Qh, Kh from the rows and norm factors here, QKG from the Aqk tiles (all 16 rows, the
+// blocks above the diagonal zeroed), A before the β scaling, the gate vectors beside aux, the norm factors.
+template <typename T, int K, bool FUSED, bool SAVE>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -149,7 +152,9 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
                                                            const float* __restrict__ aLog,
                                                            const float* __restrict__ dtBias,
                                                            T* __restrict__ About, T* __restrict__ AQout,
-                                                           float4* __restrict__ aux, float scale, bool l2norm) {
+                                                           float4* __restrict__ aux, float scale, bool l2norm,
+                                                           Handover ho) {
+  static_assert(FUSED || !SAVE, "prep: the hand-over comes with the fused tile loop");
   constexpr int LDK = K + 8;
   constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
@@ -214,6 +219,11 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       if (sub == 0) {
         rk[i] = i < L ? (l2norm ? rsqrtf(sk + float(gdn::kNormEps)) : 1.f) : 0.f;
         sq[i] = i < L ? (l2norm ? scale * rsqrtf(sqq + float(gdn::kNormEps)) : scale) : 0.f;
+        // The backward's norm factors ([tokens, H], once per key head), as its prep writes them.
+        if (SAVE && ho.rq && i < L && hv % (HV / H) == 0) {
+          ho.rq[(t0 + i) * H + h] = rsqrtf(sqq + float(gdn::kNormEps));
+          ho.rk[(t0 + i) * H + h] = rsqrtf(sk + float(gdn::kNormEps));
+        }
       }
     }
     if (tid < C) {
@@ -226,6 +236,24 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     }
   }
   __syncthreads();
+  // The hand-over's rows of this (chunk, value head): blk as the backward indexes it.
+  const size_t blk = SAVE ? size_t(ho.chunkFirst[n] + int(blockIdx.x)) * HV + hv : 0;
+  if constexpr (SAVE) {  // Qh = scale·n_q, Kh = n_k (16-bit, zero past L: the rows and factors are zero there)
+    for (int idx = tid; idx < C * (K / 8); idx += kPrepThreads) {
+      const int r = idx / (K / 8), c = (idx % (K / 8)) * 8;
+      const uint4 qv = *reinterpret_cast<const uint4*>(Qb + r * LDK + c), kv = *reinterpret_cast<const uint4*>(Kb + r * LDK + c);
+      const T* qe = reinterpret_cast<const T*>(&qv);
+      const T* ke = reinterpret_cast<const T*>(&kv);
+      alignas(16) T oq[8], ok[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        oq[e] = fromF<T>(toF(qe[e]) * sq[r]);
+        ok[e] = fromF<T>(toF(ke[e]) * rk[r]);
+      }
+      *reinterpret_cast<uint4*>(static_cast<T*>(ho.Qh) + (blk * C + r) * K + c) = *reinterpret_cast<const uint4*>(oq);
+      *reinterpret_cast<uint4*>(static_cast<T*>(ho.Kh) + (blk * C + r) * K + c) = *reinterpret_cast<const uint4*>(ok);
+    }
+  }
   // Inclusive scan of the log decays (2 per lane), by every warp in registers (past L the sum stays γ_{L-1});
   // warp 0 publishes γ and exp γ after the next barrier (the other warps still read the raw g until then).
   float gs0, gs1;
@@ -325,9 +353,19 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
         if (i < L)
           *reinterpret_cast<uint4*>(AQout + ((t0 + i) * HV + hv) * C + 16 * ni + 8 * half) =
               *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
+        if constexpr (SAVE)  // QKG: the same tile, every row (zero past L), [blk][C][C]
+          *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + i) * C + 16 * ni + 8 * half) =
+              *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
       }
       __syncwarp();
     }
+    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two)
+      for (int job = warp; job < 6; job += kPrepThreads / 32) {
+        const int tc = job < 3 ? 3 : job < 5 ? 2 : 1, tr = job < 3 ? job : job < 5 ? job - 3 : 0;
+        const int row = lane / 2, half = lane % 2;
+        *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + 16 * tr + row) * C + 16 * tc + 8 * half) =
+            make_uint4(0u, 0u, 0u, 0u);
+      }
     __syncthreads();  // q rows read: M takes their place
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
@@ -392,12 +430,27 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
+    if constexpr (SAVE) {  // A itself (every row: identity past L), as the backward's prep rounds it
+      alignas(16) T a16[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a16[e] = fromF<T>(live ? av[e] : 0.f);
+      *reinterpret_cast<uint4*>(static_cast<T*>(ho.A) + (blk * C + i) * C + c) = *reinterpret_cast<const uint4*>(a16);
+    }
   }
   if (tid < L) {
     const float gL = gam[L - 1];
     float4* a = aux + 2 * ((t0 + tid) * HV + hv);
     a[0] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
     a[1] = make_float4(sq[tid] * ex[tid], rk[tid] * __expf(gL - gam[tid]), __expf(gL), 0.f);
+  }
+  if constexpr (SAVE) {  // the backward's gate vectors e, −βe, d (zero past L) and e_L
+    if (tid < C) {
+      float* gv = ho.gates + blk * 3 * C;
+      gv[tid] = ex[tid];
+      gv[C + tid] = -bet[tid] * ex[tid];
+      gv[2 * C + tid] = tid < L ? __expf(gam[L - 1] - gam[tid]) : 0.f;
+    }
+    if (tid == 0) ho.gateEnds[blk] = ex[L - 1];
   }
 }
 
@@ -1090,7 +1143,7 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
 
 template <typename T, int K>
 void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, float* hT, void* ckpt, bool ckpt16,
-         const int* chunkFirst, cudaStream_t stream) {
+         const int* chunkFirst, const Handover* ho, cudaStream_t stream) {
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
@@ -1099,12 +1152,15 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   // Aqk by the prep (once per chunk and head instead of once per V tile in the state pass), only for o.
   Tensor AQ = o ? empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev) : Tensor();
   T* AQp = AQ.defined() ? AQ.ptr<T>() : nullptr;
+  if (ho && !AQp) throwInvalid("saveForBackward", "the GDN forward hands over the backward's prep outputs only with o");
   int64_t maxLen = 0;
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
     const char* pe = std::getenv("TCAL_GDN_V3_PREP");  // =old: session 4's prep (benchmark comparison)
-    auto kern = pe && std::strcmp(pe, "old") == 0 ? prepKernel<T, K, false> : prepKernel<T, K, true>;
+    auto kern = ho                                ? prepKernel<T, K, true, true>
+                : pe && std::strcmp(pe, "old") == 0 ? prepKernel<T, K, false, false>
+                                                    : prepKernel<T, K, true, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
@@ -1113,7 +1169,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
         p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
-        Ab.ptr<T>(), AQp, aux.ptr<float4>(), float(p.scale), p.l2norm);
+        Ab.ptr<T>(), AQp, aux.ptr<float4>(), float(p.scale), p.l2norm, ho ? *ho : Handover{});
     checkLaunch("gdn v4 prep");
   }
   const T* Abp = Ab.ptr<T>();
@@ -1133,7 +1189,7 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
 }
 
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst) {
+             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst, const Handover* handover) {
   if (p.N == 0) return;
   if (!alignedInputs(in, o)) throwInvalid("q", "GDN v3 forward needs 16-byte aligned q, k, v, o");
   if (ckpt && ckptType != DType::F32 && ckptType != DType::BF16)
@@ -1144,9 +1200,9 @@ void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, cons
     T* op = o.defined() ? o.ptr<T>() : nullptr;
     float* hT = finalState.defined() ? finalState.ptr<float>() : nullptr;
     if (p.K == 64)
-      run<T, 64>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, stream);
+      run<T, 64>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, handover, stream);
     else
-      run<T, 128>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, stream);
+      run<T, 128>(p, in, cu, op, hT, ckpt, ckpt16, chunkFirst, handover, stream);
   };
   if (in.q.dtype() == DType::BF16)
     go(DevTag<__nv_bfloat16>{});

@@ -7,13 +7,25 @@
 namespace tcal::cuda::gdn_v3 {
 
 bool eligible(const gdn::Problem& p, DType in, DType out);
+
+// The training forward's hand-over to the tensor-core backward (saveForBackward 'full'): what gdn_bwd_tc's prep
+// would write, in its layouts, indexed by global chunk (chunkFirst[n] + c) and value head, blk = chunk·HV + hv.
+struct Handover {
+  void *A, *QKG;   // 16-bit [blk][C][C]: A = (I + M)⁻¹ and QKG = Q̂K̂ᵀ ⊙ Γ (scale·n_q·n_k), upper blocks 0
+  void *Qh, *Kh;   // 16-bit [blk][C][K]: scale·n_q and n_k rows, 0 past the chunk's end
+  float* gates;    // [blk][3][C]: e = exp γ, −β e, d = exp(γ_L − γ) (0 past the end)
+  float* gateEnds; // [blk]: e_L
+  float *rq, *rk;  // [tokens, H]: 1/‖q‖, 1/‖k‖ (with l2norm; else null)
+  const int* chunkFirst;
+};
 // q, k, v (and o when given) start on 16-byte boundaries (the kernels load and store 16-byte vectors).
 bool alignedInputs(const gdn::Inputs& in, const Tensor& o);
 // Same contract as gdn_tc::forward: cu = N+1 token offsets on the device; o / finalState may be undefined; with
 // ckpt, the state at the start of every chunk is written there ([chunks, HV, K, V], index chunkFirst[n] + c) in
 // ckptType: DType::F32 (float*) or DType::BF16 (__nv_bfloat16*, the fp32 state rounded once to nearest even).
+// handover (o defined): the prep also writes it.
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
              cudaStream_t stream, void* ckpt = nullptr, DType ckptType = DType::F32,
-             const int* chunkFirst = nullptr);
+             const int* chunkFirst = nullptr, const Handover* handover = nullptr);
 
 }  // namespace tcal::cuda::gdn_v3

@@ -173,6 +173,47 @@ Tensor parseChunkStates(const Napi::Object& opts, const Parsed& r) {
   return *t;
 }
 
+#ifdef TCAL_WITH_CUDA
+// The forward's hand-over (opts.handover, `saved.A` … in lib/ops/gdn.ts; saveForBackward 'full'): every piece
+// present, on the inputs' device, 16-byte aligned (the kernels read 16-byte vectors), in the dtype and shape the
+// forward writes ([chunks, …]: the chunk count on the worker, with the states'). norms exactly with l2norm.
+cuda::GdnSaved parseSaved(const Napi::Object& opts, const Parsed& r) {
+  cuda::GdnSaved s;
+  s.chunkStates = parseChunkStates(opts, r);
+  Napi::Value hv = optionValue(opts, "handover");
+  if (hv.IsUndefined() || hv.IsNull()) return s;
+  if (!hv.IsObject()) throwInvalid("saved", "expected the forward's hand-over tensors");
+  if (!s.chunkStates.defined()) throwInvalid("saved.chunkStates", "the hand-over (saved.A …) comes with the chunk states");
+  const Napi::Object h = hv.As<Napi::Object>();
+  const gdn::Problem& p = r.p;
+  const int64_t C = gdn::kChunk, chunks = s.chunkStates.dim(0);
+  auto get = [&](const char* name, const Shape& shape, DType dt) -> Tensor {
+    const std::string arg = std::string("saved.") + name;
+    auto t = optionalTensor(optionValue(h, name), arg);
+    if (!t) throwInvalid(arg, "missing: the forward's hand-over comes whole (saveForBackward 'full')");
+    checkDType(*t, dt, arg);
+    checkShape(*t, shape, arg);
+    checkSameDevice(*t, r.dev, arg);
+    if (reinterpret_cast<uintptr_t>(t->data()) % 16 != 0) throwInvalid(arg, "must start on a 16-byte boundary");
+    return *t;
+  };
+  const DType dt = r.in.q.dtype();
+  s.A = get("A", {chunks, p.HV, C, C}, dt);
+  s.QKG = get("QKG", {chunks, p.HV, C, C}, dt);
+  s.Qh = get("Qh", {chunks, p.HV, C, p.K}, dt);
+  s.Kh = get("Kh", {chunks, p.HV, C, p.K}, dt);
+  s.gates = get("gates", {chunks, p.HV, 3, C}, DType::F32);
+  s.gateEnds = get("gateEnds", {chunks, p.HV}, DType::F32);
+  Napi::Value nv = optionValue(h, "norms");
+  const bool hasNorms = !nv.IsUndefined() && !nv.IsNull();
+  if (hasNorms != p.l2norm)
+    throwInvalid("saved.norms", p.l2norm ? "missing: these options normalise q and k (l2norm)"
+                                         : "given, but these options do not normalise q and k: saved by a forward of other options");
+  if (p.l2norm) s.norms = get("norms", {2, p.B * p.T, p.H}, DType::F32);
+  return s;
+}
+#endif
+
 // One state per chunk of C tokens of every sequence: states saved by a forward of other inputs are refused.
 void checkStateCount(const gdn::Problem& p, const Tensor& states) {
   if (!states.defined()) return;
@@ -201,34 +242,58 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
     auto p = std::make_shared<gdn::Problem>(r.p);
     gdn::Inputs in = r.in;
     Tensor cu = r.cu;
-    // saveForBackward: the CUDA forward also writes the chunk-start states (the CPU backward recomputes its own).
-    const bool save = boolOption(opts, "saveForBackward");
-    auto states = std::make_shared<Tensor>();
+    // saveForBackward: the CUDA forward also writes the chunk-start states (the CPU backward recomputes its own);
+    // 'full': and the backward prep's outputs where the tensor-core paths run.
+    Napi::Value sv = optionValue(opts, "saveForBackward");
+    const bool full = sv.IsString() && sv.As<Napi::String>().Utf8Value() == "full";
+    if (sv.IsString() && !full) throwInvalid("saveForBackward", "expected a boolean or 'full'");
+    const bool save = full || boolOption(opts, "saveForBackward");
+#ifdef TCAL_WITH_CUDA
+    auto saved = std::make_shared<cuda::GdnSaved>();
+#else
+    auto saved = std::make_shared<int>();
+#endif
     std::vector<Napi::Value> keep{opts};
     return runAsync(
         info.Env(), "gdnForward",
-        [p, in, cu, out, mode, save, states] {
+        [p, in, cu, out, mode, save, full, saved] {
           p->cu = readSeqOffsets(cu, p->N, p->T, p->tokens());
 #ifdef TCAL_WITH_CUDA
           if (onCuda(in.q)) {
-            *states = cuda::gdnForward(*p, in, out, save);
+            *saved = cuda::gdnForward(*p, in, out, full ? cuda::GdnSave::Full : save ? cuda::GdnSave::States : cuda::GdnSave::None);
             return;
           }
 #endif
           cpu::gdnForward(*p, in, out, mode.algo, mode.f64);
         },
-        [out, states](Napi::Env env) -> Napi::Value {
+        [out, saved](Napi::Env env) -> Napi::Value {
           Napi::Object res = Napi::Object::New(env);
+          auto wrap = [&](const Tensor& t) { return t.defined() ? Napi::Value(JsTensor::Wrap(env, t)) : env.Null(); };
           res.Set("o", JsTensor::Wrap(env, out.o));
-          res.Set("finalState", out.finalState.defined() ? Napi::Value(JsTensor::Wrap(env, out.finalState)) : env.Null());
-          res.Set("chunkStates", states->defined() ? Napi::Value(JsTensor::Wrap(env, *states)) : env.Null());
+          res.Set("finalState", wrap(out.finalState));
+          res.Set("chunkStates", env.Null());
+          res.Set("handover", env.Null());
+#ifdef TCAL_WITH_CUDA
+          res.Set("chunkStates", wrap(saved->chunkStates));
+          if (saved->A.defined()) {
+            Napi::Object h = Napi::Object::New(env);
+            h.Set("A", wrap(saved->A));
+            h.Set("QKG", wrap(saved->QKG));
+            h.Set("Qh", wrap(saved->Qh));
+            h.Set("Kh", wrap(saved->Kh));
+            h.Set("gates", wrap(saved->gates));
+            h.Set("gateEnds", wrap(saved->gateEnds));
+            h.Set("norms", wrap(saved->norms));
+            res.Set("handover", h);
+          }
+#endif
           return res;
         },
         keep);
   });
 }
 
-// gdnBackward(q, k, v, g, beta, dO, opts: {..., chunkStates?}) → Promise<{dq, dk, dv, dg, dbeta, dh0, dALog, dDtBias}>
+// gdnBackward(q, k, v, g, beta, dO, opts: {..., chunkStates?, handover?}) → Promise<{dq, dk, dv, dg, dbeta, dh0, dALog, dDtBias}>
 Napi::Value Backward(const Napi::CallbackInfo& info) {
   return guard(info.Env(), [&]() -> Napi::Value {
     Napi::Object opts = optsOf(info, 6);
@@ -245,7 +310,12 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
       checkF32(*t, {p.N, p.HV, p.K, p.V}, r.dev, "dFinalState", r.sd);
       dFinal = *t;
     }
+#ifdef TCAL_WITH_CUDA
+    cuda::GdnSaved saved = parseSaved(opts, r);
+    Tensor states = saved.chunkStates;
+#else
     Tensor states = parseChunkStates(opts, r);
+#endif
     Napi::Object outs = optionValue(opts, "out").IsObject() ? optionValue(opts, "out").As<Napi::Object>() : Napi::Object::New(info.Env());
     gdn::BackwardOut out;
     DType gt = r.outType == DType::F32 ? DType::F32 : r.in.q.dtype();
@@ -264,11 +334,15 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
     Tensor cu = r.cu;
     return runAsync(
         info.Env(), "gdnBackward",
-        [pp, in, cu, dO, dFinal, out, mode, states] {
-          pp->cu = readSeqOffsets(cu, pp->N, pp->T, pp->tokens());
-          checkStateCount(*pp, states);
 #ifdef TCAL_WITH_CUDA
-          if (onCuda(in.q)) return cuda::gdnBackward(*pp, in, dO, dFinal, out, states);
+        [pp, in, cu, dO, dFinal, out, mode, states, saved] {
+#else
+        [pp, in, cu, dO, dFinal, out, mode, states] {
+#endif
+          pp->cu = readSeqOffsets(cu, pp->N, pp->T, pp->tokens());
+          checkStateCount(*pp, states);  // the hand-over's chunk count was checked against the states' in parseSaved
+#ifdef TCAL_WITH_CUDA
+          if (onCuda(in.q)) return cuda::gdnBackward(*pp, in, dO, dFinal, out, saved);
 #endif
           cpu::gdnBackward(*pp, in, dO, dFinal, out, mode.f64);
         },
