@@ -862,37 +862,32 @@ __global__ void __launch_bounds__(32 * kGroups) reducePartials(const double* __r
   else phi[(long long)h * (R - kScalars - kBins) + (r - kScalars - kBins)] += s;
 }
 
-// The fp16 position features: feat[σ, j] = cos θ_j σ, feat[σ, Dp/2 + j] = sin θ_j σ (f64 arguments), 0 for j ≥ half.
+// The fp16 position feature of position σ and column c: cos θ_j σ for c = j < Dp/2, sin θ_j σ for c = Dp/2 + j
+// (f64 arguments), 0 for j ≥ half.
+__device__ __forceinline__ __half featureValue(const double* __restrict__ theta, int sigma, int c, int half, int Dp) {
+  const int hp = Dp / 2, j = c < hp ? c : c - hp;
+  float v = 0.f;
+  if (j < half) {
+    double sn, cs;
+    sincos(theta[j] * double(sigma), &sn, &cs);
+    v = float(c < hp ? cs : sn);
+  }
+  return __float2half_rn(v);
+}
+
+// feat[σ, c] for σ < maxLen.
 __global__ void featureTable(__half* __restrict__ feat, const double* __restrict__ theta, int maxLen, int half, int Dp) {
   const long long n = (long long)maxLen * Dp;
-  const int hp = Dp / 2;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const int sigma = int(i / Dp), c = int(i % Dp), j = c < hp ? c : c - hp;
-    float v = 0.f;
-    if (j < half) {
-      double sn, cs;
-      sincos(theta[j] * double(sigma), &sn, &cs);
-      v = float(c < hp ? cs : sn);
-    }
-    feat[i] = __float2half_rn(v);
-  }
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    feat[i] = featureValue(theta, int(i / Dp), int(i % Dp), half, Dp);
 }
 
 // Wg: featT[c, σ] = feat[σ, c] for σ < featLd (a multiple of the key tile; entries past the longest sequence are
 // finite and meet only masked probabilities).
 __global__ void featureTableT(__half* __restrict__ featT, const double* __restrict__ theta, int featLd, int half, int Dp) {
   const long long n = (long long)featLd * Dp;
-  const int hp = Dp / 2;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const int c = int(i / featLd), sigma = int(i % featLd), j = c < hp ? c : c - hp;
-    float v = 0.f;
-    if (j < half) {
-      double sn, cs;
-      sincos(theta[j] * double(sigma), &sn, &cs);
-      v = float(c < hp ? cs : sn);
-    }
-    featT[i] = __float2half_rn(v);
-  }
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    featT[i] = featureValue(theta, int(i % featLd), int(i / featLd), half, Dp);
 }
 
 // Whether this build runs sm_90a code on the device (the wgmma kernels' bodies exist only there): one probe per device.
