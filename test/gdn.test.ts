@@ -566,3 +566,73 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     await decodeMatchesForward('cuda:0', 'bf16', { B: 2, T: 40, H: 2, HV: 2, K: 64, V: 128, h0: true }, 1e-2);
   });
 });
+
+// greview (session 6): each opt-in path not yet run on a GPU, on the edge shapes that the cases above leave out.
+cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  // Sets env for f, then restores what was there (a switch given for the whole run stays on for later tests).
+  const withEnv = async (env: Record<string, string>, f: () => Promise<void>) => {
+    const before = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+    Object.assign(process.env, env);
+    try {
+      await f();
+    } finally {
+      for (const [k, v] of Object.entries(before)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+  };
+
+  // Lean kernel 3 where one tile covers V and G = 1 (the fused dq/dk epilogue, which the two lean cases above
+  // never reach): K = 128 / VB = 64 with l2norm and KKG from the prep (the instantiation ptxas spills 12 B in),
+  // K = 64 / VB = 128 under strong decay (dg's sO now summed in the tail), K = V = 64 (no KKG: K Kᵀ by mma), and a
+  // lone single-token sequence.
+  const leanCases = ['l2norm', 'strong decay', 'T=65 D=64', 'T=1 D=128'].map(byName);
+  test.each([
+    ['TCAL_GDN_BWD_K3=lean', { TCAL_GDN_BWD_K3: 'lean' }],
+    ['TCAL_GDN_BWD_K3=lean TCAL_GDN_BWD_KK=mma', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
+  ] as [string, Record<string, string>][])('backward with %s on G = 1 and single-token shapes (bf16)', async (label, env) => {
+    await withEnv(env, async () => {
+      for (const [name, c] of leanCases) {
+        const h = makeHost(c, 1000 + c.T + c.K);
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'));
+        console.log(`gdn cuda ${label} ${name}: bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `${label} ${name} bf16`);
+      }
+    });
+  });
+
+  // The full hand-over on a single chunk of one token, an exactly full chunk (e_L = e_63) and g ≡ 0 (e = d = 1).
+  test.each(['T=1 D=128', 'T=64 D=128', 'g ≡ 0'].map(byName))("backward with the forward's full hand-over (bf16): %s", async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'), { save: 'full' });
+    console.log(`gdn cuda hand-over ${name}: bf16 ${JSON.stringify(e16)}`);
+    expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (full hand-over)`);
+  });
+
+  // The ring state pass (TCAL_GDN_WS=ring, with session 5's spill fix: the A fragments read back from the
+  // exchange slot) computes exactly what the ws kernel with one recurrence warp per group does: o, the final
+  // state and the saved chunk-start states bitwise equal to TCAL_GDN_WS=wide's (V % 128 = 0 only; elsewhere, and
+  // off sm_90, both runs take the same ws kernel).
+  test.each(['ragged', 'K=64 V=256', 'T=1 D=128', 'T=65 D=128'].map(byName))('TCAL_GDN_WS=ring equals the ws kernel bitwise (bf16): %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
+    const run = async (ws: string) => {
+      let r: Float64Array[] = [];
+      await withEnv({ TCAL_GDN_WS: ws }, async () => {
+        const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+        const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
+        const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
+        r = [await f64(f.o), await f64(f.finalState), await f64(t.o), await f64(t.saved!.chunkStates)];
+      });
+      return r;
+    };
+    const [ring, wide] = [await run('ring'), await run('wide')];
+    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
+      const bad = ring[i].findIndex((x, j) => !(x === wide[i][j] || (Number.isNaN(x) && Number.isNaN(wide[i][j]))));
+      if (bad >= 0) throw new Error(`${name}: ring ${k}[${bad}] = ${ring[i][bad]}, ws ${wide[i][bad]}`);
+      expect(ring[i].some(Number.isNaN)).toBe(false);
+    });
+  });
+});

@@ -671,18 +671,22 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   {
     float Pq[8][4] = {};  // (not LEAN3: sO from phase 2 there; the compiler drops it)
     float dotp = 0.f;
+    // Always true (a launched block has tokens), but a runtime branch that ptxas cannot fold: each step's dot
+    // stays in its own basic block, as under session 5's TCAL_GDN_BWD_DOT switch, so ptxas does not hoist the
+    // next steps' ldmatrix and unpacks across it. Straight-line code: 244 registers at K = V = 128; this: 205
+    // and phase 1's SASS mix of the build call 1 timed (kernel 3 1.41 ms; NOTES, greview session 6).
+    const bool dotOn = NT > 0;
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {  // Pqᵀ = S0ᵀQᵀ, Pkᵀ = S0ᵀKᵀ, dSkᵀ = dSᵀKᵀ
       unsigned s0a[4], dsa[4];
       ptx::ldsm4t(s0a, sa(S0s + (16 * ks + lr + (lm >> 1) * 8) * LV + vw + (lm & 1) * 8));
       ptx::ldsm4(dsa, sa(dSs + (vw + lane % 16) * LK + 16 * ks + (lane / 16) * 8));
-      if constexpr (direct) {
+      if (direct && dotOn)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const float2 x = unpack2<T>(s0a[r]), y = unpack2<T>(dsa[r]);
           dotp += x.x * y.x + x.y * y.y;
         }
-      }
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         unsigned bq[4], bk[4];
@@ -698,7 +702,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         E::mma(Dk[2 * np + 1], dsa, bk[2], bk[3]);
       }
     }
-    if constexpr (direct) {
+    if (direct && dotOn) {
 #pragma unroll
       for (int o = 16; o; o >>= 1) dotp += __shfl_xor_sync(0xffffffffu, dotp, o);
       if (lane == 0) dotW[warp] = dotp;
@@ -1272,7 +1276,16 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
 
 }  // namespace
 
-int tileV(const gdn::Problem& p) { return p.V % 128 == 0 ? 128 : kTileV; }
+// 128-column tiles where V allows and the device lets one block opt in to kernel 3's shared memory at that width
+// (LEAN3's, the larger: 226 KB at K = 128, 177 KB at K = 64 — sm_90's 227 KB; sm_80's 163 KB takes 64 columns,
+// where the 128-column launch used to fail in cudaFuncSetAttribute).
+int tileV(const gdn::Problem& p) {
+  if (p.V % 128 != 0) return kTileV;
+  int bytes = 0, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t need = p.K == 64 ? grad3Smem<64, 128, true>() : grad3Smem<128, 128, true>();
+  return size_t(bytes) >= need ? 128 : kTileV;
+}
 
 bool fusedQK(const gdn::Problem& p) { return p.group() == 1 && p.V == tileV(p); }
 
