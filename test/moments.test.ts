@@ -611,3 +611,75 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     }
   });
 });
+
+/**
+ * The statistics pass at D = 128 on the edges that depend on the wgmma kernels' rows per CTA (mreview, session 6):
+ * 64 rows for the default `wg1` and for `wg1k` (one K buffer), 128 for `wg2`, 2 × 64 for the mma.sync `mtail`. Query
+ * tiles are per sequence, so the edges are sequence lengths against 16 (a warp's rows), 64 and 128: a last tile of
+ * 1–15 rows (the CTA's other warps hold only rows past the end), exact multiples, lengths 1 and 2, many work items;
+ * plus a head dim zero-padded to 128 (half = 50: the φ columns past it are 0) and batch rows without varlen (the lse
+ * row of batch b). Each with the forward's lse and with the online softmax, bf16, with a context.
+ */
+(cudaEnabled() ? describe : describe.skip)('statistics pass at D = 128 on the tile edges of the wgmma kernels (CUDA)', () => {
+  // Lengths on and off 16 / 64 / 128, 1-token sequences, an excluded one (64) and 5 tail tokens past the last.
+  const lens = [1, 2, 15, 16, 17, 33, 63, 64, 65, 127, 128, 129, 1, 191, 192, 193, 64, 7, 96, 257];
+  const manyCu = lens.reduce((cu, n) => [...cu, cu[cu.length - 1] + n], [0]);
+  const many = (): Case =>
+    randomCase(61, { T: manyCu[manyCu.length - 1] + 5, cu: manyCu, include: lens.map((_, i) => (i === 16 ? 0 : 1)), qStd: 2.5, H: 4, HKV: 1, D: 128 });
+  const batchRows = (): Case => {
+    const [B, T, H, HKV, D] = [3, 70, 4, 2, 128];
+    return { q: randn(B * T * H * D, 62, 1.5), k: randn(B * T * HKV * D, 63, 1), v: randn(B * T * HKV * D, 64, 1), shape: { B, T, H, HKV, D } };
+  };
+  const cases: [string, () => Case][] = [
+    ['many sequences, lengths 1–257 on and off 16 / 64 / 128, GQA 4:1, an excluded one, a tail', many],
+    ['head dim 100 (zero-padded to 128)', () => randomCase(65, { T: 300, cu: [0, 129, 300], H: 4, HKV: 2, D: 100 })],
+    ['batch rows without varlen (B 3, T 70)', batchRows],
+    ['one token (T 1)', () => randomCase(66, { T: 1, H: 2, HKV: 1, D: 128 })],
+  ];
+  const prepared = (c: Case, seed: number): Case => {
+    const { B, T, H, D } = c.shape;
+    const r = (a: Float32Array) => a.map(roundBf16);
+    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: randn(B * T * H * D, seed, 0.5) };
+  };
+  // Runs `body` with TCAL_MOMENTS_KERNEL = v ('' = the default kernel), restoring the variable after.
+  const withKernel = async <R>(v: string, body: () => Promise<R>): Promise<R> => {
+    const before = process.env.TCAL_MOMENTS_KERNEL;
+    if (v) process.env.TCAL_MOMENTS_KERNEL = v;
+    else delete process.env.TCAL_MOMENTS_KERNEL;
+    try {
+      return await body();
+    } finally {
+      if (before === undefined) delete process.env.TCAL_MOMENTS_KERNEL;
+      else process.env.TCAL_MOMENTS_KERNEL = before;
+    }
+  };
+
+  test.each(cases)('lse and online softmax against the oracle (the kernel TCAL_MOMENTS_KERNEL selects): %s', async (_name, make) => {
+    const c = prepared(make(), 91);
+    const oracle = await run(c, 'materialize');
+    expectClose(await run({ ...c, lse: lseOf(c) }, 'stream', {}, 'cuda:0', 'bf16'), oracle, 1e-4);
+    expectClose(await run(c, 'stream', {}, 'cuda:0', 'bf16'), oracle, 1e-4);
+  });
+
+  test('every D = 128 kernel on the many-sequence case: wg1 (default) and wg1k bit-identical, repeats too; wg2, mtail, edges within 1e-4 of the oracle', async () => {
+    // wg1 and wg1k run the same arithmetic on the same 64-row CTAs (they differ in K buffering and barriers only),
+    // so any difference between them, or between two wg1k runs, is a race on the single K buffer. Without sm_90a
+    // code every variant but edges is mtail (the probe), and the comparisons still hold.
+    const c = prepared(many(), 92);
+    const oracle = await run(c, 'materialize');
+    for (const withLse of [true, false]) {
+      const x = withLse ? { ...c, lse: lseOf(c) } : c;
+      const got: Record<string, Stats> = {};
+      for (const v of ['', 'wg1k', 'wg2', 'mtail', 'edges']) {
+        got[v] = await withKernel(v, () => run(x, 'stream', {}, 'cuda:0', 'bf16'));
+        try {
+          expectClose(got[v], oracle, 1e-4);
+        } catch (e) {
+          throw new Error(`TCAL_MOMENTS_KERNEL=${v || '(default)'}, ${withLse ? 'lse' : 'online'}: ${(e as Error).message}`);
+        }
+      }
+      expect(got.wg1k).toEqual(got['']);
+      expect(await withKernel('wg1k', () => run(x, 'stream', {}, 'cuda:0', 'bf16'))).toEqual(got.wg1k);
+    }
+  });
+});
