@@ -683,3 +683,100 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     }
   });
 });
+
+(cudaEnabled() ? describe : describe.skip)('γ₀ scan, rs from the norm recurrence (TCAL_MOMENTS_SCAN=norm: scanRmsNorm + the tensor-core apply; not yet run on a GPU)', () => {
+  // bf16-rounded q, k, v and context (values under 1e-4 flushed to 0 so that they are exact in f16 too), as the
+  // scan block above builds them; the context goes over in the 16-bit type of v, which the tensor-core apply needs.
+  const norm16 = (c: Case, seed: number): Case => {
+    const { T, H, D } = c.shape;
+    const r = (a: Float32Array) => a.map((x) => (Math.abs(x) < 1e-4 ? 0 : roundBf16(x)));
+    return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: r(randn(T * H * D, seed, 0.5)) };
+  };
+  const withScan = async (mode: 'norm' | 'tc', c: Case, dtype: 'bf16' | 'f16' = 'bf16'): Promise<Stats> => {
+    const { B, T, H, D } = c.shape;
+    const before = process.env.TCAL_MOMENTS_SCAN;
+    process.env.TCAL_MOMENTS_SCAN = mode;
+    const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
+    try {
+      return await run(c, 'stream', { context: ctx }, 'cuda:0', dtype);
+    } finally {
+      if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
+      else process.env.TCAL_MOMENTS_SCAN = before;
+      ctx.dispose();
+    }
+  };
+
+  test('the bench mapping (8 KV heads × 4 heads, D 128, K0 48): against the oracle, beside the kRms pass, bit-identical repeats', async () => {
+    // 1150 included entries in chunks of 64 (4 blocks of 16 each; the last chunk 62 entries: a partial block), a
+    // sequence of length 1, a sequence start mid-chunk and mid-block, an excluded sequence.
+    const c: Case = {
+      ...norm16(randomCase(141, { T: 1600, cu: [0, 100, 101, 700, 1150, 1600], include: [1, 1, 1, 0, 1], H: 32, HKV: 8, D: 128 }), 194),
+      decays: scanDecays(48),
+    };
+    const oracle = await run(c, 'stream');
+    const got = await withScan('norm', c);
+    expectClose(got, oracle, 1e-4);
+    // The same apply with rs from the kRms pass (Σ y² of the fp32 state): rs agree to ~1e-6.
+    expectClose(got, await withScan('tc', c), 1e-5);
+    expect(await withScan('norm', c)).toEqual(got);
+  });
+
+  test('K0 1, 13, 48, 60 × D 128, 64; T not a multiple of 16; sequences of length 1; bf16 and f16', async () => {
+    for (const [K0, D] of [[1, 128], [13, 64], [48, 128], [60, 64], [60, 128], [1, 64]]) {
+      const c: Case = {
+        ...norm16(randomCase(150 + K0 + D, { T: 157, cu: [0, 1, 2, 93, 94, 157], H: 8, HKV: 2, D }), 193),
+        decays: scanDecays(K0),
+      };
+      const oracle = await run(c, 'materialize');
+      expectClose(await withScan('norm', c), oracle, 1e-4);
+      if (K0 === 13 || K0 === 60) expectClose(await withScan('norm', c, 'f16'), oracle, 1e-4);
+    }
+  });
+
+  test('batch-split invariance (two calls add up to one, ≤ 1e-6): block starts move with the split', async () => {
+    const cu = [0, 130, 131, 405, 600];
+    const c: Case = { ...norm16(randomCase(143, { T: 600, cu, H: 8, HKV: 2, D: 128 }), 195), decays: scanDecays(48) };
+    const { H, HKV, D } = c.shape;
+    const split = (lo: number, hi: number): Case => {
+      const a = cu[lo];
+      const b = cu[hi];
+      return {
+        ...c,
+        q: c.q.slice(a * H * D, b * H * D),
+        k: c.k.slice(a * HKV * D, b * HKV * D),
+        v: c.v.slice(a * HKV * D, b * HKV * D),
+        context: c.context!.slice(a * H * D, b * H * D),
+        shape: { ...c.shape, T: b - a },
+        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
+      };
+    };
+    const whole = await withScan('norm', c);
+    const p1 = await withScan('norm', split(0, 2));
+    const p2 = await withScan('norm', split(2, 4));
+    const merged: Stats = {};
+    for (const key of Object.keys(whole) as (keyof MomentAccumulators)[]) merged[key] = Float64Array.from(p1[key]!, (x, i) => x + p2[key]![i]);
+    expectClose(merged, whole, 1e-6);
+    expectClose(whole, await run(c, 'materialize'), 1e-4);
+  });
+
+  test('the cancellation guard: v anti-aligned with the slowest decay state on alternate steps (blocks rerun directly)', async () => {
+    // v_t = bf16(−0.9·γ·y_{t−1}) (fp64 y of decay 0, r = 1e-4) on odd steps: ‖y_t‖² ≈ 0.01‖γy_{t−1}‖² while the norm
+    // step's terms add to ≈ 3.6‖γy_{t−1}‖², under the guard's 1/64 (test/moments-scan-norm.test.ts), so those
+    // warps rerun their blocks with Σ y² of the fp32 state.
+    const base = norm16(randomCase(147, { T: 200, cu: [0, 120, 200], H: 4, HKV: 1, D: 64 }), 196);
+    const decays = scanDecays(13);
+    const { D } = base.shape;
+    const v = Float32Array.from(base.v);
+    const y = new Float64Array(D);
+    for (let t = 0; t < 200; t++) {
+      if (t === 120) y.fill(0);
+      if (t % 2 === 1 && t !== 120) for (let c = 0; c < D; c++) v[t * D + c] = roundBf16(-0.9 * decays[0] * y[c]);
+      for (let c = 0; c < D; c++) y[c] = decays[0] * y[c] + v[t * D + c];
+    }
+    const c: Case = { ...base, v, decays };
+    const oracle = await run(c, 'materialize');
+    const got = await withScan('norm', c);
+    expectClose(got, oracle, 1e-4);
+    expectClose(got, await withScan('tc', c), 1e-4);
+  });
+});

@@ -20,7 +20,8 @@
 //      chunk start, so fp32 γ (error ≤ 2^-25) drifts at most L·2^-25 relative. The CTAs of the first decay
 //      group also sum o and o² per column of the staged rows (Σ o, Σ o²: no second read of the context).
 //   3'. or (TCAL_MOMENTS_SCAN=tc; 16-bit v and context of one type, D % 16 == 0, K0 ≤ 64): scanApply's sweep 1
-//      alone (kRms) writes rs per (entry, KV head, decay) (TCAL_MOMENTS_RMS=tc: scanRmsTC, not yet run), then
+//      alone (kRms) writes rs per (entry, KV head, decay) (TCAL_MOMENTS_RMS=tc: scanRmsTC, not yet run;
+//      TCAL_MOMENTS_SCAN=norm: scanRmsNorm, rs from the norm recurrence on the tensor cores, not yet run), then
 //      scanApplyTC forms Σ ŷ∘o on the tensor cores with time segments (chunks) as the MMA's K dimension — see its
 //      comment. Measured slower than 3. at the bench shape (session 5), so not the default;
 //   4. scanSums / contextSums: f64 sums of the span partials, in span order, into the accumulators.
@@ -1149,6 +1150,293 @@ __global__ void __launch_bounds__(1024, 1) scanRmsTC(ScanParams p) {
   }
 }
 
+// ---- scanRmsNorm: the tensor-core apply's rs from the norm recurrence (TCAL_MOMENTS_SCAN=norm) ----
+// NOT YET RUN ON A GPU (written in session 6, when no device was lent); bench/NOTES.md "γ₀ scan v6".
+// ‖y_t‖² = m_t²‖y_{t−1}‖² + 2m_t⟨y_{t−1}, v_t⟩ + ‖v_t‖² (m_t = γ, or 0 at a sequence start), so rs needs no
+// per-element work but the inner products: inside a block of 16 steps from the block-start state Y,
+// ⟨y_{τ−1}, v_τ⟩ = Horner over s < τ of (a ← m_s·a + G[s][τ]) from a = P[τ] = ⟨Y, v_τ⟩, G = V·Vᵀ the block's Gram.
+// One CTA per (chunk, KV head), one warp per 16-decay m-tile holding Y (16 decays × D channels, fp32) in the
+// m16n8 C-fragment layout; per block, on m16n8k8 TF32: P = Y·Vᵀ (Y split hi + lo, v exact in TF32), G = V·Vᵀ
+// (exact products), and the next block-start state Y ← m_blk·Y + W·V (W[k][s] = γ_k^(15−s), three TF32 terms,
+// columns before the block's last sequence start zeroed; m_blk = γ^16, 0 if the block holds a start). With the
+// channel order of the k dimension permuted (κ = t4 ↔ channel 2t4, κ = t4 + 4 ↔ 2t4 + 1), Y's C fragments are its
+// A fragments and one 32-bit word of a v row feeds both P's B and G's A — no shuffles, no transposes.
+// Then lane (k, half) runs the Horner sums of its decay for the steps of its parity and both halves the 16 norm
+// steps; rs = rsqrt(n/D + ε) goes to p.rs in the apply's order. Cancellation guard (test/moments-scan-norm.test.ts):
+// the norm step's error scale M_τ = m²M_{τ−1} + 2m|d_τ| + w_τ (M = ‖Y‖² at the block start) is carried along; if
+// some n_τ < M_τ/64 (anti-aligned v: never on real data in the study), the warp reruns the block directly —
+// y = m·y + v and Σ y² per step in fp32, as the kRms pass does — and takes Y from that rerun.
+constexpr int kNormStep = 16;                // steps per block (the Gram's size)
+constexpr float kNormGuard = 1.f / 64.f;     // n_τ below this share of its error scale: the block is rerun directly
+constexpr int kNormPG = 16 * 17 * 2 + 16;    // floats per warp: P [decay][step], G [step][step] (pitch 17), ‖Y‖²
+
+struct NormLayout {
+  int vP, stage, fl, pg, tok, total;
+};
+__host__ __device__ inline NormLayout normLayoutOf(int D, int warps, int L) {
+  NormLayout l{};
+  l.vP = 2 * D + 16;  // bytes per staged v row: 16-bit values + 16 (rows 4 banks apart: the fragment loads are conflict-free)
+  l.fl = kNormStep * l.vP;
+  l.stage = l.fl + kNormStep * 4;  // v rows and start flags of one block (double-buffered)
+  l.pg = 2 * l.stage;
+  l.tok = l.pg + warps * kNormPG * 4;
+  l.total = l.tok + L * 4;
+  return l;
+}
+
+// γ^e for 0 ≤ e < 16 in f64 (square-and-multiply).
+__device__ __forceinline__ double powSmall(double g, int e) {
+  double r = 1.0, x = g;
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    if (e & (1 << b)) r *= x;
+    x *= x;
+  }
+  return r;
+}
+
+template <int NT, typename E>
+__global__ void __launch_bounds__(32 * kTcMaxMTiles) scanRmsNorm(ScanParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = int(blockDim.x) >> 5;
+  const NormLayout ly = normLayoutOf(p.D, warps, p.L);
+  const int chunk = blockIdx.x, hk = blockIdx.y;
+  const int i0 = chunk * p.L, len = min(p.L, p.count - i0), nBlocks = (len + kNormStep - 1) / kNormStep;
+  const int tid = threadIdx.x, nt = blockDim.x, m = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  int* tokS = reinterpret_cast<int*>(smem + ly.tok);
+  float* Ps = reinterpret_cast<float*>(smem + ly.pg) + m * kNormPG;  // [decay][step], pitch 17
+  float* Gs = Ps + 16 * 17;                                           // [step][step], pitch 17
+  float* Ns = Gs + 16 * 17;                                           // [decay] ‖Y‖²
+  for (int r = tid; r < len; r += nt) tokS[r] = p.tok[i0 + r];
+  __syncthreads();
+  const int units = p.D / 8;  // 16-byte units of a v row
+  auto issue = [&](int b) {   // block b's v rows (zeros past the chunk) and start flags, one cp.async group
+    unsigned char* buf = smem + (b & 1) * ly.stage;
+    for (int u = tid; u < kNormStep * units; u += nt) {
+      const int row = u / units, q = u - row * units, r = b * kNormStep + row;
+      const bool ok = r < len;
+      const long long t = ok ? tokS[r] : 0;
+      ptx::cpAsync16(smemAddr(buf + row * ly.vP + q * 16), p.v + (t * p.vStride + (long long)hk * p.D) * 2 + (ok ? q * 16 : 0), ok);
+    }
+    if (tid < kNormStep) {
+      int* fl = reinterpret_cast<int*>(buf + ly.fl);
+      const int r = b * kNormStep + tid;
+      if (r < len) cpAsync4(smemAddr(fl + tid), p.first + i0 + r);
+      else fl[tid] = 0;
+    }
+    cpCommit();
+  };
+  if (nBlocks > 0) issue(0);
+
+  // The lane's C-fragment rows (decays kC[h] = 16m + g + 8h), their γ and γ^16, and W's A fragments: k-step ks
+  // (steps 8ks … 8ks + 7), register r at row g + 8(r & 1), column (step) 8ks + t4 + 4(r >> 1); three TF32 terms.
+  float gamC[2], g16[2];
+  unsigned wa[2][3][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int k = 16 * m + g + 8 * h;
+    const double gd = k < p.K0 ? p.decays[k] : 0.0;
+    gamC[h] = float(gd);
+    const double g8 = powSmall(gd, 8);
+    g16[h] = float(g8 * g8);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int k = 16 * m + g + 8 * (r & 1);
+    const double gd = k < p.K0 ? p.decays[k] : 0.0;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int s = 8 * ks + t4 + 4 * (r >> 1);
+      const float w = float(powSmall(gd, kNormStep - 1 - s));
+      const unsigned t0 = __float_as_uint(w) & 0xffffe000u;
+      const float r1 = w - __uint_as_float(t0);
+      const unsigned t1 = __float_as_uint(r1) & 0xffffe000u;
+      wa[ks][0][r] = t0;
+      wa[ks][1][r] = t1;
+      wa[ks][2][r] = __float_as_uint(r1 - __uint_as_float(t1));  // the MMA keeps its top 11 bits: ≤ 2^-33 w
+    }
+  }
+  // The scalar phase's decay (lane & 15 of the m-tile).
+  const int kq = lane & 15, half = lane >> 4, kS = 16 * m + kq;
+  const float gS = kS < p.K0 ? float(p.decays[kS]) : 0.f;
+
+  // Y: the state entering the chunk (the carry's), C layout: Y[n][2h + e] = y(decay kC[h], channel 8n + 2t4 + e).
+  float Y[NT][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int k = 16 * m + g + 8 * h;
+    const float* src = p.enter + (((long long)chunk * p.HKV + hk) * p.K0 + k) * p.D + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const float2 e = k < p.K0 && len > 0 ? *reinterpret_cast<const float2*>(src + 8 * n) : make_float2(0.f, 0.f);
+      Y[n][2 * h] = e.x;
+      Y[n][2 * h + 1] = e.y;
+    }
+  }
+  const float invD = 1.f / float(p.D), eps = float(kScanEps);
+  float* rsOut = p.rs + hk * p.RP;
+  const long long rsStride = (long long)p.HKV * p.RP;
+
+  for (int b = 0; b < nBlocks; ++b) {
+    cpWait<0>();
+    __syncthreads();  // block b landed; every warp is done with the buffer block b + 1 refills
+    if (b + 1 < nBlocks) issue(b + 1);
+    const unsigned char* buf = smem + (b & 1) * ly.stage;
+    const unsigned bits = __ballot_sync(0xffffffffu, lane < kNormStep && reinterpret_cast<const int*>(buf + ly.fl)[lane & 15] != 0) & 0xffffu;
+    const int lenB = min(kNormStep, len - b * kNormStep);
+
+    // ‖Y‖² of the lane's rows (over the 4 lanes t4 of the row).
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      s0 = fmaf(Y[n][0], Y[n][0], fmaf(Y[n][1], Y[n][1], s0));
+      s1 = fmaf(Y[n][2], Y[n][2], fmaf(Y[n][3], Y[n][3], s1));
+    }
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+
+    // P = Y·Vᵀ (two accumulators per n-tile: shorter dependent chains) and G = V·Vᵀ; k-step ks = channels 8ks …
+    // 8ks + 7, κ = t4 ↔ 8ks + 2t4, κ = t4 + 4 ↔ 8ks + 2t4 + 1. n-tile nt = steps 8nt … 8nt + 7.
+    float pc[2][2][4], gc[2][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) pc[a][0][q] = pc[a][1][q] = gc[a][q] = 0.f;
+    const unsigned char* rowA = buf + g * ly.vP + t4 * 4;  // step g, channel 8ks + 2t4
+    const unsigned char* rowB = rowA + 8 * ly.vP;          // step g + 8
+#pragma unroll
+    for (int ks = 0; ks < NT; ++ks) {
+      float v00, v01, v10, v11;
+      unpack2<E>(*reinterpret_cast<const unsigned*>(rowA + ks * 16), v00, v01);
+      unpack2<E>(*reinterpret_cast<const unsigned*>(rowB + ks * 16), v10, v11);
+      const unsigned b0[2] = {__float_as_uint(v00), __float_as_uint(v10)}, b1[2] = {__float_as_uint(v01), __float_as_uint(v11)};
+      const unsigned av[4] = {b0[0], b0[1], b1[0], b1[1]};  // V as A: rows = steps g, g + 8
+      const float ya[4] = {Y[ks][0], Y[ks][2], Y[ks][1], Y[ks][3]};
+      unsigned ah[4], al[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        ah[q] = __float_as_uint(ya[q]) & 0xffffe000u;
+        al[q] = __float_as_uint(ya[q] - __uint_as_float(ah[q]));
+      }
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        mmaTf32(pc[a][ks & 1], al, b0[a], b1[a]);
+        mmaTf32(pc[a][ks & 1], ah, b0[a], b1[a]);
+        mmaTf32(gc[a], av, b0[a], b1[a]);
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = g + 8 * (q >> 1), col = 8 * a + 2 * t4 + (q & 1);
+        Ps[row * 17 + col] = pc[a][0][q] + pc[a][1][q];
+        Gs[row * 17 + col] = gc[a][q];
+      }
+    if (t4 == 0) Ns[g] = s0, Ns[g + 8] = s1;
+    __syncwarp();
+
+    // Lane (kq, half): d_τ = ⟨y_{τ−1}, v_τ⟩ for τ = 2i + half, then both halves run the 16 norm steps.
+    float mv[kNormStep];
+#pragma unroll
+    for (int s = 0; s < kNormStep; ++s) mv[s] = (bits >> s) & 1u ? 0.f : gS;
+    float d[kNormStep / 2];
+#pragma unroll
+    for (int i = 0; i < kNormStep / 2; ++i) {
+      const int tau = 2 * i + half;
+      float a = Ps[kq * 17 + tau];
+#pragma unroll
+      for (int s = 0; s < 2 * i; ++s) a = fmaf(mv[s], a, Gs[s * 17 + tau]);
+      if (half) a = fmaf(mv[2 * i], a, Gs[2 * i * 17 + tau]);
+      d[i] = a;
+    }
+    float n = Ns[kq], M = n, rsv[kNormStep / 2];
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < kNormStep / 2; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, d[i], 16);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tau = 2 * i + e;
+        const float dt = (e == half) ? d[i] : other, w = Gs[tau * 17 + tau], mt = mv[tau], m2 = mt * mt, m2x = 2.f * mt;
+        n = fmaxf(0.f, fmaf(m2, n, fmaf(m2x, dt, w)));
+        M = fmaf(m2, M, fmaf(m2x, fabsf(dt), w));
+        bad |= tau < lenB && n < kNormGuard * M;
+        if (e == half) rsv[i] = rsqrtf(fmaf(n, invD, eps));
+      }
+    }
+    const long long e0 = (long long)i0 + b * kNormStep;
+    if (!__any_sync(0xffffffffu, bad && kS < p.K0)) {
+      if (kS < p.K0) {
+        float* dst = rsOut + rsPos(kS, p.MT);
+#pragma unroll
+        for (int i = 0; i < kNormStep / 2; ++i) {
+          const int tau = 2 * i + half;
+          if (tau < lenB) dst[(e0 + tau) * rsStride] = rsv[i];
+        }
+      }
+      // Y ← m_blk·Y + W·V, W's columns before the block's last sequence start zeroed.
+      const float mb0 = bits ? 0.f : g16[0], mb1 = bits ? 0.f : g16[1];
+#pragma unroll
+      for (int n2 = 0; n2 < NT; ++n2) Y[n2][0] *= mb0, Y[n2][1] *= mb0, Y[n2][2] *= mb1, Y[n2][3] *= mb1;
+      unsigned a[2][3][4];
+      const int sigma = bits ? 31 - __clz(int(bits)) : 0;
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const bool keep = 8 * ks + t4 + 4 * (r >> 1) >= sigma;
+#pragma unroll
+          for (int q = 0; q < 3; ++q) a[ks][q][r] = keep ? wa[ks][q][r] : 0u;
+        }
+      // B[κ = step 8ks + t4 (+4)][channel 8n + g]: the 16-bit value in the word at channel 8n + (g & ~1).
+      const unsigned char* colB = buf + t4 * ly.vP + (g & ~1) * 2;
+      const bool hiHalf = g & 1;
+#pragma unroll
+      for (int n2 = 0; n2 < NT; ++n2)
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          const unsigned char* src = colB + 8 * ks * ly.vP + n2 * 16;
+          const unsigned b0 = __float_as_uint(unpack1<E>(*reinterpret_cast<const unsigned*>(src), hiHalf));
+          const unsigned b1 = __float_as_uint(unpack1<E>(*reinterpret_cast<const unsigned*>(src + 4 * ly.vP), hiHalf));
+#pragma unroll
+          for (int q = 2; q >= 0; --q) mmaTf32(Y[n2], a[ks][q], b0, b1);  // small terms first
+        }
+    } else {
+      // Guarded: rerun the block directly (y = m·y + v, Σ y² in fp32), which also leaves the next block-start state.
+#pragma unroll 1
+      for (int tau = 0; tau < kNormStep; ++tau) {
+        const bool start = (bits >> tau) & 1u;
+        const float m0 = start ? 0.f : gamC[0], m1 = start ? 0.f : gamC[1];
+        const unsigned char* row = buf + tau * ly.vP + t4 * 4;
+        float q0 = 0.f, q1 = 0.f;
+#pragma unroll
+        for (int n2 = 0; n2 < NT; ++n2) {
+          float v0, v1;
+          unpack2<E>(*reinterpret_cast<const unsigned*>(row + n2 * 16), v0, v1);
+          Y[n2][0] = fmaf(m0, Y[n2][0], v0);
+          Y[n2][1] = fmaf(m0, Y[n2][1], v1);
+          Y[n2][2] = fmaf(m1, Y[n2][2], v0);
+          Y[n2][3] = fmaf(m1, Y[n2][3], v1);
+          q0 = fmaf(Y[n2][0], Y[n2][0], fmaf(Y[n2][1], Y[n2][1], q0));
+          q1 = fmaf(Y[n2][2], Y[n2][2], fmaf(Y[n2][3], Y[n2][3], q1));
+        }
+        q0 += __shfl_xor_sync(0xffffffffu, q0, 1);
+        q0 += __shfl_xor_sync(0xffffffffu, q0, 2);
+        q1 += __shfl_xor_sync(0xffffffffu, q1, 1);
+        q1 += __shfl_xor_sync(0xffffffffu, q1, 2);
+        if (t4 == 0 && tau < lenB) {
+          const int k0 = 16 * m + g;
+          if (k0 < p.K0) rsOut[(e0 + tau) * rsStride + rsPos(k0, p.MT)] = rsqrtf(fmaf(q0, invD, eps));
+          if (k0 + 8 < p.K0) rsOut[(e0 + tau) * rsStride + rsPos(k0 + 8, p.MT)] = rsqrtf(fmaf(q1, invD, eps));
+        }
+      }
+    }
+  }
+}
+
 // 1 at each chunk that holds a sequence start (the carry's reset), from the device's start flags.
 __global__ void chunkResets(const int* __restrict__ first, int count, int L, int* __restrict__ reset) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1224,7 +1512,7 @@ void launchTcE(const TcParams& tp, int smem, cudaStream_t stream) {
 }
 
 template <int CB>
-void launch(ScanParams prm, bool tcApply, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
+void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
             const std::function<void(const char*)>& mark) {
   constexpr int KB = decaysPerWarp<CB>();
   const int threads = prm.warps * 32;
@@ -1326,7 +1614,15 @@ void launch(ScanParams prm, bool tcApply, int sms, int maxSmem, const Accumulato
   mark("scanCarry");
   if (tcApply) {
     const char* rmsForce = std::getenv("TCAL_MOMENTS_RMS");
-    if (!(rmsForce && std::string(rmsForce) == "tc")) {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
+    if (normRms && (prm.D == 128 || prm.D == 64)) {  // TCAL_MOMENTS_SCAN=norm: scanRmsNorm — NOT YET RUN ON A GPU
+      const int smemN = normLayoutOf(prm.D, prm.MT, prm.L).total;
+      auto go = [&](auto kern) {
+        residentBlocks(kern, 32 * prm.MT, smemN);
+        kern<<<dim3(unsigned(prm.chunks), unsigned(prm.HKV)), unsigned(32 * prm.MT), size_t(smemN), stream>>>(prm);
+      };
+      if (prm.vType == kBF16) prm.D == 128 ? go(scanRmsNorm<16, __nv_bfloat16>) : go(scanRmsNorm<8, __nv_bfloat16>);
+      else prm.D == 128 ? go(scanRmsNorm<16, __half>) : go(scanRmsNorm<8, __half>);
+    } else if (!(rmsForce && std::string(rmsForce) == "tc")) {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
       residentBlocks(scanApply<CB, true>, threads, smemRms);  // the chosen stage's limit
       scanApply<CB, true><<<dim3(unsigned(rp.spans), unsigned(rp.HKV * rp.kGroups)), unsigned(threads), size_t(smemRms), stream>>>(rp);
     } else {  // TCAL_MOMENTS_RMS=tc: scanRmsTC — NOT YET RUN ON A GPU (see its comment)
@@ -1418,13 +1714,16 @@ void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* to
   prm.RP = 16 * prm.MT;
   constexpr bool kTcDefault = false;  // session 5, run 5: TC 1.20 ms (rs pass 0.43 + scanApplyTC 0.77) vs the CUDA-core 1.04
   const char* force = std::getenv("TCAL_MOMENTS_SCAN");
-  const bool wantTc = force && std::string(force) == "tc" ? true : force && std::string(force) == "v4" ? false : kTcDefault;
+  const std::string forced = force ? force : "";
+  // norm: the tensor-core apply with its rs from the norm recurrence (scanRmsNorm, D 64 / 128; else the kRms pass).
+  const bool normRms = forced == "norm";
+  const bool wantTc = forced == "tc" || normRms ? true : forced == "v4" ? false : kTcDefault;
   const bool tcApply = wantTc && prm.vType == prm.oType && (prm.vType == kBF16 || prm.vType == kF16) && prm.copy16 && D % 16 == 0 && prm.MT <= 4;
   switch (CB) {
-    case 1: launch<1>(prm, tcApply, sms, maxSmem, acc, dev, stream, mark); break;
-    case 2: launch<2>(prm, tcApply, sms, maxSmem, acc, dev, stream, mark); break;
-    case 4: launch<4>(prm, tcApply, sms, maxSmem, acc, dev, stream, mark); break;
-    default: launch<8>(prm, tcApply, sms, maxSmem, acc, dev, stream, mark); break;
+    case 1: launch<1>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    case 2: launch<2>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    case 4: launch<4>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    default: launch<8>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
   }
 }
 
