@@ -75,6 +75,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws wide (CG=4)', { TCAL_GDN_WS: 'wide' }],
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
+  ['prep kernel alone, lean epilogue (not yet run)', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_V3_PREP: 'lean' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
@@ -89,6 +90,7 @@ const VARIANT_KEYS = [
   'TCAL_GDN_FORWARD',
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
+  'TCAL_GDN_V3_PREP',
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_KK',
   'TCAL_GDN_BWD_K3',

@@ -636,3 +636,57 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     });
   });
 });
+
+// gdnfuse (session 6): TCAL_GDN_V3_PREP=lean, the v3 prep's tile epilogue with its row / column factors in
+// registers and β read as float4 in the Ab loop — the same products in the same order, so o, the final state and
+// the saved chunk states must equal the default prep's bitwise (not yet run on a GPU: written without one).
+cudaDescribe('GDN CUDA forward, lean prep epilogue (TCAL_GDN_V3_PREP=lean) against the default prep', () => {
+  const v3Cases = cudaCases.filter(([, c]) => (c.K === 64 || c.K === 128) && c.V % 64 === 0);
+  const run = async (c: Case, d: Dev, dtype: DType, env: Record<string, string>) => {
+    Object.assign(process.env, env);
+    try {
+      const out = {
+        o: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0'),
+        finalState: await poison([d.cu ? d.cu.shape[0] - 1 : c.B, c.HV, c.K, c.V], 'f32', 'cuda:0'),
+      };
+      const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
+      const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: true });
+      return {
+        o: await f.o.toFloat32(),
+        s: await f.finalState!.toFloat32(),
+        ot: await t.o.toFloat32(),
+        ck: await t.saved!.chunkStates.toFloat32(),
+      };
+    } finally {
+      for (const k of Object.keys(env)) delete process.env[k];
+    }
+  };
+  const same = (a: Float32Array, b: Float32Array) => a.length === b.length && a.every((x, i) => Object.is(x, b[i]));
+  test.each(v3Cases)('bitwise the default, bf16 and f16 (ws kernels; the ring kernel where V %% 128 = 0): %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    for (const dtype of ['bf16', 'f16'] as DType[]) {
+      const d = await upload(c, h, 'cuda:0', dtype);
+      const states: Record<string, string>[] = c.V % 128 === 0 ? [{}, { TCAL_GDN_WS: 'ring' }] : [{}];
+      for (const ws of states) {
+        const base = await run(c, d, dtype, ws);
+        const lean = await run(c, d, dtype, { ...ws, TCAL_GDN_V3_PREP: 'lean' });
+        for (const k of ['o', 's', 'ot', 'ck'] as const)
+          if (!same(base[k], lean[k])) throw new Error(`${name} ${dtype} ${JSON.stringify(ws)}: lean prep ${k} differs from the default's`);
+        expect(base.o.some((x) => Number.isNaN(x))).toBe(false);
+      }
+    }
+  });
+  test('against the fp64 reference (bf16): ragged varlen + h0, l2norm + fused gates', async () => {
+    process.env.TCAL_GDN_V3_PREP = 'lean';
+    try {
+      for (const [name, c] of v3Cases.filter(([n]) => /^(ragged|l2norm)/.test(n))) {
+        const h = makeHost(c, 1000 + c.T + c.K);
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'));
+        console.log(`gdn cuda lean prep ${name}: bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (lean prep)`);
+      }
+    } finally {
+      delete process.env.TCAL_GDN_V3_PREP;
+    }
+  });
+});

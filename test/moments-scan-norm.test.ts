@@ -46,6 +46,7 @@ type Method = 'base' | 'a' | 'b' | 'c';
 /** (c)'s guard: a block whose norm step lands below KAPPA × its error scale is recomputed directly. */
 const KAPPA = 1 / 64;
 let guards = 0;
+const gramCache = new Map<string, Float64Array>();
 let blocks = 0;
 
 /**
@@ -91,11 +92,15 @@ function study(T: number, gamma: number, kind: VKind, seed: number): Record<Meth
       // (c) also carries the error scale M_τ = γ²M_{τ−1} + 2γ|d_τ| + w_τ (the terms' magnitudes, M_{−1} = ‖Y‖²).
       const len = Math.min(BLOCK, T - t);
       const P = new Float64Array(len);
-      const G = new Float64Array(BLOCK * BLOCK);
-      for (let i = 0; i < len; i++) {
-        P[i] = dot32(y32, V[t + i]);
-        for (let j = i; j < len; j++) G[i * BLOCK + j] = dot32(V[t + i], V[t + j]);
+      // The block's Gram: 'real' data does not depend on γ, so its Grams are made once per (T, seed).
+      const key = kind === 'real' ? `${T}:${seed}:${t}` : '';
+      let G = key ? gramCache.get(key) : undefined;
+      if (!G) {
+        G = new Float64Array(BLOCK * BLOCK);
+        for (let i = 0; i < len; i++) for (let j = i; j < len; j++) G[i * BLOCK + j] = dot32(V[t + i], V[t + j]);
+        if (key) gramCache.set(key, G);
       }
+      for (let i = 0; i < len; i++) P[i] = dot32(y32, V[t + i]);
       let n = dot32(y32, y32);
       let M = n;
       guard = false;

@@ -144,7 +144,11 @@ constexpr size_t prepSmem() {
 // SAVE (saveForBackward 'full', with FUSED and o): also writes the Handover `ho` for the backward, whose prep
 // then does not run — Qh, Kh from the rows and norm factors here, QKG from the Aqk tiles (all 16 rows, the
 // blocks above the diagonal zeroed), A before the β scaling, the gate vectors beside aux, the norm factors.
-template <typename T, int K, bool FUSED, bool SAVE>
+// LEAN (with FUSED, not SAVE; TCAL_GDN_V3_PREP=lean, session 6, not yet run on a GPU): the same values bitwise
+// with fewer shared-memory operations — the tile epilogue reads its row factors (sq, β·rk) and column factors (rk)
+// once per tile into registers (the default reloads them per element pair, ≈ 6 scalar loads and 4 branches each:
+// its staging stores to Ts may alias them for the compiler), and the Ab loop reads β as two float4.
+template <typename T, int K, bool FUSED, bool SAVE, bool LEAN = false>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -155,6 +159,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
                                                            float4* __restrict__ aux, float scale, bool l2norm,
                                                            Handover ho) {
   static_assert(FUSED || !SAVE, "prep: the hand-over comes with the fused tile loop");
+  static_assert(!LEAN || (FUSED && !SAVE), "prep: the lean epilogue is a variant of the fused loop without the hand-over");
   constexpr int LDK = K + 8;
   constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
@@ -336,17 +341,48 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       float accQ[2][4], accK[2][4], gi[2], gj[2][2];
       lowerTile(Qb, job, trs[u], tcs[u], accQ, gi, gj, Kb, accK);
       const int mi = trs[u], ni = tcs[u];
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      if constexpr (LEAN) {
+        // The factors of this tile's rows and columns, read once (the products below are the default's, factor
+        // by factor in the same order, so Aqk and M are bitwise the same).
+        float sqi[2], fi[2], rkj[2][2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
-          const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
-          const float x0 = j <= i ? accQ[nt][2 * r] * sq[i] * rk[j] * e0 : 0.f;
-          const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sq[i] * rk[j + 1] * e1 : 0.f;
-          *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
-          mv[u][nt][r] = mPair(accK, mi, ni, nt, r, e0, e1);
+          const int i = 16 * mi + gq + 8 * r;
+          sqi[r] = sq[i];
+          fi[r] = bet[i] * rk[i];
         }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const float2 rr = *reinterpret_cast<const float2*>(rk + 16 * ni + 8 * nt + 2 * tq);
+          rkj[nt][0] = rr.x;
+          rkj[nt][1] = rr.y;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+            const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
+            const float x0 = j <= i ? accQ[nt][2 * r] * sqi[r] * rkj[nt][0] * e0 : 0.f;
+            const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sqi[r] * rkj[nt][1] * e1 : 0.f;
+            *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
+            const bool live = i < L;  // mPair's masks: rows past L and entries on or above the diagonal are 0
+            mv[u][nt][r] = make_float2(live && j < i ? fi[r] * rkj[nt][0] * accK[nt][2 * r] * e0 : 0.f,
+                                       live && j + 1 < i ? fi[r] * rkj[nt][1] * accK[nt][2 * r + 1] * e1 : 0.f);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+            const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
+            const float x0 = j <= i ? accQ[nt][2 * r] * sq[i] * rk[j] * e0 : 0.f;
+            const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sq[i] * rk[j + 1] * e1 : 0.f;
+            *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
+            mv[u][nt][r] = mPair(accK, mi, ni, nt, r, e0, e1);
+          }
+      }
       __syncwarp();
       {
         const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
@@ -426,8 +462,15 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
     const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     alignas(16) T out[8];
+    if constexpr (LEAN) {  // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
+      const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
+      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bv[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
+    }
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
     if constexpr (SAVE) {  // A itself (every row: identity past L), as the backward's prep rounds it
@@ -1157,10 +1200,13 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    const char* pe = std::getenv("TCAL_GDN_V3_PREP");  // =old: session 4's prep (benchmark comparison)
-    auto kern = ho                                ? prepKernel<T, K, true, true>
-                : pe && std::strcmp(pe, "old") == 0 ? prepKernel<T, K, false, false>
-                                                    : prepKernel<T, K, true, false>;
+    // =old: session 4's prep (benchmark comparison); =lean: the fused prep with fewer shared-memory operations,
+    // bitwise the same outputs (session 6, not yet run on a GPU; not with the hand-over).
+    const char* pe = std::getenv("TCAL_GDN_V3_PREP");
+    auto kern = ho                                 ? prepKernel<T, K, true, true>
+                : pe && std::strcmp(pe, "old") == 0  ? prepKernel<T, K, false, false>
+                : pe && std::strcmp(pe, "lean") == 0 ? prepKernel<T, K, true, false, true>
+                                                     : prepKernel<T, K, true, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
