@@ -539,6 +539,15 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     const d32 = await upload(c, makeHost(c, 23), 'cuda:0', 'f32');
     const s32 = (await gdnForward(d32.inputs, { l2norm: true, saveForBackward: 'full' })).saved!;
     expect([s32.chunkStates.dtype, s32.A]).toEqual(['f32', undefined]);
+    // cu ending before the last token: the norm rows past it are zero, not left unwritten
+    const cv: Case = { ...c, cu: [0, 50, 101] };
+    const dv = await upload(cv, makeHost(cv, 25), 'cuda:0', 'bf16');
+    const sv = (await gdnForward(dv.inputs, { l2norm: true, cuSeqlens: dv.cu, saveForBackward: 'full' })).saved!;
+    const nv = await sv.norms!.toFloat32();
+    for (const half of [0, 1]) {
+      expect(Array.from(nv.subarray(half * 130 + 101, half * 130 + 130)).every((x) => x === 0)).toBe(true);
+      expect(nv.subarray(half * 130, half * 130 + 101).every((x) => x > 0)).toBe(true);
+    }
   });
 
   test('saved states: typed errors for states of other inputs (CUDA)', async () => {

@@ -694,7 +694,12 @@ GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::For
       saved.Kh = empty({chunks, p.HV, C, p.K}, dt, dev);
       saved.gates = empty({chunks, p.HV, 3, C}, DType::F32, dev);
       saved.gateEnds = empty({chunks, p.HV}, DType::F32, dev);
-      if (p.l2norm) saved.norms = empty({2, p.tokens(), p.H}, DType::F32, dev);
+      if (p.l2norm) {
+        saved.norms = empty({2, p.tokens(), p.H}, DType::F32, dev);
+        // The prep writes rows below cu[N] only; the rows past it are returned to the caller, so zero them.
+        if (p.cu[size_t(p.N)] < p.tokens())
+          check(cudaMemsetAsync(saved.norms.data(), 0, saved.norms.nbytes(), stream), "cudaMemsetAsync");
+      }
       float* norms = p.l2norm ? saved.norms.ptr<float>() : nullptr;
       ho = gdn_v3::Handover{saved.A.data(), saved.QKG.data(), saved.Qh.data(), saved.Kh.data(), saved.gates.ptr<float>(),
                             saved.gateEnds.ptr<float>(), norms, norms ? norms + p.tokens() * p.H : nullptr,

@@ -602,7 +602,7 @@ __device__ __forceinline__ void storeCkpt(const float (&S)[KH / 8][4], void* ckp
 // A 16-byte shared-memory load the compiler cannot forward from an earlier store (see the ring kernel's formP).
 __device__ __forceinline__ uint4 lds128(const void* p) {
   uint4 r;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(smemAddr(p)));
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(smemAddr(p)) : "memory");
   return r;
 }
 
