@@ -120,6 +120,21 @@ function lseOf(c: Case, offset?: (i: number) => number): Float32Array {
   return out;
 }
 
+// Runs body with the case's context as a 16-bit device tensor and TCAL_MOMENTS_SCAN=mode (restored afterwards).
+async function withScanMode<R>(mode: string, c: Case, dtype: 'bf16' | 'f16', body: (extra: TaylorMomentsOptions) => Promise<R>): Promise<R> {
+  const { B, T, H, D } = c.shape;
+  const before = process.env.TCAL_MOMENTS_SCAN;
+  process.env.TCAL_MOMENTS_SCAN = mode;
+  const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
+  try {
+    return await body({ context: ctx });
+  } finally {
+    if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
+    else process.env.TCAL_MOMENTS_SCAN = before;
+    ctx.dispose();
+  }
+}
+
 function randomCase(seed: number, opts: { T: number; cu?: number[]; include?: number[]; H?: number; HKV?: number; D?: number; Dx?: number; qStd?: number }): Case {
   const H = opts.H ?? 4;
   const HKV = opts.HKV ?? 2;
@@ -528,19 +543,8 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: r(randn(T * H * D, seed, 0.5)) };
   };
   // The case's context as a 16-bit tensor on the device, with the tensor-core apply chosen (TCAL_MOMENTS_SCAN=tc).
-  const withBf16Context = async (c: Case, body: (extra: TaylorMomentsOptions) => Promise<void>, dtype: 'bf16' | 'f16' = 'bf16'): Promise<void> => {
-    const { B, T, H, D } = c.shape;
-    const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
-    const before = process.env.TCAL_MOMENTS_SCAN;
-    process.env.TCAL_MOMENTS_SCAN = 'tc';
-    try {
-      await body({ context: ctx });
-    } finally {
-      if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
-      else process.env.TCAL_MOMENTS_SCAN = before;
-      ctx.dispose();
-    }
-  };
+  const withBf16Context = (c: Case, body: (extra: TaylorMomentsOptions) => Promise<void>, dtype: 'bf16' | 'f16' = 'bf16'): Promise<void> =>
+    withScanMode('tc', c, dtype, body);
 
   test('spans of several chunks (the bench mapping: 8 KV heads, 4 heads each, D 128, K0 48): restarts from the carried state inside a CTA, a sequence start and a padding segment mid-span; both applies', async () => {
     // One 12-warp CTA per SM and 8 KV heads give 16 spans on a 132-SM H200: 1150 included entries in chunks of
@@ -692,19 +696,8 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const r = (a: Float32Array) => a.map((x) => (Math.abs(x) < 1e-4 ? 0 : roundBf16(x)));
     return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: r(randn(T * H * D, seed, 0.5)) };
   };
-  const withScan = async (mode: 'norm' | 'tc', c: Case, dtype: 'bf16' | 'f16' = 'bf16'): Promise<Stats> => {
-    const { B, T, H, D } = c.shape;
-    const before = process.env.TCAL_MOMENTS_SCAN;
-    process.env.TCAL_MOMENTS_SCAN = mode;
-    const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
-    try {
-      return await run(c, 'stream', { context: ctx }, 'cuda:0', dtype);
-    } finally {
-      if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
-      else process.env.TCAL_MOMENTS_SCAN = before;
-      ctx.dispose();
-    }
-  };
+  const withScan = (mode: 'norm' | 'tc', c: Case, dtype: 'bf16' | 'f16' = 'bf16'): Promise<Stats> =>
+    withScanMode(mode, c, dtype, (extra) => run(c, 'stream', extra, 'cuda:0', dtype));
 
   test('the bench mapping (8 KV heads × 4 heads, D 128, K0 48): against the oracle, beside the kRms pass, bit-identical repeats', async () => {
     // 1150 included entries in chunks of 64 (4 blocks of 16 each; the last chunk 62 entries: a partial block), a
