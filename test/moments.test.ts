@@ -696,7 +696,7 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const r = (a: Float32Array) => a.map((x) => (Math.abs(x) < 1e-4 ? 0 : roundBf16(x)));
     return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: r(randn(T * H * D, seed, 0.5)) };
   };
-  const withScan = (mode: 'norm' | 'tc', c: Case, dtype: 'bf16' | 'f16' = 'bf16'): Promise<Stats> =>
+  const withScan = (mode: 'norm' | 'tc' | 'v4norm', c: Case, dtype: 'bf16' | 'f16' = 'bf16'): Promise<Stats> =>
     withScanMode(mode, c, dtype, (extra) => run(c, 'stream', extra, 'cuda:0', dtype));
 
   test('the bench mapping (8 KV heads × 4 heads, D 128, K0 48): against the oracle, beside the kRms pass, bit-identical repeats', async () => {
@@ -752,6 +752,23 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     expectClose(whole, await run(c, 'materialize'), 1e-4);
   });
 
+  test('TCAL_MOMENTS_SCAN=v4norm (the CUDA-core apply without its sweep 1, rs from scanRmsNorm; not yet run on a GPU): bench mapping, K0 × D shapes, f16, batch split', async () => {
+    const c: Case = {
+      ...norm16(randomCase(141, { T: 1600, cu: [0, 100, 101, 700, 1150, 1600], include: [1, 1, 1, 0, 1], H: 32, HKV: 8, D: 128 }), 194),
+      decays: scanDecays(48),
+    };
+    const got = await withScan('v4norm', c);
+    expectClose(got, await run(c, 'stream'), 1e-4);
+    expectClose(got, await withScan('norm', c), 1e-5);  // the same rs, another apply
+    expect(await withScan('v4norm', c)).toEqual(got);
+    for (const [K0, D] of [[1, 128], [13, 64], [60, 128]]) {
+      const x: Case = { ...norm16(randomCase(150 + K0 + D, { T: 157, cu: [0, 1, 2, 93, 94, 157], H: 8, HKV: 2, D }), 193), decays: scanDecays(K0) };
+      const oracle = await run(x, 'materialize');
+      expectClose(await withScan('v4norm', x), oracle, 1e-4);
+      if (K0 === 13) expectClose(await withScan('v4norm', x, 'f16'), oracle, 1e-4);
+    }
+  });
+
   test('the cancellation guard: v anti-aligned with the slowest decay state on alternate steps (blocks rerun directly)', async () => {
     // v_t = bf16(−0.9·γ·y_{t−1}) (fp64 y of decay 0, r = 1e-4) on odd steps: ‖y_t‖² ≈ 0.01‖γy_{t−1}‖² while the norm
     // step's terms add to ≈ 3.6‖γy_{t−1}‖², under the guard's 1/64 (test/moments-scan-norm.test.ts), so those
@@ -771,5 +788,6 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const got = await withScan('norm', c);
     expectClose(got, oracle, 1e-4);
     expectClose(got, await withScan('tc', c), 1e-4);
+    expectClose(await withScan('v4norm', c), oracle, 1e-4);
   });
 });

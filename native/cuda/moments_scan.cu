@@ -629,8 +629,9 @@ __host__ __device__ __forceinline__ int rsPos(int k, int MT) { return (k & 7) * 
 
 // Per (span, KV head, ≤ 4 query heads, decay group): the chunks' fp32 reruns from their entering states with
 // Σ ŷ∘o, Σ ŷ² (and Σ o, Σ o² in decay group 0) over the span. kRms: sweep 1 only (v rows staged, no heads),
-// each (entry, decay)'s rs written to p.rs for scanApplyTC.
-template <int CB, bool kRms = false>
+// each (entry, decay)'s rs written to p.rs for scanApplyTC. kRsIn (TCAL_MOMENTS_SCAN=v4norm, NOT YET RUN ON A GPU):
+// no sweep 1 — rs read from p.rs, written before by scanRmsNorm in the tensor-core apply's order.
+template <int CB, bool kRms = false, bool kRsIn = false>
 __global__ void __launch_bounds__(kThreads, kRms ? 2 : 1) scanApply(ScanParams p) {
   constexpr int KB = decaysPerWarp<CB>();
   constexpr int kRows = kBatch * KB;  // (step, decay) rows of a batch
@@ -699,35 +700,46 @@ __global__ void __launch_bounds__(kThreads, kRms ? 2 : 1) scanApply(ScanParams p
     for (int t0 = 0; t0 < TS; t0 += kBatch) {
       const unsigned mb = (mask >> t0) & ((1u << kBatch) - 1u);
       const float* Fb = F + t0 * rowF + lane * CB;
-      float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
-#pragma unroll
-      for (int b = 0; b < KB; ++b)
-#pragma unroll
-        for (int u = 0; u < CB; ++u) ys[b][u] = y[b][u];
-      if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, kRms ? y : ys, part + lane);
-      else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, kRms ? y : ys, part + lane);
-      __syncwarp();
-      if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
-        const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
-        float4 a = r[0];
-#pragma unroll
-        for (int q = 1; q < 8; ++q) {
-          const float4 x = r[q];
-          a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
+      if constexpr (kRsIn) {  // row = (step j, decay b), as below
+        if (lane < kRows) {
+          const int j = lane / KB, k = k0 + lane % KB;
+          rsb[lane] = t0 + j < n && k < p.K0 ? p.rs[((long long)(is + t0 + j) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] : 0.f;
         }
-        const float ms = (a.x + a.y) + (a.z + a.w);
-        const float rv = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
-        if constexpr (kRms) {
-          const int k = k0 + lane % KB;
-          if (t0 + lane / KB < n && k < p.K0) p.rs[((long long)(is + t0 + lane / KB) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] = rv;
-        } else {
-          rsb[lane] = rv;
+        __syncwarp();
+        if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
+        else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
+        __syncwarp();  // rsb is rewritten for the next batch
+      } else {
+        float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
+#pragma unroll
+        for (int b = 0; b < KB; ++b)
+#pragma unroll
+          for (int u = 0; u < CB; ++u) ys[b][u] = y[b][u];
+        if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, kRms ? y : ys, part + lane);
+        else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, kRms ? y : ys, part + lane);
+        __syncwarp();
+        if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
+          const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
+          float4 a = r[0];
+#pragma unroll
+          for (int q = 1; q < 8; ++q) {
+            const float4 x = r[q];
+            a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
+          }
+          const float ms = (a.x + a.y) + (a.z + a.w);
+          const float rv = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
+          if constexpr (kRms) {
+            const int k = k0 + lane % KB;
+            if (t0 + lane / KB < n && k < p.K0) p.rs[((long long)(is + t0 + lane / KB) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] = rv;
+          } else {
+            rsb[lane] = rv;
+          }
         }
+        __syncwarp();
+        if constexpr (kRms) continue;
+        if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
+        else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
       }
-      __syncwarp();
-      if constexpr (kRms) continue;
-      if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
-      else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
     }
   }
   if constexpr (kRms) return;
@@ -1511,8 +1523,20 @@ void launchTcE(const TcParams& tp, int smem, cudaStream_t stream) {
   }
 }
 
+// scanRmsNorm for D 64 / 128 (16-bit v): rs per (entry, KV head, decay) in the tensor-core apply's order.
+void launchRmsNorm(const ScanParams& prm, cudaStream_t stream) {
+  const int smemN = normLayoutOf(prm.D, prm.MT, prm.L).total;
+  auto go = [&](auto kern) {
+    residentBlocks(kern, 32 * prm.MT, smemN);
+    kern<<<dim3(unsigned(prm.chunks), unsigned(prm.HKV)), unsigned(32 * prm.MT), size_t(smemN), stream>>>(prm);
+  };
+  if (prm.vType == kBF16) prm.D == 128 ? go(scanRmsNorm<16, __nv_bfloat16>) : go(scanRmsNorm<8, __nv_bfloat16>);
+  else prm.D == 128 ? go(scanRmsNorm<16, __half>) : go(scanRmsNorm<8, __half>);
+}
+
+// v4Norm: the CUDA-core apply without its sweep 1, rs from scanRmsNorm (TCAL_MOMENTS_SCAN=v4norm; tcApply is false).
 template <int CB>
-void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
+void launch(ScanParams prm, bool tcApply, bool normRms, bool v4Norm, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
             const std::function<void(const char*)>& mark) {
   constexpr int KB = decaysPerWarp<CB>();
   const int threads = prm.warps * 32;
@@ -1550,6 +1574,8 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
     tp.segGroups = (prm.chunks + kTcSegs - 1) / kTcSegs;
     prm.spans = tp.segGroups;  // the partial sums' rows: one per segment group
     smemTc = tcLayoutOf(W, prm.RP, prm.L).total;
+  } else if (v4Norm) {
+    pickStage(scanApply<CB, false, true>, prm, smemApply);
   } else {
     pickStage(scanApply<CB>, prm, smemApply);
   }
@@ -1573,7 +1599,7 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
   Tensor crossPart = empty({int64_t(prm.spans) * prm.H * prm.K0 * prm.D}, DType::F32, dev);
   Tensor sqPart = empty({int64_t(prm.spans) * perChunk}, DType::F32, dev);
   Tensor ctxPart = empty({int64_t(prm.spans) * prm.H * prm.D * 2}, DType::F32, dev);
-  Tensor rsBuf = empty({tcApply ? int64_t(prm.count) * prm.HKV * prm.RP : 1}, DType::F32, dev);
+  Tensor rsBuf = empty({tcApply || v4Norm ? int64_t(prm.count) * prm.HKV * prm.RP : 1}, DType::F32, dev);
   prm.state = sp.state = rp.state = state.ptr<float>();
   prm.enter = sp.enter = rp.enter = enter.ptr<float>();
   prm.crossPart = crossPart.ptr<float>();
@@ -1615,13 +1641,7 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
   if (tcApply) {
     const char* rmsForce = std::getenv("TCAL_MOMENTS_RMS");
     if (normRms && (prm.D == 128 || prm.D == 64)) {  // TCAL_MOMENTS_SCAN=norm: scanRmsNorm — NOT YET RUN ON A GPU
-      const int smemN = normLayoutOf(prm.D, prm.MT, prm.L).total;
-      auto go = [&](auto kern) {
-        residentBlocks(kern, 32 * prm.MT, smemN);
-        kern<<<dim3(unsigned(prm.chunks), unsigned(prm.HKV)), unsigned(32 * prm.MT), size_t(smemN), stream>>>(prm);
-      };
-      if (prm.vType == kBF16) prm.D == 128 ? go(scanRmsNorm<16, __nv_bfloat16>) : go(scanRmsNorm<8, __nv_bfloat16>);
-      else prm.D == 128 ? go(scanRmsNorm<16, __half>) : go(scanRmsNorm<8, __half>);
+      launchRmsNorm(prm, stream);
     } else if (!(rmsForce && std::string(rmsForce) == "tc")) {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
       residentBlocks(scanApply<CB, true>, threads, smemRms);  // the chosen stage's limit
       scanApply<CB, true><<<dim3(unsigned(rp.spans), unsigned(rp.HKV * rp.kGroups)), unsigned(threads), size_t(smemRms), stream>>>(rp);
@@ -1640,6 +1660,12 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
     tp.s = prm;
     if (prm.vType == kBF16) launchTcE<__nv_bfloat16>(tp, smemTc, stream);
     else launchTcE<__half>(tp, smemTc, stream);
+  } else if (v4Norm) {  // NOT YET RUN ON A GPU
+    launchRmsNorm(prm, stream);
+    checkLaunch("taylorMoments (scan rms)");
+    mark("scanRms");
+    residentBlocks(scanApply<CB, false, true>, threads, smemApply);
+    scanApply<CB, false, true><<<dim3(unsigned(prm.spans), unsigned(perSpan)), unsigned(threads), size_t(smemApply), stream>>>(prm);
   } else {
     residentBlocks(scanApply<CB>, threads, smemApply);  // the chosen stage's limit
     scanApply<CB><<<dim3(unsigned(prm.spans), unsigned(perSpan)), unsigned(threads), size_t(smemApply), stream>>>(prm);
@@ -1718,12 +1744,15 @@ void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* to
   // norm: the tensor-core apply with its rs from the norm recurrence (scanRmsNorm, D 64 / 128; else the kRms pass).
   const bool normRms = forced == "norm";
   const bool wantTc = forced == "tc" || normRms ? true : forced == "v4" ? false : kTcDefault;
-  const bool tcApply = wantTc && prm.vType == prm.oType && (prm.vType == kBF16 || prm.vType == kF16) && prm.copy16 && D % 16 == 0 && prm.MT <= 4;
+  const bool tc16Ok = prm.vType == prm.oType && (prm.vType == kBF16 || prm.vType == kF16) && prm.copy16 && D % 16 == 0 && prm.MT <= 4;
+  const bool tcApply = wantTc && tc16Ok;
+  // v4norm: the CUDA-core apply with rs from scanRmsNorm (scanRmsNorm's shapes; else the plain CUDA-core apply).
+  const bool v4Norm = forced == "v4norm" && tc16Ok && (D == 64 || D == 128);
   switch (CB) {
-    case 1: launch<1>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
-    case 2: launch<2>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
-    case 4: launch<4>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
-    default: launch<8>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    case 1: launch<1>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
+    case 2: launch<2>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
+    case 4: launch<4>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
+    default: launch<8>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
   }
 }
 
