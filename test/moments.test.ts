@@ -135,6 +135,25 @@ async function withScanMode<R>(mode: string, c: Case, dtype: 'bf16' | 'f16', bod
   }
 }
 
+// Sequences lo … hi−1 of a packed case (cu its offsets) as a case of their own: the batch-split invariance tests.
+function splitSequences(c: Case, cu: number[], lo: number, hi: number): Case {
+  if (c.lse) throw new Error('splitSequences: a case with lse is not split here');
+  const { H, HKV, D, Dx } = c.shape;
+  const a = cu[lo];
+  const b = cu[hi];
+  return {
+    ...c,
+    q: c.q.slice(a * H * D, b * H * D),
+    k: c.k.slice(a * HKV * D, b * HKV * D),
+    v: c.v.slice(a * HKV * D, b * HKV * D),
+    x: c.x?.slice(a * Dx!, b * Dx!),
+    context: c.context?.slice(a * H * D, b * H * D),
+    include: c.include?.slice(lo, hi),
+    shape: { ...c.shape, T: b - a },
+    cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
+  };
+}
+
 function randomCase(seed: number, opts: { T: number; cu?: number[]; include?: number[]; H?: number; HKV?: number; D?: number; Dx?: number; qStd?: number }): Case {
   const H = opts.H ?? 4;
   const HKV = opts.HKV ?? 2;
@@ -313,19 +332,7 @@ describe('taylorMoments on the CPU', () => {
   test('sequences streamed in two calls add up to one call over all of them, for both algorithms', async () => {
     const cu = [0, 30, 31, 80, 100];
     const c = randomCase(31, { T: 100, cu, Dx: 8 });
-    const split = (lo: number, hi: number): Case => {
-      const { H, HKV, D, Dx } = c.shape;
-      const a = cu[lo];
-      const b = cu[hi];
-      return {
-        q: c.q.slice(a * H * D, b * H * D),
-        k: c.k.slice(a * HKV * D, b * HKV * D),
-        v: c.v.slice(a * HKV * D, b * HKV * D),
-        x: c.x!.slice(a * Dx!, b * Dx!),
-        shape: { ...c.shape, T: b - a },
-        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
-      };
-    };
+    const split = (lo: number, hi: number): Case => splitSequences(c, cu, lo, hi);
     for (const alg of ['stream', 'materialize'] as const) {
       const whole = await run(c, alg);
       const p1 = await run(split(0, 2), alg);
@@ -507,19 +514,7 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const cu = [0, 130, 131, 400, 520];
     const c = withContext(randomCase(19, { T: 520, cu, H: 4, HKV: 2, D: 64, Dx: 8 }), 97);
     const { H, HKV, D, Dx } = c.shape;
-    const split = (lo: number, hi: number): Case => {
-      const a = cu[lo];
-      const b = cu[hi];
-      return {
-        q: c.q.slice(a * H * D, b * H * D),
-        k: c.k.slice(a * HKV * D, b * HKV * D),
-        v: c.v.slice(a * HKV * D, b * HKV * D),
-        x: c.x!.slice(a * Dx!, b * Dx!),
-        context: c.context!.slice(a * H * D, b * H * D),
-        shape: { ...c.shape, T: b - a },
-        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
-      };
-    };
+    const split = (lo: number, hi: number): Case => splitSequences(c, cu, lo, hi);
     const whole = await run(c, 'stream', {}, 'cuda:0', 'bf16');
     const p1 = await run(split(0, 2), 'stream', {}, 'cuda:0', 'bf16');
     const p2 = await run(split(2, 4), 'stream', {}, 'cuda:0', 'bf16');
@@ -569,19 +564,7 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const cu = [0, 130, 131, 400, 600];
     const c: Case = { ...bf16Case(randomCase(43, { T: 600, cu, H: 8, HKV: 2, D: 128 }), 95), decays: scanDecays(48) };
     const { H, HKV, D } = c.shape;
-    const split = (lo: number, hi: number): Case => {
-      const a = cu[lo];
-      const b = cu[hi];
-      return {
-        ...c,
-        q: c.q.slice(a * H * D, b * H * D),
-        k: c.k.slice(a * HKV * D, b * HKV * D),
-        v: c.v.slice(a * HKV * D, b * HKV * D),
-        context: c.context!.slice(a * H * D, b * H * D),
-        shape: { ...c.shape, T: b - a },
-        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
-      };
-    };
+    const split = (lo: number, hi: number): Case => splitSequences(c, cu, lo, hi);
     const go = async (x: Case): Promise<Stats> => {
       let out: Stats = {};
       await withBf16Context(x, async (extra) => {
@@ -730,19 +713,7 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     const cu = [0, 130, 131, 405, 600];
     const c: Case = { ...norm16(randomCase(143, { T: 600, cu, H: 8, HKV: 2, D: 128 }), 195), decays: scanDecays(48) };
     const { H, HKV, D } = c.shape;
-    const split = (lo: number, hi: number): Case => {
-      const a = cu[lo];
-      const b = cu[hi];
-      return {
-        ...c,
-        q: c.q.slice(a * H * D, b * H * D),
-        k: c.k.slice(a * HKV * D, b * HKV * D),
-        v: c.v.slice(a * HKV * D, b * HKV * D),
-        context: c.context!.slice(a * H * D, b * H * D),
-        shape: { ...c.shape, T: b - a },
-        cu: Int32Array.from(cu.slice(lo, hi + 1), (x) => x - a),
-      };
-    };
+    const split = (lo: number, hi: number): Case => splitSequences(c, cu, lo, hi);
     const whole = await withScan('norm', c);
     const p1 = await withScan('norm', split(0, 2));
     const p2 = await withScan('norm', split(2, 4));
