@@ -19,11 +19,11 @@
 //      accumulates Σ ŷ², Σ ŷ∘o in fp32 registers over the span. y restarts from the carried state at every
 //      chunk start, so fp32 γ (error ≤ 2^-25) drifts at most L·2^-25 relative. The CTAs of the first decay
 //      group also sum o and o² per column of the staged rows (Σ o, Σ o²: no second read of the context).
-//   3'. or (TCAL_MOMENTS_SCAN=tc; 16-bit v and context of one type, D % 16 == 0, K0 ≤ 64): scanApply's sweep 1
-//      alone (kRms) writes rs per (entry, KV head, decay) (TCAL_MOMENTS_RMS=tc: scanRmsTC, not yet run;
-//      TCAL_MOMENTS_SCAN=norm: scanRmsNorm, rs from the norm recurrence on the tensor cores, not yet run), then
-//      scanApplyTC forms Σ ŷ∘o on the tensor cores with time segments (chunks) as the MMA's K dimension — see its
-//      comment. Measured slower than 3. at the bench shape (session 5), so not the default;
+//   3'. or, the default for 16-bit v and context of one type, D 64 or 128, K0 ≤ 64 (TCAL_MOMENTS_SCAN=norm; =tc
+//      takes any D % 16 == 0 with the kRms pass): scanRmsNorm writes rs per (entry, KV head, decay) from the norm
+//      recurrence on the tensor cores (or scanApply's sweep 1 alone, kRms), then scanApplyTC forms Σ ŷ∘o on the
+//      tensor cores with time segments (chunks) as the MMA's K dimension — see its comment. Session 7, run 2 (bench
+//      shape): 0.188 + 0.730 ms against 3.'s 1.039; TCAL_MOMENTS_SCAN=v4 forces 3.;
 //   4. scanSums / contextSums: f64 sums of the span partials, in span order, into the accumulators.
 // Every order is fixed by the list and the device's SM count, so repeats give the same bits.
 #include "moments_scan.h"
@@ -629,9 +629,8 @@ __host__ __device__ __forceinline__ int rsPos(int k, int MT) { return (k & 7) * 
 
 // Per (span, KV head, ≤ 4 query heads, decay group): the chunks' fp32 reruns from their entering states with
 // Σ ŷ∘o, Σ ŷ² (and Σ o, Σ o² in decay group 0) over the span. kRms: sweep 1 only (v rows staged, no heads),
-// each (entry, decay)'s rs written to p.rs for scanApplyTC. kRsIn (TCAL_MOMENTS_SCAN=v4norm, NOT YET RUN ON A GPU):
-// no sweep 1 — rs read from p.rs, written before by scanRmsNorm in the tensor-core apply's order.
-template <int CB, bool kRms = false, bool kRsIn = false>
+// each (entry, decay)'s rs written to p.rs for scanApplyTC.
+template <int CB, bool kRms = false>
 __global__ void __launch_bounds__(kThreads, kRms ? 2 : 1) scanApply(ScanParams p) {
   constexpr int KB = decaysPerWarp<CB>();
   constexpr int kRows = kBatch * KB;  // (step, decay) rows of a batch
@@ -700,16 +699,7 @@ __global__ void __launch_bounds__(kThreads, kRms ? 2 : 1) scanApply(ScanParams p
     for (int t0 = 0; t0 < TS; t0 += kBatch) {
       const unsigned mb = (mask >> t0) & ((1u << kBatch) - 1u);
       const float* Fb = F + t0 * rowF + lane * CB;
-      if constexpr (kRsIn) {  // row = (step j, decay b), as below
-        if (lane < kRows) {
-          const int j = lane / KB, k = k0 + lane % KB;
-          rsb[lane] = t0 + j < n && k < p.K0 ? p.rs[((long long)(is + t0 + j) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] : 0.f;
-        }
-        __syncwarp();
-        if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
-        else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
-        __syncwarp();  // rsb is rewritten for the next batch
-      } else {
+      {
         float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
 #pragma unroll
         for (int b = 0; b < KB; ++b)
@@ -1044,126 +1034,8 @@ __global__ void __launch_bounds__(32 * tcMaxWarps<MT>(), 1) scanApplyTC(TcParams
   }
 }
 
-// The RMS pass of the tensor-core apply in its segment layout: one CTA per (group of kTcSegs chunks, KV head,
-// 16-decay m-tile) of NW = D / (4Q) warps; warp w owns channels 4(w + NW·q) … + 3 (q < Q), lane (g, t4)
-// segment t4 and decays g, g + 8 of the m-tile, so y = γy + v stays in the lane (8Q recurrences). Per step each
-// lane stores its Σ y² over its channels for its two decays; after each stage of kRmsStep steps one thread per
-// (step, segment, decay) sums the NW warps' partials in warp order and writes rs = rsqrt(mean + ε) to p.rs.
-// No o rows and no decay loop per warp: 32 warps per SM for D = 128 instead of the kRms pass's 24.
-// Status: written after session 5's device was withdrawn; it compiles (sm_80, sm_90) but has never run. Opt-in
-// (TCAL_MOMENTS_RMS=tc with TCAL_MOMENTS_SCAN=tc); its first GPU run must be the scan block's tests with it on.
-constexpr int kRmsStep = 8;
-
-struct RmsLayout {
-  int vP, stage, v, fl, part, tok, total;
-};
-__host__ __device__ inline RmsLayout rmsLayoutOf(int D, int NW, int L) {
-  RmsLayout l{};
-  l.vP = 2 * D + 16;  // the 4 segments' rows start in distinct banks
-  const int rows = kRmsStep * kTcSegs;
-  l.v = 0;
-  l.fl = rows * l.vP;
-  l.stage = l.fl + rows * 4;
-  l.part = 2 * l.stage;
-  l.tok = l.part + kRmsStep * NW * 64 * 4;
-  l.total = l.tok + kTcSegs * L * 4;
-  return l;
-}
-
-template <int Q, typename E>
-__global__ void __launch_bounds__(1024, 1) scanRmsTC(ScanParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int segLen[kTcSegs];
-  const int NW = int(blockDim.x) >> 5;
-  const RmsLayout ly = rmsLayoutOf(p.D, NW, p.L);
-  int* tokS = reinterpret_cast<int*>(smem + ly.tok);
-  float* part = reinterpret_cast<float*>(smem + ly.part);  // [step][warp][lane·2 + h]
-  const int sg = blockIdx.x, hk = blockIdx.y, j = blockIdx.z;
-  const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  if (tid < kTcSegs) {
-    const int c = sg * kTcSegs + tid;
-    segLen[tid] = c < p.chunks ? min(p.L, p.count - c * p.L) : 0;
-  }
-  for (int i = tid; i < kTcSegs * p.L; i += nt) {
-    const long long e = (long long)sg * kTcSegs * p.L + i;
-    tokS[i] = e < p.count ? p.tok[e] : 0;
-  }
-  __syncthreads();
-  const int units = p.D / 8;  // 16-byte units of a v row
-  auto issue = [&](unsigned char* buf, int tau0) {
-    constexpr int rows = kRmsStep * kTcSegs;
-    for (int i = tid; i < rows * units; i += nt) {
-      const int row = i / units, u = i - row * units, seg = row & 3, t = tau0 + (row >> 2);
-      const bool ok = t < segLen[seg];
-      const long long tok = ok ? tokS[seg * p.L + t] : 0;
-      ptx::cpAsync16(smemAddr(buf + ly.v + row * ly.vP + u * 16), p.v + (tok * p.vStride + (long long)hk * p.D) * 2 + u * 16, ok);
-    }
-    for (int row = tid; row < rows; row += nt) {
-      const int seg = row & 3, t = tau0 + (row >> 2);
-      if (t < segLen[seg]) cpAsync4(smemAddr(buf + ly.fl + row * 4), p.first + (long long)(sg * kTcSegs + seg) * p.L + t);
-      else *reinterpret_cast<int*>(buf + ly.fl + row * 4) = 0;
-    }
-    cpCommit();
-  };
-  const int myLen = segLen[t4], longest = max(max(segLen[0], segLen[1]), max(segLen[2], segLen[3]));
-  const int stages = (longest + kRmsStep - 1) / kRmsStep;
-  issue(smem, 0);
-  const int chunk = sg * kTcSegs + t4;
-  float gam[2], y[Q][4][2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int k = 16 * j + g + 8 * h;
-    gam[h] = k < p.K0 ? float(p.decays[k]) : 0.f;
-#pragma unroll
-    for (int q = 0; q < Q; ++q)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        y[q][c][h] = k < p.K0 && myLen > 0 ? p.enter[(((long long)chunk * p.HKV + hk) * p.K0 + k) * p.D + 4 * (warp + NW * q) + c] : 0.f;
-  }
-  const float invD = 1.f / float(p.D), eps = float(kScanEps);
-  for (int s = 0; s < stages; ++s) {
-    cpWait<0>();
-    __syncthreads();  // stage s landed; the previous stage's partials are summed
-    if (s + 1 < stages) issue(smem + ((s + 1) & 1) * ly.stage, (s + 1) * kRmsStep);
-    const unsigned char* buf = smem + (s & 1) * ly.stage;
-    const int* fl = reinterpret_cast<const int*>(buf + ly.fl);
-#pragma unroll
-    for (int t = 0; t < kRmsStep; ++t) {
-      const bool start = fl[t * kTcSegs + t4] != 0;
-      float m[2], pp[2] = {0.f, 0.f};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) m[h] = start ? 0.f : gam[h];
-#pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const uint2 w = *reinterpret_cast<const uint2*>(buf + ly.v + (t * kTcSegs + t4) * ly.vP + (warp + NW * q) * 8);
-        float v[4];
-        unpack2<E>(w.x, v[0], v[1]);
-        unpack2<E>(w.y, v[2], v[3]);
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            y[q][c][h] = fmaf(m[h], y[q][c][h], v[c]);
-            pp[h] = fmaf(y[q][c][h], y[q][c][h], pp[h]);
-          }
-      }
-      *reinterpret_cast<float2*>(part + (t * NW + warp) * 64 + lane * 2) = make_float2(pp[0], pp[1]);
-    }
-    __syncthreads();
-    for (int r = tid; r < kRmsStep * 64; r += nt) {  // row (step t, lane l, decay h): the NW partials in warp order
-      const int t = r >> 6, idx = r & 63, l = idx >> 1, h = idx & 1, gg = l >> 2, seg = l & 3, k = 16 * j + gg + 8 * h;
-      const float* src = part + t * NW * 64 + idx;
-      float a = 0.f;
-      for (int w = 0; w < NW; ++w) a += src[w * 64];
-      const int at = s * kRmsStep + t;
-      if (k < p.K0 && at < segLen[seg])
-        p.rs[((long long)((sg * kTcSegs + seg) * p.L + at) * p.HKV + hk) * p.RP + rsPos(k, p.MT)] = rsqrtf(fmaf(a, invD, eps));
-    }
-  }
-}
-
 // ---- scanRmsNorm: the tensor-core apply's rs from the norm recurrence (TCAL_MOMENTS_SCAN=norm) ----
-// NOT YET RUN ON A GPU (written in session 6, when no device was lent); bench/NOTES.md "γ₀ scan v6".
+// Written in session 6; first run session 7 (run 3: the moments tests with it on; run 2: 0.188 ms at the bench shape).
 // ‖y_t‖² = m_t²‖y_{t−1}‖² + 2m_t⟨y_{t−1}, v_t⟩ + ‖v_t‖² (m_t = γ, or 0 at a sequence start), so rs needs no
 // per-element work but the inner products: inside a block of 16 steps from the block-start state Y,
 // ⟨y_{τ−1}, v_τ⟩ = Horner over s < τ of (a ← m_s·a + G[s][τ]) from a = P[τ] = ⟨Y, v_τ⟩, G = V·Vᵀ the block's Gram.
@@ -1534,9 +1406,8 @@ void launchRmsNorm(const ScanParams& prm, cudaStream_t stream) {
   else prm.D == 128 ? go(scanRmsNorm<16, __half>) : go(scanRmsNorm<8, __half>);
 }
 
-// v4Norm: the CUDA-core apply without its sweep 1, rs from scanRmsNorm (TCAL_MOMENTS_SCAN=v4norm; tcApply is false).
 template <int CB>
-void launch(ScanParams prm, bool tcApply, bool normRms, bool v4Norm, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
+void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, const Accumulators& acc, Device dev, cudaStream_t stream,
             const std::function<void(const char*)>& mark) {
   constexpr int KB = decaysPerWarp<CB>();
   const int threads = prm.warps * 32;
@@ -1574,8 +1445,6 @@ void launch(ScanParams prm, bool tcApply, bool normRms, bool v4Norm, int sms, in
     tp.segGroups = (prm.chunks + kTcSegs - 1) / kTcSegs;
     prm.spans = tp.segGroups;  // the partial sums' rows: one per segment group
     smemTc = tcLayoutOf(W, prm.RP, prm.L).total;
-  } else if (v4Norm) {
-    pickStage(scanApply<CB, false, true>, prm, smemApply);
   } else {
     pickStage(scanApply<CB>, prm, smemApply);
   }
@@ -1599,7 +1468,7 @@ void launch(ScanParams prm, bool tcApply, bool normRms, bool v4Norm, int sms, in
   Tensor crossPart = empty({int64_t(prm.spans) * prm.H * prm.K0 * prm.D}, DType::F32, dev);
   Tensor sqPart = empty({int64_t(prm.spans) * perChunk}, DType::F32, dev);
   Tensor ctxPart = empty({int64_t(prm.spans) * prm.H * prm.D * 2}, DType::F32, dev);
-  Tensor rsBuf = empty({tcApply || v4Norm ? int64_t(prm.count) * prm.HKV * prm.RP : 1}, DType::F32, dev);
+  Tensor rsBuf = empty({tcApply ? int64_t(prm.count) * prm.HKV * prm.RP : 1}, DType::F32, dev);
   prm.state = sp.state = rp.state = state.ptr<float>();
   prm.enter = sp.enter = rp.enter = enter.ptr<float>();
   prm.crossPart = crossPart.ptr<float>();
@@ -1639,33 +1508,17 @@ void launch(ScanParams prm, bool tcApply, bool normRms, bool v4Norm, int sms, in
   checkLaunch("taylorMoments (scan carry)");
   mark("scanCarry");
   if (tcApply) {
-    const char* rmsForce = std::getenv("TCAL_MOMENTS_RMS");
-    if (normRms && (prm.D == 128 || prm.D == 64)) {  // TCAL_MOMENTS_SCAN=norm: scanRmsNorm — NOT YET RUN ON A GPU
+    if (normRms && (prm.D == 128 || prm.D == 64)) {  // scanRmsNorm: the norm recurrence (the default where it applies)
       launchRmsNorm(prm, stream);
-    } else if (!(rmsForce && std::string(rmsForce) == "tc")) {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
+    } else {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
       residentBlocks(scanApply<CB, true>, threads, smemRms);  // the chosen stage's limit
       scanApply<CB, true><<<dim3(unsigned(rp.spans), unsigned(rp.HKV * rp.kGroups)), unsigned(threads), size_t(smemRms), stream>>>(rp);
-    } else {  // TCAL_MOMENTS_RMS=tc: scanRmsTC — NOT YET RUN ON A GPU (see its comment)
-      const int Q = prm.D > 128 ? 2 : 1, NW = prm.D / (4 * Q), smemR = rmsLayoutOf(prm.D, NW, prm.L).total;
-      const dim3 grid(unsigned(tp.segGroups), unsigned(prm.HKV), unsigned(prm.MT));
-      auto go = [&](auto kern) {
-        residentBlocks(kern, 32 * NW, smemR);
-        kern<<<grid, unsigned(32 * NW), size_t(smemR), stream>>>(rp);
-      };
-      if (prm.vType == kBF16) Q == 1 ? go(scanRmsTC<1, __nv_bfloat16>) : go(scanRmsTC<2, __nv_bfloat16>);
-      else Q == 1 ? go(scanRmsTC<1, __half>) : go(scanRmsTC<2, __half>);
     }
     checkLaunch("taylorMoments (scan rms)");
     mark("scanRms");
     tp.s = prm;
     if (prm.vType == kBF16) launchTcE<__nv_bfloat16>(tp, smemTc, stream);
     else launchTcE<__half>(tp, smemTc, stream);
-  } else if (v4Norm) {  // NOT YET RUN ON A GPU
-    launchRmsNorm(prm, stream);
-    checkLaunch("taylorMoments (scan rms)");
-    mark("scanRms");
-    residentBlocks(scanApply<CB, false, true>, threads, smemApply);
-    scanApply<CB, false, true><<<dim3(unsigned(prm.spans), unsigned(perSpan)), unsigned(threads), size_t(smemApply), stream>>>(prm);
   } else {
     residentBlocks(scanApply<CB>, threads, smemApply);  // the chosen stage's limit
     scanApply<CB><<<dim3(unsigned(prm.spans), unsigned(perSpan)), unsigned(threads), size_t(smemApply), stream>>>(prm);
@@ -1733,26 +1586,24 @@ void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* to
   int maxSmem = 0;
   check(cudaDeviceGetAttribute(&maxSmem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.index), "cudaDeviceGetAttribute");
   const int sms = std::max(1, multiprocessorCount(dev.index));
-  // Σ ŷ∘o on the tensor cores (scanApplyTC after an RMS pass) for 16-bit v and context of one type, D % 16 == 0,
-  // K0 ≤ 64, where chosen: TCAL_MOMENTS_SCAN=tc / v4 picks it / the CUDA-core apply, else kTcDefault (the
-  // benchmark's same-run comparison; the tests pick each path).
+  // Σ ŷ∘o on the tensor cores (scanApplyTC) for 16-bit v and context of one type, D % 16 == 0, K0 ≤ 64, with rs from
+  // scanRmsNorm where it applies (D 64 / 128), else from the kRms pass. Default: the norm path where it applies, else
+  // the CUDA-core apply (session 7, run 2, bench shape: scanRmsNorm 0.188 + scanApplyTC 0.730 ms vs the CUDA-core apply
+  // 1.039; the kRms pass + scanApplyTC was 1.20 in session 5, run 5). TCAL_MOMENTS_SCAN=v4 | tc | norm picks one.
   prm.MT = (K0 + 15) / 16;
   prm.RP = 16 * prm.MT;
-  constexpr bool kTcDefault = false;  // session 5, run 5: TC 1.20 ms (rs pass 0.43 + scanApplyTC 0.77) vs the CUDA-core 1.04
   const char* force = std::getenv("TCAL_MOMENTS_SCAN");
   const std::string forced = force ? force : "";
-  // norm: the tensor-core apply with its rs from the norm recurrence (scanRmsNorm, D 64 / 128; else the kRms pass).
-  const bool normRms = forced == "norm";
-  const bool wantTc = forced == "tc" || normRms ? true : forced == "v4" ? false : kTcDefault;
+  if (!forced.empty() && forced != "v4" && forced != "tc" && forced != "norm")
+    throwInvalid("TCAL_MOMENTS_SCAN", "expected v4, tc or norm, got '" + forced + "'");
   const bool tc16Ok = prm.vType == prm.oType && (prm.vType == kBF16 || prm.vType == kF16) && prm.copy16 && D % 16 == 0 && prm.MT <= 4;
-  const bool tcApply = wantTc && tc16Ok;
-  // v4norm: the CUDA-core apply with rs from scanRmsNorm (scanRmsNorm's shapes; else the plain CUDA-core apply).
-  const bool v4Norm = forced == "v4norm" && tc16Ok && (D == 64 || D == 128);
+  const bool normRms = forced == "norm" || (forced.empty() && (D == 64 || D == 128));
+  const bool tcApply = (forced == "tc" || normRms) && tc16Ok;
   switch (CB) {
-    case 1: launch<1>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
-    case 2: launch<2>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
-    case 4: launch<4>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
-    default: launch<8>(prm, tcApply, normRms, v4Norm, sms, maxSmem, acc, dev, stream, mark); break;
+    case 1: launch<1>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    case 2: launch<2>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    case 4: launch<4>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
+    default: launch<8>(prm, tcApply, normRms, sms, maxSmem, acc, dev, stream, mark); break;
   }
 }
 
