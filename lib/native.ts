@@ -166,6 +166,8 @@ export interface NativeAddon {
   synchronize(device: string): Promise<void>;
   memoryStats(device: string): MemoryStats;
   emptyCache(device: string): void;
+  /** Sets (or with null clears) one TCAL_* kernel switch in the C environment the launchers read; not while native work runs. */
+  setKernelSwitch(name: string, value: string | null): void;
   cast(x: NativeTensor, dtype: DType, out?: NativeTensor | null): Promise<NativeTensor>;
   add(a: NativeTensor, b: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;
   mul(a: NativeTensor, b: NativeTensor, out?: NativeTensor | null): Promise<NativeTensor>;

@@ -6,7 +6,7 @@
  */
 import { Tensor, gdnForward, gdnBackward, gdnDecodeStep, InvalidArgumentError, type DType } from '../lib';
 import type { GdnInputs, GdnGradients, GdnSaved } from '../lib/ops/gdn';
-import { randn, rng, relError, cudaEnabled, roundBf16 } from './helpers';
+import { randn, rng, relError, cudaEnabled, roundBf16, withKernelSwitch } from './helpers';
 
 jest.setTimeout(600_000);
 
@@ -507,15 +507,12 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
   });
 
   test("full hand-over with the opt-in lean kernel 3 (TCAL_GDN_BWD_K3=lean forms K Kᵀ itself: no KKG handed over)", async () => {
-    process.env.TCAL_GDN_BWD_K3 = 'lean';
-    try {
+    await withKernelSwitch('TCAL_GDN_BWD_K3', 'lean', async () => {
       for (const c of [cudaCases.find(([n]) => n.startsWith('ragged'))![1], cudaCases.find(([n]) => n.startsWith('l2norm'))![1]]) {
         const h = makeHost(c, 1000 + c.T + c.K);
         expectBelow(await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'), { save: 'full' }), 1e-2, 2e-2, 'lean + hand-over');
       }
-    } finally {
-      delete process.env.TCAL_GDN_BWD_K3;
-    }
+    });
   });
 
   test('full hand-over: typed errors for pieces of other inputs or options (CUDA)', async () => {
@@ -686,16 +683,13 @@ cudaDescribe('GDN CUDA forward, lean prep epilogue (TCAL_GDN_V3_PREP=lean) again
     }
   });
   test('against the fp64 reference (bf16): ragged varlen + h0, l2norm + fused gates', async () => {
-    process.env.TCAL_GDN_V3_PREP = 'lean';
-    try {
+    await withKernelSwitch('TCAL_GDN_V3_PREP', 'lean', async () => {
       for (const [name, c] of v3Cases.filter(([n]) => /^(ragged|l2norm)/.test(n))) {
         const h = makeHost(c, 1000 + c.T + c.K);
         const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'));
         console.log(`gdn cuda lean prep ${name}: bf16 ${JSON.stringify(e16)}`);
         expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (lean prep)`);
       }
-    } finally {
-      delete process.env.TCAL_GDN_V3_PREP;
-    }
+    });
   });
 });

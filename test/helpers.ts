@@ -38,6 +38,21 @@ export function relError(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return Math.sqrt(num / Math.max(den, 1e-300));
 }
 
+/**
+ * Runs `body` with the TCAL_* kernel switch `name` set to `value` (undefined: cleared) in the C environment the
+ * native launchers read, restoring it after. Jest's process.env is a copy that never reaches getenv, so a test
+ * must switch kernels through the addon. The value before is taken from the real environment jest started with.
+ */
+export async function withKernelSwitch<R>(name: string, value: string | undefined, body: () => Promise<R>): Promise<R> {
+  const before = process.env[name];
+  native().setKernelSwitch(name, value ?? null);
+  try {
+    return await body();
+  } finally {
+    native().setKernelSwitch(name, before ?? null);
+  }
+}
+
 /** Whether the CUDA suites should run: TCAL_BACKEND=cuda and a device answers. */
 export function cudaEnabled(): boolean {
   if ((process.env.TCAL_BACKEND ?? '').toLowerCase() !== 'cuda') return false;

@@ -20,7 +20,7 @@ import {
   type MomentAccumulators,
   type TaylorMomentsOptions,
 } from '../lib/ops/moments';
-import { cudaEnabled, randn, relError, rng, roundBf16 } from './helpers';
+import { cudaEnabled, randn, relError, rng, roundBf16, withKernelSwitch } from './helpers';
 
 type Stats = Partial<Record<keyof MomentAccumulators, Float64Array>>;
 
@@ -124,15 +124,10 @@ function lseOf(c: Case, offset?: (i: number) => number): Float32Array {
 // (restored afterwards).
 async function withScanMode<R>(mode: string | undefined, c: Case, dtype: 'bf16' | 'f16', body: (extra: TaylorMomentsOptions) => Promise<R>): Promise<R> {
   const { B, T, H, D } = c.shape;
-  const before = process.env.TCAL_MOMENTS_SCAN;
-  if (mode === undefined) delete process.env.TCAL_MOMENTS_SCAN;
-  else process.env.TCAL_MOMENTS_SCAN = mode;
   const ctx = await Tensor.fromArray(c.context!, [B, T, H, D], { device: 'cuda:0', dtype });
   try {
-    return await body({ context: ctx });
+    return await withKernelSwitch('TCAL_MOMENTS_SCAN', mode, () => body({ context: ctx }));
   } finally {
-    if (before === undefined) delete process.env.TCAL_MOMENTS_SCAN;
-    else process.env.TCAL_MOMENTS_SCAN = before;
     ctx.dispose();
   }
 }
@@ -631,17 +626,7 @@ function localCase(seed: number, opts: { T: number; cu?: number[]; H: number; HK
     return { ...c, q: r(c.q), k: r(c.k), v: r(c.v), context: randn(B * T * H * D, seed, 0.5) };
   };
   // Runs `body` with TCAL_MOMENTS_KERNEL = v ('' = the default kernel), restoring the variable after.
-  const withKernel = async <R>(v: string, body: () => Promise<R>): Promise<R> => {
-    const before = process.env.TCAL_MOMENTS_KERNEL;
-    if (v) process.env.TCAL_MOMENTS_KERNEL = v;
-    else delete process.env.TCAL_MOMENTS_KERNEL;
-    try {
-      return await body();
-    } finally {
-      if (before === undefined) delete process.env.TCAL_MOMENTS_KERNEL;
-      else process.env.TCAL_MOMENTS_KERNEL = before;
-    }
-  };
+  const withKernel = <R>(v: string, body: () => Promise<R>): Promise<R> => withKernelSwitch('TCAL_MOMENTS_KERNEL', v || undefined, body);
 
   test.each(cases)('lse and online softmax against the oracle (the kernel TCAL_MOMENTS_KERNEL selects): %s', async (_name, make) => {
     const c = prepared(make(), 91);

@@ -110,6 +110,20 @@ describe('backend', () => {
   });
 });
 
+describe('kernel switches', () => {
+  test('setKernelSwitch sets and clears TCAL_* switches in the C environment and refuses other names with a typed error', async () => {
+    // The C environment is what a child process inherits: spawn one to read it back.
+    const { execFileSync } = await import('child_process');
+    const read = () => execFileSync('sh', ['-c', 'printf %s "${TCAL_TEST_SWITCH-unset}"']).toString();
+    native().setKernelSwitch('TCAL_TEST_SWITCH', 'lean');
+    expect(read()).toBe('lean');
+    native().setKernelSwitch('TCAL_TEST_SWITCH', null);
+    expect(read()).toBe('unset');
+    for (const bad of ['PATH', 'TCAL_A=B', ''])
+      expect(() => native().setKernelSwitch(bad, 'x')).toThrow(expect.objectContaining({ name: 'InvalidArgumentError', argument: 'name' }));
+  });
+});
+
 describe('stale binary', () => {
   test('a binary built from other sources is refused with NativeBindingError', () => {
     const root = path.resolve(__dirname, '..');

@@ -1,5 +1,7 @@
 // Runtime exports: backend facts, tensor creation, host <-> device copies, sync, memory statistics.
 #include "common.h"
+
+#include <cstdlib>
 #ifdef TCAL_WITH_CUDA
 #include "../cuda/cublas.h"
 #endif
@@ -176,6 +178,21 @@ Napi::Value EmptyCache(const Napi::CallbackInfo& info) {
   });
 }
 
+// setKernelSwitch(name, value | null): sets or clears one TCAL_* kernel switch in the process environment, where the
+// native launchers read it (std::getenv per call). Node's process.env does the same in plain node, but a Jest test's
+// process.env is a copy that never reaches the C environment (found in session 7: every in-test switch ran the
+// default path). Call it only while no native work is in flight (setenv is not safe beside a concurrent getenv).
+Napi::Value SetKernelSwitch(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), [&]() -> Napi::Value {
+    const std::string name = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+    if (name.rfind("TCAL_", 0) != 0 || name.find('=') != std::string::npos)
+      throwInvalid("name", "expected a TCAL_* kernel switch, got '" + name + "'");
+    if (info[1].IsString()) setenv(name.c_str(), info[1].As<Napi::String>().Utf8Value().c_str(), 1);
+    else unsetenv(name.c_str());
+    return info.Env().Undefined();
+  });
+}
+
 }  // namespace
 
 void registerRuntime(Napi::Env env, Napi::Object exports) {
@@ -191,6 +208,7 @@ void registerRuntime(Napi::Env env, Napi::Object exports) {
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
   exports.Set("memoryStats", Napi::Function::New(env, MemoryStatsJs));
   exports.Set("emptyCache", Napi::Function::New(env, EmptyCache));
+  exports.Set("setKernelSwitch", Napi::Function::New(env, SetKernelSwitch));
 }
 
 }  // namespace tcal::napi
