@@ -554,6 +554,7 @@ void runTyped(const Problem& p, const Inputs& in, const Accumulators& acc, Lists
 
 void taylorMoments(const Problem& p, const Inputs& in, const Accumulators& acc) {
   if (p.D > 256) throwInvalid("q", "the CUDA moment reduction takes head dims up to 256, got " + std::to_string(p.D));
+  scanSwitch();  // a bad TCAL_MOMENTS_SCAN fails here, before any launch
   const int dev = in.q.device().index;
   cudaStream_t stream = use(dev);
   Profiler prof(stream);  // "setup" = the host's sequence list, θ upload and trig table (the GPU idles if nothing is queued)

@@ -1537,6 +1537,14 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
 
 }  // namespace
 
+std::string scanSwitch() {
+  const char* force = std::getenv("TCAL_MOMENTS_SCAN");
+  const std::string forced = force ? force : "";
+  if (!forced.empty() && forced != "v4" && forced != "tc" && forced != "norm")
+    throwInvalid("TCAL_MOMENTS_SCAN", "expected v4, tc or norm, got '" + forced + "'");
+  return forced;
+}
+
 void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* tok, const int* first, const std::vector<int>& hostFirst,
                const double* decays, const Accumulators& acc, cudaStream_t stream, const std::function<void(const char*)>& mark) {
   const int count = int(hostFirst.size());
@@ -1592,10 +1600,7 @@ void gammaScan(const Problem& p, const Tensor& v, const Tensor& o, const int* to
   // 1.039; the kRms pass + scanApplyTC was 1.20 in session 5, run 5). TCAL_MOMENTS_SCAN=v4 | tc | norm picks one.
   prm.MT = (K0 + 15) / 16;
   prm.RP = 16 * prm.MT;
-  const char* force = std::getenv("TCAL_MOMENTS_SCAN");
-  const std::string forced = force ? force : "";
-  if (!forced.empty() && forced != "v4" && forced != "tc" && forced != "norm")
-    throwInvalid("TCAL_MOMENTS_SCAN", "expected v4, tc or norm, got '" + forced + "'");
+  const std::string forced = scanSwitch();
   const bool tc16Ok = prm.vType == prm.oType && (prm.vType == kBF16 || prm.vType == kF16) && prm.copy16 && D % 16 == 0 && prm.MT <= 4;
   const bool normRms = forced == "norm" || (forced.empty() && (D == 64 || D == 128));
   const bool tcApply = (forced == "tc" || normRms) && tc16Ok;
