@@ -693,3 +693,62 @@ cudaDescribe('GDN CUDA forward, lean prep epilogue (TCAL_GDN_V3_PREP=lean) again
     });
   });
 });
+
+// gradplan (session 7): TCAL_GDN_BWD_PERSIST=1, kernel 3 as one persistent block per SM (two at K = V = 64) that
+// walks the (chunk, value head, tile) items and prefetches the next item's inputs behind its epilogue and dg tail
+// (native/cuda/gdn_bwd_tc.cu; NOT YET RUN ON A GPU: written without one). Every item runs the default kernel 3's
+// instructions, so every gradient must equal the default's bitwise. The shapes have more items than blocks on an
+// H200 (132 SMs), so each block walks several items: the fused epilogue (prefetch at its rowDot barrier), the
+// partials path (GVA, two V tiles: prefetch at the last barrier), two blocks per SM, ragged varlen.
+cudaDescribe('GDN CUDA backward, persistent kernel 3 (TCAL_GDN_BWD_PERSIST=1) against the default', () => {
+  const persistCases: [string, Case][] = [
+    ['fused epilogue K=V=128, l2norm, ragged last chunk', { B: 3, T: 3000, H: 2, HV: 2, K: 128, V: 128, l2norm: true, h0: true, dFinal: true }],
+    ['GVA partials K=64 V=128', { B: 2, T: 4100, H: 1, HV: 2, K: 64, V: 128, dFinal: true }],
+    ['K=V=64 two blocks per SM, l2norm + fused gates', { B: 2, T: 9000, H: 2, HV: 2, K: 64, V: 64, l2norm: true, gates: true, h0: true }],
+    ['ragged varlen: one-token and full-chunk sequences, tail past the end', { B: 1, T: 9000, H: 2, HV: 2, K: 128, V: 128, cu: [0, 1, 65, 129, 130, 1000, 4097, 4098, 8999], h0: true, dFinal: true }],
+    ['V=256: two tiles (partials)', { B: 1, T: 4500, H: 1, HV: 1, K: 128, V: 256, dFinal: true }],
+  ];
+  const grads = async (c: Case, d: Dev, saved: GdnSaved) => {
+    const out: Record<string, Tensor> = {
+      dq: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+      dk: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+      dv: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'),
+      dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+      dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+    };
+    if (c.h0) out.dh0 = await poison([c.cu ? c.cu.length - 1 : c.B, c.HV, c.K, c.V], 'f32', 'cuda:0');
+    if (c.gates) {
+      out.dALog = await poison([c.HV], 'f32', 'cuda:0');
+      out.dDtBias = await poison([c.HV], 'f32', 'cuda:0');
+    }
+    return gradArrays(await gdnBackward(d.inputs, d.dO, { ...opts(c, d), dFinalState: d.dFinal, out, saved }));
+  };
+  test.each(persistCases)('bitwise the default kernel 3 (bf16; saved states and the full hand-over): %s', async (name, c) => {
+    const h = makeHost(c, 2000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
+    for (const save of [true, 'full'] as const) {
+      const { saved } = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: save });
+      const base = await grads(c, d, saved!);
+      const pers = await withKernelSwitch('TCAL_GDN_BWD_PERSIST', '1', () => grads(c, d, saved!));
+      expect(Object.keys(pers).sort()).toEqual(Object.keys(base).sort());
+      for (const k of Object.keys(base)) {
+        expect(base[k].some(Number.isNaN)).toBe(false);
+        const bad = base[k].findIndex((x, i) => !Object.is(x, pers[k][i]));
+        if (bad >= 0) throw new Error(`${name} (save ${save}): persistent ${k}[${bad}] = ${pers[k][bad]}, default ${base[k][bad]}`);
+      }
+    }
+  });
+  test('against the fp64 reference (bf16): ragged varlen, K=V=64 with l2norm + fused gates', async () => {
+    await withKernelSwitch('TCAL_GDN_BWD_PERSIST', '1', async () => {
+      for (const [name, c] of persistCases.filter(([n]) => /^(ragged|K=V=64)/.test(n))) {
+        const h = makeHost(c, 2000 + c.T + c.K);
+        const ref = await reference(c, h, 'bf16');
+        for (const save of [undefined, 'full'] as const) {
+          const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+          console.log(`gdn cuda persistent kernel 3 ${name} (save ${save ?? 'true'}): bf16 ${JSON.stringify(e16)}`);
+          expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (persistent kernel 3)`);
+        }
+      }
+    });
+  });
+});
