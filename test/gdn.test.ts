@@ -6,7 +6,7 @@
  */
 import { Tensor, gdnForward, gdnBackward, gdnDecodeStep, InvalidArgumentError, type DType } from '../lib';
 import type { GdnInputs, GdnGradients, GdnSaved } from '../lib/ops/gdn';
-import { randn, rng, relError, cudaEnabled, roundBf16, withKernelSwitch } from './helpers';
+import { randn, rng, relError, cudaEnabled, roundBf16, withKernelSwitch, withKernelSwitches } from './helpers';
 
 jest.setTimeout(600_000);
 
@@ -484,16 +484,13 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     ['TCAL_GDN_BWD_K3=lean', { TCAL_GDN_BWD_K3: 'lean' }],
     ['TCAL_GDN_BWD_K3=lean TCAL_GDN_BWD_KK=mma', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ] as [string, Record<string, string>][])('backward with %s (bf16, ragged varlen + h0 + d final, and K=64 GVA)', async (label, env) => {
-    Object.assign(process.env, env);
-    try {
+    await withKernelSwitches(env, async () => {
       for (const c of [cudaCases.find(([n]) => n.startsWith('ragged'))![1], cudaCases.find(([n]) => n.startsWith('K=64 V=256'))![1]]) {
         const h = makeHost(c, 1000 + c.T + c.K);
         const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'));
         expectBelow(e16, 1e-2, 2e-2, `${label} bf16`);
       }
-    } finally {
-      for (const k of Object.keys(env)) delete process.env[k];
-    }
+    });
   });
 
   // The training forward's hand-over (saveForBackward 'full': A, QKG, Qh, Kh, gate vectors, norm factors from the
@@ -576,19 +573,9 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
 // greview (session 6): each opt-in path not yet run on a GPU, on the edge shapes that the cases above leave out.
 cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () => {
   const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
-  // Sets env for f, then restores what was there (a switch given for the whole run stays on for later tests).
-  const withEnv = async (env: Record<string, string>, f: () => Promise<void>) => {
-    const before = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-    Object.assign(process.env, env);
-    try {
-      await f();
-    } finally {
-      for (const [k, v] of Object.entries(before)) {
-        if (v === undefined) delete process.env[k];
-        else process.env[k] = v;
-      }
-    }
-  };
+  // Sets the switches for f (through the addon: see withKernelSwitch), then restores what was there.
+  const withEnv = (env: Record<string, string>, f: () => Promise<void>) => withKernelSwitches(env, f);
+
 
   // Lean kernel 3 where one tile covers V and G = 1 (the fused dq/dk epilogue, which the two lean cases above
   // never reach): K = 128 / VB = 64 with l2norm and KKG from the prep (the instantiation ptxas spills 12 B in),
@@ -648,9 +635,8 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
 // the saved chunk states must equal the default prep's bitwise (not yet run on a GPU: written without one).
 cudaDescribe('GDN CUDA forward, lean prep epilogue (TCAL_GDN_V3_PREP=lean) against the default prep', () => {
   const v3Cases = cudaCases.filter(([, c]) => (c.K === 64 || c.K === 128) && c.V % 64 === 0);
-  const run = async (c: Case, d: Dev, dtype: DType, env: Record<string, string>) => {
-    Object.assign(process.env, env);
-    try {
+  const run = (c: Case, d: Dev, dtype: DType, env: Record<string, string>) =>
+    withKernelSwitches(env, async () => {
       const out = {
         o: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0'),
         finalState: await poison([d.cu ? d.cu.shape[0] - 1 : c.B, c.HV, c.K, c.V], 'f32', 'cuda:0'),
@@ -663,10 +649,7 @@ cudaDescribe('GDN CUDA forward, lean prep epilogue (TCAL_GDN_V3_PREP=lean) again
         ot: await t.o.toFloat32(),
         ck: await t.saved!.chunkStates.toFloat32(),
       };
-    } finally {
-      for (const k of Object.keys(env)) delete process.env[k];
-    }
-  };
+    });
   const same = (a: Float32Array, b: Float32Array) => a.length === b.length && a.every((x, i) => Object.is(x, b[i]));
   test.each(v3Cases)('bitwise the default, bf16 and f16 (ws kernels; the ring kernel where V %% 128 = 0): %s', async (name, c) => {
     const h = makeHost(c, 1000 + c.T + c.K);

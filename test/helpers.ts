@@ -53,6 +53,11 @@ export async function withKernelSwitch<R>(name: string, value: string | undefine
   }
 }
 
+/** withKernelSwitch for several switches at once (each set before `body`, each restored after). */
+export function withKernelSwitches<R>(switches: Record<string, string>, body: () => Promise<R>): Promise<R> {
+  return Object.entries(switches).reduceRight<() => Promise<R>>((inner, [name, value]) => () => withKernelSwitch(name, value, inner), body)();
+}
+
 /** Whether the CUDA suites should run: TCAL_BACKEND=cuda and a device answers. */
 export function cudaEnabled(): boolean {
   if ((process.env.TCAL_BACKEND ?? '').toLowerCase() !== 'cuda') return false;
