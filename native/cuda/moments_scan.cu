@@ -625,6 +625,12 @@ __global__ void scanCarry(const float* __restrict__ state, float* __restrict__ e
 
 // Position of decay k in an rs row of the tensor-core apply: lane g of the MMA's A fragment reads decays
 // g + 8h + 16j (h < 2, j < MT) as 2·MT consecutive floats, in (j, h) order.
+// The sum over the 4 lanes t4 of an MMA fragment row (lanes 4g … 4g + 3), in every one of them.
+__device__ __forceinline__ float quadSum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 __host__ __device__ __forceinline__ int rsPos(int k, int MT) { return (k & 7) * 2 * MT + 2 * (k >> 4) + ((k >> 3) & 1); }
 
 // Per (span, KV head, ≤ 4 query heads, decay group): the chunks' fp32 reruns from their entering states with
@@ -990,10 +996,7 @@ __global__ void __launch_bounds__(32 * tcMaxWarps<MT>(), 1) scanApplyTC(TcParams
       for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          float x = sq[j][pp][e][h];
-          x += __shfl_xor_sync(0xffffffffu, x, 1);
-          x += __shfl_xor_sync(0xffffffffu, x, 2);
-          sq[j][pp][e][h] = x;
+          sq[j][pp][e][h] = quadSum(sq[j][pp][e][h]);
         }
 #pragma unroll
   for (int pp = 0; pp < 2; ++pp) {
@@ -1176,10 +1179,8 @@ __global__ void __launch_bounds__(32 * kTcMaxMTiles) scanRmsNorm(ScanParams p) {
       s0 = fmaf(Y[n][0], Y[n][0], fmaf(Y[n][1], Y[n][1], s0));
       s1 = fmaf(Y[n][2], Y[n][2], fmaf(Y[n][3], Y[n][3], s1));
     }
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+    s0 = quadSum(s0);
+    s1 = quadSum(s1);
 
     // P = Y·Vᵀ (two accumulators per n-tile: shorter dependent chains) and G = V·Vᵀ; k-step ks = channels 8ks …
     // 8ks + 7, κ = t4 ↔ 8ks + 2t4, κ = t4 + 4 ↔ 8ks + 2t4 + 1. n-tile nt = steps 8nt … 8nt + 7.
@@ -1307,10 +1308,8 @@ __global__ void __launch_bounds__(32 * kTcMaxMTiles) scanRmsNorm(ScanParams p) {
           q0 = fmaf(Y[n2][0], Y[n2][0], fmaf(Y[n2][1], Y[n2][1], q0));
           q1 = fmaf(Y[n2][2], Y[n2][2], fmaf(Y[n2][3], Y[n2][3], q1));
         }
-        q0 += __shfl_xor_sync(0xffffffffu, q0, 1);
-        q0 += __shfl_xor_sync(0xffffffffu, q0, 2);
-        q1 += __shfl_xor_sync(0xffffffffu, q1, 1);
-        q1 += __shfl_xor_sync(0xffffffffu, q1, 2);
+        q0 = quadSum(q0);
+        q1 = quadSum(q1);
         if (t4 == 0 && tau < lenB) {
           const int k0 = 16 * m + g;
           if (k0 < p.K0) rsOut[(e0 + tau) * rsStride + rsPos(k0, p.MT)] = rsqrtf(fmaf(q0, invD, eps));
