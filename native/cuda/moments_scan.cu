@@ -705,37 +705,35 @@ __global__ void __launch_bounds__(kThreads, kRms ? 2 : 1) scanApply(ScanParams p
     for (int t0 = 0; t0 < TS; t0 += kBatch) {
       const unsigned mb = (mask >> t0) & ((1u << kBatch) - 1u);
       const float* Fb = F + t0 * rowF + lane * CB;
-      {
-        float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
+      float ys[KB][CB];  // sweep 1 runs a copy; y stays at the batch start for sweep 2
 #pragma unroll
-        for (int b = 0; b < KB; ++b)
+      for (int b = 0; b < KB; ++b)
 #pragma unroll
-          for (int u = 0; u < CB; ++u) ys[b][u] = y[b][u];
-        if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, kRms ? y : ys, part + lane);
-        else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, kRms ? y : ys, part + lane);
-        __syncwarp();
-        if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
-          const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
-          float4 a = r[0];
+        for (int u = 0; u < CB; ++u) ys[b][u] = y[b][u];
+      if (mb) sweepPartials<CB, KB, true>(Fb, rowF, mb, gam, kRms ? y : ys, part + lane);
+      else sweepPartials<CB, KB, false>(Fb, rowF, 0u, gam, kRms ? y : ys, part + lane);
+      __syncwarp();
+      if (lane < kRows) {  // row = (step j, decay b): the 32 partials in lane order
+        const float4* r = reinterpret_cast<const float4*>(part + lane * kPartRow);
+        float4 a = r[0];
 #pragma unroll
-          for (int q = 1; q < 8; ++q) {
-            const float4 x = r[q];
-            a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
-          }
-          const float ms = (a.x + a.y) + (a.z + a.w);
-          const float rv = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
-          if constexpr (kRms) {
-            const int k = k0 + lane % KB;
-            if (t0 + lane / KB < n && k < p.K0) p.rs[((long long)(is + t0 + lane / KB) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] = rv;
-          } else {
-            rsb[lane] = rv;
-          }
+        for (int q = 1; q < 8; ++q) {
+          const float4 x = r[q];
+          a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
         }
-        __syncwarp();
-        if constexpr (kRms) continue;
-        if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
-        else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
+        const float ms = (a.x + a.y) + (a.z + a.w);
+        const float rv = t0 + lane / KB < n ? rsqrtf(fmaf(ms, invD, eps)) : 0.f;  // past the stage: ŷ = 0, adds nothing
+        if constexpr (kRms) {
+          const int k = k0 + lane % KB;
+          if (t0 + lane / KB < n && k < p.K0) p.rs[((long long)(is + t0 + lane / KB) * p.HKV + at.hk) * p.RP + rsPos(k, p.MT)] = rv;
+        } else {
+          rsb[lane] = rv;
+        }
       }
+      __syncwarp();
+      if constexpr (kRms) continue;
+      if (mb) sweepSums<CB, KB, true>(Fb, rowF, p.Dp, mb, gam, rsb, y, sq, cr);
+      else sweepSums<CB, KB, false>(Fb, rowF, p.Dp, 0u, gam, rsb, y, sq, cr);
     }
   }
   if constexpr (kRms) return;
@@ -1509,7 +1507,7 @@ void launch(ScanParams prm, bool tcApply, bool normRms, int sms, int maxSmem, co
   if (tcApply) {
     if (normRms && (prm.D == 128 || prm.D == 64)) {  // scanRmsNorm: the norm recurrence (the default where it applies)
       launchRmsNorm(prm, stream);
-    } else {  // the v4 apply's sweep 1 (measured and tested: session 5, run 5)
+    } else {  // the v4 apply's sweep 1 (timed: session 5, run 5; tested: session 7, run 3)
       residentBlocks(scanApply<CB, true>, threads, smemRms);  // the chosen stage's limit
       scanApply<CB, true><<<dim3(unsigned(rp.spans), unsigned(rp.HKV * rp.kGroups)), unsigned(threads), size_t(smemRms), stream>>>(rp);
     }
