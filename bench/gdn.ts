@@ -74,9 +74,8 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['ws wide (CG=4)', { TCAL_GDN_WS: 'wide' }],
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
-  ['ws ring (v7, its spill fix not yet timed; V % 128 = 0, else ws wide)', { TCAL_GDN_WS: 'ring' }],
+  ['ring (v7; the default where V % 128 = 0 and its blocks fill the SMs; else ws wide)', { TCAL_GDN_WS: 'ring' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
-  ['prep kernel alone, lean epilogue (not yet run)', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_V3_PREP: 'lean' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
@@ -84,7 +83,6 @@ const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
   ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
-  ['kernel 3 persistent, next item prefetched (not yet run)', { TCAL_GDN_BWD_PERSIST: '1' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
@@ -92,11 +90,9 @@ const VARIANT_KEYS = [
   'TCAL_GDN_FORWARD',
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
-  'TCAL_GDN_V3_PREP',
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_KK',
   'TCAL_GDN_BWD_K3',
-  'TCAL_GDN_BWD_PERSIST',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

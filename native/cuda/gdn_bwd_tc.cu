@@ -538,14 +538,7 @@ constexpr size_t grad3Smem() {
 // LEAN3 (opt-in, not yet run on a GPU: the device was withdrawn before its first call): sO_i from phase 2's
 // dO S0ᵀ as q_i · (dO S0ᵀ)_i instead of phase 1's Pqᵀ = S0ᵀQᵀ (−64 mma per warp), and the row bands take QKG
 // from Gs and KKG from the prep instead of forming Q Kᵀ and K Kᵀ again (−32 mma per band block).
-// PERSIST (opt-in TCAL_GDN_BWD_PERSIST=1, not yet run on a GPU; gradplan, session 7): one block per SM walks the
-// items (chunk fastest, then value head, then tile) and prefetches the next item's inputs while it finishes this
-// one — dO, v, dS, S0, A, QKG right after the fused epilogue's rowDot barrier (the last reads of those tiles are
-// the dq / dk products before it), Q, K and the gates after the "Et, Zt, dbRow complete" barrier — so the load
-// phase that one block per SM leaves exposed (NOTES: ≈ 3–5k of ≈ 40k cycles per item) overlaps the epilogue and
-// the dg tail. Each item runs the default's instructions: the gradients are bitwise the default's. bf16 states of
-// the input dtype only (`direct`), not with LEAN3. The body below is the default's, not re-indented for the loop.
-template <typename T, typename CK, int K, int VB, bool LEAN3, bool PERSIST = false>
+template <typename T, typename CK, int K, int VB, bool LEAN3>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
@@ -585,53 +578,13 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
-  static_assert(!PERSIST || (!LEAN3 && std::is_same<CK, T>::value), "grad3Kernel: PERSIST takes 16-bit states of T");
-  // PERSIST: the chunk count from the launcher's table, where the lengths follow the starts (checked on the host:
-  // no new kernel parameter, so the default instantiations keep their PTX).
-  const int nCh = PERSIST ? int(chunkLen - chunkStart) : 0;
-  const int nItems = nCh * HV * (V / VB);
-  int item = blockIdx.x;
-  bool first = true;
-  float2 gbNext = make_float2(0.f, 0.f);  // the next item's raw gates (threads < C), loaded before the dg tail
-  for (;;) {  // PERSIST: one pass per item; the default makes one pass
-  const int ch = PERSIST ? item % nCh : int(blockIdx.x), hv = PERSIST ? item / nCh % HV : int(blockIdx.y);
-  const int tile = PERSIST ? item / nCh / HV : int(blockIdx.z), v0 = tile * VB;
+  const int ch = blockIdx.x, hv = blockIdx.y, tile = blockIdx.z, v0 = tile * VB;
   const int64_t t0 = chunkStart[ch];
   const int L = chunkLen[ch];
   const size_t blk = size_t(ch) * HV + hv;
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
-  const int nItem = item + int(gridDim.x);
-  const bool hasNext = PERSIST && nItem < nItems;
-  const int nch = hasNext ? nItem % nCh : 0, nhv = hasNext ? nItem / nCh % HV : 0;
-  const int nv0 = hasNext ? nItem / nCh / HV * VB : 0;
-  const int64_t nt0 = hasNext ? chunkStart[nch] : 0;
-  const int nL = hasNext ? chunkLen[nch] : 0;
-  const size_t nblk = size_t(nch) * HV + nhv;
-  // The next item's tiles, in this item's layout (only tiles whose last read has passed a barrier).
-  auto prefetchBulk = [&]() {
-    if constexpr (PERSIST) {
-      copyRowsAsync(As, LC, Ag + nblk * C * C, size_t(C), C, C, C);
-      copyRowsAsync(dOs, LV, dO + (nt0 * HV + nhv) * V + nv0, size_t(HV) * V, C, VB, nL);
-      copyRowsAsync(Vs, LV, v + (nt0 * HV + nhv) * V + nv0, size_t(HV) * V, C, VB, nL);
-      copyRowsAsync(dSs, LK, dSg + nblk * K * V + size_t(nv0) * K, size_t(K), VB, K, VB);
-      copyRowsAsync(Gs, LC, QKGg + nblk * C * C, size_t(C), C, C, C);
-      copyRowsAsync(S0s, LV, ckpt + nblk * K * V + nv0, size_t(V), K, VB, K);
-      ptx::cpCommit();
-    }
-  };
-  auto prefetchQK = [&]() {
-    if constexpr (PERSIST) {
-      copyRowsAsync(Qs, LK, Qhg + nblk * C * K, size_t(K), C, K, C);
-      copyRowsAsync(Ks, LK, Khg + nblk * C * K, size_t(K), C, K, C);
-      ptx::cpCommit();
-    }
-  };
 
   // ---- phase 0: loads (QKG from the prep), <dS, S0>. The bulk copies go out before the gates' round trip.
-  // (PERSIST: only the first item's; the previous item prefetched the others.)
-  const bool kkLoaded = KKSM && KKGg != nullptr;  // (LEAN3 only)
-  constexpr bool direct = std::is_same<CK, T>::value;
-  if (!PERSIST || first) {
   copyRowsAsync(Qs, LK, Qhg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(Ks, LK, Khg + blk * C * K, size_t(K), C, K, C);
   copyRowsAsync(As, LC, Ag + blk * C * C, size_t(C), C, C, C);
@@ -639,12 +592,13 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(dSs, LK, dSg + blk * K * V + size_t(v0) * K, size_t(K), VB, K, VB);
   copyRowsAsync(Gs, LC, QKGg + blk * C * C, size_t(C), C, C, C);
+  const bool kkLoaded = KKSM && KKGg != nullptr;  // (LEAN3 only)
   if (kkLoaded) copyRowsAsync(KGs, LC, KKGg + blk * C * C, size_t(C), C, C, C);
   // S0: 16-bit states of the compute dtype by cp.async with the rest; fp32 ones (or bf16 ones for f16 inputs)
   // through registers, converted once the gates are in.
+  constexpr bool direct = std::is_same<CK, T>::value;
   if constexpr (direct) copyRowsAsync(S0s, LV, ckpt + blk * K * V + v0, size_t(V), K, VB, K);
   ptx::cpCommit();
-  }
   constexpr int IT = K * VB / 4 / NTH;
   float4 s0r[direct ? 1 : IT];
   if constexpr (!direct) {
@@ -655,10 +609,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       s0r[u] = loadState4(s0 + size_t(d) * V + c);
     }
   }
-  if constexpr (PERSIST)
-    gateScan(first ? gateLoad(g, beta, t0, L, HV, hv) : gbNext, L, gam, ex, dd, bet);
-  else
-    loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
+  loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
   ptx::cpWait<0>();
   __syncthreads();
   if constexpr (!direct) {
@@ -1136,8 +1087,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         }
       }
       __syncthreads();
-      if constexpr (PERSIST)  // every tile but Qs, Ks is dead from here on
-        if (hasNext) prefetchBulk();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = 16 * mi + gq + 8 * h;
@@ -1175,12 +1124,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     }
   }
   __syncthreads();  // Et, Zt, dbRow complete
-  if constexpr (PERSIST)  // Qs, Ks dead too (the dg tail reads fp32 rows only)
-    if (hasNext) {
-      if (!fz.on) prefetchBulk();
-      prefetchQK();
-      gbNext = gateLoad(g, beta, nt0, nL, HV, nhv);
-    }
   // dg_t = e_L <dS, S0> + Σ_{i≥t} E_i + Σ_{j<t} Z_j + Σ_{a≥t>b} F_ab (every term carries a factor ≤ exp(g_t)).
   if (tid < L) {
     const int t = tid;
@@ -1203,10 +1146,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     dgamP[off] = dg;
     dbetaP[off] = dbRow[t];
   }
-  if (!hasNext) break;
-  item = nItem;
-  first = false;
-  }  // item loop
 }
 
 template <typename Kern>
@@ -1236,12 +1175,6 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   const bool kkg = lean3 && !handed && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
                    (vb == 128 ? grad3KKG<K, 128>() : grad3KKG<K, 64>());
   Tensor KKGw = empty({std::max<int64_t>(kkg ? nb * C * C / 2 : 0, 1)}, DType::F32, dev);
-  // TCAL_GDN_BWD_PERSIST=1: the persistent kernel 3 (bf16 inputs with bf16 states, not with LEAN3); it reads the
-  // chunk count as chunkLen − chunkStart, which gdn.cu's table guarantees (checked here).
-  const char* persistEnv = std::getenv("TCAL_GDN_BWD_PERSIST");
-  const bool persist = persistEnv && std::strcmp(persistEnv, "1") == 0 && !lean3 && a.ckpt16 &&
-                       std::is_same<T, __nv_bfloat16>::value && a.chunkLen == a.chunkStart + a.nChunks &&
-                       int64_t(a.nChunks) * HV * (V / vb) <= INT32_MAX;
   Tensor gvec = empty({std::max<int64_t>(nbPrep * 3 * C, 1)}, DType::F32, dev);
   Tensor eL = empty({std::max<int64_t>(nbPrep, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
@@ -1303,17 +1236,9 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   const Fused fz{fusedQK(p), a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
-    auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads, bool persistent = false) {
+    auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
       allowSmem(kern, smemBytes);
-      dim3 grid(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols));
-      if (persistent) {  // as many blocks as fit at once, each walking items blockIdx.x + k · gridDim.x
-        int perSm = 0;
-        check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, kern, threads, smemBytes),
-              "cudaOccupancyMaxActiveBlocksPerMultiprocessor(gdn backward gradients)");
-        const int64_t items = int64_t(a.nChunks) * HV * (V / tileCols);
-        grid = dim3(unsigned(std::min<int64_t>(items, int64_t(std::max(perSm, 1)) * multiprocessorCount(dev.index))));
-      }
-      kern<<<grid, threads, smemBytes, stream>>>(
+      kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
           a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
           static_cast<const T*>(dS.data()), A, Qh, Kh, QKG, KKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
@@ -1325,13 +1250,6 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
           go(grad3Kernel<T, CK, K, 128, true>, grad3Smem<K, 128, true>(), 128, 256);
         else
           go(grad3Kernel<T, CK, K, 64, true>, grad3Smem<K, 64, true>(), 64, 128);
-        return;
-      }
-      if (persist) {
-        if (vb == 128)
-          go(grad3Kernel<T, CK, K, 128, false, true>, grad3Smem<K, 128, false>(), 128, 256, true);
-        else
-          go(grad3Kernel<T, CK, K, 64, false, true>, grad3Smem<K, 64, false>(), 64, 128, true);
         return;
       }
     }

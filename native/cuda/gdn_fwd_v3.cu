@@ -14,8 +14,9 @@
 // ldmatrix from padded shared memory filled by cp.async), output warps form O beside them. Per chunk:
 //   νᵀ = (Vᵀ − Sᵀ K̃ᵀ) Abᵀ,  Sᵀ ← exp(γ_L) Sᵀ + νᵀ diag(exp(γ_L − γ)) K̃                 (recurrence warps)
 //   Oᵀ = Sᵀ Q̃ᵀ diag(exp γ) + νᵀ Aqkᵀ                                                      (output warps)
-// v7 (session 5): the prep forms Aqk and M in one pass over the lower tiles; an opt-in state pass (`ringKernel`,
-// TCAL_GDN_WS=ring) decouples the two roles with a load ring per role and an exchange slot between them.
+// v7 (session 5): the prep forms Aqk and M in one pass over the lower tiles; a state pass (`ringKernel`, the
+// default where its blocks fill the SMs since session 8) decouples the two roles with a load ring per role and an
+// exchange slot between them.
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <mma.h>
 
@@ -138,17 +139,16 @@ constexpr size_t prepSmem() {
   return prepRegion<K>() + 4 * size_t(C) * LDF + 4 * (16 * LDF + 5 * C);
 }
 
-// FUSED (v7, default): one job per lower tile forms Q̃K̃ᵀ and K K̃ᵀ together (shared B fragments, one exp per
-// element for both Aqk and M) and stores the Aqk tile as 32-byte rows through a per-warp staging tile;
-// !FUSED (TCAL_GDN_V3_PREP=old): session 4's two loops with 4-byte Aqk stores.
-// SAVE (saveForBackward 'full', with FUSED and o): also writes the Handover `ho` for the backward, whose prep
+// With o, one job per lower tile forms Q̃K̃ᵀ and K K̃ᵀ together (shared B fragments, one exp per element for both
+// Aqk and M; v7) and stores the Aqk tile as 32-byte rows through a per-warp staging tile; the tile epilogue reads
+// its row factors (sq, β·rk) and column factors (rk) once per tile into registers, and the Ab loop reads β as two
+// float4 (session 6's lean epilogue: LDS 154 → 82, BRA 209 → 149 per tile in SASS; H200 session 8 run 2, prep
+// alone 0.273 ms against 0.281, outputs bitwise the same). Without o (the backward's recompute) only M is formed.
+// (Session 4's separate Aqk loop with 4-byte stores, 0.31 ms, is deleted.)
+// SAVE (saveForBackward 'full', with o): also writes the Handover `ho` for the backward, whose prep
 // then does not run — Qh, Kh from the rows and norm factors here, QKG from the Aqk tiles (all 16 rows, the
 // blocks above the diagonal zeroed), A before the β scaling, the gate vectors beside aux, the norm factors.
-// LEAN (with FUSED, not SAVE; TCAL_GDN_V3_PREP=lean, session 6, not yet run on a GPU): the same values bitwise
-// with fewer shared-memory operations — the tile epilogue reads its row factors (sq, β·rk) and column factors (rk)
-// once per tile into registers (the default reloads them per element pair, ≈ 6 scalar loads and 4 branches each:
-// its staging stores to Ts may alias them for the compiler), and the Ab loop reads β as two float4.
-template <typename T, int K, bool FUSED, bool SAVE, bool LEAN = false>
+template <typename T, int K, bool SAVE>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -158,8 +158,6 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
                                                            T* __restrict__ About, T* __restrict__ AQout,
                                                            float4* __restrict__ aux, float scale, bool l2norm,
                                                            Handover ho) {
-  static_assert(FUSED || !SAVE, "prep: the hand-over comes with the fused tile loop");
-  static_assert(!LEAN || (FUSED && !SAVE), "prep: the lean epilogue is a variant of the fused loop without the hand-over");
   constexpr int LDK = K + 8;
   constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
@@ -327,7 +325,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     return make_float2(m0, m1);
   };
   float dummy[2][4];
-  if (AQout && FUSED) {
+  if (AQout) {
     // Warps 0, 1 take three tiles, warps 2, 3 two; M waits in registers until the q rows (M's region) are read.
     // The Aqk tile leaves through this warp's 16 × 16 slot of Ts (free until the inverse) as 32-byte rows.
     static_assert(16 * LDF * sizeof(float) >= 4 * 256 * sizeof(T), "prep: Aqk staging fits Ts");
@@ -341,48 +339,34 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       float accQ[2][4], accK[2][4], gi[2], gj[2][2];
       lowerTile(Qb, job, trs[u], tcs[u], accQ, gi, gj, Kb, accK);
       const int mi = trs[u], ni = tcs[u];
-      if constexpr (LEAN) {
-        // The factors of this tile's rows and columns, read once (the products below are the default's, factor
-        // by factor in the same order, so Aqk and M are bitwise the same).
-        float sqi[2], fi[2], rkj[2][2];
+      // The factors of this tile's rows and columns, read once (the products below are the default's, factor
+      // by factor in the same order, so Aqk and M are bitwise the same).
+      float sqi[2], fi[2], rkj[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = 16 * mi + gq + 8 * r;
+        sqi[r] = sq[i];
+        fi[r] = bet[i] * rk[i];
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const float2 rr = *reinterpret_cast<const float2*>(rk + 16 * ni + 8 * nt + 2 * tq);
+        rkj[nt][0] = rr.x;
+        rkj[nt][1] = rr.y;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int i = 16 * mi + gq + 8 * r;
-          sqi[r] = sq[i];
-          fi[r] = bet[i] * rk[i];
+          const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
+          const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
+          const float x0 = j <= i ? accQ[nt][2 * r] * sqi[r] * rkj[nt][0] * e0 : 0.f;
+          const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sqi[r] * rkj[nt][1] * e1 : 0.f;
+          *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
+          const bool live = i < L;  // mPair's masks: rows past L and entries on or above the diagonal are 0
+          mv[u][nt][r] = make_float2(live && j < i ? fi[r] * rkj[nt][0] * accK[nt][2 * r] * e0 : 0.f,
+                                     live && j + 1 < i ? fi[r] * rkj[nt][1] * accK[nt][2 * r + 1] * e1 : 0.f);
         }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const float2 rr = *reinterpret_cast<const float2*>(rk + 16 * ni + 8 * nt + 2 * tq);
-          rkj[nt][0] = rr.x;
-          rkj[nt][1] = rr.y;
-        }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
-            const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
-            const float x0 = j <= i ? accQ[nt][2 * r] * sqi[r] * rkj[nt][0] * e0 : 0.f;
-            const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sqi[r] * rkj[nt][1] * e1 : 0.f;
-            *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
-            const bool live = i < L;  // mPair's masks: rows past L and entries on or above the diagonal are 0
-            mv[u][nt][r] = make_float2(live && j < i ? fi[r] * rkj[nt][0] * accK[nt][2 * r] * e0 : 0.f,
-                                       live && j + 1 < i ? fi[r] * rkj[nt][1] * accK[nt][2 * r + 1] * e1 : 0.f);
-          }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
-            const float e0 = __expf(gi[r] - gj[nt][0]), e1 = __expf(gi[r] - gj[nt][1]);
-            const float x0 = j <= i ? accQ[nt][2 * r] * sq[i] * rk[j] * e0 : 0.f;
-            const float x1 = j + 1 <= i ? accQ[nt][2 * r + 1] * sq[i] * rk[j + 1] * e1 : 0.f;
-            *reinterpret_cast<uint32_t*>(stg + (gq + 8 * r) * 16 + 8 * nt + 2 * tq) = pack2<T>(x0, x1);
-            mv[u][nt][r] = mPair(accK, mi, ni, nt, r, e0, e1);
-          }
-      }
       __syncwarp();
       {
         const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
@@ -412,28 +396,10 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
         for (int r = 0; r < 2; ++r)
           *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
     }
-  } else if (AQout) {
-    for (int job = warp; job < 10; job += kPrepThreads / 32) {
-      int mi, ni;
-      float acc[2][4], gi[2], gj[2][2];
-      lowerTile(Qb, job, mi, ni, acc, gi, gj, nullptr, dummy);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
-          if (i < L) {
-            const float x0 = j <= i ? acc[nt][2 * r] * sq[i] * rk[j] * __expf(gi[r] - gj[nt][0]) : 0.f;
-            const float x1 = j + 1 <= i ? acc[nt][2 * r + 1] * sq[i] * rk[j + 1] * __expf(gi[r] - gj[nt][1]) : 0.f;
-            *reinterpret_cast<uint32_t*>(AQout + ((t0 + i) * HV + hv) * C + j) = pack2<T>(x0, x1);
-          }
-        }
-    }
-    __syncthreads();  // q rows read: M takes their place
   }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
-  if (!(AQout && FUSED))
+  if (!AQout)
     for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
       int tr, tc;
       float acc[2][4], gi[2], gj[2][2];
@@ -462,15 +428,11 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
     const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     alignas(16) T out[8];
-    if constexpr (LEAN) {  // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
-      const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
+    const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
+    const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bv[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bet[c + e]);
-    }
+    for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bv[e]);
     const uint4 vv = *reinterpret_cast<const uint4*>(out);
     if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
     if constexpr (SAVE) {  // A itself (every row: identity past L), as the backward's prep rounds it
@@ -945,7 +907,7 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
 // chunk). So the recurrence warps run up to a chunk ahead of the output warps and do not wait for their
 // products or o stores unless those take longer than a chunk of the chain (v6: 22 % of the recurrence warps' time
 // at the chunk-top barrier, 13 % on the single stage's cp.async). o only (the backward's checkpoint pass without o
-// keeps the ws kernel); opt-in (TCAL_GDN_WS=ring): see runWs. 218 KB of shared memory, so sm_90 only.
+// keeps the ws kernel); where it runs: see runWs. 218 KB of shared memory, so sm_90 only.
 template <int K>
 struct RingLayout {
   static constexpr int LDK = K + 8, VT = 128, LDV = VT + 8, LDO = 24;  // LDO: 48-byte o rows, stmatrix conflict-free
@@ -1159,19 +1121,22 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
   checkLaunch("gdn v7 state");
 }
 
-// ws wide where 64-column blocks give at least one per SM, else ws small. TCAL_GDN_WS=wide|small|ring forces one;
-// ring (v7) only where o is wanted, V % 128 = 0 and the device has sm_90's shared memory. The ring kernel is not
-// the default: H200 session 5 call 1 timed it slower than ws wide (0.41 vs 0.38 ms, state pass alone, reference
-// shape) while it spilled; its spill fix has not run on a GPU yet (bench/NOTES.md, Version 7).
+// The ring kernel (v7) where o is wanted, V % 128 = 0, the device has sm_90's shared memory and its 128-column
+// blocks fill ≥ 90 % of the SMs (the reference shape: 128 blocks); else ws wide where 64-column blocks give at least
+// one per SM, else ws small. H200, session 8 runs 2 and 3 (reference shape): ring 0.615 ms forward against ws wide's
+// 0.649 (state pass 323 µs against 363 under ncu); at B2·T16384 (32 blocks) ring 1.525 against ws small's 0.966.
+// TCAL_GDN_WS=wide|small|ring forces one (ring only where it can run).
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   const int sms = smCount();
+  constexpr int VT = RingLayout<K>::VT;
+  const bool ringFits = o && p.V % VT == 0 && smemOptin() >= RingLayout<K>::total;
   bool wide = p.N * p.HV * (p.V / 64) >= sms;
-  bool ring = false;
+  bool ring = ringFits && 10 * p.N * p.HV * (p.V / VT) >= 9 * int64_t(sms);
   if (const char* e = std::getenv("TCAL_GDN_WS")) {
     wide = std::strcmp(e, "small") != 0;
-    ring = std::strcmp(e, "ring") == 0 && o && p.V % RingLayout<K>::VT == 0 && smemOptin() >= RingLayout<K>::total;
+    ring = std::strcmp(e, "ring") == 0 && ringFits;
   }
   if (ring) {
     launchRing<T, K>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
@@ -1200,13 +1165,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    // =old: session 4's prep (benchmark comparison); =lean: the fused prep with fewer shared-memory operations,
-    // bitwise the same outputs (session 6, not yet run on a GPU; not with the hand-over).
-    const char* pe = std::getenv("TCAL_GDN_V3_PREP");
-    auto kern = ho                                 ? prepKernel<T, K, true, true>
-                : pe && std::strcmp(pe, "old") == 0  ? prepKernel<T, K, false, false>
-                : pe && std::strcmp(pe, "lean") == 0 ? prepKernel<T, K, true, false, true>
-                                                     : prepKernel<T, K, true, false>;
+    auto kern = ho ? prepKernel<T, K, true> : prepKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
