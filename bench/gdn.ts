@@ -204,6 +204,8 @@ async function main(): Promise<void> {
       agreement = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
       ours.o.dispose();
     }
+    // A discarded warm-up: the first timed row after fla's Python run read 0.912 ms for the 0.643 ms kernel (session 8 run 2).
+    await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 5, batches: 3, perBatch: 5 });
     // Forward versions side by side (environment switches, see FORWARD_VARIANTS).
     for (const [label, env] of noFwdVariants ? [] : FORWARD_VARIANTS) {
       const skip = env.TCAL_GDN_V3_SKIP !== undefined;

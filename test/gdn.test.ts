@@ -564,6 +564,20 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     });
   });
 
+  // 128 (sequence, head) blocks: the grid where the default state pass is the ring kernel on sm_90 (≥ 0.9 · SMs
+  // blocks, session 8), the training forward and the hand-over included; the fused gates' per-head sums
+  // (gateGrads) over many blocks.
+  test('a grid that fills the SMs (the ring state pass by default on sm_90): saved states and the full hand-over (bf16)', async () => {
+    const c: Case = { B: 8, T: 70, H: 16, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true };
+    const h = makeHost(c, 4242);
+    const ref = await reference(c, h, 'bf16');
+    for (const save of [undefined, 'full'] as const) {
+      const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+      console.log(`gdn cuda filled grid (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+      expectBelow(e16, 1e-2, 2e-2, `filled grid bf16 (save ${save ?? 'states'})`);
+    }
+  });
+
   test('decode steps chained over T equal the chunked forward (CUDA, f32 and bf16)', async () => {
     await decodeMatchesForward('cuda:0', 'f32', { B: 3, T: 70, H: 1, HV: 2, K: 128, V: 64, l2norm: true, gates: true, h0: true });
     await decodeMatchesForward('cuda:0', 'bf16', { B: 2, T: 40, H: 2, HV: 2, K: 64, V: 128, h0: true }, 1e-2);
