@@ -200,6 +200,13 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       gi = g[gidx];
       bi = beta[gidx];
     }
+    // Row sums of squares, 2·IT per thread (row u: k at 2u, q at 2u + 1; 2·IT = G), summed over the row's G lanes by a
+    // reduce-scatter: at each xor offset a lane keeps half of its values and adds its partner's copy of them, so lane
+    // `sub` ends with value `sub` (15 shuffles instead of 64 at K = 128), then one rsqrt and store per lane instead of
+    // eight. The same pairs are added at each level as in the all-reduce butterfly it replaces, so the sums are bitwise
+    // the same (fwdcount, session 8: the norm head was ≈ 15 % of the prep's stall samples).
+    static_assert(2 * IT == G, "prep: one row sum per lane of a row group");
+    float ss[2 * IT];
 #pragma unroll
     for (int u = 0; u < IT; ++u) {
       const int i = tid / G + u * RPP;
@@ -214,20 +221,32 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
         sk += a * a;
         sqq += b * b;
       }
+      ss[2 * u] = sk;
+      ss[2 * u + 1] = sqq;
+    }
+    constexpr int kLevels = G == 16 ? 4 : 3;  // log2 G (K = 128 or 64)
+    static_assert(G == 1 << kLevels, "prep: G is 8 or 16");
 #pragma unroll
-      for (int off = G / 2; off; off >>= 1) {
-        sk += __shfl_xor_sync(0xffffffffu, sk, off);
-        sqq += __shfl_xor_sync(0xffffffffu, sqq, off);
+    for (int lvl = 0; lvl < kLevels; ++lvl) {
+      const int off = G >> (lvl + 1);
+      const bool upper = sub & off;
+#pragma unroll
+      for (int j = 0; j < G / 2; ++j) {  // constant trip count: both loops unroll, ss stays in registers
+        if (j >= off) break;
+        const float keep = upper ? ss[j + off] : ss[j], send = upper ? ss[j] : ss[j + off];
+        ss[j] = keep + __shfl_xor_sync(0xffffffffu, send, off);
       }
-      if (sub == 0) {
-        rk[i] = i < L ? (l2norm ? rsqrtf(sk + float(gdn::kNormEps)) : 1.f) : 0.f;
-        sq[i] = i < L ? (l2norm ? scale * rsqrtf(sqq + float(gdn::kNormEps)) : scale) : 0.f;
-        // The backward's norm factors ([tokens, H], once per key head), as its prep writes them.
-        if (SAVE && ho.rq && i < L && hv % (HV / H) == 0) {
-          ho.rq[(t0 + i) * H + h] = rsqrtf(sqq + float(gdn::kNormEps));
-          ho.rk[(t0 + i) * H + h] = rsqrtf(sk + float(gdn::kNormEps));
-        }
-      }
+    }
+    {
+      const int i = tid / G + (sub / 2) * RPP;
+      const bool isQ = sub & 1;
+      const float r = rsqrtf(ss[0] + float(gdn::kNormEps));
+      if (isQ)
+        sq[i] = i < L ? (l2norm ? scale * r : scale) : 0.f;
+      else
+        rk[i] = i < L ? (l2norm ? r : 1.f) : 0.f;
+      // The backward's norm factors ([tokens, H], once per key head), as its prep writes them.
+      if (SAVE && ho.rq && i < L && hv % (HV / H) == 0) (isQ ? ho.rq : ho.rk)[(t0 + i) * H + h] = r;
     }
     if (tid < C) {
       if (tid < L && aLog) {
@@ -427,14 +446,19 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
     const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
     const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    alignas(16) T out[8];
     // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
     const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
     const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    uint32_t ab[4];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = fromF<T>((live ? av[e] : 0.f) * bv[e]);
-    const uint4 vv = *reinterpret_cast<const uint4*>(out);
-    if (i < L) *reinterpret_cast<uint4*>(About + ((t0 + i) * HV + hv) * C + c) = vv;
+    for (int e = 0; e < 4; ++e)
+      ab[e] = pack2<T>((live ? av[2 * e] : 0.f) * bv[2 * e], (live ? av[2 * e + 1] : 0.f) * bv[2 * e + 1]);
+    // One 16-byte store (the compiler split the uint4 copy of a local T[8] into four 4-byte stores: 75 % excess L2
+    // sectors on this store in session 8's counters).
+    if (i < L)
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(About + ((t0 + i) * HV + hv) * C + c), "r"(ab[0]),
+                   "r"(ab[1]), "r"(ab[2]), "r"(ab[3])
+                   : "memory");
     if constexpr (SAVE) {  // A itself (every row: identity past L), as the backward's prep rounds it
       alignas(16) T a16[8];
 #pragma unroll
