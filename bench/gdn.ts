@@ -83,7 +83,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['kernel 3 classic (before the session-8 diet)', { TCAL_GDN_BWD_K3: 'classic' }],
-  ['state pass classic (before the session-8 store staging)', { TCAL_GDN_BWD_S4: 'classic' }],
+  ['state pass classic (before the session-8 store staging and static issue loops)', { TCAL_GDN_BWD_S4: 'classic' }],
   ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
   ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],

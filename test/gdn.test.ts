@@ -699,9 +699,9 @@ cudaDescribe('GDN CUDA: kernel 3 diet against the classic kernel 3 (k3diet, sess
 });
 
 // s4store (session 8): the state pass's dS store staged through shared memory (16-byte row stores; stmatrix on
-// sm_90) against TCAL_GDN_BWD_S4=classic (one 4-byte store per pair). Only the store path differs, so every
-// gradient is bitwise the same (no fused gates here: their per-head sums are atomics), on recomputed states,
-// saved states and the full hand-over.
+// sm_90) and its static-trip cp.async loops against TCAL_GDN_BWD_S4=classic (one 4-byte store per pair, the old
+// loops). Only the store and copy paths differ, so every gradient is bitwise the same (no fused gates here: their
+// per-head sums are atomics), on recomputed states, saved states and the full hand-over.
 cudaDescribe('GDN CUDA: staged dS store against the classic state pass (s4store, session 8)', () => {
   const storeCases: [string, Case][] = [
     ['K=V=128 ragged varlen, one-token sequence, tail < C, tail past the end', { B: 1, T: 300, H: 2, HV: 2, K: 128, V: 128, cu: [0, 1, 65, 129, 170, 280], h0: true, dFinal: true }],

@@ -325,8 +325,9 @@ constexpr size_t state4Smem() {
   return ST * state4Stage<K, NW>() + (S4STAGE ? 2 * size_t(NW) * 16 * (K + 8) : 0);
 }
 
-// S4STAGE (session 8; false = TCAL_GDN_BWD_S4=classic): the dS store through shared memory, 16-byte stores of
-// whole rows (one STG.32 per pair wrote half-used sectors: the kernel's hottest line under ncu, session 8 run 3).
+// S4STAGE (session 8; false = TCAL_GDN_BWD_S4=classic, the kernel before it): the dS store through shared memory,
+// 16-byte stores of whole rows (one STG.32 per pair wrote half-used sectors: the kernel's hottest line under ncu,
+// session 8 run 3), and the cp.async issue loops with static trip counts (issueS). Bitwise the same dS and dh0.
 template <typename T, int K, int NW, int ST, bool S4STAGE>
 __global__ void __launch_bounds__(32 * NW) state4Kernel(
     const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ Qhg, const T* __restrict__ Khg,
@@ -418,12 +419,13 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
       constexpr int RS = NTH / (VT / 8);
       const int i0 = tid / (VT / 8), c = (tid % (VT / 8)) * 8;
       const T* src = dO + (t0 * HV + hv) * V + v0 + c;  // token t0 + i at src + i·HV·V
-      const size_t rowStride = size_t(HV) * V;
+      const T* p = src + size_t(i0) * HV * V;
+      const size_t step = size_t(RS) * HV * V;
 #pragma unroll
       for (int u = 0; u < C * (VT / 8) / NTH; ++u) {
         const int i = i0 + u * RS;
         const bool ok = i < L;
-        ptx::cpAsync16(sa(b.dO + i * LVs + c), src + (ok ? i : 0) * rowStride, ok);
+        ptx::cpAsync16(sa(b.dO + i * LVs + c), ok ? p + u * step : src, ok);
       }
     }
     if (tid < 3 * C / 4) ptx::cpAsync16(ptx::smemAddr(b.vec + 4 * tid), gvec + blk * 3 * C + 4 * tid, true);
