@@ -76,14 +76,11 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['ring (v7; the default where V % 128 = 0 and its blocks fill the SMs; else ws wide)', { TCAL_GDN_WS: 'ring' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
-  ['prep kernel alone, classic inverse', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_INVERSE: 'classic' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
-  ['kernel 3 classic (before the session-8 diet)', { TCAL_GDN_BWD_K3: 'classic' }],
-  ['state pass classic (before the session-8 store staging and static issue loops)', { TCAL_GDN_BWD_S4: 'classic' }],
   ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
   ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
@@ -93,11 +90,9 @@ const VARIANT_KEYS = [
   'TCAL_GDN_FORWARD',
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
-  'TCAL_GDN_INVERSE',
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_KK',
   'TCAL_GDN_BWD_K3',
-  'TCAL_GDN_BWD_S4',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

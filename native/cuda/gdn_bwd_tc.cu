@@ -319,16 +319,16 @@ template <int K, int NW>
 constexpr size_t state4Stage() {
   return 2 * (2 * size_t(C) * (C + 8) + 2 * size_t(C) * (K + 8) + size_t(C) * (16 * NW + 8)) + 4 * 3 * size_t(C);
 }
-// ST stages, plus with S4STAGE each warp's 16 × K dSᵀ tile (16-bit, rows K + 8 apart: stmatrix conflict-free).
-template <int K, int NW, int ST, bool S4STAGE>
+// ST stages, plus each warp's 16 × K dSᵀ tile (16-bit, rows K + 8 apart: stmatrix conflict-free).
+template <int K, int NW, int ST>
 constexpr size_t state4Smem() {
-  return ST * state4Stage<K, NW>() + (S4STAGE ? 2 * size_t(NW) * 16 * (K + 8) : 0);
+  return ST * state4Stage<K, NW>() + 2 * size_t(NW) * 16 * (K + 8);
 }
 
-// S4STAGE (session 8; false = TCAL_GDN_BWD_S4=classic, the kernel before it): the dS store through shared memory,
-// 16-byte stores of whole rows (one STG.32 per pair wrote half-used sectors: the kernel's hottest line under ncu,
-// session 8 run 3), and the cp.async issue loops with static trip counts (issueS). Bitwise the same dS and dh0.
-template <typename T, int K, int NW, int ST, bool S4STAGE>
+// The dS store goes through shared memory as 16-byte stores of whole rows (session 8: one STG.32 per pair wrote
+// half-used sectors, the kernel's hottest line under ncu in run 3), and the cp.async issue loops have static trip
+// counts.
+template <typename T, int K, int NW, int ST>
 __global__ void __launch_bounds__(32 * NW) state4Kernel(
     const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ Qhg, const T* __restrict__ Khg,
     const float* __restrict__ gvec, const float* __restrict__ eLg, const T* __restrict__ dO,
@@ -359,37 +359,12 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
     r.vec = reinterpret_cast<float*>(r.dO + C * LVs);
     return r;
   };
-  auto issue = [&](int ci, int st) {
-    const Stage b = stage(st);
-    const int64_t t0 = seqBegin + int64_t(ci) * C;
-    const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
-    const size_t blk = size_t(first + ci) * HV + hv;
-    for (int idx = tid; idx < C * (C / 8); idx += NTH) {
-      const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
-      ptx::cpAsync16(sa(b.G + i * LC + c), QKGg + blk * C * C + i * C + c, true);
-      ptx::cpAsync16(sa(b.A + i * LC + c), Ag + blk * C * C + i * C + c, true);
-    }
-    for (int idx = tid; idx < C * (K / 8); idx += NTH) {
-      const int i = idx / (K / 8), c = (idx % (K / 8)) * 8;
-      const size_t off = blk * C * K + i * K + c;
-      ptx::cpAsync16(sa(b.Qh + i * LK + c), Qhg + off, true);
-      ptx::cpAsync16(sa(b.Kh + i * LK + c), Khg + off, true);
-    }
-    for (int idx = tid; idx < C * (VT / 8); idx += NTH) {
-      const int i = idx / (VT / 8), c = (idx % (VT / 8)) * 8;
-      const bool ok = i < L;
-      ptx::cpAsync16(sa(b.dO + i * LVs + c), dO + ((ok ? t0 + i : t0) * HV + hv) * V + v0 + c, ok);
-    }
-    for (int idx = tid; idx < 3 * C / 4; idx += NTH)
-      ptx::cpAsync16(ptx::smemAddr(b.vec + 4 * idx), gvec + blk * 3 * C + 4 * idx, true);
-  };
-  // S4STAGE: the same copies by the same threads (piece tid + u·NTH) with static trip counts, so that each
-  // thread's pieces sit at constant offsets from one address per tile (gradplan item 6: the loops above rebuild
-  // 64-bit offsets per piece and run with remainder branches).
+  // Each thread copies pieces tid + u·NTH with static trip counts, at constant offsets from one address per tile
+  // (gradplan item 6: loops with a stride of NTH rebuilt 64-bit offsets per piece and ran with remainder branches).
   static_assert(NTH % (C / 8) == 0 && NTH % (K / 8) == 0 && NTH % (VT / 8) == 0 && (C * (C / 8)) % NTH == 0 &&
                     (C * (K / 8)) % NTH == 0 && (C * (VT / 8)) % NTH == 0 && 3 * C / 4 <= NTH,
                 "state pass: whole passes of the block over every tile");
-  auto issueS = [&](int ci, int st) {
+  auto issue = [&](int ci, int st) {
     const Stage b = stage(st);
     const int64_t t0 = seqBegin + int64_t(ci) * C;
     const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
@@ -430,12 +405,6 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
     }
     if (tid < 3 * C / 4) ptx::cpAsync16(ptx::smemAddr(b.vec + 4 * tid), gvec + blk * 3 * C + 4 * tid, true);
   };
-  auto load = [&](int ci, int st) {
-    if constexpr (S4STAGE)
-      issueS(ci, st);
-    else
-      issue(ci, st);
-  };
   // dSᵀ: element [nt][e] is dS (row 8nt + 2tq + (e & 1), column v0 + vw + gq + 8(e >> 1)).
   float D[K / 8][4];
 #pragma unroll
@@ -444,7 +413,7 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
     for (int e = 0; e < 4; ++e)
       D[nt][e] = dFinal ? dFinal[sBase + size_t(8 * nt + 2 * tq + (e & 1)) * V + v0 + vw + gq + 8 * (e >> 1)] : 0.f;
   if (ST == 2 && nCh > 0) {
-    load(nCh - 1, 0);
+    issue(nCh - 1, 0);
     ptx::cpCommit();
   }
   int st = 0;
@@ -452,12 +421,12 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
     const size_t blk = size_t(first + ci) * HV + hv;
     __syncthreads();  // the previous chunk's reads of the stage about to be refilled are done
     if (ST == 1) {
-      load(ci, 0);
+      issue(ci, 0);
     } else if (ci > 0) {
-      load(ci - 1, st ^ 1);
+      issue(ci - 1, st ^ 1);
     }
     ptx::cpCommit();  // possibly empty: one group per chunk
-    if constexpr (S4STAGE) {  // the dS entering this chunk (the gradient of its final state), transposed, 16-bit:
+    {  // the dS entering this chunk (the gradient of its final state), transposed, 16-bit:
       // the warp's 16 rows of dSᵀ are one contiguous 16·K block of dSout, copied by 16-byte pieces from the tile.
       T* tile = reinterpret_cast<T*>(smem + ST * SB) + warp * 16 * LK;
 #if __CUDA_ARCH__ >= 900
@@ -482,13 +451,6 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
 #pragma unroll
       for (int u = 0; u < K / 16; ++u)
         *reinterpret_cast<uint4*>(dst + 256 * u) = *reinterpret_cast<const uint4*>(src + (256 / K) * u * LK);
-    } else {  // classic: one 4-byte store per packed pair
-      T* dst = dSout + blk * V * K + size_t(v0 + vw + gq) * K + 2 * tq;
-#pragma unroll
-      for (int nt = 0; nt < K / 8; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<unsigned*>(dst + size_t(8 * h) * K + 8 * nt) = E::pack(D[nt][2 * h], D[nt][2 * h + 1]);
     }
     const float eL = eLg[blk];
     ptx::cpWait<ST - 1>();
@@ -621,10 +583,9 @@ constexpr size_t grad3Smem() {
   return grad3Base<K, VB>() + (LEAN3 && grad3KKG<K, VB>() ? 2 * size_t(C) * (C + 8) : 0);
 }
 
-// DIET (kernel 3's default since session 8; TCAL_GDN_BWD_K3=classic: the old code): a warp's transposed 16-column ×
-// C accumulator tile X (element [nt][e] = column vw + gq + 8(e >> 1), token 8nt + 2tq + (e & 1)) → 16-bit rows
-// dst[token · LV + column], times f[token] where SCALED. sm_90: stmatrix.trans, 4 per tile instead of 32 scalar
-// 2-byte stores (the same RN conversions: bitwise the classic stores).
+// A warp's transposed 16-column × C accumulator tile X (element [nt][e] = column vw + gq + 8(e >> 1), token
+// 8nt + 2tq + (e & 1)) → 16-bit rows dst[token · LV + column], times f[token] where SCALED. sm_90: stmatrix.trans,
+// 4 per tile instead of 32 scalar 2-byte stores (session 8; the same RN conversions: bitwise the scalar stores).
 template <typename T, int LV, bool SCALED>
 __device__ __forceinline__ void storeTileT(T* dst, int vw, const float (&X)[8][4], const float* f) {
   const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
@@ -657,7 +618,7 @@ __device__ __forceinline__ void storeTileT(T* dst, int vw, const float (&X)[8][4
 #endif
 }
 
-// DIET: per-token sums over a warp's 16 columns (s[nt][h]: token 8nt + 2tq + h, this lane's two columns already
+// Per-token sums over a warp's 16 columns (s[nt][h]: token 8nt + 2tq + h, this lane's two columns already
 // added) as a reduce-scatter over the 8 gq lanes — xor 4, 8, 16 in the butterfly's order, so every sum is the
 // butterfly's bitwise — ending with tokens 8nt + 2tq, +1 of nt = 4 b0 + 2 b1 + b2 (gq's bits) on each lane: one
 // 64-bit store per lane (14 shuffles and 1 store per warp instead of 48 and 16).
@@ -691,7 +652,7 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
 // LEAN3 (opt-in, not yet run on a GPU: the device was withdrawn before its first call): sO_i from phase 2's
 // dO S0ᵀ as q_i · (dO S0ᵀ)_i instead of phase 1's Pqᵀ = S0ᵀQᵀ (−64 mma per warp), and the row bands take QKG
 // from Gs and KKG from the prep instead of forming Q Kᵀ and K Kᵀ again (−32 mma per band block).
-template <typename T, typename CK, int K, int VB, bool LEAN3, bool DIET>
+template <typename T, typename CK, int K, int VB, bool LEAN3>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
@@ -796,19 +757,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   // element [nt][e] is (column vw + gq + 8(e >> 1), token 8nt + 2tq + (e & 1)).
   const int vw = 16 * warp;
   auto tokOf = [&](int nt, int e) { return 8 * nt + 2 * tq + (e & 1); };
-  // Sums over this warp's 16 columns per token → red[warp][slot][token].
-  auto tokenSums = [&](const float (&s)[8][2], int slot) {
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float x = s[nt][h];
-        x += __shfl_xor_sync(0xffffffffu, x, 4);
-        x += __shfl_xor_sync(0xffffffffu, x, 8);
-        x += __shfl_xor_sync(0xffffffffu, x, 16);
-        if (gq == 0) red[(warp * 4 + slot) * C + 8 * nt + 2 * tq + h] = x;
-      }
-  };
   // A fragment element (as an accumulator position) of a transposed 16 × C operand held as 4 A fragments.
   auto fragAt = [](const unsigned (&a)[4][4], int nt, int e) {
     const float2 f = unpack2<T>(a[nt >> 1][2 * (nt & 1) + (e >> 1)]);
@@ -866,8 +814,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) s[nt][h] = fragAt(dOa, nt, h) * Pq[nt][h] + fragAt(dOa, nt, h + 2) * Pq[nt][h + 2];
-      if constexpr (DIET) tokenSumsRS(s, red + (warp * 4 + 0) * C);
-      else tokenSums(s, 0);  // sO
+      tokenSumsRS(s, red + (warp * 4 + 0) * C);  // sO
     }
   }
   float N[8][4] = {};
@@ -900,22 +847,10 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) s[nt][h] = Dk[nt][h] * N[nt][h] + Dk[nt][h + 2] * N[nt][h + 2];
-    if constexpr (DIET) tokenSumsRS(s, red + (warp * 4 + 1) * C);
-    else tokenSums(s, 1);  // sZ
+    tokenSumsRS(s, red + (warp * 4 + 1) * C);  // sZ
   }
-  if constexpr (DIET) {
-    storeTileT<T, LV, false>(Ns, vw, N, nullptr);
-    storeTileT<T, LV, true>(NDs, vw, N, dd);
-  } else {
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = tokOf(nt, e), c = vw + gq + 8 * (e >> 1);
-        Ns[i * LV + c] = fromF<T>(N[nt][e]);
-        NDs[i * LV + c] = fromF<T>(dd[i] * N[nt][e]);
-      }
-  }
+  storeTileT<T, LV, false>(Ns, vw, N, nullptr);
+  storeTileT<T, LV, true>(NDs, vw, N, dd);
   // dνᵀ = dSkᵀ diag(d) + dOᵀ QKG (QKG[j][i] ≠ 0 for j ≥ i: k-block ks feeds np ≤ ks), then dRᵀ = dνᵀ A.
   float R[8][4] = {};
   {
@@ -963,28 +898,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         sB[nt][h] = R[nt][h] * (fragAt(Va, nt, h) - ex[i] * Pk[nt][h]) +
                     R[nt][h + 2] * (fragAt(Va, nt, h + 2) - ex[i] * Pk[nt][h + 2]);
       }
-    if constexpr (DIET) {
-      tokenSumsRS(sR, red + (warp * 4 + 2) * C);
-      tokenSumsRS(sB, red + (warp * 4 + 3) * C);
-    } else {
-      tokenSums(sR, 2);
-      tokenSums(sB, 3);
-    }
+    tokenSumsRS(sR, red + (warp * 4 + 2) * C);
+    tokenSumsRS(sB, red + (warp * 4 + 3) * C);
   }
   __syncwarp();  // this warp's reads of its v columns are done: they take the dv staging
-  if constexpr (DIET) {
-    storeTileT<T, LV, false>(Rs, vw, R, nullptr);
-    storeTileT<T, LV, true>(Vs, vw, R, bet);
-  } else {
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = tokOf(nt, e), c = vw + gq + 8 * (e >> 1);
-        Rs[i * LV + c] = fromF<T>(R[nt][e]);
-        Vs[i * LV + c] = fromF<T>(bet[i] * R[nt][e]);
-      }
-  }
+  storeTileT<T, LV, false>(Rs, vw, R, nullptr);
+  storeTileT<T, LV, true>(Vs, vw, R, bet);
   __syncwarp();
 #pragma unroll
   for (int it = 0; it < 4; ++it) {
@@ -1295,73 +1214,51 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   }
   __syncthreads();  // Et, Zt, dbRow complete
   // dg_t = e_L <dS, S0> + Σ_{i≥t} E_i + Σ_{j<t} Z_j + Σ_{a≥t>b} F_ab (every term carries a factor ≤ exp(g_t)).
-  if constexpr (DIET) {
-    // Warp 0, tokens 2·lane and 2·lane + 1: Σ_{i≥t} E_i by a suffix scan and Σ_{j<t} Z_j by a prefix scan over the
-    // lanes' pairs (5 shuffle steps each) instead of two warps' ≈ 95 serial LDS → FADD steps with the rest of the
-    // SM idle (ncu, session 8 run 3: ≈ 9 % of the block's time). The same terms in another association, and the
-    // exclusive parts come from the neighbour lanes, never by subtracting: still cancellation-free.
-    if (warp == 0) {
-      const int t = 2 * lane;
-      float e[2], z[2];
+  // Warp 0, tokens 2·lane and 2·lane + 1: Σ_{i≥t} E_i by a suffix scan and Σ_{j<t} Z_j by a prefix scan over the
+  // lanes' pairs (5 shuffle steps each) instead of two warps' ≈ 95 serial LDS → FADD steps with the rest of the
+  // SM idle (ncu, session 8 run 3: ≈ 9 % of the block's time). The same terms in another association, and the
+  // exclusive parts come from the neighbour lanes, never by subtracting: still cancellation-free.
+  if (warp == 0) {
+    const int t = 2 * lane;
+    float e[2], z[2];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int i = t + u;
-        float ei = i < L ? Et[i] : 0.f;
-        if constexpr (LEAN3) {
-          float sO = 0.f;
-#pragma unroll
-          for (int sl = 0; sl < NS; ++sl) sO += sOw[sl * C + i];
-          ei = i < L ? Et[i] + ex[i] * sO : 0.f;
-        }
-        e[u] = ei;
-        z[u] = i < L ? Zt[i] : 0.f;
-      }
-      float es = e[0] + e[1], zs = z[0] + z[1];  // inclusive: pairs ≥ lane (E), pairs ≤ lane (Z)
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const float ye = __shfl_down_sync(0xffffffffu, es, o), yz = __shfl_up_sync(0xffffffffu, zs, o);
-        if (lane + o < 32) es += ye;
-        if (lane >= o) zs += yz;
-      }
-      float eNext = __shfl_down_sync(0xffffffffu, es, 1), zPrev = __shfl_up_sync(0xffffffffu, zs, 1);
-      if (lane == 31) eNext = 0.f;
-      if (lane == 0) zPrev = 0.f;
-      float dot = 0.f;
-#pragma unroll
-      for (int w = 0; w < NW; ++w) dot += dotW[w];
-      const float base = ex[L - 1] * dot;
-      const float eSuf[2] = {es, e[1] + eNext}, zPre[2] = {zPrev, zPrev + z[0]};
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int i = t + u;
-        if (i < L) {
-          const float dg = base + boxW[i] + boxW[C + i] + boxW[2 * C + i] + boxW[3 * C + i] + eSuf[u] + zPre[u];
-          const size_t off = (size_t(tile) * NT + t0 + i) * HV + hv;
-          dgamP[off] = dg;
-          dbetaP[off] = dbRow[i];
-        }
-      }
-    }
-  } else if (tid < L) {
-    const int t = tid;
-    float dot = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) dot += dotW[w];
-    float dg = ex[L - 1] * dot + boxW[t] + boxW[C + t] + boxW[2 * C + t] + boxW[3 * C + t];
-    for (int i = t; i < L; ++i) {
+    for (int u = 0; u < 2; ++u) {
+      const int i = t + u;
+      float ei = i < L ? Et[i] : 0.f;
       if constexpr (LEAN3) {
         float sO = 0.f;
 #pragma unroll
         for (int sl = 0; sl < NS; ++sl) sO += sOw[sl * C + i];
-        dg += Et[i] + ex[i] * sO;
-      } else {
-        dg += Et[i];
+        ei = i < L ? Et[i] + ex[i] * sO : 0.f;
+      }
+      e[u] = ei;
+      z[u] = i < L ? Zt[i] : 0.f;
+    }
+    float es = e[0] + e[1], zs = z[0] + z[1];  // inclusive: pairs ≥ lane (E), pairs ≤ lane (Z)
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float ye = __shfl_down_sync(0xffffffffu, es, o), yz = __shfl_up_sync(0xffffffffu, zs, o);
+      if (lane + o < 32) es += ye;
+      if (lane >= o) zs += yz;
+    }
+    float eNext = __shfl_down_sync(0xffffffffu, es, 1), zPrev = __shfl_up_sync(0xffffffffu, zs, 1);
+    if (lane == 31) eNext = 0.f;
+    if (lane == 0) zPrev = 0.f;
+    float dot = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) dot += dotW[w];
+    const float base = ex[L - 1] * dot;
+    const float eSuf[2] = {es, e[1] + eNext}, zPre[2] = {zPrev, zPrev + z[0]};
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int i = t + u;
+      if (i < L) {
+        const float dg = base + boxW[i] + boxW[C + i] + boxW[2 * C + i] + boxW[3 * C + i] + eSuf[u] + zPre[u];
+        const size_t off = (size_t(tile) * NT + t0 + i) * HV + hv;
+        dgamP[off] = dg;
+        dbetaP[off] = dbRow[i];
       }
     }
-    for (int j = 0; j < t; ++j) dg += Zt[j];
-    const size_t off = (size_t(tile) * NT + t0 + t) * HV + hv;
-    dgamP[off] = dg;
-    dbetaP[off] = dbRow[t];
   }
 }
 
@@ -1383,15 +1280,12 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   Tensor Qhw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
   Tensor Khw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
   Tensor QKGw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
-  // TCAL_GDN_BWD_K3=lean: kernel 3 LEAN3 (with DIET) (16-bit states of the input dtype only), with KKG from the prep where it
+  // TCAL_GDN_BWD_K3=lean: kernel 3 LEAN3 (16-bit states of the input dtype only), with KKG from the prep where it
   // keeps it in shared memory (TCAL_GDN_BWD_KK=mma: K Kᵀ formed there instead).
   const int vb = tileV(p);
   const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
   const char* kkEnv = std::getenv("TCAL_GDN_BWD_KK");
   const bool lean3 = k3Env && std::strcmp(k3Env, "lean") == 0 && a.ckpt16 && std::is_same<T, __nv_bfloat16>::value;
-  // TCAL_GDN_BWD_K3=classic: kernel 3 before session 8's diet (DIET = false: butterfly token sums, scalar 2-byte
-  // stores of ν, diag(d)ν, dR and the dv staging, the serial dg loops), for side-by-side timing.
-  const bool classic3 = k3Env && std::strcmp(k3Env, "classic") == 0;
   const bool kkg = lean3 && !handed && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
                    (vb == 128 ? grad3KKG<K, 128>() : grad3KKG<K, 64>());
   Tensor KKGw = empty({std::max<int64_t>(kkg ? nb * C * C / 2 : 0, 1)}, DType::F32, dev);
@@ -1433,15 +1327,9 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     // per SM or the blocks fit once.
     // (8 warps, one block per head with double buffering, timed the same at the reference shape: run 4.)
     using std::integral_constant;
-    // TCAL_GDN_BWD_S4=classic: the dS store without the shared-memory staging (bitwise the same dS; benchmarks).
-    const char* s4Env = std::getenv("TCAL_GDN_BWD_S4");
-    const bool s4Classic = s4Env && std::strcmp(s4Env, "classic") == 0;
     auto launchState = [&](auto nwTag, auto stTag) {
       constexpr int NW = decltype(nwTag)::value, ST = decltype(stTag)::value;
-      if (s4Classic)
-        launch4(state4Kernel<T, K, NW, ST, false>, state4Smem<K, NW, ST, false>(), 16 * NW, 32 * NW);
-      else
-        launch4(state4Kernel<T, K, NW, ST, true>, state4Smem<K, NW, ST, true>(), 16 * NW, 32 * NW);
+      launch4(state4Kernel<T, K, NW, ST>, state4Smem<K, NW, ST>(), 16 * NW, 32 * NW);
     };
     const size_t stage4w = state4Stage<K, 4>();
     const size_t stage2w = state4Stage<K, 2>();
@@ -1473,23 +1361,16 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     if constexpr (std::is_same<CK, T>::value && std::is_same<T, __nv_bfloat16>::value) {
       if (lean3) {
         if (vb == 128)
-          go(grad3Kernel<T, CK, K, 128, true, true>, grad3Smem<K, 128, true>(), 128, 256);
+          go(grad3Kernel<T, CK, K, 128, true>, grad3Smem<K, 128, true>(), 128, 256);
         else
-          go(grad3Kernel<T, CK, K, 64, true, true>, grad3Smem<K, 64, true>(), 64, 128);
+          go(grad3Kernel<T, CK, K, 64, true>, grad3Smem<K, 64, true>(), 64, 128);
         return;
       }
     }
-    if (classic3) {
-      if (vb == 128)
-        go(grad3Kernel<T, CK, K, 128, false, false>, grad3Smem<K, 128, false>(), 128, 256);
-      else
-        go(grad3Kernel<T, CK, K, 64, false, false>, grad3Smem<K, 64, false>(), 64, 128);
-      return;
-    }
     if (vb == 128)
-      go(grad3Kernel<T, CK, K, 128, false, true>, grad3Smem<K, 128, false>(), 128, 256);
+      go(grad3Kernel<T, CK, K, 128, false>, grad3Smem<K, 128, false>(), 128, 256);
     else
-      go(grad3Kernel<T, CK, K, 64, false, true>, grad3Smem<K, 64, false>(), 64, 128);
+      go(grad3Kernel<T, CK, K, 64, false>, grad3Smem<K, 64, false>(), 64, 128);
   };
   if (a.nChunks > 0) {
     if (a.ckpt16)

@@ -148,7 +148,7 @@ constexpr size_t prepSmem() {
 // SAVE (saveForBackward 'full', with o): also writes the Handover `ho` for the backward, whose prep
 // then does not run — Qh, Kh from the rows and norm factors here, QKG from the Aqk tiles (all 16 rows, the
 // blocks above the diagonal zeroed), A before the β scaling, the gate vectors beside aux, the norm factors.
-template <typename T, int K, bool SAVE, bool INV2>
+template <typename T, int K, bool SAVE>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   float dummy[2][4];
   if (AQout) {
     // Warps 0, 1 take three tiles, warps 2, 3 two; M waits in registers until the q rows (M's region) are read.
-    // The Aqk tile leaves through this warp's 16 × 16 slot of Ts (free until the inverse) as 32-byte rows.
+    // The Aqk tile leaves through this warp's 16 × 16 slot of Ts as 32-byte rows.
     static_assert(16 * LDF * sizeof(float) >= 4 * 256 * sizeof(T), "prep: Aqk staging fits Ts");
     T* stg = reinterpret_cast<T*>(Ts) + warp * 256;
     float2 mv[3][2][2];
@@ -438,10 +438,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     ex[2 * lane + 1] = 2 * lane + 1 < L ? __expf(gs1) : 0.f;
   }
   static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
-  if constexpr (INV2)  // A = (I + M)⁻¹ by column strips (overwrites M); TCAL_GDN_INVERSE=classic: by block rows
-    gdn_inverse::blockInverse64Strips(Gs, As, LDF);
-  else
-    gdn_inverse::blockInverse64(Gs, As, Ts, LDF);
+  gdn_inverse::blockInverse64Strips(Gs, As, LDF);  // A = (I + M)⁻¹ by column strips (overwrites M)
   // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
   for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
     const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
@@ -1192,10 +1189,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    const char* inv = std::getenv("TCAL_GDN_INVERSE");  // =classic: the block-row inverse (benchmark variant)
-    const bool strips = !(inv && std::strcmp(inv, "classic") == 0);
-    auto kern = ho ? (strips ? prepKernel<T, K, true, true> : prepKernel<T, K, true, false>)
-                   : (strips ? prepKernel<T, K, false, true> : prepKernel<T, K, false, false>);
+    auto kern = ho ? prepKernel<T, K, true> : prepKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),

@@ -1,6 +1,5 @@
 // A = (I + M)⁻¹ of a chunk's strictly lower-triangular 64 × 64 M (DESIGN §3's UT transform): blockInverse64 in the
-// backward's kernel 1 (gdn_bwd_tc.cu) and behind TCAL_GDN_INVERSE=classic in the forward's prep (gdn_fwd_v3.cu),
-// whose default is blockInverse64Strips.
+// backward's kernel 1 (gdn_bwd_tc.cu), blockInverse64Strips in the forward's prep (gdn_fwd_v3.cu).
 #pragma once
 
 #include <mma.h>
