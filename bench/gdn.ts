@@ -69,6 +69,14 @@ async function hostBytes(t: Tensor): Promise<Buffer> {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 }
 
+/**
+ * Every row: 20 calls per timed batch. A batch starts from an idle GPU (timeDevice synchronises around it), so the
+ * first call's host dispatch is in the batch's time: with 3–5 calls per batch (sessions 1–8) that bubble was a few
+ * % of a row (run 6 against run 8 of session 8), while fla's do_bench times each call by CUDA events behind its L2
+ * flush, where no dispatch gap shows. 20 calls make the bubble ≈ 1 % of a forward row.
+ */
+const TIMING = { warmup: 3, batches: 5, perBatch: 20 };
+
 /** Forward versions timed side by side: label → environment (see native/cuda/gdn_fwd_tc.cu, gdn_fwd_v3.cu). */
 const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
@@ -217,7 +225,7 @@ async function main(): Promise<void> {
             agree = agreementWith(await ours.o.toFloat32(), fs.readFileSync(oFile));
             ours.o.dispose();
           }
-          const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 2, batches: 5, perBatch: 5 });
+          const ms = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, TIMING);
           variantRows.push({ shape: s.name, version: label, 'fwd ms': ms, 'o vs fla': agree });
           console.log(`  ${s.name} ${label}: fwd ${ms.toFixed(3)} ms, o vs fla ${agree.toExponential(2)}`);
         });
@@ -225,18 +233,18 @@ async function main(): Promise<void> {
         variantRows.push({ shape: s.name, version: label, 'fwd ms': NaN, 'o vs fla': NaN, error: String(e).slice(0, 120) });
       }
     }
-    const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const fwdMs = await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, TIMING);
     const disposeGrads = (g: Awaited<ReturnType<typeof gdnBackward>>) => {
       for (const t of Object.values(g)) (t as Tensor | undefined)?.dispose();
     };
-    const bwdMs = await timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, opts)), device, { warmup: 2, batches: 5, perBatch: 3 });
+    const bwdMs = await timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, opts)), device, TIMING);
     const fbMs = await timeDevice(
       async () => {
         (await gdnForward(ins, opts)).o.dispose();
         disposeGrads(await gdnBackward(ins, x.dO, opts));
       },
       device,
-      { warmup: 2, batches: 5, perBatch: 3 },
+      TIMING,
     );
     // A training forward hands its chunk-start states to the backward (saveForBackward / saved).
     const trainFwd = async () => {
@@ -247,9 +255,9 @@ async function main(): Promise<void> {
     const probe = await trainFwd();
     const savedMB = probe.chunkStates.numel * (probe.chunkStates.dtype === 'f32' ? 4 : 2) / 1e6;
     const savedDtype = probe.chunkStates.dtype;
-    const fwdSaveMs = await timeDevice(async () => (await trainFwd()).chunkStates.dispose(), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const fwdSaveMs = await timeDevice(async () => (await trainFwd()).chunkStates.dispose(), device, TIMING);
     const timeBwdSaved = (saved: typeof probe) =>
-      timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved })), device, { warmup: 2, batches: 5, perBatch: 3 });
+      timeDevice(async () => disposeGrads(await gdnBackward(ins, x.dO, { ...opts, saved })), device, TIMING);
     const timeFbSaved = () =>
       timeDevice(
         async () => {
@@ -258,7 +266,7 @@ async function main(): Promise<void> {
           saved.chunkStates.dispose();
         },
         device,
-        { warmup: 2, batches: 5, perBatch: 3 },
+        TIMING,
       );
     const bwdSavedMs = await timeBwdSaved(probe);
     const fbSavedMs = await timeFbSaved();
@@ -276,7 +284,7 @@ async function main(): Promise<void> {
     let handMB = 0;
     for (const [name, t] of Object.entries(probeFull))
       if (name !== 'chunkStates' && t) handMB += (t as Tensor).numel * ((t as Tensor).dtype === 'f32' ? 4 : 2) / 1e6;
-    const fwdFullMs = await timeDevice(async () => disposeSaved(await trainFwdFull()), device, { warmup: 3, batches: 5, perBatch: 5 });
+    const fwdFullMs = await timeDevice(async () => disposeSaved(await trainFwdFull()), device, TIMING);
     const bwdHandMs = await timeBwdSaved(probeFull);
     const fbHandMs = await timeDevice(
       async () => {
@@ -285,7 +293,7 @@ async function main(): Promise<void> {
         disposeSaved(saved);
       },
       device,
-      { warmup: 2, batches: 5, perBatch: 3 },
+      TIMING,
     );
     // Backward versions with saved states (the training forward under the same switches), and per-kernel times
     // (TCAL_GDN_BWD_TIMING prints them on stderr).
@@ -352,6 +360,7 @@ async function main(): Promise<void> {
     device: gpu,
     date: new Date().toISOString(),
     ceilings: { bandwidth: BANDWIDTH, bf16Rate: BF16_RATE },
+    timing: TIMING,
     floors: floorRows,
     rows,
     forwardVersions: variantRows,
