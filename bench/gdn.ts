@@ -89,8 +89,6 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
-  ['kernel 3 lean (sO from phase 2, QKG / KKG from the prep)', { TCAL_GDN_BWD_K3: 'lean' }],
-  ['kernel 3 lean, K Kᵀ formed there', { TCAL_GDN_BWD_K3: 'lean', TCAL_GDN_BWD_KK: 'mma' }],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
@@ -99,8 +97,6 @@ const VARIANT_KEYS = [
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
   'TCAL_GDN_STATES',
-  'TCAL_GDN_BWD_KK',
-  'TCAL_GDN_BWD_K3',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

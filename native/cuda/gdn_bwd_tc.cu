@@ -24,7 +24,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "../core/runtime.h"
@@ -278,7 +277,9 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
     const int i = idx / C, j = idx % C;
     const float gm = (j <= i && i < L) ? __expf(gam[i] - gam[j]) : 0.f;
     QKGb[i * LB + j] = fromF<T>(Sqk[i * LF + j] * gm);
-    if (KKGout) KKGout[blk * C * C + i * C + j] = fromF<T>(j < i ? Skk[i * LF + j] * gm : 0.f);  // kernel 3 lean
+    // Always null since the lean kernel 3 went; kept because without it nvcc versions and schedules this loop
+    // and its neighbours differently (PTX of the timed build otherwise).
+    if (KKGout) KKGout[blk * C * C + i * C + j] = fromF<T>(j < i ? Skk[i * LF + j] * gm : 0.f);
     Skk[i * LF + j] = j < i ? bet[i] * Skk[i * LF + j] * gm : 0.f;  // M
   }
   __syncthreads();
@@ -563,24 +564,13 @@ __device__ __forceinline__ float4 loadState4(const __nv_bfloat16* p) {
 }
 
 template <int K, int VB>
-constexpr size_t grad3Base() {
+constexpr size_t grad3Smem() {
   constexpr size_t LK = K + 8, LV = VB + 8, LC = C + 8, NW = VB / 16;
   // Q, K (C × LK); S0 (K × LV); dSᵀ (VB × LK); A, QKG (C × LC); dO, v, ν, diag(d)ν, dR (C × LV): 16-bit.
   // fp32: γ, e, d, β, dβ row terms, E, Z (7 C); per-warp token sums (NW × 4 C); dg box sums (4 C); dot (NW);
-  // the fused epilogue's row dots (4 C); q·(dO S0ᵀ) per row and K slice (2 C).
+  // the fused epilogue's row dots (4 C).
   return 2 * (2 * C * LK + size_t(K) * LV + size_t(VB) * LK + 2 * C * LC + 5 * C * LV) +
-         4 * (7 * C + NW * 4 * C + 4 * C + NW + 4 * C + 2 * C);
-}
-// Kernel 3 lean (LEAN3, TCAL_GDN_BWD_K3=lean; built, not yet run on a GPU): KKG (16-bit C × LC, from the lean
-// prep) instead of K Kᵀ in phase 2 where the block is alone on its SM anyway (K = 128: 222 KB without it); at
-// K = V = 64 it would cost the second block per SM.
-template <int K, int VB>
-constexpr bool grad3KKG() {
-  return grad3Base<K, VB>() > 113 * 1024;
-}
-template <int K, int VB, bool LEAN3>
-constexpr size_t grad3Smem() {
-  return grad3Base<K, VB>() + (LEAN3 && grad3KKG<K, VB>() ? 2 * size_t(C) * (C + 8) : 0);
+         4 * (7 * C + NW * 4 * C + 4 * C + NW + 4 * C);
 }
 
 // A warp's transposed 16-column × C accumulator tile X (element [nt][e] = column vw + gq + 8(e >> 1), token
@@ -649,14 +639,11 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
   *reinterpret_cast<float2*>(out + 8 * nt + 2 * tq) = make_float2(x3[0], x3[1]);
 }
 
-// LEAN3 (opt-in, not yet run on a GPU: the device was withdrawn before its first call): sO_i from phase 2's
-// dO S0ᵀ as q_i · (dO S0ᵀ)_i instead of phase 1's Pqᵀ = S0ᵀQᵀ (−64 mma per warp), and the row bands take QKG
-// from Gs and KKG from the prep instead of forming Q Kᵀ and K Kᵀ again (−32 mma per band block).
-template <typename T, typename CK, int K, int VB, bool LEAN3>
+template <typename T, typename CK, int K, int VB>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
-    const T* __restrict__ Khg, const T* __restrict__ QKGg, const T* __restrict__ KKGg, const int* __restrict__ chunkStart,
+    const T* __restrict__ Khg, const T* __restrict__ QKGg, const int* __restrict__ chunkStart,
     const int* __restrict__ chunkLen, int HV, int V, int64_t NT, T* __restrict__ dv, float* __restrict__ dqP, float* __restrict__ dkP, float* __restrict__ dgamP,
     float* __restrict__ dbetaP, Fused fz) {
   using E = ptx::Elem<T>;
@@ -675,9 +662,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   T* Ns = Vs + C * LV;   // ν
   T* NDs = Ns + C * LV;  // diag(d) ν
   T* Rs = NDs + C * LV;  // dR
-  constexpr bool KKSM = LEAN3 && grad3KKG<K, VB>();
-  T* KGs = Rs + C * LV;  // KKG (KKSM)
-  float* gam = reinterpret_cast<float*>(KGs + (KKSM ? C * LC : 0));
+  float* gam = reinterpret_cast<float*>(Rs + C * LV);
   float* ex = gam + C;
   float* dd = ex + C;
   float* bet = dd + C;
@@ -688,7 +673,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   float* boxW = red + NW * 4 * C;  // [4][C]
   float* dotW = boxW + 4 * C;      // [NW]
   float* rowDot = dotW + NW;       // [2 slices][2][C]: the fused epilogue's per-row dots nq·dq, nk·dk
-  float* sOw = rowDot + 4 * C;     // [NS][C]: q_i · (dO S0ᵀ)_i over each K slice
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
@@ -706,8 +690,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(dSs, LK, dSg + blk * K * V + size_t(v0) * K, size_t(K), VB, K, VB);
   copyRowsAsync(Gs, LC, QKGg + blk * C * C, size_t(C), C, C, C);
-  const bool kkLoaded = KKSM && KKGg != nullptr;  // (LEAN3 only)
-  if (kkLoaded) copyRowsAsync(KGs, LC, KKGg + blk * C * C, size_t(C), C, C, C);
   // S0: 16-bit states of the compute dtype by cp.async with the rest; fp32 ones (or bf16 ones for f16 inputs)
   // through registers, converted once the gates are in.
   constexpr bool direct = std::is_same<CK, T>::value;
@@ -770,7 +752,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   }
   float Pk[8][4] = {}, Dk[8][4] = {};
   {
-    float Pq[8][4] = {};  // (not LEAN3: sO from phase 2 there; the compiler drops it)
+    float Pq[8][4] = {};
     float dotp = 0.f;
     // Always true (a launched block has tokens), but a runtime branch that ptxas cannot fold: each step's dot
     // stays in its own basic block, as under session 5's TCAL_GDN_BWD_DOT switch, so ptxas does not hoist the
@@ -791,12 +773,10 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         unsigned bq[4], bk[4];
-        if constexpr (!LEAN3) ptx::ldsm4(bq, sa(Qs + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
+        ptx::ldsm4(bq, sa(Qs + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
         ptx::ldsm4(bk, sa(Ks + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
-        if constexpr (!LEAN3) {
-          E::mma(Pq[2 * np], s0a, bq[0], bq[1]);
-          E::mma(Pq[2 * np + 1], s0a, bq[2], bq[3]);
-        }
+        E::mma(Pq[2 * np], s0a, bq[0], bq[1]);
+        E::mma(Pq[2 * np + 1], s0a, bq[2], bq[3]);
         E::mma(Pk[2 * np], s0a, bk[0], bk[1]);
         E::mma(Pk[2 * np + 1], s0a, bk[2], bk[3]);
         E::mma(Dk[2 * np], dsa, bk[0], bk[1]);
@@ -808,14 +788,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       for (int o = 16; o; o >>= 1) dotp += __shfl_xor_sync(0xffffffffu, dotp, o);
       if (lane == 0) dotW[warp] = dotp;
     }
-    if constexpr (!LEAN3) {
-      float s[8][2];
+    float s[8][2];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) s[nt][h] = fragAt(dOa, nt, h) * Pq[nt][h] + fragAt(dOa, nt, h + 2) * Pq[nt][h + 2];
-      tokenSumsRS(s, red + (warp * 4 + 0) * C);  // sO
-    }
+      for (int h = 0; h < 2; ++h) s[nt][h] = fragAt(dOa, nt, h) * Pq[nt][h] + fragAt(dOa, nt, h + 2) * Pq[nt][h + 2];
+    tokenSumsRS(s, red + (warp * 4 + 0) * C);  // sO
   }
   float N[8][4] = {};
   {  // Xᵀ = (Vᵀ − Pkᵀ diag(e)) diag(β) as A fragments; νᵀ = Xᵀ Aᵀ (A lower triangular: k-block ks feeds np ≥ ks)
@@ -945,19 +923,6 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       }
     }
 #pragma unroll
-    for (int h = 0; h < 2 && LEAN3; ++h) {  // sO's part over this warp's K slice: q_i · (dO S0ᵀ)_i
-      const int i = 16 * band + gq + 8 * h;
-      float pr = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTK; ++nt) {
-        const float2 qv = unpack2<T>(*reinterpret_cast<const unsigned*>(Qs + i * LK + d0 + 8 * nt + 2 * tq));
-        pr += qv.x * dq[nt][2 * h] + qv.y * dq[nt][2 * h + 1];
-      }
-      pr += __shfl_xor_sync(0xffffffffu, pr, 1);
-      pr += __shfl_xor_sync(0xffffffffu, pr, 2);
-      if (tq == 0) sOw[(warp >> 2) * C + i] = pr;
-    }
-#pragma unroll
     for (int nt = 0; nt < NTK; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -1006,40 +971,32 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
         E::mma(dmr[0], ar, b[0], b[1]);
         E::mma(dmr[1], ar, b[2], b[3]);
       }
-      // Q Kᵀ and K Kᵀ in fp32; LEAN3: QKG from Gs (the prep's) and KKG from the prep where
-      // loaded, 16-bit like every other operand of the kernel.
-      if (!kkLoaded)
+      // Q Kᵀ and K Kᵀ in fp32.
 #pragma unroll
-        for (int ks = 0; ks < K / 16; ++ks) {
-          unsigned aq[4], ak[4], b[4];
-          if constexpr (!LEAN3) ptx::ldsm4(aq, sa(Qs + rA * LK + 16 * ks + cA));
-          ptx::ldsm4(ak, sa(Ks + rA * LK + 16 * ks + cA));
-          ptx::ldsm4(b, sa(Ks + (16 * nb + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
-          if constexpr (!LEAN3) {
-            E::mma(qk[0], aq, b[0], b[1]);
-            E::mma(qk[1], aq, b[2], b[3]);
-          }
-          E::mma(kk[0], ak, b[0], b[1]);
-          E::mma(kk[1], ak, b[2], b[3]);
-        }
+      for (int ks = 0; ks < K / 16; ++ks) {
+        unsigned aq[4], ak[4], b[4];
+        ptx::ldsm4(aq, sa(Qs + rA * LK + 16 * ks + cA));
+        ptx::ldsm4(ak, sa(Ks + rA * LK + 16 * ks + cA));
+        ptx::ldsm4(b, sa(Ks + (16 * nb + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
+        E::mma(qk[0], aq, b[0], b[1]);
+        E::mma(qk[1], aq, b[2], b[3]);
+        E::mma(kk[0], ak, b[0], b[1]);
+        E::mma(kk[1], ak, b[2], b[3]);
+      }
       float box[2][2] = {};
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // row i = 16 mi + gq + 8h, columns j, j + 1
           const int i = 16 * mi + gq + 8 * h, j = 16 * nb + 8 * t + 2 * tq;
-          const float2 qkg2 = LEAN3 ? unpack2<T>(*reinterpret_cast<const unsigned*>(Gs + i * LC + j))  // before GM
-                                    : make_float2(0.f, 0.f);
-          const float2 kkg2 = kkLoaded ? unpack2<T>(*reinterpret_cast<const unsigned*>(KGs + i * LC + j))
-                                       : make_float2(0.f, 0.f);
           float F[2], GQ[2], GM[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int jj = j + c;
             const float gm = (jj <= i && i < L) ? __expf(gam[i] - gam[jj]) : 0.f;
             const float dqkv = dqk[t][2 * h + c], dm = jj < i ? -dmr[t][2 * h + c] : 0.f;
-            const float kkg = kkLoaded ? (c ? kkg2.y : kkg2.x) : kk[t][2 * h + c] * gm;
-            F[c] = (LEAN3 ? dqkv * (c ? qkg2.y : qkg2.x) : dqkv * qk[t][2 * h + c] * gm) + dm * bet[i] * kkg;
+            const float kkg = kk[t][2 * h + c] * gm;
+            F[c] = dqkv * qk[t][2 * h + c] * gm + dm * bet[i] * kkg;
             dbr[h] += dm * kkg;
             GQ[c] = dqkv * gm;
             GM[c] = dm * bet[i] * gm;
@@ -1086,13 +1043,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     float sO = 0.f, sZ = 0.f, sR = 0.f, sB = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
-      if (!LEAN3) sO += red[(w * 4 + 0) * C + i];
+      sO += red[(w * 4 + 0) * C + i];
       sZ += red[(w * 4 + 1) * C + i];
       sR += red[(w * 4 + 2) * C + i];
       sB += red[(w * 4 + 3) * C + i];
     }
-    Et[i] = LEAN3 ? -bet[i] * ex[i] * sR  // + e_i sO_i from sOw once phase 2 has written it
-                  : ex[i] * sO - bet[i] * ex[i] * sR;
+    Et[i] = ex[i] * sO - bet[i] * ex[i] * sR;
     Zt[i] = dd[i] * sZ;
     dbRow[i] += sB;
   }
@@ -1224,14 +1180,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int i = t + u;
-      float ei = i < L ? Et[i] : 0.f;
-      if constexpr (LEAN3) {
-        float sO = 0.f;
-#pragma unroll
-        for (int sl = 0; sl < NS; ++sl) sO += sOw[sl * C + i];
-        ei = i < L ? Et[i] + ex[i] * sO : 0.f;
-      }
-      e[u] = ei;
+      e[u] = i < L ? Et[i] : 0.f;
       z[u] = i < L ? Zt[i] : 0.f;
     }
     float es = e[0] + e[1], zs = z[0] + z[1];  // inclusive: pairs ≥ lane (E), pairs ≤ lane (Z)
@@ -1280,15 +1229,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   Tensor Qhw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
   Tensor Khw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
   Tensor QKGw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
-  // TCAL_GDN_BWD_K3=lean: kernel 3 LEAN3 (16-bit states of the input dtype only), with KKG from the prep where it
-  // keeps it in shared memory (TCAL_GDN_BWD_KK=mma: K Kᵀ formed there instead).
   const int vb = tileV(p);
-  const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
-  const char* kkEnv = std::getenv("TCAL_GDN_BWD_KK");
-  const bool lean3 = k3Env && std::strcmp(k3Env, "lean") == 0 && a.ckpt16 && std::is_same<T, __nv_bfloat16>::value;
-  const bool kkg = lean3 && !handed && !(kkEnv && std::strcmp(kkEnv, "mma") == 0) &&
-                   (vb == 128 ? grad3KKG<K, 128>() : grad3KKG<K, 64>());
-  Tensor KKGw = empty({std::max<int64_t>(kkg ? nb * C * C / 2 : 0, 1)}, DType::F32, dev);
   Tensor gvec = empty({std::max<int64_t>(nbPrep * 3 * C, 1)}, DType::F32, dev);
   Tensor eL = empty({std::max<int64_t>(nbPrep, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
@@ -1298,7 +1239,6 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   T* QKG = handed ? static_cast<T*>(const_cast<void*>(a.hQKG)) : static_cast<T*>(QKGw.data());
   float* gv = handed ? const_cast<float*>(a.hGates) : gvec.ptr<float>();
   float* eLp = handed ? const_cast<float*>(a.hGateEnds) : eL.ptr<float>();
-  T* KKG = kkg ? static_cast<T*>(KKGw.data()) : nullptr;
   // TCAL_GDN_BWD_TIMING=1: per-kernel times on stderr (benchmark diagnostics; synchronises the stream).
   const bool timing = std::getenv("TCAL_GDN_BWD_TIMING") != nullptr;
   cudaEvent_t ev[4];
@@ -1310,7 +1250,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     allowSmem(k1, prepSmem<K>());
     k1<<<dim3(unsigned(a.nChunks), unsigned(HV)), 256, prepSmem<K>(), stream>>>(
         static_cast<const T*>(a.q), static_cast<const T*>(a.k), a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta,
-        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eLp, QKG, gv, KKG);
+        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eLp, QKG, gv, static_cast<T*>(nullptr));
     checkLaunch("gdn backward prep");
   }
   if (timing) check(cudaEventRecord(ev[1], stream), "cudaEventRecord");
@@ -1354,23 +1294,14 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
       allowSmem(kern, smemBytes);
       kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
           a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
-          static_cast<const T*>(dS.data()), A, Qh, Kh, QKG, KKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
+          static_cast<const T*>(dS.data()), A, Qh, Kh, QKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
       checkLaunch("gdn backward gradients");
     };
-    if constexpr (std::is_same<CK, T>::value && std::is_same<T, __nv_bfloat16>::value) {
-      if (lean3) {
-        if (vb == 128)
-          go(grad3Kernel<T, CK, K, 128, true>, grad3Smem<K, 128, true>(), 128, 256);
-        else
-          go(grad3Kernel<T, CK, K, 64, true>, grad3Smem<K, 64, true>(), 64, 128);
-        return;
-      }
-    }
     if (vb == 128)
-      go(grad3Kernel<T, CK, K, 128, false>, grad3Smem<K, 128, false>(), 128, 256);
+      go(grad3Kernel<T, CK, K, 128>, grad3Smem<K, 128>(), 128, 256);
     else
-      go(grad3Kernel<T, CK, K, 64, false>, grad3Smem<K, 64, false>(), 64, 128);
+      go(grad3Kernel<T, CK, K, 64>, grad3Smem<K, 64>(), 64, 128);
   };
   if (a.nChunks > 0) {
     if (a.ckpt16)
@@ -1391,13 +1322,13 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
 }  // namespace
 
 // 128-column tiles where V allows and the device lets one block opt in to kernel 3's shared memory at that width
-// (LEAN3's, the larger: 226 KB at K = 128, 177 KB at K = 64 — sm_90's 227 KB; sm_80's 163 KB takes 64 columns,
-// where the 128-column launch used to fail in cudaFuncSetAttribute).
+// (217 KB at K = 128, 168 KB at K = 64 — sm_90's 227 KB; sm_80's 163 KB takes 64 columns, where the 128-column
+// launch used to fail in cudaFuncSetAttribute).
 int tileV(const gdn::Problem& p) {
   if (p.V % 128 != 0) return kTileV;
   int bytes = 0, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  const size_t need = p.K == 64 ? grad3Smem<64, 128, true>() : grad3Smem<128, 128, true>();
+  const size_t need = p.K == 64 ? grad3Smem<64, 128>() : grad3Smem<128, 128>();
   return size_t(bytes) >= need ? 128 : kTileV;
 }
 
