@@ -99,16 +99,6 @@ __device__ void copyRowsAsync(T* dst, int ldd, const T* src, size_t lds, int row
   }
 }
 
-// 8 16-bit values in shared memory ← fromF(toF(x)·f) (one 16-byte load and store).
-template <typename T>
-__device__ __forceinline__ void scaleRow8(T* p, float f) {
-  uint4 u = *reinterpret_cast<const uint4*>(p);
-  T* e = reinterpret_cast<T*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) e[j] = fromF<T>(toF(e[j]) * f);
-  *reinterpret_cast<uint4*>(p) = u;
-}
-
 template <typename T>
 __device__ __forceinline__ void store4(T* d, float4 x) {
   d[0] = fromF<T>(x.x), d[1] = fromF<T>(x.y), d[2] = fromF<T>(x.z), d[3] = fromF<T>(x.w);
@@ -325,6 +315,24 @@ __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
 template <>
 __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+
+// 8 16-bit values in shared memory ← fromF(toF(x)·f), RN like fromF (one 16-byte load and store; bf16 halves
+// widened by a shift and a mask).
+template <typename T>
+__device__ __forceinline__ void scaleRow8(T* p, float f) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  unsigned* w = reinterpret_cast<unsigned*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 x;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      x = make_float2(__uint_as_float(w[j] << 16), __uint_as_float(w[j] & 0xffff0000u));
+    else
+      x = unpack2<T>(w[j]);
+    w[j] = ptx::Elem<T>::pack(x.x * f, x.y * f);
+  }
+  *reinterpret_cast<uint4*>(p) = u;
 }
 
 // ---- kernel 2, version 4: dR from QKG, A, the raw k rows and the gate vectors, the way kernel 3 forms it
@@ -704,10 +712,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
 
   // ---- phase 0: loads (QKG from the prep), <dS, S0>. The bulk copies go out before the gates' round trip.
-  // q, k: the raw rows of key head kh (0 past L), scaled in place after the wait (gradplan item 5).
+  // q, k: the raw rows of key head kh (0 past L), their own commit group, scaled in place once they have landed
+  // while the rest streams in (gradplan item 5).
   const int kh = hv / (HV / H);
   copyRowsAsync(Qs, LK, qg + (t0 * H + kh) * K, size_t(H) * K, C, K, L);
   copyRowsAsync(Ks, LK, kg + (t0 * H + kh) * K, size_t(H) * K, C, K, L);
+  ptx::cpCommit();
   copyRowsAsync(As, LC, Ag + blk * C * C, size_t(C), C, C, C);
   copyRowsAsync(dOs, LV, dO + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
@@ -741,7 +751,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     }
   }
   loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
-  ptx::cpWait<0>();
+  ptx::cpWait<1>();  // q, k in
   // Q̂ = bf16(q·sq), K̂ = bf16(k·rk) in place, each thread on the pieces its own cp.async wrote (visible to it
   // after its wait; the barrier below publishes them): the float products and the rounding of the training
   // forward's prep, so Qs, Ks hold bitwise what its hand-over held until session 9 (rows past L stay 0).
@@ -753,6 +763,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       if (fz.l2norm) scaleRow8(Ks + r * LK + c, fk[u]);
     }
   }
+  ptx::cpWait<0>();
   __syncthreads();
   if constexpr (!direct) {
 #pragma unroll
