@@ -92,8 +92,6 @@ export interface GdnNativeOptions {
 export interface GdnNativeHandover {
   A: NativeTensor;
   QKG: NativeTensor;
-  Qh: NativeTensor;
-  Kh: NativeTensor;
   gates: NativeTensor;
   gateEnds: NativeTensor;
   norms: NativeTensor | null;

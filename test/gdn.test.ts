@@ -196,7 +196,9 @@ async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Await
     const s = train.saved!;
     if (extra.save === 'full') {
       // the hand-over, in the shapes the backward's kernels read (every case given here takes the tensor-core path)
-      expect([s.A?.shape, s.QKG?.shape, s.Qh?.shape, s.Kh?.shape]).toEqual([[n, c.HV, 64, 64], [n, c.HV, 64, 64], [n, c.HV, 64, c.K], [n, c.HV, 64, c.K]]);
+      expect([s.A?.shape, s.QKG?.shape]).toEqual([[n, c.HV, 64, 64], [n, c.HV, 64, 64]]);
+      // no normalised q / k rows since session 9: the backward's kernels read q, k and the row factors
+      expect(Object.keys(s).sort()).toEqual(['A', 'QKG', 'chunkStates', 'gateEnds', 'gates', ...(c.l2norm ? ['norms'] : [])]);
       expect([s.A!.dtype, s.gates?.shape, s.gateEnds?.shape]).toEqual([dtype, [n, c.HV, 3, 64], [n, c.HV]]);
       expect(s.norms?.shape).toEqual(c.l2norm ? [2, c.B * c.T, c.H] : undefined);
     } else {
@@ -478,9 +480,9 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     expectBelow(e16, 1e-2, 2e-2, `${name} bf16`);
   });
 
-  // The training forward's hand-over (saveForBackward 'full': A, QKG, Qh, Kh, gate vectors, norm factors from the
-  // forward's prep; the backward's prep does not run). Not yet run on a GPU (written in session 5 without one).
-  const handoverCases = cudaCases.filter(([n]) => /^(T=1000 D=128|T=65 D=64|ragged|K=64 V=256|l2norm|strong decay|β near 1)/.test(n));
+  // The training forward's hand-over (saveForBackward 'full': A, QKG, gate vectors times the row factors, norm
+  // factors from the forward's prep; the backward's prep does not run).
+  const handoverCases = cudaCases.filter(([n]) => /^(T=1000 D=128|T=6[35] D=128|T=65 D=64|ragged|K=64 V=256|l2norm|strong decay|β near 1)/.test(n));
   test.each(handoverCases)("backward with the forward's full hand-over (bf16): %s", async (name, c) => {
     const h = makeHost(c, 1000 + c.T + c.K);
     const e16 = await errors(c, h, 'cuda:0', 'bf16', await reference(c, h, 'bf16'), { save: 'full' });
@@ -496,6 +498,23 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     expectBelow(e16, 1e-2, 2e-2, 'l2norm + fused gates, GVA bf16 (full hand-over)');
   });
 
+  // Kernels 2 and 3 read the raw q / k rows of key head hv / (HV / H) and scale them by the row factors (session 9,
+  // gradplan item 5): ragged sequences (the norm factors indexed by token), GVA, with l2norm and with a scale alone,
+  // after the backward's own prep (saved states) and with the forward's hand-over.
+  const rawRowCases: [string, Case][] = [
+    ['ragged, GVA 4/2, l2norm + fused gates, K=128', { B: 1, T: 300, H: 2, HV: 4, K: 128, V: 128, cu: [0, 1, 63, 130, 200, 265], l2norm: true, gates: true, h0: true, dFinal: true }],
+    ['ragged, GVA 4/1, scale 0.37 without l2norm, K=64', { B: 1, T: 300, H: 1, HV: 4, K: 64, V: 128, cu: [0, 65, 129, 192, 290], scale: 0.37, dFinal: true }],
+  ];
+  test.each(rawRowCases)('raw q / k rows in the backward, saved states and full hand-over (bf16): %s', async (name, c) => {
+    const h = makeHost(c, 9000 + c.T + c.K);
+    const ref = await reference(c, h, 'bf16');
+    for (const save of [undefined, 'full'] as const) {
+      const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+      console.log(`gdn cuda raw rows ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+      expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (save ${save ?? 'states'})`);
+    }
+  });
+
   test('full hand-over: typed errors for pieces of other inputs or options (CUDA)', async () => {
     const c: Case = { B: 1, T: 130, H: 1, HV: 2, K: 64, V: 64, l2norm: true };
     const d = await upload(c, makeHost(c, 23), 'cuda:0', 'bf16');
@@ -509,7 +528,7 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     const short = (await gdnForward(ds.inputs, { l2norm: true, saveForBackward: 'full' })).saved!;
     await expect(bwd({ ...full, A: short.A })).rejects.toMatchObject({ argument: 'saved.A' });
     await expect(bwd({ ...full, gates: Tensor.empty([3, 2, 3, 64], { device: 'cuda:0', dtype: 'bf16' }) })).rejects.toMatchObject({ argument: 'saved.gates' });
-    await expect(bwd({ ...full, Kh: await full.Kh!.to('cpu') })).rejects.toMatchObject({ argument: 'saved.Kh' });
+    await expect(bwd({ ...full, A: await full.A!.to('cpu') })).rejects.toMatchObject({ argument: 'saved.A' });
     // norm factors: required with l2norm, refused without
     await expect(bwd({ ...full, norms: undefined })).rejects.toMatchObject({ argument: 'saved.norms' });
     await expect(bwd(full, false)).rejects.toMatchObject({ argument: 'saved.norms' });

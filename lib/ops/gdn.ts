@@ -66,21 +66,19 @@ export interface GdnSaved {
   /**
    * With `saveForBackward: 'full'` where the tensor-core forward runs (bf16 / f16, K 64 or 128, V a multiple of 64,
    * o in the input dtype), what the backward's prep would compute, so that gdnBackward skips it: A = (I + M)⁻¹ and
-   * QKG = scale·Q̂K̂ᵀ ⊙ Γ (lower blocks; 16-bit [chunks, HV, 64, 64]), the normalised rows Qh = scale·q̂, Kh = k̂
-   * (16-bit [chunks, HV, 64, K]), the gate vectors e, −βe, d (f32 [chunks, HV, 3, 64]) and e_L (f32
-   * [chunks, HV]), with `l2norm` the norm factors 1/‖q‖, 1/‖k‖ (f32 [2, B·T, H]). ≈ 0.41 GB beside the states'
-   * 0.27 at B8·T4096·H16·D128.
+   * QKG = scale·Q̂K̂ᵀ ⊙ Γ (lower blocks; 16-bit [chunks, HV, 64, 64]), the gate vectors times the row factors
+   * e·sq, −βe·rk, d·rk (sq = scale/‖q‖, rk = 1/‖k‖; scale and 1 without `l2norm`; f32 [chunks, HV, 3, 64]) and
+   * e_L (f32 [chunks, HV]), with `l2norm` the norm factors 1/‖q‖, 1/‖k‖ (f32 [2, B·T, H]). The backward reads
+   * q and k themselves. ≈ 0.15 GB beside the states' 0.27 at B8·T4096·H16·D128.
    */
   A?: Tensor;
   QKG?: Tensor;
-  Qh?: Tensor;
-  Kh?: Tensor;
   gates?: Tensor;
   gateEnds?: Tensor;
   norms?: Tensor;
 }
 
-const HANDOVER = ['A', 'QKG', 'Qh', 'Kh', 'gates', 'gateEnds', 'norms'] as const;
+const HANDOVER = ['A', 'QKG', 'gates', 'gateEnds', 'norms'] as const;
 
 export interface GdnForwardOptions extends GdnOptions {
   /** Also return the final state [N,HV,K,V] f32. */
@@ -197,8 +195,6 @@ export async function gdnBackward(inputs: GdnInputs, dO: Tensor, options: GdnBac
       ? {
           A: nativeOf(saved!.A, 'saved.A'),
           QKG: nativeOf(saved!.QKG, 'saved.QKG'),
-          Qh: nativeOf(saved!.Qh, 'saved.Qh'),
-          Kh: nativeOf(saved!.Kh, 'saved.Kh'),
           gates: nativeOf(saved!.gates, 'saved.gates'),
           gateEnds: nativeOf(saved!.gateEnds, 'saved.gateEnds'),
           norms: saved!.norms === undefined ? null : nativeOf(saved!.norms, 'saved.norms'),

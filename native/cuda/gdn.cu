@@ -706,8 +706,6 @@ GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::For
       const DType dt = in.q.dtype();
       saved.A = empty({chunks, p.HV, C, C}, dt, dev);
       saved.QKG = empty({chunks, p.HV, C, C}, dt, dev);
-      saved.Qh = empty({chunks, p.HV, C, p.K}, dt, dev);
-      saved.Kh = empty({chunks, p.HV, C, p.K}, dt, dev);
       saved.gates = empty({chunks, p.HV, 3, C}, DType::F32, dev);
       saved.gateEnds = empty({chunks, p.HV}, DType::F32, dev);
       if (p.l2norm) {
@@ -717,9 +715,8 @@ GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::For
           check(cudaMemsetAsync(saved.norms.data(), 0, saved.norms.nbytes(), stream), "cudaMemsetAsync");
       }
       float* norms = p.l2norm ? saved.norms.ptr<float>() : nullptr;
-      ho = gdn_v3::Handover{saved.A.data(), saved.QKG.data(), saved.Qh.data(), saved.Kh.data(), saved.gates.ptr<float>(),
-                            saved.gateEnds.ptr<float>(), norms, norms ? norms + p.tokens() * p.H : nullptr,
-                            t.ptr<int>() + (p.N + 1)};
+      ho = gdn_v3::Handover{saved.A.data(), saved.QKG.data(), saved.gates.ptr<float>(), saved.gateEnds.ptr<float>(),
+                            norms, norms ? norms + p.tokens() * p.H : nullptr, t.ptr<int>() + (p.N + 1)};
     }
     gdn_tc::forward(p, in, out.o, out.finalState, t.ptr<int>(), stream, ckpt, ckptType,
                     saveStates ? t.ptr<int>() + (p.N + 1) : nullptr, full ? &ho : nullptr);
@@ -814,8 +811,6 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
       if (handover) {
         a.hA = handed.A.data();
         a.hQKG = handed.QKG.data();
-        a.hQh = handed.Qh.data();
-        a.hKh = handed.Kh.data();
         a.hGates = handed.gates.ptr<float>();
         a.hGateEnds = handed.gateEnds.ptr<float>();
       }

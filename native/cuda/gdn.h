@@ -7,10 +7,10 @@ namespace tcal::cuda {
 // What a training forward keeps for gdnBackward. chunkStates: the state at the start of every chunk
 // ([chunks, HV, K, V], chunks in gdn::chunkTable order; f32, or bf16 where the tensor-core forward and backward
 // both run). With GdnSave::Full where the v3 forward runs with o (gdn_tc::handsOver), also the backward prep's
-// outputs (gdn_v3::Handover): A, QKG [chunks, HV, C, C] and Qh, Kh [chunks, HV, C, K] in the inputs' dtype,
-// gates [chunks, HV, 3, C] and gateEnds [chunks, HV] f32, with l2norm norms [2, tokens, H] f32 (1/‖q‖, 1/‖k‖).
+// outputs (gdn_v3::Handover): A, QKG [chunks, HV, C, C] in the inputs' dtype, gates [chunks, HV, 3, C] (e·sq,
+// −βe·rk, d·rk) and gateEnds [chunks, HV] f32, with l2norm norms [2, tokens, H] f32 (1/‖q‖, 1/‖k‖).
 struct GdnSaved {
-  Tensor chunkStates, A, QKG, Qh, Kh, gates, gateEnds, norms;
+  Tensor chunkStates, A, QKG, gates, gateEnds, norms;
 };
 enum class GdnSave { None, States, Full };
 GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::ForwardOut& out,

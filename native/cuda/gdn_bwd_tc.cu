@@ -9,13 +9,16 @@
 //   dR = Aᵀ(QKGᵀ dO + diag(d) K dS)
 //   dS_prev = e_L dS + Qᵀ diag(e) dO − Kᵀ diag(βe) dR
 // Kernel 1 (prep, per chunk × value head; WMMA, three blocks per SM): q, k normalised from the raw inputs,
-//   A (16×16-block inverse in fp32, stored 16-bit), QKG, the normalised Q and K (16-bit, for kernels 2 and 3),
-//   the gate vectors e, −βe, d and e_L.
+//   A (16×16-block inverse in fp32, stored 16-bit), QKG, the gate vectors times the row factors (e·sq, −βe·rk,
+//   d·rk with sq = scale·rq; for kernel 2) and e_L. (Until session 9 also the normalised Q and K rows, 16-bit:
+//   kernels 2 and 3 now read the raw q / k rows, gradplan item 5.)
 // Kernel 2 (state4Kernel, per sequence × value head × 16·NW V columns, chunks in reverse; mma.sync with dSᵀ in
-//   registers): dR and dS by the two lines above, dR as Aᵀ(QKGᵀdO + diag(d)K dS) in the chain; writes the dS
-//   entering every chunk (16-bit, transposed) and dh0.
+//   registers): dR and dS by the two lines above, dR as Aᵀ(QKGᵀdO + diag(d)K dS) in the chain, from the raw q / k
+//   rows with the row factors folded into the gate vectors; writes the dS entering every chunk (16-bit,
+//   transposed) and dh0.
 // Kernel 3 (grad3Kernel, per chunk × value head × 64 or 128 V columns; mma.sync, register accumulators): from
-//   S0, dS and A, every gradient of the chunk: dv = β dR; dq, dk, dγ, dβ as per-tile partial sums that gdn.cu's
+//   S0, dS and A, every gradient of the chunk (the raw q / k rows scaled in shared memory, bitwise the training
+//   forward's 16-bit scale·q̂, k̂): dv = β dR; dq, dk, dγ, dβ as per-tile partial sums that gdn.cu's
 //   epilogues reduce, or dq, dk final where one tile covers V and G = 1 (the same formulas as v1's
 //   gdnBackwardKernel, including the cancellation-free dg sum for strong decay).
 #include <mma.h>
@@ -146,11 +149,12 @@ constexpr int NTH = 256;  // threads of kernel 1
 
 // Q and K rows of a chunk from the raw 16-bit inputs → 16-bit shared (row stride K + 8), normalised in fp32
 // (l2norm) and q scaled, zero past L; the blocks of each key head's first value head write the norm factors
-// rq / rk ([NT, H]) for the dq/dk epilogue. (Version 2 read fp32 copies written by gdn.cu's prepQK: 0.54 GB
-// written and read again at the reference shape.)
+// rq / rk ([NT, H]) for the dq/dk epilogue; the row factors sq = scale·rq and rk (0 past L) go to shared fs, fk
+// for the gate vectors. (Version 2 read fp32 copies written by gdn.cu's prepQK: 0.54 GB written and read again
+// at the reference shape.)
 template <typename T, int K>
 __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, bool writeNorms, float scale,
-                       bool l2norm, float* rq, float* rk, T* Qb, T* Kb) {
+                       bool l2norm, float* rq, float* rk, T* Qb, T* Kb, float* fs, float* fk) {
   constexpr int LK = K + 8, G8 = K / 8, RP = NTH / G8, IT = C / RP;  // G8 lanes per row, 16-byte vectors
   const int sub = threadIdx.x % G8;
   uint4 qv[IT], kv[IT];
@@ -187,6 +191,10 @@ __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, 
       rq[(t0 + i) * H + h] = iq;
       rk[(t0 + i) * H + h] = ik;
     }
+    if (sub == 0) {  // the training forward's factors (its prep: sq = l2norm ? scale·r : scale, rk = r or 1)
+      fs[i] = i < L ? scale * iq : 0.f;
+      fk[i] = i < L ? ik : 0.f;
+    }
     alignas(16) T oq[8], ok[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -216,11 +224,11 @@ constexpr size_t prepRegionQ() {  // the Q rows (C × (K+8) 16-bit), later QKG (
   return 2 * size_t(C) * (K + 8) > 2 * size_t(C) * LB + 4 * 16 * size_t(LF) ? 2 * size_t(C) * (K + 8)
                                                                              : 2 * size_t(C) * LB + 4 * 16 * size_t(LF);
 }
-// Two fp32 C × LF tiles, the Q region, the K rows, 4 gate vectors: 69 KB at K = 128,
+// Two fp32 C × LF tiles, the Q region, the K rows, 4 gate vectors and 2 row factors: 69 KB at K = 128,
 // 57 KB at K = 64, three blocks per SM (session 3's layout took 106.5 KB: two).
 template <int K>
 constexpr size_t prepSmem() {
-  return sizeof(float) * (2 * size_t(C) * LF + 4 * C) + prepRegionQ<K>() + 2 * size_t(C) * (K + 8);
+  return sizeof(float) * (2 * size_t(C) * LF + 6 * C) + prepRegionQ<K>() + 2 * size_t(C) * (K + 8);
 }
 
 template <typename T, int K>
@@ -230,7 +238,6 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
                                                   const float* __restrict__ g, const float* __restrict__ beta,
                                                   const int* __restrict__ chunkStart, const int* __restrict__ chunkLen,
                                                   int H, int HV, int G, T* __restrict__ Aout,
-                                                  T* __restrict__ Qhout, T* __restrict__ Khout,
                                                   float* __restrict__ eLout, T* __restrict__ QKGout,
                                                   float* __restrict__ gvecOut, T* __restrict__ KKGout) {
   constexpr int LK = K + 8;
@@ -248,28 +255,26 @@ __global__ void __launch_bounds__(256, 3) prepKernel(const T* __restrict__ q, co
   float* ex = gam + C;
   float* dd = ex + C;
   float* bet = dd + C;
+  float* fs = bet + C;  // row factors sq, rk
+  float* fk = fs + C;
   const int ch = blockIdx.x, hv = blockIdx.y, h = hv / G;
   const int64_t t0 = chunkStart[ch];
   const int L = chunkLen[ch];
   const size_t blk = size_t(ch) * HV + hv;
   const float2 gb = gateLoad(g, beta, t0, L, HV, hv);  // in flight with the q / k rows
-  loadQK<T, K>(q, k, t0, L, H, h, hv % G == 0 && rq != nullptr, scale, l2norm, rq, rk, Qb, Kb);
+  loadQK<T, K>(q, k, t0, L, H, h, hv % G == 0 && rq != nullptr, scale, l2norm, rq, rk, Qb, Kb, fs, fk);
   gateScan(gb, L, gam, ex, dd, bet);
   __syncthreads();
-  for (int idx = threadIdx.x; idx < C * K / 8; idx += blockDim.x) {  // 16-bit Q, K for kernel 3 (cp.async there)
-    const int r = idx / (K / 8), c = (idx % (K / 8)) * 8;
-    *reinterpret_cast<uint4*>(Qhout + blk * C * K + r * K + c) = *reinterpret_cast<const uint4*>(Qb + r * LK + c);
-    *reinterpret_cast<uint4*>(Khout + blk * C * K + r * K + c) = *reinterpret_cast<const uint4*>(Kb + r * LK + c);
-  }
   gemm<T, RM, CM>(Sqk, LF, Qb, LK, Kb, LK, C, C, K);  // Q Kᵀ
   gemm<T, RM, CM>(Skk, LF, Kb, LK, Kb, LK, C, C, K);  // K Kᵀ
   if (threadIdx.x == 0) eLout[blk] = ex[L - 1];
-  // The gate vectors e, −βe, d ([blk][3][C] fp32) for kernel 2, which forms dR from QKG, A and Kh.
+  // The gate vectors times the row factors, e·sq, −βe·rk, d·rk ([blk][3][C] fp32; the training forward's SAVE
+  // prep writes the same), for kernel 2, which forms dR and dS from QKG, A and the raw q / k rows.
   if (threadIdx.x < C) {
     const int i = threadIdx.x;
-    gvecOut[blk * 3 * C + i] = ex[i];
-    gvecOut[blk * 3 * C + C + i] = -bet[i] * ex[i];
-    gvecOut[blk * 3 * C + 2 * C + i] = dd[i];
+    gvecOut[blk * 3 * C + i] = ex[i] * fs[i];
+    gvecOut[blk * 3 * C + C + i] = -bet[i] * ex[i] * fk[i];
+    gvecOut[blk * 3 * C + 2 * C + i] = dd[i] * fk[i];
   }
   __syncthreads();  // Q rows dead: QKG takes their place
   __syncthreads();  // (redundant since kernel 2 v3's prep outputs went; kept: this is the code call 1 timed)
@@ -312,10 +317,31 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
 
-// ---- kernel 2, version 4: dR from QKG, A, the normalised Kh and the gate vectors, the way kernel 3 forms it
+// 8 16-bit values in shared memory ← fromF(toF(x)·f), RN like fromF (one 16-byte load and store; bf16 halves
+// widened by a shift and a mask).
+template <typename T>
+__device__ __forceinline__ void scaleRow8(T* p, float f) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  unsigned* w = reinterpret_cast<unsigned*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 x;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      x = make_float2(__uint_as_float(w[j] << 16), __uint_as_float(w[j] & 0xffff0000u));
+    else
+      x = unpack2<T>(w[j]);
+    w[j] = ptx::Elem<T>::pack(x.x * f, x.y * f);
+  }
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+// ---- kernel 2, version 4: dR from QKG, A, the raw k rows and the gate vectors, the way kernel 3 forms it
 // (session 4's v3 read P = AᵀQKGᵀ, W = Aᵀdiag(d)K, Qe, Kn from a fatter prep: 0.28 ms slower in all); Qe, Kn
-// from Qh, Kh by scaling the A fragments (dOᵀ by e, dRᵀ by −βe) in registers. Per chunk (reverse), warp w with dSᵀ (16 × K) in registers:
-//   dνᵀ = (dSᵀKhᵀ) diag(d) + dOᵀ QKG,   dRᵀ = dνᵀ A,   dSᵀ ← e_L dSᵀ + (dOᵀ diag(e)) Qh + (dRᵀ diag(−βe)) Kh
+// from the raw q, k rows by scaling the A fragments (dOᵀ by e·sq, dRᵀ by −βe·rk) in registers: the row factors
+// sq = scale·rq, rk of Q̂ = diag(sq) q, K̂ = diag(rk) k come folded into the gate vectors (gradplan item 5: no
+// normalised 16-bit rows written and read; the sums differ from those over the rounded Q̂, K̂ in the last bits).
+// Per chunk (reverse), warp w with dSᵀ (16 × K) in registers:
+//   dνᵀ = (dSᵀkᵀ) diag(d·rk) + dOᵀ QKG,   dRᵀ = dνᵀ A,   dSᵀ ← e_L dSᵀ + (dOᵀ diag(e·sq)) q + (dRᵀ diag(−βe·rk)) k
 template <int K, int NW>
 constexpr size_t state4Stage() {
   return 2 * (2 * size_t(C) * (C + 8) + 2 * size_t(C) * (K + 8) + size_t(C) * (16 * NW + 8)) + 4 * 3 * size_t(C);
@@ -331,7 +357,7 @@ constexpr size_t state4Smem() {
 // counts.
 template <typename T, int K, int NW, int ST>
 __global__ void __launch_bounds__(32 * NW) state4Kernel(
-    const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ Qhg, const T* __restrict__ Khg,
+    const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ q, const T* __restrict__ k, int H,
     const float* __restrict__ gvec, const float* __restrict__ eLg, const T* __restrict__ dO,
     const float* __restrict__ dFinal, const int* __restrict__ cu, const int* __restrict__ chunkFirst, int HV, int V,
     T* __restrict__ dSout, float* __restrict__ dh0) {
@@ -341,29 +367,29 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
-  const int v0 = blockIdx.x * VT, hv = blockIdx.y, n = blockIdx.z, vw = 16 * warp;
+  const int v0 = blockIdx.x * VT, hv = blockIdx.y, n = blockIdx.z, vw = 16 * warp, kh = hv / (HV / H);
   const size_t sBase = (size_t(n) * HV + hv) * K * V;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
   const int first = chunkFirst[n], nCh = chunkFirst[n + 1] - first;
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
   struct Stage {
-    T *G, *A, *Qh, *Kh, *dO;
+    T *G, *A, *Qr, *Kr, *dO;  // Qr, Kr: the raw q, k rows (0 past L)
     float* vec;
   };
   auto stage = [&](int st) {
     Stage r;
     r.G = reinterpret_cast<T*>(smem + st * SB);
     r.A = r.G + C * LC;
-    r.Qh = r.A + C * LC;
-    r.Kh = r.Qh + C * LK;
-    r.dO = r.Kh + C * LK;
+    r.Qr = r.A + C * LC;
+    r.Kr = r.Qr + C * LK;
+    r.dO = r.Kr + C * LK;
     r.vec = reinterpret_cast<float*>(r.dO + C * LVs);
     return r;
   };
   // Each thread copies pieces tid + u·NTH with static trip counts, at constant offsets from one address per tile
   // (gradplan item 6: loops with a stride of NTH rebuilt 64-bit offsets per piece and ran with remainder branches).
-  static_assert(NTH % (C / 8) == 0 && NTH % (K / 8) == 0 && NTH % (VT / 8) == 0 && (C * (C / 8)) % NTH == 0 &&
-                    (C * (K / 8)) % NTH == 0 && (C * (VT / 8)) % NTH == 0 && 3 * C / 4 <= NTH,
+  static_assert(NTH % (C / 8) == 0 && NTH % C == 0 && (K / 8) % (NTH / C) == 0 && NTH % (VT / 8) == 0 &&
+                    (C * (C / 8)) % NTH == 0 && (C * (VT / 8)) % NTH == 0 && 3 * C / 4 <= NTH,
                 "state pass: whole passes of the block over every tile");
   auto issue = [&](int ci, int st) {
     const Stage b = stage(st);
@@ -381,14 +407,17 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
         ptx::cpAsync16(sa(b.A + (i0 + u * RS) * LC + c), a + u * RS * C, true);
       }
     }
-    {
-      constexpr int RS = NTH / (K / 8);
-      const int i0 = tid / (K / 8), c = (tid % (K / 8)) * 8;
-      const size_t off = blk * C * K + i0 * K + c;
+    {  // the raw q, k rows of key head kh (token t0 + i at ((t0 + i)·H + kh)·K), rows past L zero-filled: TPR
+       // threads per row, thread j of a row taking its pieces j, j + TPR, … (one address and one predicate per
+       // thread and tile; with TPR = 2 a pair's loads are whole 32-byte sectors; shared stores conflict-free)
+      constexpr int TPR = NTH / C, PPT = K / 8 / TPR;
+      const int i = tid / TPR, j = tid % TPR;
+      const bool ok = i < L;
+      const size_t src = ((t0 + (ok ? i : 0)) * H + kh) * K + 8 * j;
 #pragma unroll
-      for (int u = 0; u < C * (K / 8) / NTH; ++u) {
-        ptx::cpAsync16(sa(b.Qh + (i0 + u * RS) * LK + c), Qhg + off + u * RS * K, true);
-        ptx::cpAsync16(sa(b.Kh + (i0 + u * RS) * LK + c), Khg + off + u * RS * K, true);
+      for (int u = 0; u < PPT; ++u) {
+        ptx::cpAsync16(sa(b.Qr + i * LK + 8 * (j + TPR * u)), q + src + 8 * TPR * u, ok);
+        ptx::cpAsync16(sa(b.Kr + i * LK + 8 * (j + TPR * u)), k + src + 8 * TPR * u, ok);
       }
     }
     {
@@ -468,13 +497,13 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
     {
       float X[8][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < K / 16; ++ks) {  // dSᵀ Khᵀ
+      for (int ks = 0; ks < K / 16; ++ks) {  // dSᵀ kᵀ
         const unsigned a[4] = {E::pack(D[2 * ks][0], D[2 * ks][1]), E::pack(D[2 * ks][2], D[2 * ks][3]),
                                E::pack(D[2 * ks + 1][0], D[2 * ks + 1][1]), E::pack(D[2 * ks + 1][2], D[2 * ks + 1][3])};
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
           unsigned bk[4];
-          ptx::ldsm4(bk, sa(b.Kh + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
+          ptx::ldsm4(bk, sa(b.Kr + (16 * np + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
           E::mma(X[2 * np], a, bk[0], bk[1]);
           E::mma(X[2 * np + 1], a, bk[2], bk[3]);
         }
@@ -509,7 +538,7 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
           E::mma(R[2 * np + 1], Xa[ks], ba[2], ba[3]);
         }
     }
-    // A fragments of dOᵀ diag(e) and dRᵀ diag(−βe): register 2t + r holds (row gq + 8r, tokens 16ks + 8t + 2tq + 0/1).
+    // A fragments of dOᵀ diag(e·sq) and dRᵀ diag(−βe·rk): register 2t + r holds (row gq + 8r, tokens 16ks + 8t + 2tq + 0/1).
     unsigned Ea[4][4], Ra[4][4];
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
@@ -529,10 +558,10 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-      for (int np = 0; np < K / 16; ++np) {  // + dOᵀ diag(e) Qh + dRᵀ diag(−βe) Kh
+      for (int np = 0; np < K / 16; ++np) {  // + dOᵀ diag(e·sq) q + dRᵀ diag(−βe·rk) k
         unsigned bq[4], bk[4];
-        ptx::ldsm4t(bq, sa(b.Qh + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
-        ptx::ldsm4t(bk, sa(b.Kh + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
+        ptx::ldsm4t(bq, sa(b.Qr + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
+        ptx::ldsm4t(bk, sa(b.Kr + (16 * ks + lr + (lm & 1) * 8) * LK + 16 * np + (lm >> 1) * 8));
         E::mma(D[2 * np], Ea[ks], bq[0], bq[1]);
         E::mma(D[2 * np + 1], Ea[ks], bq[2], bq[3]);
         E::mma(D[2 * np], Ra[ks], bk[0], bk[1]);
@@ -642,8 +671,8 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
 template <typename T, typename CK, int K, int VB>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
-    const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ Qhg,
-    const T* __restrict__ Khg, const T* __restrict__ QKGg, const int* __restrict__ chunkStart,
+    const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ qg,
+    const T* __restrict__ kg, int H, const T* __restrict__ QKGg, const int* __restrict__ chunkStart,
     const int* __restrict__ chunkLen, int HV, int V, int64_t NT, T* __restrict__ dv, float* __restrict__ dqP, float* __restrict__ dkP, float* __restrict__ dgamP,
     float* __restrict__ dbetaP, Fused fz) {
   using E = ptx::Elem<T>;
@@ -683,8 +712,12 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   auto sa = [](const T* p) { return ptx::smemAddr(p); };
 
   // ---- phase 0: loads (QKG from the prep), <dS, S0>. The bulk copies go out before the gates' round trip.
-  copyRowsAsync(Qs, LK, Qhg + blk * C * K, size_t(K), C, K, C);
-  copyRowsAsync(Ks, LK, Khg + blk * C * K, size_t(K), C, K, C);
+  // q, k: the raw rows of key head kh (0 past L), their own commit group, scaled in place once they have landed
+  // while the rest streams in (gradplan item 5).
+  const int kh = hv / (HV / H);
+  copyRowsAsync(Qs, LK, qg + (t0 * H + kh) * K, size_t(H) * K, C, K, L);
+  copyRowsAsync(Ks, LK, kg + (t0 * H + kh) * K, size_t(H) * K, C, K, L);
+  ptx::cpCommit();
   copyRowsAsync(As, LC, Ag + blk * C * C, size_t(C), C, C, C);
   copyRowsAsync(dOs, LV, dO + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
   copyRowsAsync(Vs, LV, v + (t0 * HV + hv) * V + v0, size_t(HV) * V, C, VB, L);
@@ -695,6 +728,18 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   constexpr bool direct = std::is_same<CK, T>::value;
   if constexpr (direct) copyRowsAsync(S0s, LV, ckpt + blk * K * V + v0, size_t(V), K, VB, K);
   ptx::cpCommit();
+  // The row factors of the q / k pieces this thread copied (copyRowsAsync's order), in flight with the gates:
+  // sq = scale·rq (scale without l2norm), rk (1 without l2norm: k is taken as it is), as the forward's prep.
+  constexpr int QIT = C * (K / 8) / NTH;
+  static_assert(QIT * NTH == C * (K / 8), "kernel 3: whole passes over the q / k rows");
+  float fq[QIT], fk[QIT];
+#pragma unroll
+  for (int u = 0; u < QIT; ++u) {
+    const int r = (tid + u * NTH) / (K / 8);
+    const bool live = fz.l2norm && r < L;
+    fq[u] = live ? fz.scale * fz.rq[(t0 + r) * H + kh] : fz.scale;
+    fk[u] = live ? fz.rk[(t0 + r) * H + kh] : 1.f;
+  }
   constexpr int IT = K * VB / 4 / NTH;
   float4 s0r[direct ? 1 : IT];
   if constexpr (!direct) {
@@ -706,6 +751,18 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     }
   }
   loadGates(g, beta, t0, L, HV, hv, gam, ex, dd, bet);
+  ptx::cpWait<1>();  // q, k in
+  // Q̂ = bf16(q·sq), K̂ = bf16(k·rk) in place, each thread on the pieces its own cp.async wrote (visible to it
+  // after its wait; the barrier below publishes them): the float products and the rounding of the training
+  // forward's prep, so Qs, Ks hold bitwise what its hand-over held until session 9 (rows past L stay 0).
+#pragma unroll
+  for (int u = 0; u < QIT; ++u) {
+    const int idx = tid + u * NTH, r = idx / (K / 8), c = (idx % (K / 8)) * 8;
+    if (r < L) {
+      scaleRow8(Qs + r * LK + c, fq[u]);
+      if (fz.l2norm) scaleRow8(Ks + r * LK + c, fk[u]);
+    }
+  }
   ptx::cpWait<0>();
   __syncthreads();
   if constexpr (!direct) {
@@ -1221,21 +1278,19 @@ template <typename T, int K>
 void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) {
   const int HV = int(p.HV), V = int(p.V), H = int(p.H), G = int(p.group());
   const int64_t nb = int64_t(a.nChunks) * HV;
-  // Workspaces (16-bit buffers allocated as f32 of half the count): the prep's A, Qh, Kh, QKG for kernels 2 and 3,
-  // or the forward's hand-over instead (the prep then does not run).
+  // Workspaces (16-bit buffers allocated as f32 of half the count): the prep's A, QKG for kernels 2 and 3, or the
+  // forward's hand-over instead (the prep then does not run). Kernels 2 and 3 read the raw q, k rows.
   const bool handed = a.hA != nullptr;
   const int64_t nbPrep = handed ? 0 : nb;
   Tensor Aw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
-  Tensor Qhw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
-  Tensor Khw = empty({std::max<int64_t>(nbPrep * C * K / 2, 1)}, DType::F32, dev);
   Tensor QKGw = empty({std::max<int64_t>(nbPrep * C * C / 2, 1)}, DType::F32, dev);
   const int vb = tileV(p);
   Tensor gvec = empty({std::max<int64_t>(nbPrep * 3 * C, 1)}, DType::F32, dev);
   Tensor eL = empty({std::max<int64_t>(nbPrep, 1)}, DType::F32, dev);
   Tensor dS = empty({std::max<int64_t>(nb * K * V / 2, 1)}, DType::F32, dev);  // 16-bit
   T* A = handed ? static_cast<T*>(const_cast<void*>(a.hA)) : static_cast<T*>(Aw.data());
-  T* Qh = handed ? static_cast<T*>(const_cast<void*>(a.hQh)) : static_cast<T*>(Qhw.data());
-  T* Kh = handed ? static_cast<T*>(const_cast<void*>(a.hKh)) : static_cast<T*>(Khw.data());
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
   T* QKG = handed ? static_cast<T*>(const_cast<void*>(a.hQKG)) : static_cast<T*>(QKGw.data());
   float* gv = handed ? const_cast<float*>(a.hGates) : gvec.ptr<float>();
   float* eLp = handed ? const_cast<float*>(a.hGateEnds) : eL.ptr<float>();
@@ -1249,15 +1304,15 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     auto k1 = prepKernel<T, K>;
     allowSmem(k1, prepSmem<K>());
     k1<<<dim3(unsigned(a.nChunks), unsigned(HV)), 256, prepSmem<K>(), stream>>>(
-        static_cast<const T*>(a.q), static_cast<const T*>(a.k), a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta,
-        a.chunkStart, a.chunkLen, H, HV, G, A, Qh, Kh, eLp, QKG, gv, static_cast<T*>(nullptr));
+        q, k, a.rq, a.rk, a.scale, a.l2norm, a.g, a.beta, a.chunkStart, a.chunkLen, H, HV, G, A, eLp, QKG, gv,
+        static_cast<T*>(nullptr));
     checkLaunch("gdn backward prep");
   }
   if (timing) check(cudaEventRecord(ev[1], stream), "cudaEventRecord");
   auto launch4 = [&](auto kern, size_t smemBytes, int cols, int threads) {
     allowSmem(kern, smemBytes);
     kern<<<dim3(unsigned(V / cols), unsigned(HV), unsigned(p.N)), threads, smemBytes, stream>>>(
-        QKG, A, Qh, Kh, gv, eLp, static_cast<const T*>(a.dO), a.dFinal, a.cu,
+        QKG, A, q, k, H, gv, eLp, static_cast<const T*>(a.dO), a.dFinal, a.cu,
         a.chunkFirst, HV, V, static_cast<T*>(dS.data()), a.dh0);
     checkLaunch("gdn backward state pass");
   };
@@ -1294,7 +1349,7 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
       allowSmem(kern, smemBytes);
       kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
           a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
-          static_cast<const T*>(dS.data()), A, Qh, Kh, QKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
+          static_cast<const T*>(dS.data()), A, q, k, H, QKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
       checkLaunch("gdn backward gradients");
     };

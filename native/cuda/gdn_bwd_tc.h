@@ -49,9 +49,10 @@ struct Args {
   void* dv;
   float *dqP, *dkP, *dgamP, *dbetaP, *dh0;
   void *dq, *dk;
-  // The training forward's hand-over (gdn_v3::Handover, saveForBackward 'full'): kernel 1's outputs A, QKG, Qh, Kh
-  // (16-bit), the gate vectors and e_L; kernel 1 then does not run (rq / rk above are the forward's too).
-  const void *hA = nullptr, *hQKG = nullptr, *hQh = nullptr, *hKh = nullptr;
+  // The training forward's hand-over (gdn_v3::Handover, saveForBackward 'full'): kernel 1's outputs A, QKG
+  // (16-bit), the gate vectors (times the row factors) and e_L; kernel 1 then does not run (rq / rk above are the
+  // forward's too).
+  const void *hA = nullptr, *hQKG = nullptr;
   const float *hGates = nullptr, *hGateEnds = nullptr;
 };
 void backward(const gdn::Problem& p, DType dt, Device dev, const Args& a, cudaStream_t stream);

@@ -146,8 +146,9 @@ constexpr size_t prepSmem() {
 // alone 0.273 ms against 0.281, outputs bitwise the same). Without o (the backward's recompute) only M is formed.
 // (Session 4's separate Aqk loop with 4-byte stores, 0.31 ms, is deleted.)
 // SAVE (saveForBackward 'full', with o): also writes the Handover `ho` for the backward, whose prep
-// then does not run — Qh, Kh from the rows and norm factors here, QKG from the Aqk tiles (all 16 rows, the
-// blocks above the diagonal zeroed), A before the β scaling, the gate vectors beside aux, the norm factors.
+// then does not run — QKG from the Aqk tiles (all 16 rows, the blocks above the diagonal zeroed), A before the
+// β scaling, the gate vectors beside aux (times the row factors sq, rk: the backward reads the raw q / k rows),
+// the norm factors. (Until session 9 also the rows scale·n_q, n_k: 0.27 GB at B8·T4096·H16·D128, gradplan item 5.)
 template <typename T, int K, bool SAVE>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
@@ -260,22 +261,6 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   __syncthreads();
   // The hand-over's rows of this (chunk, value head): blk as the backward indexes it.
   const size_t blk = SAVE ? size_t(ho.chunkFirst[n] + int(blockIdx.x)) * HV + hv : 0;
-  if constexpr (SAVE) {  // Qh = scale·n_q, Kh = n_k (16-bit, zero past L: the rows and factors are zero there)
-    for (int idx = tid; idx < C * (K / 8); idx += kPrepThreads) {
-      const int r = idx / (K / 8), c = (idx % (K / 8)) * 8;
-      const uint4 qv = *reinterpret_cast<const uint4*>(Qb + r * LDK + c), kv = *reinterpret_cast<const uint4*>(Kb + r * LDK + c);
-      const T* qe = reinterpret_cast<const T*>(&qv);
-      const T* ke = reinterpret_cast<const T*>(&kv);
-      alignas(16) T oq[8], ok[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        oq[e] = fromF<T>(toF(qe[e]) * sq[r]);
-        ok[e] = fromF<T>(toF(ke[e]) * rk[r]);
-      }
-      *reinterpret_cast<uint4*>(static_cast<T*>(ho.Qh) + (blk * C + r) * K + c) = *reinterpret_cast<const uint4*>(oq);
-      *reinterpret_cast<uint4*>(static_cast<T*>(ho.Kh) + (blk * C + r) * K + c) = *reinterpret_cast<const uint4*>(ok);
-    }
-  }
   // Inclusive scan of the log decays (2 per lane), by every warp in registers (past L the sum stays γ_{L-1});
   // warp 0 publishes γ and exp γ after the next barrier (the other warps still read the raw g until then).
   float gs0, gs1;
@@ -472,12 +457,12 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     a[0] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
     a[1] = make_float4(sq[tid] * ex[tid], rk[tid] * __expf(gL - gam[tid]), __expf(gL), 0.f);
   }
-  if constexpr (SAVE) {  // the backward's gate vectors e, −βe, d (zero past L) and e_L
+  if constexpr (SAVE) {  // the backward's gate vectors e·sq, −βe·rk, d·rk (zero past L) and e_L
     if (tid < C) {
       float* gv = ho.gates + blk * 3 * C;
-      gv[tid] = ex[tid];
-      gv[C + tid] = -bet[tid] * ex[tid];
-      gv[2 * C + tid] = tid < L ? __expf(gam[L - 1] - gam[tid]) : 0.f;
+      gv[tid] = ex[tid] * sq[tid];
+      gv[C + tid] = -bet[tid] * ex[tid] * rk[tid];
+      gv[2 * C + tid] = tid < L ? __expf(gam[L - 1] - gam[tid]) * rk[tid] : 0.f;
     }
     if (tid == 0) ho.gateEnds[blk] = ex[L - 1];
   }

@@ -12,8 +12,8 @@ bool eligible(const gdn::Problem& p, DType in, DType out);
 // would write, in its layouts, indexed by global chunk (chunkFirst[n] + c) and value head, blk = chunk·HV + hv.
 struct Handover {
   void *A, *QKG;   // 16-bit [blk][C][C]: A = (I + M)⁻¹ and QKG = Q̂K̂ᵀ ⊙ Γ (scale·n_q·n_k), upper blocks 0
-  void *Qh, *Kh;   // 16-bit [blk][C][K]: scale·n_q and n_k rows, 0 past the chunk's end
-  float* gates;    // [blk][3][C]: e = exp γ, −β e, d = exp(γ_L − γ) (0 past the end)
+  // (no normalised q / k rows: the backward's kernels read the raw rows and the factors sq = scale·rq, rk)
+  float* gates;    // [blk][3][C]: e·sq, −β e·rk, d·rk with e = exp γ, d = exp(γ_L − γ) (0 past the end)
   float* gateEnds; // [blk]: e_L
   float *rq, *rk;  // [tokens, H]: 1/‖q‖, 1/‖k‖ (with l2norm; else null)
   const int* chunkFirst;

@@ -200,8 +200,6 @@ cuda::GdnSaved parseSaved(const Napi::Object& opts, const Parsed& r) {
   const DType dt = r.in.q.dtype();
   s.A = get("A", {chunks, p.HV, C, C}, dt);
   s.QKG = get("QKG", {chunks, p.HV, C, C}, dt);
-  s.Qh = get("Qh", {chunks, p.HV, C, p.K}, dt);
-  s.Kh = get("Kh", {chunks, p.HV, C, p.K}, dt);
   s.gates = get("gates", {chunks, p.HV, 3, C}, DType::F32);
   s.gateEnds = get("gateEnds", {chunks, p.HV}, DType::F32);
   Napi::Value nv = optionValue(h, "norms");
@@ -279,8 +277,6 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
             Napi::Object h = Napi::Object::New(env);
             h.Set("A", wrap(saved->A));
             h.Set("QKG", wrap(saved->QKG));
-            h.Set("Qh", wrap(saved->Qh));
-            h.Set("Kh", wrap(saved->Kh));
             h.Set("gates", wrap(saved->gates));
             h.Set("gateEnds", wrap(saved->gateEnds));
             h.Set("norms", wrap(saved->norms));
