@@ -83,8 +83,11 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws wide (CG=4)', { TCAL_GDN_WS: 'wide' }],
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['ring (v7; the default where V % 128 = 0 and its blocks fill the SMs; else ws wide)', { TCAL_GDN_WS: 'ring' }],
+  ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; opt-in, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
+  ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
+  ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [

@@ -625,4 +625,52 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
       expect(ring[i].some(Number.isNaN)).toBe(false);
     });
   });
+
+  // TCAL_GDN_WS=ringbulk (session 9): the ring kernel with its slots filled by tensor / bulk copies on mbarriers
+  // (sm_90; elsewhere both runs take the same kernel). Only the loads changed, so o, the final state, the training
+  // o and the saved chunk-start states (bf16 checkpoints: the CK16 instantiation) are bitwise the ring kernel's:
+  // one token, a single tail chunk (63), a full chunk + 1 token (65), many chunks (1000: both slots' mbarrier
+  // phases wrap), ragged varlen (one-token sequences, tails inside and past the end), V = 256 with GVA, and a
+  // filled 128-block grid with GVA, l2norm, fused gates and h0 whose tail chunk (44 tokens) mixes whole-box tensor
+  // copies and per-row copies with zeroed rows.
+  const bulkCases: [string, Case][] = [
+    ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'ragged', 'K=64 V=256'].map(byName),
+    ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ];
+  test.each(bulkCases)('TCAL_GDN_WS=ringbulk equals the ring kernel bitwise (bf16): %s', async (name, c) => {
+    const h = makeHost(c, 3000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
+    const run = async (ws: string) => {
+      let r: Float64Array[] = [];
+      await withEnv({ TCAL_GDN_WS: ws }, async () => {
+        const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+        const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
+        const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
+        r = [await f64(f.o), await f64(f.finalState), await f64(t.o), await f64(t.saved!.chunkStates)];
+      });
+      return r;
+    };
+    const [bulk, ring] = [await run('ringbulk'), await run('ring')];
+    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
+      const bad = bulk[i].findIndex((x, j) => !(x === ring[i][j] || (Number.isNaN(x) && Number.isNaN(ring[i][j]))));
+      if (bad >= 0) throw new Error(`${name}: ringbulk ${k}[${bad}] = ${bulk[i][bad]}, ring ${ring[i][bad]}`);
+      expect(bulk[i].some(Number.isNaN)).toBe(false);
+    });
+  });
+  // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
+  // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
+  test.each([
+    ...['T=1 D=128', 'T=65 D=128', 'ragged'].map(byName),
+    ['filled grid', { B: 8, T: 70, H: 16, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }] as [string, Case],
+  ])('TCAL_GDN_WS=ringbulk against the fp64 reference (bf16): %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const ref = await reference(c, h, 'bf16');
+    await withEnv({ TCAL_GDN_WS: 'ringbulk' }, async () => {
+      for (const save of [undefined, 'full'] as const) {
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+        console.log(`gdn cuda ringbulk ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `ringbulk ${name} bf16 (save ${save ?? 'states'})`);
+      }
+    });
+  });
 });

@@ -18,6 +18,7 @@
 // default where its blocks fill the SMs since session 8) decouples the two roles with a load ring per role and an
 // exchange slot between them.
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
+#include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (types only: the function by entry point)
 #include <mma.h>
 
 #include <cstdint>
@@ -523,6 +524,80 @@ __device__ __forceinline__ void tileAsync(E* dst, const E* src, int64_t rowStrid
   }
 }
 
+// sm_90 tensor / bulk copies completing on mbarriers (the ring kernel's TCAL_GDN_WS=ringbulk), into the same padded
+// (conflict-free) slot layouts as cp.async. Compiled only for sm_90+ (the ring kernel runs only there; on sm_80 its
+// BULK instantiation is the cp.async one).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TCAL_GDN_BULK 1
+#else
+#define TCAL_GDN_BULK 0
+#endif
+#if TCAL_GDN_BULK
+__device__ __forceinline__ void mbarInit(uint64_t* b, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smemAddr(b)), "r"(count) : "memory");
+}
+// The inits visible to the copy engine's complete_tx (and, with the block barrier after it, to every thread).
+__device__ __forceinline__ void mbarInitFence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarArriveTx(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smemAddr(b)), "r"(bytes) : "memory");
+}
+// Until the phase of the given parity has completed (acquire: the bytes and the arriving warps' stores are visible).
+__device__ __forceinline__ void mbarWait(uint64_t* b, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smemAddr(b)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void bulkCopy(void* dst, const void* src, unsigned bytes, uint64_t* b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smemAddr(dst)),
+               "l"(src), "r"(bytes), "r"(smemAddr(b))
+               : "memory");
+}
+// A box of a 3-D tensor map (columns c0…, head c1, tokens c2…) into shared memory, densely: the maps' boxes are as
+// wide as the padded rows, so the slot layouts are those of the cp.async path (the padding gets the next columns
+// or the out-of-bounds zeros, never read).
+__device__ __forceinline__ void tmaLoad3(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* b) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smemAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smemAddr(b))
+      : "memory");
+}
+// One warp's 32 rows (rows rowBase + lane) of a ring slot's tile, each warp arriving once per chunk on the slot's
+// full barrier, expecting its bytes before its copies are issued (so the phase cannot complete early). All 32
+// rows valid: one tensor copy (lane 0). Else (the tail chunk) rows < Lc by 1-D bulk copies from src (row r at
+// src + r·tokStride bytes; the tensor map would read the next sequence's tokens) and rows ≥ Lc zeroed by plain
+// stores, as cp.async's zero fill did — the consumers rely on it (f_j = 0 past L; no stale or uninitialised values
+// times zero); lane 0's arrive releases those stores.
+__device__ __forceinline__ void bulkRows(unsigned char* dst, int pitch, const unsigned char* src, int64_t tokStride,
+                                         int rowBytes, const CUtensorMap* map, int c0, int c1, int tc, int rowBase,
+                                         int Lc, uint64_t* full, int lane) {
+  if (rowBase + 32 <= Lc) {
+    if (lane == 0) {
+      mbarArriveTx(full, unsigned(32 * pitch));  // the box's bytes, padding included
+      tmaLoad3(dst + rowBase * pitch, map, c0, c1, tc + rowBase, full);
+    }
+    return;
+  }
+  const int row = rowBase + lane;
+  if (row >= Lc) {
+    for (int b = 0; b < rowBytes; b += 16) *reinterpret_cast<uint4*>(dst + row * pitch + b) = make_uint4(0, 0, 0, 0);
+  }
+  __syncwarp();
+  if (lane == 0) {
+    const int nv = Lc - rowBase < 0 ? 0 : (Lc - rowBase > 32 ? 32 : Lc - rowBase);
+    mbarArriveTx(full, unsigned(nv * rowBytes));
+  }
+  __syncwarp();
+  if (row < Lc) bulkCopy(dst + row * pitch, src + row * tokStride, unsigned(rowBytes), full);
+}
+#endif
+
 __device__ __forceinline__ void namedSync(int id, int n) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
@@ -925,16 +1000,29 @@ struct RingLayout {
   static constexpr size_t kXch = 8 * 4 * size_t(wsXchgWords<K, 1>());                                  // Sᵀ, νᵀ per group
   static constexpr size_t kO = 8 * size_t(C) * LDO * 2;                                                // o per output warp
   static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 218 KB at K = 128
+  static constexpr size_t kBars = 4 * 8;                              // BULK: "full" mbarriers, rec[2] then out[2]
 };
 
-template <typename T, int K, bool CK16>
-__global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu, int H, int HV, int V,
-                                                     const T* __restrict__ q, const T* __restrict__ k,
-                                                     const T* __restrict__ v, const T* __restrict__ Ab,
-                                                     const T* __restrict__ AQ, const float4* __restrict__ aux,
-                                                     const float* __restrict__ h0, T* __restrict__ o,
-                                                     float* __restrict__ hT, void* __restrict__ ckpt,
-                                                     const int* __restrict__ chunkFirst) {
+// BULK (TCAL_GDN_WS=ringbulk, sm_90): each role's slots filled by bulk copies completing on a "full" mbarrier per
+// slot instead of per-thread cp.async + cp.async.wait + a barrier of the role. Recurrence warp w copies 32 rows of
+// tile w / 2 (K, Ab, V, aux), output warp w < 6 those of tile w / 2 (Q, Aqk, aux); consumers wait on the slot's
+// phase parity. No "empty" barrier is needed: the block-wide exchange barriers already say when a slot is free —
+// a recurrence warp passes kBarFree of chunk i only once every recurrence warp has arrived there, i.e. finished
+// chunk i − 1 (its reads of the other slot), and an output warp passes kBarReady of chunk i only once every output
+// warp has finished chunk i − 1. So the recurrence role refills after kBarFree, the output role after kBarReady,
+// kBarRec / kBarOut go, and a recurrence warp issues at most one tensor copy per chunk (32 1-D row copies in the
+// tail chunk) instead of 256 / 8 cp.async pieces per thread.
+struct RingMaps {  // BULK: [tokens, heads, columns] views of k, Ab, v, aux, q, Aqk; boxes 32 tokens × a padded row
+  CUtensorMap k, ab, v, aux, q, aq;
+};
+
+template <typename T, int K, bool CK16, bool BULK>
+__device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int HV, int V, const T* __restrict__ q,
+                                         const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ Ab,
+                                         const T* __restrict__ AQ, const float4* __restrict__ aux,
+                                         const float* __restrict__ h0, T* __restrict__ o, float* __restrict__ hT,
+                                         void* __restrict__ ckpt, const int* __restrict__ chunkFirst,
+                                         const RingMaps* maps) {
   using Lay = RingLayout<K>;
   constexpr int LDK = Lay::LDK, VT = Lay::VT, LDV = Lay::LDV, LDO = Lay::LDO, KS = K / 16;
   constexpr int NR = 256;  // threads per role
@@ -945,6 +1033,8 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
   unsigned char* outSlots = sm + 2 * Lay::kRec;
   uint32_t* xch = reinterpret_cast<uint32_t*>(outSlots + 2 * Lay::kOut);
   T* oStage = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(xch) + Lay::kXch);
+  constexpr bool bulk = BULK && TCAL_GDN_BULK;
+  uint64_t* fullBar = reinterpret_cast<uint64_t*>(sm + Lay::total);  // BULK only: rec slots 0, 1; out slots 2, 3
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, rtid = tid % NR;
   const bool rec = warp < 8;
@@ -956,6 +1046,18 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
   uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
   uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
   auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
+#if TCAL_GDN_BULK
+  if constexpr (bulk) {
+    if (tid == 0) {  // one arrival per issuing warp and chunk: 8 recurrence warps, output warps 0 … 5
+      mbarInit(fullBar + 0, 8);
+      mbarInit(fullBar + 1, 8);
+      mbarInit(fullBar + 2, 6);
+      mbarInit(fullBar + 3, 6);
+      mbarInitFence();
+    }
+    __syncthreads();
+  }
+#endif
 
   if (rec) {
     auto slot = [&](int s) { return reinterpret_cast<T*>(recSlots + s * Lay::kRec); };
@@ -969,13 +1071,43 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
       // hoisted out of the chunk loop, where ≈ 30 registers of them stayed live through the chain (ptxas: spills).
       int me;
       asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
+#if TCAL_GDN_BULK
+      if constexpr (bulk) {
+        const int w = me / 32, rowBase = 32 * (w & 1);
+        unsigned char* dst;
+        const unsigned char* src;
+        const CUtensorMap* map;
+        int64_t stride;
+        int pitch, bytes, c0 = 0, c1 = hv;
+        switch (w >> 1) {
+          case 0:
+            dst = reinterpret_cast<unsigned char*>(Ks), pitch = 2 * LDK, bytes = 2 * K, map = &maps->k, c1 = h;
+            src = reinterpret_cast<const unsigned char*>(k + (tc * H + h) * K), stride = 2 * int64_t(H) * K;
+            break;
+          case 1:
+            dst = reinterpret_cast<unsigned char*>(Abs), pitch = 2 * LDC, bytes = 2 * C, map = &maps->ab;
+            src = reinterpret_cast<const unsigned char*>(Ab + (tc * HV + hv) * C), stride = 2 * int64_t(HV) * C;
+            break;
+          case 2:
+            dst = reinterpret_cast<unsigned char*>(Vs), pitch = 2 * LDV, bytes = 2 * VT, map = &maps->v, c0 = v0;
+            src = reinterpret_cast<const unsigned char*>(v + (tc * HV + hv) * V + v0), stride = 2 * int64_t(HV) * V;
+            break;
+          default:
+            dst = reinterpret_cast<unsigned char*>(auxs), pitch = 32, bytes = 32, map = &maps->aux;
+            src = reinterpret_cast<const unsigned char*>(aux + 2 * (tc * HV + hv)), stride = 32 * int64_t(HV);
+            break;
+        }
+        bulkRows(dst, pitch, src, stride, bytes, map, c0, c1, int(tc), rowBase, Lc, fullBar + s, me % 32);
+        return;
+      }
+#endif
       tileAsync<K / 8, LDK, NR>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
       tileAsync<VT / 8, LDV, NR>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, me);
       tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
     };
     if (seqBegin < seqEnd) issue(seqBegin, 0);
-    cpAsyncCommit();
+    if constexpr (!bulk) cpAsyncCommit();
     const size_t stateBase = (size_t(n) * HV + hv) * K * V;
     float S[K / 8][4];
 #pragma unroll
@@ -987,11 +1119,14 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
       }
     int chunk = chunkFirst ? chunkFirst[n] : 0;
     int s = 0;
-    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, s ^= 1) {
-      cpAsyncWait<0>();         // this chunk's slot (issued a chunk ago) has landed for this thread …
-      namedSync(kBarRec, NR);   // … and for all; every recurrence warp is done with the other slot
-      if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
-      cpAsyncCommit();
+    unsigned ph = 0;  // BULK: parity of this chunk's phase of its slot's full barrier
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, ph ^= s, s ^= 1) {
+      if constexpr (!bulk) {
+        cpAsyncWait<0>();        // this chunk's slot (issued a chunk ago) has landed for this thread …
+        namedSync(kBarRec, NR);  // … and for all; every recurrence warp is done with the other slot
+        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        cpAsyncCommit();
+      }
       const T* Ks = slot(s);
       const T* Abs = Ks + C * LDK;
       const T* Vs = Abs + C * LDC;
@@ -1000,8 +1135,14 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
       // The output warps hold the previous chunk's Sᵀ, νᵀ: write this chunk's Sᵀ now (written after νᵀ, with S
       // and N both live, it spilled 400 B — ptxas, K = 128).
       namedSync(kBarFree, 2 * NR);
+      if constexpr (bulk) {  // every recurrence warp is past chunk i − 1: refill its slot
+        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+      }
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
+#if TCAL_GDN_BULK
+      if constexpr (bulk) mbarWait(fullBar + s, ph);  // this chunk's slot (issued a chunk ago) has landed
+#endif
       float N[8][4] = {};
       {
         float P[8][4] = {};
@@ -1033,6 +1174,33 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
       const int Lc = chunkLen(tc);
       int me;  // as in the recurrence role
       asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
+#if TCAL_GDN_BULK
+      if constexpr (bulk) {
+        const int w = me / 32, rowBase = 32 * (w & 1);
+        if (w >= 2 * 3) return;  // three tiles, two warps each
+        unsigned char* dst;
+        const unsigned char* src;
+        const CUtensorMap* map;
+        int64_t stride;
+        int pitch, bytes, c1 = hv;
+        switch (w >> 1) {
+          case 0:
+            dst = reinterpret_cast<unsigned char*>(Qs), pitch = 2 * LDK, bytes = 2 * K, map = &maps->q, c1 = h;
+            src = reinterpret_cast<const unsigned char*>(q + (tc * H + h) * K), stride = 2 * int64_t(H) * K;
+            break;
+          case 1:
+            dst = reinterpret_cast<unsigned char*>(AQs), pitch = 2 * LDC, bytes = 2 * C, map = &maps->aq;
+            src = reinterpret_cast<const unsigned char*>(AQ + (tc * HV + hv) * C), stride = 2 * int64_t(HV) * C;
+            break;
+          default:
+            dst = reinterpret_cast<unsigned char*>(auxs), pitch = 32, bytes = 32, map = &maps->aux;
+            src = reinterpret_cast<const unsigned char*>(aux + 2 * (tc * HV + hv)), stride = 32 * int64_t(HV);
+            break;
+        }
+        bulkRows(dst, pitch, src, stride, bytes, map, 0, c1, int(tc), rowBase, Lc, fullBar + 2 + s, me % 32);
+        return;
+      }
+#endif
       tileAsync<K / 8, LDK, NR>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
       tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
@@ -1043,14 +1211,17 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
       issue(seqBegin, 0);
       namedArrive(kBarFree, 2 * NR);  // the exchange starts free
     }
-    cpAsyncCommit();
+    if constexpr (!bulk) cpAsyncCommit();
     int s = 0;
-    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, s ^= 1) {
+    unsigned ph = 0;  // BULK: as in the recurrence role
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ph ^= s, s ^= 1) {
       const int L = chunkLen(t0);
-      cpAsyncWait<0>();
-      namedSync(kBarOut, NR);
-      if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
-      cpAsyncCommit();
+      if constexpr (!bulk) {
+        cpAsyncWait<0>();
+        namedSync(kBarOut, NR);
+        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        cpAsyncCommit();
+      }
       const T* Qs = slot(s);
       const T* AQs = Qs + C * LDK;
       const float4* auxs = reinterpret_cast<const float4*>(AQs + C * LDC);
@@ -1068,6 +1239,12 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
         Nf[ks][3] = n4.w;
       }
       if (t0 + C < seqEnd) namedArrive(kBarFree, 2 * NR);  // (one arrival per recurrence-side wait)
+      if constexpr (bulk) {  // every output warp is past chunk i − 1 (kBarReady): refill its slot, wait for this one
+        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+#if TCAL_GDN_BULK
+        mbarWait(fullBar + 2 + s, ph);
+#endif
+      }
       float O[8][4] = {};
       outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
       outNuAQ<T>(O, Nf, AQs, lane, own);
@@ -1076,6 +1253,22 @@ __global__ void __launch_bounds__(512, 1) ringKernel(const int* __restrict__ cu,
     }
   }
 }
+
+#define TCAL_RING_PARAMS                                                                                            \
+  const int *__restrict__ cu, int H, int HV, int V, const T *__restrict__ q, const T *__restrict__ k,              \
+      const T *__restrict__ v, const T *__restrict__ Ab, const T *__restrict__ AQ, const float4 *__restrict__ aux, \
+      const float *__restrict__ h0, T *__restrict__ o, float *__restrict__ hT, void *__restrict__ ckpt,            \
+      const int *__restrict__ chunkFirst
+template <typename T, int K, bool CK16>
+__global__ void __launch_bounds__(512, 1) ringKernel(TCAL_RING_PARAMS) {
+  ringBody<T, K, CK16, false>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, nullptr);
+}
+// The tensor maps as a kernel parameter (__grid_constant__: the copy engine reads them from the parameter space).
+template <typename T, int K, bool CK16>
+__global__ void __launch_bounds__(512, 1) ringBulkKernel(TCAL_RING_PARAMS, const __grid_constant__ RingMaps maps) {
+  ringBody<T, K, CK16, true>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
+}
+#undef TCAL_RING_PARAMS
 
 // Benchmark-only switch: TCAL_GDN_V3_SKIP=prep | state leaves one kernel out (the output is then wrong) so
 // that the other can be timed alone; =out runs the state pass without o (the output warps only load), which
@@ -1095,6 +1288,11 @@ size_t smemOptin() {
   int bytes = 0, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   return size_t(bytes);
+}
+int ccMajor() {  // bulk copies (cp.async.bulk) need sm_90
+  int major = 0, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major;
 }
 
 // Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per group, two blocks per SM
@@ -1117,24 +1315,79 @@ void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const
   checkLaunch("gdn v5 state");
 }
 
-template <typename T, int K>
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link to libcuda); null where unavailable.
+PFN_cuTensorMapEncodeTiled_v12000 tensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
+#endif
+    if (e != cudaSuccess) cudaGetLastError();
+    return e == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+                                                                    : nullptr;
+  }();
+  return fn;
+}
+
+// A [tokens, heads, cols] view (element bytes eb, row pitch in elements): boxes of 32 tokens × boxCols columns.
+void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t heads, int64_t cols, int boxCols) {
+  const cuuint64_t dim[3] = {cuuint64_t(cols), cuuint64_t(heads), cuuint64_t(tokens)};
+  const cuuint64_t stride[2] = {cuuint64_t(cols * eb), cuuint64_t(heads * cols * eb)};
+  const cuuint32_t box[3] = {cuuint32_t(boxCols), 1, 32}, unit[3] = {1, 1, 1};
+  const CUresult r = tensorMapEncoder()(m, eb == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3,
+                                        const_cast<void*>(base), dim, stride, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                        CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    Error e(ErrorKind::Cuda, "cuTensorMapEncodeTiled (gdn ring bulk) failed: CUresult " + std::to_string(int(r)));
+    e.op = "cuTensorMapEncodeTiled";
+    e.number = int(r);
+    throw e;
+  }
+}
+
+template <typename T, int K, bool BULK>
 void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux,
                 T* o, float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
-  constexpr size_t smem = RingLayout<K>::total;
-  auto kern = ckpt && ckpt16 ? ringKernel<T, K, true> : ringKernel<T, K, false>;
-  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-        "cudaFuncSetAttribute(gdn v7 state)");
-  dim3 grid(unsigned(p.V / RingLayout<K>::VT), unsigned(p.HV), unsigned(p.N));
-  kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
-                                    Ab, AQ, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT, ckpt, chunkFirst);
-  checkLaunch("gdn v7 state");
+  using Lay = RingLayout<K>;
+  dim3 grid(unsigned(p.V / Lay::VT), unsigned(p.HV), unsigned(p.N));
+  const float* h0 = p.hasH0 ? in.h0.ptr<float>() : nullptr;
+  if constexpr (BULK) {
+    constexpr size_t smem = Lay::total + Lay::kBars;
+    auto kern = ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>;
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute(gdn v7 state, bulk)");
+    const int64_t NT = p.tokens();  // token coordinates are 32-bit
+    RingMaps maps;
+    tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
+    tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, LDC);
+    tokenMap(&maps.v, in.v.ptr<T>(), 2, NT, p.HV, p.V, Lay::LDV);
+    tokenMap(&maps.aux, aux, 4, NT, p.HV, 8, 8);
+    tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
+    tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, LDC);
+    kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
+                                      Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
+    checkLaunch("gdn v7 state (bulk)");
+  } else {
+    constexpr size_t smem = Lay::total;
+    auto kern = ckpt && ckpt16 ? ringKernel<T, K, true> : ringKernel<T, K, false>;
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute(gdn v7 state)");
+    kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
+                                      Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst);
+    checkLaunch("gdn v7 state");
+  }
 }
 
 // The ring kernel (v7) where o is wanted, V % 128 = 0, the device has sm_90's shared memory and its 128-column
 // blocks fill ≥ 90 % of the SMs (the reference shape: 128 blocks); else ws wide where 64-column blocks give at least
 // one per SM, else ws small. H200, session 8 runs 2 and 3 (reference shape): ring 0.615 ms forward against ws wide's
 // 0.649 (state pass 323 µs against 363 under ncu); at B2·T16384 (32 blocks) ring 1.525 against ws small's 0.966.
-// TCAL_GDN_WS=wide|small|ring forces one (ring only where it can run).
+// TCAL_GDN_WS=wide|small|ring forces one (ring only where it can run); =ringbulk the ring kernel with its loads by
+// bulk copies (opt-in, sm_90+; where it cannot run, what the default would pick).
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
@@ -1143,12 +1396,21 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   const bool ringFits = o && p.V % VT == 0 && smemOptin() >= RingLayout<K>::total;
   bool wide = p.N * p.HV * (p.V / 64) >= sms;
   bool ring = ringFits && 10 * p.N * p.HV * (p.V / VT) >= 9 * int64_t(sms);
+  bool bulk = false;
   if (const char* e = std::getenv("TCAL_GDN_WS")) {
-    wide = std::strcmp(e, "small") != 0;
-    ring = std::strcmp(e, "ring") == 0 && ringFits;
+    if (std::strcmp(e, "ringbulk") == 0) {
+      bulk = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
+             tensorMapEncoder() && p.tokens() < (int64_t(1) << 31);
+      ring = ring || bulk;
+    } else {
+      wide = std::strcmp(e, "small") != 0;
+      ring = std::strcmp(e, "ring") == 0 && ringFits;
+    }
   }
-  if (ring) {
-    launchRing<T, K>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+  if (bulk) {
+    launchRing<T, K, true>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+  } else if (ring) {
+    launchRing<T, K, false>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if (!wide) {
     launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
