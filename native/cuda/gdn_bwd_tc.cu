@@ -172,13 +172,13 @@ __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, 
     const int i = threadIdx.x / G8 + u * RP;
     const T* qe = reinterpret_cast<const T*>(&qv[u]);
     const T* ke = reinterpret_cast<const T*>(&kv[u]);
-    float fq[8], fk[8], sq = 0.f, sk = 0.f;
+    float xq[8], xk[8], sq = 0.f, sk = 0.f;  // (not fk: the shared row factors)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      fq[e] = toF(qe[e]);
-      fk[e] = toF(ke[e]);
-      sq += fq[e] * fq[e];
-      sk += fk[e] * fk[e];
+      xq[e] = toF(qe[e]);
+      xk[e] = toF(ke[e]);
+      sq += xq[e] * xq[e];
+      sk += xk[e] * xk[e];
     }
 #pragma unroll
     for (int o = G8 / 2; o; o >>= 1) {
@@ -198,8 +198,8 @@ __device__ void loadQK(const T* q, const T* k, int64_t t0, int L, int H, int h, 
     alignas(16) T oq[8], ok[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      oq[e] = fromF<T>(fq[e] * iq * scale);
-      ok[e] = fromF<T>(fk[e] * ik);
+      oq[e] = fromF<T>(xq[e] * iq * scale);
+      ok[e] = fromF<T>(xk[e] * ik);
     }
     *reinterpret_cast<uint4*>(Qb + i * LK + sub * 8) = *reinterpret_cast<const uint4*>(oq);
     *reinterpret_cast<uint4*>(Kb + i * LK + sub * 8) = *reinterpret_cast<const uint4*>(ok);
