@@ -93,6 +93,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
+  ['kernel 3 band balance (phase-2 blocks over 8 warps; k3bal, session 9)', { TCAL_GDN_BWD_K3: 'bal' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
 const VARIANT_KEYS = [
@@ -100,6 +101,7 @@ const VARIANT_KEYS = [
   'TCAL_GDN_WS',
   'TCAL_GDN_V3_SKIP',
   'TCAL_GDN_STATES',
+  'TCAL_GDN_BWD_K3',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

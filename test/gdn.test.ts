@@ -6,7 +6,7 @@
  */
 import { Tensor, gdnForward, gdnBackward, gdnDecodeStep, InvalidArgumentError, type DType } from '../lib';
 import type { GdnInputs, GdnGradients, GdnSaved } from '../lib/ops/gdn';
-import { randn, rng, relError, cudaEnabled, roundBf16, withKernelSwitches } from './helpers';
+import { randn, rng, relError, cudaEnabled, roundBf16, withKernelSwitch, withKernelSwitches } from './helpers';
 
 jest.setTimeout(600_000);
 
@@ -672,5 +672,74 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
         expectBelow(e16, 1e-2, 2e-2, `ringbulk ${name} bf16 (save ${save ?? 'states'})`);
       }
     });
+  });
+});
+
+// k3bal (session 9, gradplan item 2): TCAL_GDN_BWD_K3=bal spreads kernel 3's phase-2 C × C blocks over all 8 warps
+// (bf16 inputs, 128-column tiles: V % 128 = 0 here everywhere, else the switch keeps the default), each block from a
+// zero row prefix plus a fix-up of dg's box sums and dβ's row terms after the barrier. Against the fp64 reference
+// on recomputed states, saved states and the full hand-over; against the default: dq, dk, dv, dh0 bitwise (the
+// same arithmetic), dg and dβ within 1e-5 (the same terms in another association), the fused gates' per-head
+// sums (atomics) within 1e-4.
+cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (TCAL_GDN_BWD_K3=bal, k3bal session 9)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  const balCases: [string, Case][] = [
+    ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'ragged', 'strong decay'].map(byName),
+    ['strong decay K=V=128, l2norm (fused dq/dk epilogue)', { B: 1, T: 150, H: 1, HV: 1, K: 128, V: 128, g: 'strong', l2norm: true, h0: true, dFinal: true }],
+    ['l2norm + fused gates, fused dq/dk epilogue K=V=128', { B: 2, T: 200, H: 2, HV: 2, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+    ['GVA K=64 V=128', { B: 2, T: 130, H: 2, HV: 4, K: 64, V: 128, h0: true, dFinal: true }],
+    ['GVA + l2norm + fused gates, V=256 (two tiles)', { B: 1, T: 150, H: 1, HV: 2, K: 128, V: 256, l2norm: true, gates: true, h0: true }],
+  ];
+  test.each(balCases)('against the fp64 reference (bf16; recomputed, saved states, full hand-over): %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const ref16 = await reference(c, h, 'bf16');
+    await withKernelSwitch('TCAL_GDN_BWD_K3', 'bal', async () => {
+      for (const save of [undefined, 'full'] as const) {  // undefined: recomputed + saved states; 'full': the hand-over
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref16, { save });
+        console.log(`gdn cuda k3 bal ${name} (${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `k3 bal ${name} bf16 (${save ?? 'states'})`);
+      }
+    });
+  });
+
+  const bitwise = ['dq', 'dk', 'dv', 'dh0'];
+  test.each(balCases)('against the default kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', async (name, c) => {
+    const h = makeHost(c, 8000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
+    const o = opts(c, d);
+    for (const save of [undefined, true, 'full'] as const) {  // recomputed states, saved states, the full hand-over
+      const saved = save ? (await gdnForward(d.inputs, { ...o, saveForBackward: save })).saved : undefined;
+      const backward = async (k3: string | undefined) =>
+        withKernelSwitch('TCAL_GDN_BWD_K3', k3, async () => {
+          const gOut: Record<string, Tensor> = {
+            dq: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+            dk: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+            dv: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'),
+            dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+            dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+          };
+          if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0');
+          if (c.gates) {
+            gOut.dALog = await poison([c.HV], 'f32', 'cuda:0');
+            gOut.dDtBias = await poison([c.HV], 'f32', 'cuda:0');
+          }
+          return gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
+        });
+      const [bal, def] = [await backward('bal'), await backward(undefined)];
+      const label = `${name} (${save === undefined ? 'recomputed' : save === true ? 'saved states' : 'full hand-over'})`;
+      const errs: Record<string, number> = {};
+      for (const k of Object.keys(def)) {
+        expect([k, bal[k].some(Number.isNaN), def[k].some(Number.isNaN)]).toEqual([k, false, false]);
+        if (bitwise.includes(k)) {
+          const bad = bal[k].findIndex((x, j) => x !== def[k][j]);
+          if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${bal[k][bad]}, default ${def[k][bad]}`);
+        } else {
+          errs[k] = relError(bal[k], def[k]);
+          const tol = k === 'dALog' || k === 'dDtBias' ? 1e-4 : 1e-5;
+          if (!(errs[k] <= tol)) throw new Error(`${label}: ${k} differs from the default by ${errs[k]}`);
+        }
+      }
+      console.log(`gdn cuda k3 bal vs default ${label}: ${JSON.stringify(errs)}`);
+    }
   });
 });

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../core/runtime.h"
@@ -668,7 +669,9 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
   *reinterpret_cast<float2*>(out + 8 * nt + 2 * tq) = make_float2(x3[0], x3[1]);
 }
 
-template <typename T, typename CK, int K, int VB>
+// BAL (TCAL_GDN_BWD_K3=bal, opt-in; 128-column tiles): phase 2's 10 (band, column-block) C × C blocks over all 8
+// warps instead of band mi's mi + 1 blocks on warp mi (see the band section).
+template <typename T, typename CK, int K, int VB, bool BAL = false>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ qg,
@@ -679,6 +682,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
   constexpr int NW = VB / 16, NTH = 32 * NW;
   constexpr int LK = K + 8, LV = VB + 8, LC = C + 8;
   constexpr int NS = NW / 4, KW = K / NS, NTK = KW / 8;  // phase 2: warps per row band, K columns per warp
+  static_assert(!BAL || NW == 8, "BAL spreads phase 2 over 8 warps (128-column tiles)");
   extern __shared__ __align__(128) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + C * LK;
@@ -1000,8 +1004,10 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       }
     }
   };
-  if (warp >= 4) vParts();  // (VB = 128) warps 4–7 have no row band below: they start on dq / dk
-  if (warp < 4) {
+  float* rowF = reinterpret_cast<float*>(Vs);  // BAL: [10 blocks][16 rows] Σ_{b in block} F_ab
+  float* rowB = rowF + 10 * 16;                // BAL: [10 blocks][16 rows] dβ's row terms
+  if (!BAL && warp >= 4) vParts();  // (VB = 128) warps 4–7 have no row band below: they start on dq / dk
+  if (!BAL && warp < 4) {
     // Row band `band` of the C × C matrices: dQK = dO νᵀ, dR νᵀ, QKᵀ, KKᵀ per 16×16 block on or below the
     // diagonal; dQK ⊙ Γ → As, dM ⊙ βΓ → Gs (16-bit); dβ's row terms; and for dg the box sums
     // Σ_{a ≥ t, a in band} Σ_{b < t} F_ab, F = dQK ⊙ QKG + dM ⊙ β KKG, by a running row prefix.
@@ -1094,7 +1100,98 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
       if (tq == 0) dbRow[16 * mi + gq + 8 * h] = x;
     }
   }
-  __syncthreads();  // dQK ⊙ Γ, dM ⊙ βΓ, boxW, dbRow complete
+  if constexpr (BAL) {
+    // Balanced (gradplan item 2): block bi = mi (mi + 1) / 2 + nb on warp bi, blocks 8 and 9 on warps 4 and 5
+    // (no warp does more than 2 instead of warp 3's 4; warp w issues on scheduler w % 4, so schedulers 0 and 1 take
+    // 3 blocks and 2 and 3 take the fix-up below), each block from a zero row prefix;
+    // the blocks' row sums of F and of dβ's terms go to shared memory (v's tile, dead since the dv store) and
+    // the fix-up after the barrier adds the prefixes of the blocks to the left: the same F terms, none
+    // subtracted (cancellation-free under strong decay). Then every warp's V-contraction parts.
+    for (int bi = warp; bi < 10; bi += warp >> 1 == 2 ? 4 : 10) {  // warps 4, 5: bi and bi + 4
+      const int mi = (bi >= 1) + (bi >= 3) + (bi >= 6), nb = bi - mi * (mi + 1) / 2;
+      const int rB = 16 * mi + lane % 16;  // the block's A-fragment rows
+      float run[2] = {0.f, 0.f}, dbr[2] = {0.f, 0.f};
+      // The default's block body (above, left as it was: its PTX unchanged) with rB for rA.
+      float dqk[2][4] = {}, dmr[2][4] = {}, qk[2][4] = {}, kk[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < VB / 16; ++ks) {
+        unsigned ao[4], ar[4], b[4];
+        ptx::ldsm4(ao, sa(dOs + rB * LV + 16 * ks + cA));
+        ptx::ldsm4(ar, sa(Rs + rB * LV + 16 * ks + cA));
+        ptx::ldsm4(b, sa(Ns + (16 * nb + lr + (lm >> 1) * 8) * LV + 16 * ks + (lm & 1) * 8));
+        E::mma(dqk[0], ao, b[0], b[1]);
+        E::mma(dqk[1], ao, b[2], b[3]);
+        E::mma(dmr[0], ar, b[0], b[1]);
+        E::mma(dmr[1], ar, b[2], b[3]);
+      }
+      // Q Kᵀ and K Kᵀ in fp32.
+#pragma unroll
+      for (int ks = 0; ks < K / 16; ++ks) {
+        unsigned aq[4], ak[4], b[4];
+        ptx::ldsm4(aq, sa(Qs + rB * LK + 16 * ks + cA));
+        ptx::ldsm4(ak, sa(Ks + rB * LK + 16 * ks + cA));
+        ptx::ldsm4(b, sa(Ks + (16 * nb + lr + (lm >> 1) * 8) * LK + 16 * ks + (lm & 1) * 8));
+        E::mma(qk[0], aq, b[0], b[1]);
+        E::mma(qk[1], aq, b[2], b[3]);
+        E::mma(kk[0], ak, b[0], b[1]);
+        E::mma(kk[1], ak, b[2], b[3]);
+      }
+      float box[2][2] = {};
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // row i = 16 mi + gq + 8h, columns j, j + 1
+          const int i = 16 * mi + gq + 8 * h, j = 16 * nb + 8 * t + 2 * tq;
+          float F[2], GQ[2], GM[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int jj = j + c;
+            const float gm = (jj <= i && i < L) ? __expf(gam[i] - gam[jj]) : 0.f;
+            const float dqkv = dqk[t][2 * h + c], dm = jj < i ? -dmr[t][2 * h + c] : 0.f;
+            const float kkg = kk[t][2 * h + c] * gm;
+            F[c] = dqkv * qk[t][2 * h + c] * gm + dm * bet[i] * kkg;
+            dbr[h] += dm * kkg;
+            GQ[c] = dqkv * gm;
+            GM[c] = dm * bet[i] * gm;
+          }
+          *reinterpret_cast<unsigned*>(As + i * LC + j) = E::pack(GQ[0], GQ[1]);
+          *reinterpret_cast<unsigned*>(Gs + i * LC + j) = E::pack(GM[0], GM[1]);
+          // exclusive row prefix at columns j, j + 1 (lanes tq = 0..3 of a row are consecutive). Formed
+          // without subtracting: under strong decay the diagonal F_aa is O(1) and every term that dg keeps is
+          // ≤ exp(g_t), so incl − s would leave rounding noise of the diagonal's size (H200 session-3 run 1).
+          const float s = F[0] + F[1];
+          float incl = s;
+          float y = __shfl_up_sync(0xffffffffu, incl, 1, 4);
+          if (tq >= 1) incl += y;
+          y = __shfl_up_sync(0xffffffffu, incl, 2, 4);
+          if (tq >= 2) incl += y;
+          y = __shfl_up_sync(0xffffffffu, incl, 1, 4);
+          const float p0 = run[h] + (tq >= 1 ? y : 0.f), p1 = p0 + F[0];
+          run[h] += __shfl_sync(0xffffffffu, incl, 3, 4);
+          if (i >= j) box[t][0] += p0;
+          if (i >= j + 1) box[t][1] += p1;
+        }
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float x = box[t][c];
+          x += __shfl_xor_sync(0xffffffffu, x, 4);
+          x += __shfl_xor_sync(0xffffffffu, x, 8);
+          x += __shfl_xor_sync(0xffffffffu, x, 16);
+          if (gq == 0) boxW[mi * C + 16 * nb + 8 * t + 2 * tq + c] = x;
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float x = dbr[h];
+        x += __shfl_xor_sync(0xffffffffu, x, 1);
+        x += __shfl_xor_sync(0xffffffffu, x, 2);
+        if (tq == 0) rowF[bi * 16 + gq + 8 * h] = run[h], rowB[bi * 16 + gq + 8 * h] = x;
+      }
+    }
+    vParts();
+  }
+  __syncthreads();  // dQK ⊙ Γ, dM ⊙ βΓ, boxW, dbRow (BAL: the blocks' row sums) complete
   if (tid < C) {  // per-token terms from the per-warp sums (fixed order: deterministic)
     const int i = tid;
     float sO = 0.f, sZ = 0.f, sR = 0.f, sB = 0.f;
@@ -1107,9 +1204,41 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     }
     Et[i] = ex[i] * sO - bet[i] * ex[i] * sR;
     Zt[i] = dd[i] * sZ;
-    dbRow[i] += sB;
+    if constexpr (BAL) {  // dβ's row terms: the band's blocks left to right
+      const int mi = i / 16, r = i % 16;
+      float db = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+        if (nb <= mi) db += rowB[(mi * (mi + 1) / 2 + nb) * 16 + r];
+      dbRow[i] = db + sB;
+    } else {
+      dbRow[i] += sB;
+    }
   }
-  if (warp < 4) vParts();
+  if constexpr (BAL) {
+    if (warp >> 1 == 1) {  // the box sums' fix-up (warps 2, 3; warps 0, 1 take the per-token terms)
+      // Row a = 16 mi + r (lanes of one band: 16 in a row). W_n = Σ_{b < 16n} F_ab (blocks 0..n−1 of the band),
+      // added to band mi's box sum at every column t of block n: for n < mi all 16 rows (a ≥ t), for n = mi the
+      // rows a ≥ t (a suffix over the band's lanes); block columns right of the diagonal (n > mi) are zero.
+      const int a = tid - C, mi = a / 16, r = a % 16;
+      float w = 0.f;
+#pragma unroll
+      for (int n = 1; n < 4; ++n) {
+        if (n <= mi) w += rowF[(mi * (mi + 1) / 2 + n - 1) * 16 + r];
+        const float wn = n <= mi ? w : 0.f;
+        float all = wn, suf = wn;  // Σ over the band's 16 rows; Σ over rows r' ≥ r
+#pragma unroll
+        for (int o = 1; o < 16; o <<= 1) {
+          all += __shfl_xor_sync(0xffffffffu, all, o);
+          const float y = __shfl_down_sync(0xffffffffu, suf, o, 16);
+          if (r + o < 16) suf += y;
+        }
+        float* bx = boxW + mi * C + 16 * n + r;
+        *bx = n <= mi ? *bx + (n < mi ? all : suf) : 0.f;
+      }
+    }
+  }
+  if (!BAL && warp < 4) vParts();
   {
     const int mi = band;
     // dq += (dQK ⊙ Γ) K  (row band, k-blocks ≤ mi)
@@ -1343,6 +1472,10 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   }
   if (timing) check(cudaEventRecord(ev[2], stream), "cudaEventRecord");
   const Fused fz{fusedQK(p), a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
+  // TCAL_GDN_BWD_K3=bal: kernel 3 with phase 2's C × C blocks over all 8 warps (gradplan item 2; opt-in for an A/B).
+  // bf16 inputs with 128-column tiles only; elsewhere (and f16 inputs) the default.
+  const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
+  const bool bal3 = k3Env && std::strcmp(k3Env, "bal") == 0 && std::is_same<T, __nv_bfloat16>::value;
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
     auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
@@ -1353,7 +1486,9 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
       checkLaunch("gdn backward gradients");
     };
-    if (vb == 128)
+    if (vb == 128 && bal3)
+      go(grad3Kernel<T, CK, K, 128, std::is_same<T, __nv_bfloat16>::value>, grad3Smem<K, 128>(), 128, 256);
+    else if (vb == 128)
       go(grad3Kernel<T, CK, K, 128>, grad3Smem<K, 128>(), 128, 256);
     else
       go(grad3Kernel<T, CK, K, 64>, grad3Smem<K, 64>(), 64, 128);
