@@ -1386,8 +1386,10 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
 // blocks fill ≥ 90 % of the SMs (the reference shape: 128 blocks); else ws wide where 64-column blocks give at least
 // one per SM, else ws small. H200, session 8 runs 2 and 3 (reference shape): ring 0.615 ms forward against ws wide's
 // 0.649 (state pass 323 µs against 363 under ncu); at B2·T16384 (32 blocks) ring 1.525 against ws small's 0.966.
-// TCAL_GDN_WS=wide|small|ring forces one (ring only where it can run); =ringbulk the ring kernel with its loads by
-// bulk copies (opt-in, sm_90+; where it cannot run, what the default would pick).
+// Where the ring runs, its loads come by tensor / bulk copies on mbarriers (ringbulk, sm_90, session 9: state pass
+// 0.303 ms against the cp.async ring's 0.337 at the reference shape, run 2) unless the driver lacks the tensor-map
+// encoder. TCAL_GDN_WS=wide|small|ring forces one (ring: the cp.async ring, only where it can run); =ringbulk the
+// bulk ring wherever it can run (else what the default would pick).
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
@@ -1396,15 +1398,17 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   const bool ringFits = o && p.V % VT == 0 && smemOptin() >= RingLayout<K>::total;
   bool wide = p.N * p.HV * (p.V / 64) >= sms;
   bool ring = ringFits && 10 * p.N * p.HV * (p.V / VT) >= 9 * int64_t(sms);
-  bool bulk = false;
+  const bool bulkFits = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
+                        p.tokens() < (int64_t(1) << 31);
+  bool bulk = ring && bulkFits && tensorMapEncoder();
   if (const char* e = std::getenv("TCAL_GDN_WS")) {
     if (std::strcmp(e, "ringbulk") == 0) {
-      bulk = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
-             tensorMapEncoder() && p.tokens() < (int64_t(1) << 31);
+      bulk = bulkFits && tensorMapEncoder();
       ring = ring || bulk;
     } else {
       wide = std::strcmp(e, "small") != 0;
       ring = std::strcmp(e, "ring") == 0 && ringFits;
+      bulk = false;
     }
   }
   if (bulk) {
