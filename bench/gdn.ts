@@ -93,7 +93,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
-  ['kernel 3 band balance (phase-2 blocks over 8 warps; k3bal, session 9)', { TCAL_GDN_BWD_K3: 'bal' }],
+  ['kernel 3 serial band (phase-2 blocks on warps 0–3, before session 9)', { TCAL_GDN_BWD_K3: 'serial' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
 const VARIANT_KEYS = [

@@ -675,13 +675,15 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
   });
 });
 
-// k3bal (session 9, gradplan item 2): TCAL_GDN_BWD_K3=bal spreads kernel 3's phase-2 C × C blocks over all 8 warps
-// (bf16 inputs, 128-column tiles: V % 128 = 0 here everywhere, else the switch keeps the default), each block from a
+// k3bal (session 9, gradplan item 2): kernel 3's phase-2 C × C blocks over all 8 warps, the default since session 9
+// (TCAL_GDN_BWD_K3=serial: the kernel before; tests below name the balanced kernel 'bal' and the switch value that
+// selects it: unset)
+// (bf16 inputs, 128-column tiles: V % 128 = 0 here everywhere, else the serial kernel runs), each block from a
 // zero row prefix plus a fix-up of dg's box sums and dβ's row terms after the barrier. Against the fp64 reference
-// on recomputed states, saved states and the full hand-over; against the default: dq, dk, dv, dh0 bitwise (the
+// on recomputed states, saved states and the full hand-over; against the serial kernel: dq, dk, dv, dh0 bitwise (the
 // same arithmetic), dg and dβ within 1e-5 (the same terms in another association), the fused gates' per-head
 // sums (atomics) within 1e-4.
-cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (TCAL_GDN_BWD_K3=bal, k3bal session 9)', () => {
+cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD_K3=serial, k3bal session 9)', () => {
   const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
   const balCases: [string, Case][] = [
     ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'ragged', 'strong decay'].map(byName),
@@ -693,7 +695,7 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (TCAL_GDN_BWD_K3=bal, k3ba
   test.each(balCases)('against the fp64 reference (bf16; recomputed, saved states, full hand-over): %s', async (name, c) => {
     const h = makeHost(c, 1000 + c.T + c.K);
     const ref16 = await reference(c, h, 'bf16');
-    await withKernelSwitch('TCAL_GDN_BWD_K3', 'bal', async () => {
+    await withKernelSwitch('TCAL_GDN_BWD_K3', undefined, async () => {
       for (const save of [undefined, 'full'] as const) {  // undefined: recomputed + saved states; 'full': the hand-over
         const e16 = await errors(c, h, 'cuda:0', 'bf16', ref16, { save });
         console.log(`gdn cuda k3 bal ${name} (${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
@@ -703,7 +705,7 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (TCAL_GDN_BWD_K3=bal, k3ba
   });
 
   const bitwise = ['dq', 'dk', 'dv', 'dh0'];
-  test.each(balCases)('against the default kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', async (name, c) => {
+  test.each(balCases)('against the serial kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', async (name, c) => {
     const h = makeHost(c, 8000 + c.T + c.K);
     const d = await upload(c, h, 'cuda:0', 'bf16');
     const o = opts(c, d);
@@ -725,18 +727,18 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (TCAL_GDN_BWD_K3=bal, k3ba
           }
           return gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
         });
-      const [bal, def] = [await backward('bal'), await backward(undefined)];
+      const [bal, def] = [await backward(undefined), await backward('serial')];
       const label = `${name} (${save === undefined ? 'recomputed' : save === true ? 'saved states' : 'full hand-over'})`;
       const errs: Record<string, number> = {};
       for (const k of Object.keys(def)) {
         expect([k, bal[k].some(Number.isNaN), def[k].some(Number.isNaN)]).toEqual([k, false, false]);
         if (bitwise.includes(k)) {
           const bad = bal[k].findIndex((x, j) => x !== def[k][j]);
-          if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${bal[k][bad]}, default ${def[k][bad]}`);
+          if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${bal[k][bad]}, serial ${def[k][bad]}`);
         } else {
           errs[k] = relError(bal[k], def[k]);
           const tol = k === 'dALog' || k === 'dDtBias' ? 1e-4 : 1e-5;
-          if (!(errs[k] <= tol)) throw new Error(`${label}: ${k} differs from the default by ${errs[k]}`);
+          if (!(errs[k] <= tol)) throw new Error(`${label}: ${k} differs from the serial kernel by ${errs[k]}`);
         }
       }
       console.log(`gdn cuda k3 bal vs default ${label}: ${JSON.stringify(errs)}`);

@@ -202,8 +202,10 @@ export class GdnLayer {
       const aLog = await toDtype(this.p('A_log'), gateDtype);
       const dtBias = await toDtype(this.p('dt_bias'), gateDtype);
 
+      // 'full': the chunk states plus the backward prep's outputs, so the backward skips its prep (H200 session 9
+      // run 3, B8·T4096·H16·D128: f+b 2.316 ms against 2.634 with the states alone, for 145 MB more per layer).
       const { o, saved: gdn } = await gdnForward(gdnInputs(q, k, v, a, b, [B, T, H]), {
-        ...gdnOptions(dtype, aLog, dtBias, options.cuSeqlens), saveForBackward: true,
+        ...gdnOptions(dtype, aLog, dtBias, options.cuSeqlens), saveForBackward: 'full',
       });
       const gate = await linearForward(x, this.p('g_proj.weight'), this.p('g_proj.bias'));
       const n = await gatedRmsNorm(o.view([B * T * H, D]), this.p('o_norm.weight'), gate.view([B * T * H, D]), c.eps);

@@ -669,8 +669,9 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
   *reinterpret_cast<float2*>(out + 8 * nt + 2 * tq) = make_float2(x3[0], x3[1]);
 }
 
-// BAL (TCAL_GDN_BWD_K3=bal, opt-in; 128-column tiles): phase 2's 10 (band, column-block) C × C blocks over all 8
-// warps instead of band mi's mi + 1 blocks on warp mi (see the band section).
+// BAL (the default for bf16 inputs with 128-column tiles since session 9; TCAL_GDN_BWD_K3=serial turns it off):
+// phase 2's 10 (band, column-block) C × C blocks over all 8 warps instead of band mi's mi + 1 blocks on warp mi
+// (see the band section).
 template <typename T, typename CK, int K, int VB, bool BAL = false>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
@@ -1472,10 +1473,12 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   }
   if (timing) check(cudaEventRecord(ev[2], stream), "cudaEventRecord");
   const Fused fz{fusedQK(p), a.rq, a.rk, a.scale, a.l2norm, a.dq, a.dk};
-  // TCAL_GDN_BWD_K3=bal: kernel 3 with phase 2's C × C blocks over all 8 warps (gradplan item 2; opt-in for an A/B).
-  // bf16 inputs with 128-column tiles only; elsewhere (and f16 inputs) the default.
+  // Kernel 3 with phase 2's C × C blocks over all 8 warps (BAL, gradplan item 2) for bf16 inputs with 128-column
+  // tiles: the default since session 9 (H200 run 3, reference shape: backward on saved states 1.909 ms against
+  // 2.015). TCAL_GDN_BWD_K3=serial keeps the band blocks on warps 0–3 (the kernel before); f16 inputs and 64-column
+  // tiles always run that one.
   const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
-  const bool bal3 = k3Env && std::strcmp(k3Env, "bal") == 0 && std::is_same<T, __nv_bfloat16>::value;
+  const bool bal3 = !(k3Env && std::strcmp(k3Env, "serial") == 0) && std::is_same<T, __nv_bfloat16>::value;
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
     auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
