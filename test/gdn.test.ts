@@ -745,3 +745,49 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD
     }
   });
 });
+
+// TCAL_GDN_GRID=hv (session 9, opt-in): the forward prep and kernel 3 launched with the value head on blockIdx.x and
+// the chunk on blockIdx.y. Only the blocks' order changes, so every output is bitwise the default's except the fused
+// gates' per-head sums (atomics in an order that is not fixed either way).
+cudaDescribe('GDN CUDA: grid order with the value head fastest (TCAL_GDN_GRID=hv, session 9)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  const gridCases: [string, Case][] = [
+    ...['T=1 D=128', 'T=65 D=128', 'ragged', 'K=64 V=256'].map(byName),
+    ['filled grid, GVA 8/16, l2norm + fused gates', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ];
+  test.each(gridCases)('bitwise the default order (bf16; forward, full hand-over, backward): %s', async (name, c) => {
+    const h = makeHost(c, 5000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
+    const o = opts(c, d);
+    const run = (grid: string | undefined) =>
+      withKernelSwitch('TCAL_GDN_GRID', grid, async () => {
+        const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+        const f = await gdnForward(d.inputs, { ...o, outputFinalState: true, out });
+        const t = await gdnForward(d.inputs, { ...o, saveForBackward: 'full' });
+        const r: Record<string, Float64Array> = { o: await f64(f.o), finalState: await f64(f.finalState), 'o (training)': await f64(t.o) };
+        for (const [k, v] of Object.entries(t.saved!)) if (v instanceof Tensor) r[`saved.${k}`] = await f64(v);
+        const gOut: Record<string, Tensor> = {
+          dq: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+          dk: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
+          dv: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'),
+          dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+          dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+        };
+        if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0');
+        const g = await gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved: t.saved }));
+        for (const [k, v] of Object.entries(g)) r[k] = v;
+        return r;
+      });
+    const [hv, def] = [await run('hv'), await run(undefined)];
+    expect(Object.keys(hv).sort()).toEqual(Object.keys(def).sort());
+    for (const k of Object.keys(def)) {
+      expect([k, hv[k].some(Number.isNaN)]).toEqual([k, false]);
+      if (k === 'dALog' || k === 'dDtBias') {
+        if (!(relError(hv[k], def[k]) <= 1e-4)) throw new Error(`${name}: ${k} differs by ${relError(hv[k], def[k])}`);
+        continue;
+      }
+      const bad = hv[k].findIndex((x, j) => x !== def[k][j]);
+      if (bad >= 0) throw new Error(`${name}: ${k}[${bad}] = ${hv[k][bad]}, default order ${def[k][bad]}`);
+    }
+  });
+});
