@@ -88,15 +88,12 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
   ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
-  ['grid hv (prep with the value head on blockIdx.x; opt-in)', { TCAL_GDN_GRID: 'hv' }],
-  ['prep kernel alone, grid hv', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_GRID: 'hv' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
   ['kernel 3 serial band (phase-2 blocks on warps 0–3, before session 9)', { TCAL_GDN_BWD_K3: 'serial' }],
-  ['kernel 3 grid hv (value head on blockIdx.x; opt-in)', { TCAL_GDN_GRID: 'hv' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
 const VARIANT_KEYS = [

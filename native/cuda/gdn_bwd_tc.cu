@@ -672,9 +672,7 @@ __device__ __forceinline__ void tokenSumsRS(const float (&s)[8][2], float* out) 
 // BAL (the default for bf16 inputs with 128-column tiles since session 9; TCAL_GDN_BWD_K3=serial turns it off):
 // phase 2's 10 (band, column-block) C × C blocks over all 8 warps instead of band mi's mi + 1 blocks on warp mi
 // (see the band section).
-// HVX (TCAL_GDN_GRID=hv, opt-in, session 9): the value head on blockIdx.x, the chunk on blockIdx.y (the blocks
-// resident at once read whole [T, H, K] rows of q / k and neighbouring [chunk, HV] tiles).
-template <typename T, typename CK, int K, int VB, bool BAL = false, bool HVX = false>
+template <typename T, typename CK, int K, int VB, bool BAL = false>
 __global__ void __launch_bounds__(2 * VB) grad3Kernel(
     const float* __restrict__ g, const float* __restrict__ beta, const T* __restrict__ v, const T* __restrict__ dO,
     const CK* __restrict__ ckpt, const T* __restrict__ dSg, const T* __restrict__ Ag, const T* __restrict__ qg,
@@ -712,7 +710,7 @@ __global__ void __launch_bounds__(2 * VB) grad3Kernel(
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tq = lane % 4, lr = lane % 8, lm = lane / 8;
-  const int ch = HVX ? blockIdx.y : blockIdx.x, hv = HVX ? blockIdx.x : blockIdx.y, tile = blockIdx.z, v0 = tile * VB;
+  const int ch = blockIdx.x, hv = blockIdx.y, tile = blockIdx.z, v0 = tile * VB;
   const int64_t t0 = chunkStart[ch];
   const int L = chunkLen[ch];
   const size_t blk = size_t(ch) * HV + hv;
@@ -1481,25 +1479,18 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
   // tiles always run that one.
   const char* k3Env = std::getenv("TCAL_GDN_BWD_K3");
   const bool bal3 = !(k3Env && std::strcmp(k3Env, "serial") == 0) && std::is_same<T, __nv_bfloat16>::value;
-  const char* gridEnv = std::getenv("TCAL_GDN_GRID");
-  const bool hvx = vb == 128 && bal3 && gridEnv && std::strcmp(gridEnv, "hv") == 0 && a.nChunks <= 65535;  // (gridDim.y's limit)
   auto launch3 = [&](auto ck) {  // ck: the checkpoints' element type (float or bf16)
     using CK = typename decltype(ck)::type;
     auto go = [&](auto kern, size_t smemBytes, int tileCols, int threads) {
       allowSmem(kern, smemBytes);
-      const dim3 grid = hvx ? dim3(unsigned(HV), unsigned(a.nChunks), unsigned(V / tileCols))
-                            : dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols));
-      kern<<<grid, threads, smemBytes, stream>>>(
+      kern<<<dim3(unsigned(a.nChunks), unsigned(HV), unsigned(V / tileCols)), threads, smemBytes, stream>>>(
           a.g, a.beta, static_cast<const T*>(a.v), static_cast<const T*>(a.dO), static_cast<const CK*>(a.ckpt),
           static_cast<const T*>(dS.data()), A, q, k, H, QKG, a.chunkStart, a.chunkLen, HV, V, a.NT, static_cast<T*>(a.dv),
           a.dqP, a.dkP, a.dgamP, a.dbetaP, fz);
       checkLaunch("gdn backward gradients");
     };
-    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-    if (vb == 128 && hvx)
-      go(grad3Kernel<T, CK, K, 128, bf16, bf16>, grad3Smem<K, 128>(), 128, 256);
-    else if (vb == 128 && bal3)
-      go(grad3Kernel<T, CK, K, 128, bf16>, grad3Smem<K, 128>(), 128, 256);
+    if (vb == 128 && bal3)
+      go(grad3Kernel<T, CK, K, 128, std::is_same<T, __nv_bfloat16>::value>, grad3Smem<K, 128>(), 128, 256);
     else if (vb == 128)
       go(grad3Kernel<T, CK, K, 128>, grad3Smem<K, 128>(), 128, 256);
     else

@@ -150,10 +150,7 @@ constexpr size_t prepSmem() {
 // then does not run — QKG from the Aqk tiles (all 16 rows, the blocks above the diagonal zeroed), A before the
 // β scaling, the gate vectors beside aux (times the row factors sq, rk: the backward reads the raw q / k rows),
 // the norm factors. (Until session 9 also the rows scale·n_q, n_k: 0.27 GB at B8·T4096·H16·D128, gradplan item 5.)
-// HVX (TCAL_GDN_GRID=hv, opt-in, session 9): the value head on blockIdx.x and the chunk on blockIdx.y, so that the
-// blocks resident at once cover every head of fewer tokens (whole [T, H, K] rows of q / k read together) instead of
-// every chunk of fewer heads (256-byte pieces at a stride of H·K·2 bytes).
-template <typename T, int K, bool SAVE, bool HVX = false>
+template <typename T, int K, bool SAVE>
 __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
@@ -178,11 +175,10 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   float* sq = rk + C;
   float* ex = sq + C;
 
-  const unsigned chunkInSeq = HVX ? blockIdx.y : blockIdx.x;
-  const int tid = threadIdx.x, hv = HVX ? blockIdx.x : blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int tid = threadIdx.x, hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
   const int warp = tid / 32, lane = tid % 32, sub = tid % G;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
-  const int64_t t0 = seqBegin + int64_t(chunkInSeq) * C;
+  const int64_t t0 = seqBegin + int64_t(blockIdx.x) * C;
   if (t0 >= seqEnd) return;
   const int L = int(seqEnd - t0 < C ? seqEnd - t0 : C);
 
@@ -265,7 +261,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   }
   __syncthreads();
   // The hand-over's rows of this (chunk, value head): blk as the backward indexes it.
-  const size_t blk = SAVE ? size_t(ho.chunkFirst[n] + int(chunkInSeq)) * HV + hv : 0;
+  const size_t blk = SAVE ? size_t(ho.chunkFirst[n] + int(blockIdx.x)) * HV + hv : 0;
   // Inclusive scan of the log decays (2 per lane), by every warp in registers (past L the sum stays γ_{L-1});
   // warp 0 publishes γ and exp γ after the next barrier (the other warps still read the raw g until then).
   float gs0, gs1;
@@ -1444,17 +1440,12 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    const int64_t chunks = (maxLen + C - 1) / C;
-    const char* ge = std::getenv("TCAL_GDN_GRID");
-    const bool hvx = ge && std::strcmp(ge, "hv") == 0 && chunks <= 65535;  // (gridDim.y's limit)
-    auto kern = hvx ? (ho ? prepKernel<T, K, true, true> : prepKernel<T, K, false, true>)
-                    : (ho ? prepKernel<T, K, true> : prepKernel<T, K, false>);
+    auto kern = ho ? prepKernel<T, K, true> : prepKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
           "cudaFuncSetAttribute(gdn v4 prep carveout)");
-    const dim3 grid = hvx ? dim3(unsigned(p.HV), unsigned(chunks), unsigned(p.N))
-                          : dim3(unsigned(chunks), unsigned(p.HV), unsigned(p.N));
+    dim3 grid(unsigned((maxLen + C - 1) / C), unsigned(p.HV), unsigned(p.N));
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
         p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
