@@ -601,16 +601,14 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (full hand-over)`);
   });
 
-  // The ring state pass (TCAL_GDN_WS=ring, with session 5's spill fix: the A fragments read back from the
-  // exchange slot) computes exactly what the ws kernel with one recurrence warp per group does: o, the final
-  // state and the saved chunk-start states bitwise equal to TCAL_GDN_WS=wide's (V % 128 = 0 only; elsewhere, and
-  // off sm_90, both runs take the same ws kernel).
-  test.each(['ragged', 'K=64 V=256', 'T=1 D=128', 'T=65 D=128'].map(byName))('TCAL_GDN_WS=ring equals the ws kernel bitwise (bf16): %s', async (name, c) => {
-    const h = makeHost(c, 1000 + c.T + c.K);
+  // o, the final state, the training o and the saved chunk-start states under two TCAL_GDN_WS values, bitwise equal
+  // (outputs poisoned first; no NaN).
+  const expectSameForward = async (name: string, c: Case, seed: number, ws: string, same: string) => {
+    const h = makeHost(c, seed + c.T + c.K);
     const d = await upload(c, h, 'cuda:0', 'bf16');
-    const run = async (ws: string) => {
+    const run = async (value: string) => {
       let r: Float64Array[] = [];
-      await withEnv({ TCAL_GDN_WS: ws }, async () => {
+      await withEnv({ TCAL_GDN_WS: value }, async () => {
         const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
         const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
         const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
@@ -618,13 +616,19 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
       });
       return r;
     };
-    const [ring, wide] = [await run('ring'), await run('wide')];
+    const [got, want] = [await run(ws), await run(same)];
     ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
-      const bad = ring[i].findIndex((x, j) => !(x === wide[i][j] || (Number.isNaN(x) && Number.isNaN(wide[i][j]))));
-      if (bad >= 0) throw new Error(`${name}: ring ${k}[${bad}] = ${ring[i][bad]}, ws ${wide[i][bad]}`);
-      expect(ring[i].some(Number.isNaN)).toBe(false);
+      const bad = got[i].findIndex((x, j) => !(x === want[i][j] || (Number.isNaN(x) && Number.isNaN(want[i][j]))));
+      if (bad >= 0) throw new Error(`${name}: ${ws} ${k}[${bad}] = ${got[i][bad]}, ${same} ${want[i][bad]}`);
+      expect(got[i].some(Number.isNaN)).toBe(false);
     });
-  });
+  };
+  // The ring state pass (TCAL_GDN_WS=ring, with session 5's spill fix: the A fragments read back from the
+  // exchange slot) computes exactly what the ws kernel with one recurrence warp per group does: o, the final
+  // state and the saved chunk-start states bitwise equal to TCAL_GDN_WS=wide's (V % 128 = 0 only; elsewhere, and
+  // off sm_90, both runs take the same ws kernel).
+  test.each(['ragged', 'K=64 V=256', 'T=1 D=128', 'T=65 D=128'].map(byName))('TCAL_GDN_WS=ring equals the ws kernel bitwise (bf16): %s', (name, c) =>
+    expectSameForward(name, c, 1000, 'ring', 'wide'));
 
   // TCAL_GDN_WS=ringbulk (session 9): the ring kernel with its slots filled by tensor / bulk copies on mbarriers
   // (sm_90; elsewhere both runs take the same kernel). Only the loads changed, so o, the final state, the training
@@ -637,26 +641,8 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'ragged', 'K=64 V=256'].map(byName),
     ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
   ];
-  test.each(bulkCases)('TCAL_GDN_WS=ringbulk equals the ring kernel bitwise (bf16): %s', async (name, c) => {
-    const h = makeHost(c, 3000 + c.T + c.K);
-    const d = await upload(c, h, 'cuda:0', 'bf16');
-    const run = async (ws: string) => {
-      let r: Float64Array[] = [];
-      await withEnv({ TCAL_GDN_WS: ws }, async () => {
-        const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
-        const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
-        const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
-        r = [await f64(f.o), await f64(f.finalState), await f64(t.o), await f64(t.saved!.chunkStates)];
-      });
-      return r;
-    };
-    const [bulk, ring] = [await run('ringbulk'), await run('ring')];
-    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
-      const bad = bulk[i].findIndex((x, j) => !(x === ring[i][j] || (Number.isNaN(x) && Number.isNaN(ring[i][j]))));
-      if (bad >= 0) throw new Error(`${name}: ringbulk ${k}[${bad}] = ${bulk[i][bad]}, ring ${ring[i][bad]}`);
-      expect(bulk[i].some(Number.isNaN)).toBe(false);
-    });
-  });
+  test.each(bulkCases)('TCAL_GDN_WS=ringbulk equals the ring kernel bitwise (bf16): %s', (name, c) =>
+    expectSameForward(name, c, 3000, 'ringbulk', 'ring'));
   // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
   // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
   test.each([
