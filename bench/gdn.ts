@@ -1,10 +1,11 @@
 /**
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
  * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd
- * [--full]] [--no-variants | --no-fwd-variants]
+ * [--full]] [--no-variants | --no-fwd-variants] [--skip-variants REGEX]
  * (--once: two forward calls at the reference shape only, as a target for ncu; --once-bwd: a training forward
  * and one backward with its saved states, --full: with the full hand-over; --no-variants: skip the forward and
- * backward versions timed side by side; --no-fwd-variants: only the backward's)
+ * backward versions timed side by side; --no-fwd-variants: only the backward's; --skip-variants: leave out the
+ * versions whose label matches, e.g. an opt-in kernel whose tests failed in the same call)
  * Forward + backward three ways: the backward recomputing the chunk-start states, a training forward
  * (saveForBackward) handing them over, and one handing over the backward prep's outputs too
  * (saveForBackward 'full': the backward skips its prep); the saved memory per shape.
@@ -138,6 +139,9 @@ async function main(): Promise<void> {
   const noPeer = process.argv.includes('--no-peer');
   const noVariants = process.argv.includes('--no-variants');
   const noFwdVariants = noVariants || process.argv.includes('--no-fwd-variants');
+  const skipAt = process.argv.indexOf('--skip-variants');
+  const skip = skipAt > 0 && process.argv[skipAt + 1] ? new RegExp(process.argv[skipAt + 1]) : undefined;
+  const kept = (variants: [string, Record<string, string>][]) => variants.filter(([label]) => !skip?.test(label));
   const backend = initBackend({ backend: 'cuda' });
   const device = backend.device;
   const onceBwd = process.argv.includes('--once-bwd');
@@ -216,7 +220,7 @@ async function main(): Promise<void> {
     // A discarded warm-up: the first timed row after fla's Python run read 0.912 ms for the 0.643 ms kernel (session 8 run 2).
     await timeDevice(async () => (await gdnForward(ins, opts)).o.dispose(), device, { warmup: 5, batches: 3, perBatch: 5 });
     // Forward versions side by side (environment switches, see FORWARD_VARIANTS).
-    for (const [label, env] of noFwdVariants ? [] : FORWARD_VARIANTS) {
+    for (const [label, env] of noFwdVariants ? [] : kept(FORWARD_VARIANTS)) {
       const skip = env.TCAL_GDN_V3_SKIP !== undefined;
       try {
         await withEnv(env, async () => {
@@ -299,7 +303,7 @@ async function main(): Promise<void> {
     );
     // Backward versions with saved states (the training forward under the same switches), and per-kernel times
     // (TCAL_GDN_BWD_TIMING prints them on stderr).
-    for (const [label, env] of noVariants ? [] : BACKWARD_VARIANTS) {
+    for (const [label, env] of noVariants ? [] : kept(BACKWARD_VARIANTS)) {
       try {
         const [bwd, fb] = await withEnv(env, async () => {
           const sv = await trainFwd();
