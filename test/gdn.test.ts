@@ -657,6 +657,35 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
       expect(bulk[i].some(Number.isNaN)).toBe(false);
     });
   });
+  // TCAL_GDN_WS=ringbulk2 (session 9, opt-in): ringbulk with the register file split between the roles by setmaxnreg
+  // (sm_90a builds; elsewhere the same code without it) and the output warps' Oᵀ in two halves. Per element the same
+  // products in the same order, so bitwise ringbulk's on the cases above — o, final state, training o, bf16 saved
+  // states, all into poisoned outputs — and in f16 (the __half instantiation) on three of them.
+  const bulk2Cases: [string, Case, DType][] = [
+    ...bulkCases.map(([n, c]): [string, Case, DType] => [n, c, 'bf16']),
+    ...bulkCases.filter(([n]) => ['T=65 D=128', 'ragged', 'K=64 V=256'].some((p) => n.startsWith(p))).map(([n, c]): [string, Case, DType] => [`${n}, f16`, c, 'f16']),
+  ];
+  test.each(bulk2Cases)('TCAL_GDN_WS=ringbulk2 equals ringbulk bitwise: %s', async (name, c, dt) => {
+    const h = makeHost(c, 5000 + c.T + c.K);
+    const d = await upload(c, h, 'cuda:0', dt);
+    const run = async (ws: string) => {
+      let r: Float64Array[] = [];
+      await withEnv({ TCAL_GDN_WS: ws }, async () => {
+        const out = { o: await poison([c.B, c.T, c.HV, c.V], dt, 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+        const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
+        const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
+        r = [await f64(f.o), await f64(f.finalState), await f64(t.o), await f64(t.saved!.chunkStates)];
+      });
+      return r;
+    };
+    const [bulk2, bulk] = [await run('ringbulk2'), await run('ringbulk')];
+    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
+      expect(bulk2[i].length).toBe(bulk[i].length);
+      const bad = bulk2[i].findIndex((x, j) => !(x === bulk[i][j] || (Number.isNaN(x) && Number.isNaN(bulk[i][j]))));
+      if (bad >= 0) throw new Error(`${name}: ringbulk2 ${k}[${bad}] = ${bulk2[i][bad]}, ringbulk ${bulk[i][bad]}`);
+      expect(bulk2[i].some(Number.isNaN)).toBe(false);
+    });
+  });
   // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
   // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
   test.each([
