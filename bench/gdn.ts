@@ -85,12 +85,10 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['ring (v7, loads by cp.async)', { TCAL_GDN_WS: 'ring' }],
   ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
-  ['ringbulk2 (ringbulk, registers split by setmaxnreg: recurrence 168 / output 88; session 9, opt-in, sm_90a)', { TCAL_GDN_WS: 'ringbulk2' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
   ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
-  ['state kernel alone, ringbulk2', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk2' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [

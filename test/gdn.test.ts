@@ -603,13 +603,13 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
 
   // o, the final state, the training o and the saved chunk-start states under two TCAL_GDN_WS values, bitwise equal
   // (outputs poisoned first; no NaN).
-  const expectSameForward = async (name: string, c: Case, seed: number, ws: string, same: string, dt: DType = 'bf16') => {
+  const expectSameForward = async (name: string, c: Case, seed: number, ws: string, same: string) => {
     const h = makeHost(c, seed + c.T + c.K);
-    const d = await upload(c, h, 'cuda:0', dt);
+    const d = await upload(c, h, 'cuda:0', 'bf16');
     const run = async (value: string) => {
       let r: Float64Array[] = [];
       await withEnv({ TCAL_GDN_WS: value }, async () => {
-        const out = { o: await poison([c.B, c.T, c.HV, c.V], dt, 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+        const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
         const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
         const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
         r = [await f64(f.o), await f64(f.finalState), await f64(t.o), await f64(t.saved!.chunkStates)];
@@ -618,7 +618,6 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     };
     const [got, want] = [await run(ws), await run(same)];
     ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
-      expect(got[i].length).toBe(want[i].length);
       const bad = got[i].findIndex((x, j) => !(x === want[i][j] || (Number.isNaN(x) && Number.isNaN(want[i][j]))));
       if (bad >= 0) throw new Error(`${name}: ${ws} ${k}[${bad}] = ${got[i][bad]}, ${same} ${want[i][bad]}`);
       expect(got[i].some(Number.isNaN)).toBe(false);
@@ -644,16 +643,6 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
   ];
   test.each(bulkCases)('TCAL_GDN_WS=ringbulk equals the ring kernel bitwise (bf16): %s', (name, c) =>
     expectSameForward(name, c, 3000, 'ringbulk', 'ring'));
-  // TCAL_GDN_WS=ringbulk2 (session 9, opt-in): ringbulk with the register file split between the roles by setmaxnreg
-  // (sm_90a builds; elsewhere the same code without it) and the output warps' Oᵀ in two halves. Per element the same
-  // products in the same order, so bitwise ringbulk's on the cases above — o, final state, training o, bf16 saved
-  // states, all into poisoned outputs — and in f16 (the __half instantiation) on three of them.
-  const bulk2Cases: [string, Case, DType][] = [
-    ...bulkCases.map(([n, c]): [string, Case, DType] => [n, c, 'bf16']),
-    ...bulkCases.filter(([n]) => ['T=65 D=128', 'ragged', 'K=64 V=256'].some((p) => n.startsWith(p))).map(([n, c]): [string, Case, DType] => [`${n}, f16`, c, 'f16']),
-  ];
-  test.each(bulk2Cases)('TCAL_GDN_WS=ringbulk2 equals ringbulk bitwise: %s', (name, c, dt) =>
-    expectSameForward(name, c, 5000, 'ringbulk2', 'ringbulk', dt));
   // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
   // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
   test.each([

@@ -1015,73 +1015,8 @@ struct RingLayout {
 struct RingMaps {  // BULK: [tokens, heads, columns] views of k, Ab, v, aux, q, Aqk; boxes 32 tokens × a padded row
   CUtensorMap k, ab, v, aux, q, aq;
 };
-// REGS: outQS + outNuAQ + outStore over token blocks 2hh, 2hh + 1 only, with their 16 accumulators (Oᵀ's other half
-// not live). Per element the same products in the same order as the whole-Oᵀ path (bitwise equal); the same
-// ldmatrix / stmatrix count.
-template <typename T, int K, int LDS>
-__device__ __forceinline__ void outHalf(int hh, const uint4 (&Sf)[K / 16], const uint32_t (&Nf)[4][4], const T* Qs,
-                                        const T* AQs, const float4* auxs, T* stage, T* orow, int64_t rowStride, int L,
-                                        int lane) {
-  constexpr int LDK = K + 8;
-  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
-  float O[4][4] = {};
-#pragma unroll
-  for (int ks = 0; ks < K / 16; ++ks) {
-    const uint32_t sa[4] = {Sf[ks].x, Sf[ks].y, Sf[ks].z, Sf[ks].w};
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      uint32_t b[4];
-      ldsm4(b, Qs + (16 * (2 * hh + j) + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-      mma<T>(O[2 * j], sa, b[0], b[1]);
-      mma<T>(O[2 * j + 1], sa, b[2], b[3]);
-    }
-  }
-#pragma unroll
-  for (int jt = 0; jt < 4; ++jt)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const float f = auxs[2 * (8 * (4 * hh + jt) + 2 * tq + c) + 1].x;  // sq_i exp γ_i
-      O[jt][c] *= f;
-      O[jt][c + 2] *= f;
-    }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int np = 2 * hh + j;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      if (ks > np) break;  // Aqk lower triangular
-      uint32_t b[4];
-      ldsm4(b, AQs + (16 * np + lr + (lm >> 1) * 8) * LDC + 16 * ks + (lm & 1) * 8);
-      mma<T>(O[2 * j], Nf[ks], b[0], b[1]);
-      mma<T>(O[2 * j + 1], Nf[ks], b[2], b[3]);
-    }
-  }
-  const int m = lane / 8;
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-    stsm4t(stage + (16 * (2 * hh + j) + 8 * (m >> 1) + lane % 8) * LDS + 8 * (m & 1), pack2<T>(O[2 * j][0], O[2 * j][1]),
-           pack2<T>(O[2 * j][2], O[2 * j][3]), pack2<T>(O[2 * j + 1][0], O[2 * j + 1][1]),
-           pack2<T>(O[2 * j + 1][2], O[2 * j + 1][3]));
-  __syncwarp();
-#pragma unroll
-  for (int it = 0; it < 2; ++it) {
-    const int i = (lane + 32 * (2 * hh + it)) / 2, half = lane % 2;
-    if (i < L)
-      *reinterpret_cast<uint4*>(orow + i * rowStride + 8 * half) = *reinterpret_cast<const uint4*>(stage + i * LDS + 8 * half);
-  }
-}
 
-// REGS (TCAL_GDN_WS=ringbulk2, sm_90a): the bulk ring with the register file split unevenly between the roles by
-// setmaxnreg. __launch_bounds__(512, 1) gives every thread 128 registers, where the recurrence warps' chunk loop
-// (Sᵀ 64 + P 32 + N 32 fp32 live at once, plus addresses) spilled 56 B / reloaded 96 B (≈ 13 local loads per
-// chunk on the chain) and the output warps need fewer. Recurrence warpgroups 0, 1 go up to kRingRecRegs, output
-// warpgroups 2, 3 down to kRingOutRegs (8 · 32 · (kRingRecRegs + kRingOutRegs) = 65,536, the whole file; .inc waits
-// for exactly what .dec releases, so the launch must hold 128 per thread: ptxas gives setmaxnreg kernels the
-// launch bound's count). Without sm_90a features (plain sm_90, sm_80) the same code runs without setmaxnreg.
-constexpr int kRingRecRegs = 168, kRingOutRegs = 88;
-static_assert(kRingRecRegs + kRingOutRegs == 2 * 128, "ring: the roles share the 128-register budget");
-
-template <typename T, int K, bool CK16, bool BULK, bool REGS = false>
+template <typename T, int K, bool CK16, bool BULK>
 __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int HV, int V, const T* __restrict__ q,
                                          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ Ab,
                                          const T* __restrict__ AQ, const float4* __restrict__ aux,
@@ -1101,30 +1036,15 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
   constexpr bool bulk = BULK && TCAL_GDN_BULK;
   uint64_t* fullBar = reinterpret_cast<uint64_t*>(sm + Lay::total);  // BULK only: rec slots 0, 1; out slots 2, 3
 
-  int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, rtid = tid % NR;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, rtid = tid % NR;
   const bool rec = warp < 8;
-  int cg = warp % 8;
-  int gq = lane / 4, tq = lane % 4;
-  int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
-  int v0 = blockIdx.x * VT, vw = 16 * cg;
-  int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
+  const int cg = warp % 8;
+  const int gq = lane / 4, tq = lane % 4;
+  const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
+  const int v0 = blockIdx.x * VT, vw = 16 * cg;
+  const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
   uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
   uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
-  // REGS: each role takes its register budget first and then derives the values above again from opaque reads of
-  // the special registers, so that none is computed before the split and carried into it (ptxas kept such values
-  // within the smaller role's budget or spilled them: 37 local loads / stores left in the recurrence role at 160 / 96).
-  auto rederive = [&] {
-    unsigned t, bx, by, bz;
-    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
-    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
-    asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(by));
-    asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(bz));
-    tid = int(t), warp = tid / 32, lane = tid % 32, rtid = tid % NR, cg = warp % 8, gq = lane / 4, tq = lane % 4;
-    hv = int(by), n = int(bz), h = hv / (HV / H), v0 = int(bx) * VT, vw = 16 * cg;
-    seqBegin = cu[n], seqEnd = cu[n + 1];
-    xS = xch + cg * XW + lane * 4;
-    xN = xS + KS * 128;
-  };
   auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
 #if TCAL_GDN_BULK
   if constexpr (bulk) {
@@ -1140,10 +1060,6 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 #endif
 
   if (rec) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    if constexpr (REGS) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRingRecRegs));
-#endif
-    if constexpr (REGS) rederive();
     auto slot = [&](int s) { return reinterpret_cast<T*>(recSlots + s * Lay::kRec); };
     auto issue = [&](int64_t tc, int s) {
       T* Ks = slot(s);
@@ -1250,10 +1166,6 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         }
     }
   } else {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    if constexpr (REGS) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRingOutRegs));
-#endif
-    if constexpr (REGS) rederive();
     auto slot = [&](int s) { return reinterpret_cast<T*>(outSlots + s * Lay::kOut); };
     auto issue = [&](int64_t tc, int s) {
       T* Qs = slot(s);
@@ -1333,18 +1245,10 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         mbarWait(fullBar + 2 + s, ph);
 #endif
       }
-      if constexpr (REGS) {
-        // Oᵀ in two halves (a loop kept rolled, so the halves' accumulators are never live together): the role fits
-        // kRingOutRegs without spilling (ptxas sm_90a, K = 128: 120 needed with the whole Oᵀ live).
-#pragma unroll 1
-        for (int hh = 0; hh < 2; ++hh)
-          outHalf<T, K, LDO>(hh, Sf, Nf, Qs, AQs, auxs, Os, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane);
-      } else {
-        float O[8][4] = {};
-        outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
-        outNuAQ<T>(O, Nf, AQs, lane, own);
-        outStore<T, LDO>(O, Os, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane, own);
-      }
+      float O[8][4] = {};
+      outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
+      outNuAQ<T>(O, Nf, AQs, lane, own);
+      outStore<T, LDO>(O, Os, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane, own);
       __syncwarp();  // every lane has read Os before the next chunk's stmatrix
     }
   }
@@ -1363,11 +1267,6 @@ __global__ void __launch_bounds__(512, 1) ringKernel(TCAL_RING_PARAMS) {
 template <typename T, int K, bool CK16>
 __global__ void __launch_bounds__(512, 1) ringBulkKernel(TCAL_RING_PARAMS, const __grid_constant__ RingMaps maps) {
   ringBody<T, K, CK16, true>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
-}
-// … and with the registers split between the roles (REGS above).
-template <typename T, int K, bool CK16>
-__global__ void __launch_bounds__(512, 1) ringBulk2Kernel(TCAL_RING_PARAMS, const __grid_constant__ RingMaps maps) {
-  ringBody<T, K, CK16, true, true>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
 }
 #undef TCAL_RING_PARAMS
 
@@ -1450,35 +1349,15 @@ void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t 
   }
 }
 
-// ringbulk2's setmaxnreg.inc waits for the registers that the output warps release, which add up only where the launch
-// holds 128 per thread (ptxas gave every instantiation 128: a guard against a hang should that change); else ringbulk.
-template <typename T, int K>
-bool ringBulk2Ready() {
-  static const bool ok = [] {
-    for (auto kern : {ringBulk2Kernel<T, K, false>, ringBulk2Kernel<T, K, true>}) {
-      cudaFuncAttributes a{};
-      if (cudaFuncGetAttributes(&a, kern) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-      }
-      if (a.numRegs != 128) return false;
-    }
-    return true;
-  }();
-  return ok;
-}
-
-// RING: 0 the cp.async ring, 1 ringbulk, 2 ringbulk2 (ringbulk with the registers split by setmaxnreg).
-template <typename T, int K, int RING>
+template <typename T, int K, bool BULK>
 void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux,
                 T* o, float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   using Lay = RingLayout<K>;
   dim3 grid(unsigned(p.V / Lay::VT), unsigned(p.HV), unsigned(p.N));
   const float* h0 = p.hasH0 ? in.h0.ptr<float>() : nullptr;
-  if constexpr (RING > 0) {
+  if constexpr (BULK) {
     constexpr size_t smem = Lay::total + Lay::kBars;
-    auto kern = RING == 2 ? (ckpt && ckpt16 ? ringBulk2Kernel<T, K, true> : ringBulk2Kernel<T, K, false>)
-                          : (ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>);
+    auto kern = ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v7 state, bulk)");
     const int64_t NT = p.tokens();  // token coordinates are 32-bit
@@ -1510,8 +1389,7 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
 // Where the ring runs, its loads come by tensor / bulk copies on mbarriers (ringbulk, sm_90, session 9: state pass
 // 0.303 ms against the cp.async ring's 0.337 at the reference shape, run 2) unless the driver lacks the tensor-map
 // encoder. TCAL_GDN_WS=wide|small|ring forces one (ring: the cp.async ring, only where it can run); =ringbulk the
-// bulk ring wherever it can run (else what the default would pick); =ringbulk2 likewise the bulk ring with its
-// registers split between the roles (session 9, opt-in, for sm_90a builds; see ringBulk2Ready, else ringbulk).
+// bulk ring wherever it can run (else what the default would pick).
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
@@ -1522,11 +1400,10 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   bool ring = ringFits && 10 * p.N * p.HV * (p.V / VT) >= 9 * int64_t(sms);
   const bool bulkFits = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
                         p.tokens() < (int64_t(1) << 31);
-  bool bulk = ring && bulkFits && tensorMapEncoder(), bulk2 = false;
+  bool bulk = ring && bulkFits && tensorMapEncoder();
   if (const char* e = std::getenv("TCAL_GDN_WS")) {
-    if (std::strcmp(e, "ringbulk") == 0 || std::strcmp(e, "ringbulk2") == 0) {
+    if (std::strcmp(e, "ringbulk") == 0) {
       bulk = bulkFits && tensorMapEncoder();
-      bulk2 = bulk && e[8] == '2' && ringBulk2Ready<T, K>();
       ring = ring || bulk;
     } else {
       wide = std::strcmp(e, "small") != 0;
@@ -1534,12 +1411,10 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
       bulk = false;
     }
   }
-  if (bulk2) {
-    launchRing<T, K, 2>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
-  } else if (bulk) {
-    launchRing<T, K, 1>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+  if (bulk) {
+    launchRing<T, K, true>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if (ring) {
-    launchRing<T, K, 0>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
+    launchRing<T, K, false>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if (!wide) {
     launchWs<T, K, 2, 2, 2, 1>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   } else if constexpr (wsSmem<K, 4, 1, 2>() <= 113 * 1024) {
