@@ -677,12 +677,13 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
 
 // prepidle (session 9): TCAL_GDN_PREP=idle — the forward prep's inverse ends without its block barrier and each warp
 // forms the Ab rows of the A columns it wrote (warps 2, 3, with the shorter strips, also the zero blocks and aux);
-// =idle2 also forms the Aqk / M tiles 8 and 9 by 16 × 8 halves, one per warp (2.5 tiles each instead of 3/3/2/2).
+// =idle2 also forms the Aqk / M tiles 8 and 9 by 16 × 8 halves, one per warp (2.5 tiles each instead of 3/3/2/2);
+// =idle5 runs idle's code at five blocks per SM (≤ 96 registers).
 // The same arithmetic element by element, so everything downstream is bitwise the default's: o and the final state (the
 // prep with Aqk), the training o, the saved chunk-start states and the full hand-over (A, QKG, gate vectors, e_L,
 // norms: the SAVE instantiation), and the backward's gradients on recomputed states (the prep without Aqk), saved
 // states and the hand-over (dALog / dDtBias are sums by atomics: within 1e-5). Then against the fp64 reference.
-cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_PREP=idle | idle2, prepidle session 9)', () => {
+cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_PREP=idle | idle2 | idle5, prepidle session 9)', () => {
   const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
   const idleCases: [string, Case][] = [
     ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'T=65 D=64', 'ragged', 'K=64 V=256', 'l2norm', 'strong decay', 'β near 1'].map(byName),
@@ -694,7 +695,7 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
     if (bad >= 0) throw new Error(`${label}[${bad}] = ${a[bad]} with the switch, ${b[bad]} by default`);
     expect([label, a.some(Number.isNaN)]).toEqual([label, false]);
   };
-  test.each(idleCases)('idle and idle2 equal the default prep bitwise (forward, hand-over, backward): %s', async (name, c) => {
+  test.each(idleCases)('idle, idle2 and idle5 equal the default prep bitwise (forward, hand-over, backward): %s', async (name, c) => {
     for (const dtype of ['bf16', 'f16'] as const) {
       // f16 (the prep's other instantiations; no GDN test takes f16 through the backward): two cases, forward only
       if (dtype === 'f16' && !/^(T=65 D=64|ragged)/.test(name)) continue;
@@ -732,7 +733,7 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
         });
       const def = await run(undefined);
       if (dtype === 'bf16') expect(Object.keys(def)).toContain('saved.A (full)');
-      for (const prep of ['idle', 'idle2']) {
+      for (const prep of ['idle', 'idle2', 'idle5']) {
         const idle = await run(prep);
         expect(Object.keys(idle).sort()).toEqual(Object.keys(def).sort());
         for (const k of Object.keys(def)) {

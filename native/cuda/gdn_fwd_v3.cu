@@ -154,9 +154,11 @@ constexpr size_t prepSmem() {
 // of the A columns it wrote itself (warps 0, 1 the 8-column strips of block column 0; warps 2, 3, whose strips are 8
 // products shorter than those, the rest, the zero blocks and aux). IDLE = 2 (=idle2) also splits the tiles 8 and 9
 // of the Aqk / M products into 16 × 8 halves, one per warp, so that each warp takes 2.5 tiles instead of 3/3/2/2.
+// IDLE = 3 (=idle5): IDLE = 1's code at five blocks per SM (≤ 96 registers: ptxas fits it without spilling, the
+// default and IDLE = 2 spill 4–16 B there; 5 × 40.4 KB of shared memory fit).
 // Every element comes from the default's arithmetic (the same mma fragments, the same factor products).
 template <typename T, int K, bool SAVE, int IDLE>
-__global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
+__global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
@@ -349,7 +351,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       const int job = warp + 4 * u;
       // (IDLE = 2 by if constexpr: the other instantiations compile exactly the default's statements)
       int tile = job, nts = 3;
-      if constexpr (IDLE >= 2) {
+      if constexpr (IDLE == 2) {
         if (u == 2) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // tile 8 + warp % 2, columns 8 (warp / 2) … + 7
       } else if (job >= 10) {
         break;
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        if constexpr (IDLE >= 2)
+        if constexpr (IDLE == 2)
           if (!(nts >> nt & 1)) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -391,7 +393,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       __syncwarp();
       {
         const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
-        const bool mine = IDLE < 2 || nts >> half & 1;
+        const bool mine = IDLE != 2 || nts >> half & 1;
         if (i < L && mine)
           *reinterpret_cast<uint4*>(AQout + ((t0 + i) * HV + hv) * C + 16 * ni + 8 * half) =
               *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
@@ -402,8 +404,8 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       }
       __syncwarp();
     }
-    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two)
-      for (int job = warp; job < 6; job += kPrepThreads / 32) {
+    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two; with IDLE warps 2, 3)
+      for (int job = IDLE >= 1 ? (warp + 2) % 4 : warp; job < 6; job += kPrepThreads / 32) {
         const int tc = job < 3 ? 3 : job < 5 ? 2 : 1, tr = job < 3 ? job : job < 5 ? job - 3 : 0;
         const int row = lane / 2, half = lane % 2;
         *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + 16 * tr + row) * C + 16 * tc + 8 * half) =
@@ -413,7 +415,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
       int nts = 3;
-      if constexpr (IDLE >= 2) {
+      if constexpr (IDLE == 2) {
         if (u == 2) nts = 1 << (warp >> 1);
       } else if (warp + 4 * u >= 10) {
         break;
@@ -422,16 +424,16 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          if (IDLE < 2 || nts >> nt & 1)
+          if (IDLE != 2 || nts >> nt & 1)
             *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
     }
   }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   if (!AQout)
-    for (int job = warp; job < (IDLE >= 2 ? 12 : 10); job += kPrepThreads / 32) {
+    for (int job = warp; job < (IDLE == 2 ? 12 : 10); job += kPrepThreads / 32) {
       int tile = job, nts = 3;
-      if constexpr (IDLE >= 2)
+      if constexpr (IDLE == 2)
         if (job >= 8) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // as above: tiles 8, 9 by halves
       int tr, tc;
       float acc[2][4], gi[2], gj[2][2];
@@ -440,7 +442,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          if (IDLE < 2 || nts >> nt & 1)
+          if (IDLE != 2 || nts >> nt & 1)
             *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
                 mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
     }
@@ -1333,11 +1335,12 @@ bool skipped(const char* which) {
   return e && std::strcmp(e, which) == 0;
 }
 
-// TCAL_GDN_PREP=idle | idle2: the prep's IDLE = 1 | 2 instantiations (Ab and aux in the inverse's idle warps; idle2
-// also the Aqk / M tiles 8, 9 by halves); outputs bitwise the same as the default's.
+// TCAL_GDN_PREP=idle | idle2 | idle5: the prep's IDLE = 1 | 2 | 3 instantiations (Ab and aux in the inverse's idle
+// warps; idle2 also the Aqk / M tiles 8, 9 by halves; idle5 idle at five blocks per SM); outputs bitwise the default's.
 int prepIdle() {
   const char* e = std::getenv("TCAL_GDN_PREP");
-  return !e ? 0 : std::strcmp(e, "idle") == 0 ? 1 : std::strcmp(e, "idle2") == 0 ? 2 : 0;
+  if (!e) return 0;
+  return std::strcmp(e, "idle") == 0 ? 1 : std::strcmp(e, "idle2") == 0 ? 2 : std::strcmp(e, "idle5") == 0 ? 3 : 0;
 }
 
 int smCount() {
@@ -1503,8 +1506,12 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
     const int idle = prepIdle();
-    auto kern = ho ? (idle == 2 ? prepKernel<T, K, true, 2> : idle ? prepKernel<T, K, true, 1> : prepKernel<T, K, true, 0>)
-                   : (idle == 2 ? prepKernel<T, K, false, 2> : idle ? prepKernel<T, K, false, 1> : prepKernel<T, K, false, 0>);
+    using Kern = decltype(&prepKernel<T, K, false, 0>);
+    const Kern save[4] = {prepKernel<T, K, true, 0>, prepKernel<T, K, true, 1>, prepKernel<T, K, true, 2>,
+                          prepKernel<T, K, true, 3>};
+    const Kern plain[4] = {prepKernel<T, K, false, 0>, prepKernel<T, K, false, 1>, prepKernel<T, K, false, 2>,
+                           prepKernel<T, K, false, 3>};
+    auto kern = (ho ? save : plain)[idle];
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
