@@ -661,6 +661,92 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
   });
 });
 
+// prepidle (session 9): TCAL_GDN_PREP=idle — the forward prep's inverse ends without its block barrier and each warp
+// forms the Ab rows of the A columns it wrote (warps 2, 3, with the shorter strips, also the zero blocks and aux);
+// =idle2 also forms the Aqk / M tiles 8 and 9 by 16 × 8 halves, one per warp (2.5 tiles each instead of 3/3/2/2);
+// =idle5 runs idle's code at five blocks per SM (≤ 96 registers).
+// The same arithmetic element by element, so everything downstream is bitwise the default's: o and the final state (the
+// prep with Aqk), the training o, the saved chunk-start states and the full hand-over (A, QKG, gate vectors, e_L,
+// norms: the SAVE instantiation), and the backward's gradients on recomputed states (the prep without Aqk), saved
+// states and the hand-over (dALog / dDtBias are sums by atomics: within 1e-5). Then against the fp64 reference.
+cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_PREP=idle | idle2 | idle5, prepidle session 9)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  const idleCases: [string, Case][] = [
+    ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'T=65 D=64', 'ragged', 'K=64 V=256', 'l2norm', 'strong decay', 'β near 1'].map(byName),
+    ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ];
+  const bitwise = (label: string, a: Float64Array, b: Float64Array) => {
+    expect([label, a.length]).toEqual([label, b.length]);
+    const bad = a.findIndex((x, j) => !(x === b[j] || (Number.isNaN(x) && Number.isNaN(b[j]))));
+    if (bad >= 0) throw new Error(`${label}[${bad}] = ${a[bad]} with the switch, ${b[bad]} by default`);
+    expect([label, a.some(Number.isNaN)]).toEqual([label, false]);
+  };
+  test.each(idleCases)('idle, idle2 and idle5 equal the default prep bitwise (forward, hand-over, backward): %s', async (name, c) => {
+    for (const dtype of ['bf16', 'f16'] as const) {
+      // f16 (the prep's other instantiations; no GDN test takes f16 through the backward): two cases, forward only
+      if (dtype === 'f16' && !/^(T=65 D=64|ragged)/.test(name)) continue;
+      const h = makeHost(c, 5000 + c.T + c.K);
+      const d = await upload(c, h, 'cuda:0', dtype);
+      const o = opts(c, d);
+      const run = async (prep: string | undefined) =>
+        withKernelSwitch('TCAL_GDN_PREP', prep, async () => {
+          const r: Record<string, Float64Array> = {};
+          const out = { o: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+          const f = await gdnForward(d.inputs, { ...o, outputFinalState: true, out });
+          [r.o, r.finalState] = [await f64(f.o), await f64(f.finalState)];
+          for (const save of dtype === 'f16' ? [] : ([undefined, true, 'full'] as const)) {  // recomputed, saved states, hand-over
+            const t = save ? await gdnForward(d.inputs, { ...o, saveForBackward: save, out: { o: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0') } }) : undefined;
+            if (t) {
+              r[`o (training, ${save})`] = await f64(t.o);
+              for (const [k, v] of Object.entries(t.saved!)) if (v) r[`saved.${k} (${save})`] = await f64(v as Tensor);
+            }
+            const gOut: Record<string, Tensor> = {
+              dq: await poison([c.B, c.T, c.H, c.K], dtype, 'cuda:0'),
+              dk: await poison([c.B, c.T, c.H, c.K], dtype, 'cuda:0'),
+              dv: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0'),
+              dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+              dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
+            };
+            if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0');
+            if (c.gates) {
+              gOut.dALog = await poison([c.HV], 'f32', 'cuda:0');
+              gOut.dDtBias = await poison([c.HV], 'f32', 'cuda:0');
+            }
+            const ga = await gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved: t?.saved }));
+            for (const [k, v] of Object.entries(ga)) r[`${k} (${save ?? 'recomputed'})`] = v;
+          }
+          return r;
+        });
+      const def = await run(undefined);
+      if (dtype === 'bf16') expect(Object.keys(def)).toContain('saved.A (full)');
+      for (const prep of ['idle', 'idle2', 'idle5']) {
+        const idle = await run(prep);
+        expect(Object.keys(idle).sort()).toEqual(Object.keys(def).sort());
+        for (const k of Object.keys(def)) {
+          if (/^(dALog|dDtBias)/.test(k)) {
+            const e = relError(idle[k], def[k]);
+            if (!(e <= 1e-5)) throw new Error(`${name} ${dtype} ${prep}: ${k} differs from the default by ${e}`);
+          } else bitwise(`${name} ${dtype} ${prep}: ${k}`, idle[k], def[k]);
+        }
+      }
+    }
+  });
+  test.each([
+    ...['T=1 D=128', 'T=65 D=128', 'ragged', 'l2norm'].map(byName),
+    ['filled grid', { B: 8, T: 70, H: 16, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }] as [string, Case],
+  ])('idle2 against the fp64 reference (bf16; states and the full hand-over): %s', async (name, c) => {
+    const h = makeHost(c, 1000 + c.T + c.K);
+    const ref = await reference(c, h, 'bf16');
+    await withKernelSwitch('TCAL_GDN_PREP', 'idle2', async () => {
+      for (const save of [undefined, 'full'] as const) {
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+        console.log(`gdn cuda prep idle2 ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `prep idle2 ${name} bf16 (save ${save ?? 'states'})`);
+      }
+    });
+  });
+});
+
 // k3bal (session 9, gradplan item 2): kernel 3's phase-2 C × C blocks over all 8 warps, the default since session 9
 // (TCAL_GDN_BWD_K3=serial: the kernel before; tests below name the balanced kernel 'bal' and the switch value that
 // selects it: unset)

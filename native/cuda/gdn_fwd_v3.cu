@@ -150,8 +150,15 @@ constexpr size_t prepSmem() {
 // then does not run — QKG from the Aqk tiles (all 16 rows, the blocks above the diagonal zeroed), A before the
 // β scaling, the gate vectors beside aux (times the row factors sq, rk: the backward reads the raw q / k rows),
 // the norm factors. (Until session 9 also the rows scale·n_q, n_k: 0.27 GB at B8·T4096·H16·D128, gradplan item 5.)
-template <typename T, int K, bool SAVE>
-__global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
+// IDLE ≥ 1 (TCAL_GDN_PREP=idle, session 9): the inverse ends without its block barrier, each warp forms the Ab rows
+// of the A columns it wrote itself (warps 0, 1 the 8-column strips of block column 0; warps 2, 3, whose strips are 8
+// products shorter than those, the rest, the zero blocks and aux). IDLE = 2 (=idle2) also splits the tiles 8 and 9
+// of the Aqk / M products into 16 × 8 halves, one per warp, so that each warp takes 2.5 tiles instead of 3/3/2/2.
+// IDLE = 3 (=idle5): IDLE = 1's code at five blocks per SM (≤ 96 registers: ptxas fits it without spilling, the
+// default and IDLE = 2 spill 4–16 B there; 5 × 40.4 KB of shared memory fit).
+// Every element comes from the default's arithmetic (the same mma fragments, the same factor products).
+template <typename T, int K, bool SAVE, int IDLE>
+__global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
@@ -284,8 +291,9 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   // memory (stride LDK) by mma.sync, with γ of the fragment's rows (gi) and columns (gj) gathered by shuffles.
   const int gq = lane / 4, tq = lane % 4;
   // With A2 (a second A operand, or nullptr: folded at each call site), acc2 = A2·Kᵀ of the same tile.
+  // nts: the 8-column halves formed (bit nt; 3 = the whole tile).
   auto lowerTile = [&](const T* A, int tile, int& tr, int& tc, float (&acc)[2][4], float (&gi)[2], float (&gj)[2][2],
-                       const T* A2, float (&acc2)[2][4]) {
+                       const T* A2, float (&acc2)[2][4], int nts) {
     tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
     tc = tile - tr * (tr + 1) / 2;
     const int lr = lane % 8, lm = lane / 8;
@@ -298,13 +306,13 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       uint32_t a[4], b[4];
       ldsm4(a, A + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
       ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-      mma<T>(acc[0], a, b[0], b[1]);
-      mma<T>(acc[1], a, b[2], b[3]);
+      if (nts & 1) mma<T>(acc[0], a, b[0], b[1]);
+      if (nts & 2) mma<T>(acc[1], a, b[2], b[3]);
       if (A2) {
         uint32_t a2[4];
         ldsm4(a2, A2 + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-        mma<T>(acc2[0], a2, b[0], b[1]);
-        mma<T>(acc2[1], a2, b[2], b[3]);
+        if (nts & 1) mma<T>(acc2[0], a2, b[0], b[1]);
+        if (nts & 2) mma<T>(acc2[1], a2, b[2], b[3]);
       }
     }
 #pragma unroll
@@ -331,7 +339,8 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
   };
   float dummy[2][4];
   if (AQout) {
-    // Warps 0, 1 take three tiles, warps 2, 3 two; M waits in registers until the q rows (M's region) are read.
+    // Warps 0, 1 take three tiles, warps 2, 3 two (IDLE = 2: each 2.5); M waits in registers until the q rows (M's
+    // region) are read.
     // The Aqk tile leaves through this warp's 16 × 16 slot of Ts as 32-byte rows.
     static_assert(16 * LDF * sizeof(float) >= 4 * 256 * sizeof(T), "prep: Aqk staging fits Ts");
     T* stg = reinterpret_cast<T*>(Ts) + warp * 256;
@@ -340,9 +349,15 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
       const int job = warp + 4 * u;
-      if (job >= 10) break;
+      // (IDLE = 2 by if constexpr: the other instantiations compile exactly the default's statements)
+      int tile = job, nts = 3;
+      if constexpr (IDLE == 2) {
+        if (u == 2) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // tile 8 + warp % 2, columns 8 (warp / 2) … + 7
+      } else if (job >= 10) {
+        break;
+      }
       float accQ[2][4], accK[2][4], gi[2], gj[2][2];
-      lowerTile(Qb, job, trs[u], tcs[u], accQ, gi, gj, Kb, accK);
+      lowerTile(Qb, tile, trs[u], tcs[u], accQ, gi, gj, Kb, accK, nts);
       const int mi = trs[u], ni = tcs[u];
       // The factors of this tile's rows and columns, read once (the products below are the default's, factor
       // by factor in the same order, so Aqk and M are bitwise the same).
@@ -360,7 +375,9 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
         rkj[nt][1] = rr.y;
       }
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt) {
+        if constexpr (IDLE == 2)
+          if (!(nts >> nt & 1)) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
@@ -372,20 +389,23 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
           mv[u][nt][r] = make_float2(live && j < i ? fi[r] * rkj[nt][0] * accK[nt][2 * r] * e0 : 0.f,
                                      live && j + 1 < i ? fi[r] * rkj[nt][1] * accK[nt][2 * r + 1] * e1 : 0.f);
         }
+      }
       __syncwarp();
       {
         const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
-        if (i < L)
+        const bool mine = IDLE != 2 || nts >> half & 1;
+        if (i < L && mine)
           *reinterpret_cast<uint4*>(AQout + ((t0 + i) * HV + hv) * C + 16 * ni + 8 * half) =
               *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
         if constexpr (SAVE)  // QKG: the same tile, every row (zero past L), [blk][C][C]
-          *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + i) * C + 16 * ni + 8 * half) =
-              *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
+          if (mine)
+            *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + i) * C + 16 * ni + 8 * half) =
+                *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
       }
       __syncwarp();
     }
-    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two)
-      for (int job = warp; job < 6; job += kPrepThreads / 32) {
+    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two; with IDLE warps 2, 3)
+      for (int job = IDLE >= 1 ? (warp + 2) % 4 : warp; job < 6; job += kPrepThreads / 32) {
         const int tc = job < 3 ? 3 : job < 5 ? 2 : 1, tr = job < 3 ? job : job < 5 ? job - 3 : 0;
         const int row = lane / 2, half = lane % 2;
         *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + 16 * tr + row) * C + 16 * tc + 8 * half) =
@@ -394,27 +414,37 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     __syncthreads();  // q rows read: M takes their place
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
-      if (warp + 4 * u >= 10) break;
+      int nts = 3;
+      if constexpr (IDLE == 2) {
+        if (u == 2) nts = 1 << (warp >> 1);
+      } else if (warp + 4 * u >= 10) {
+        break;
+      }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
+          if (IDLE != 2 || nts >> nt & 1)
+            *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
     }
   }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   if (!AQout)
-    for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
+    for (int job = warp; job < (IDLE == 2 ? 12 : 10); job += kPrepThreads / 32) {
+      int tile = job, nts = 3;
+      if constexpr (IDLE == 2)
+        if (job >= 8) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // as above: tiles 8, 9 by halves
       int tr, tc;
       float acc[2][4], gi[2], gj[2][2];
-      lowerTile(Kb, tile, tr, tc, acc, gi, gj, nullptr, dummy);
+      lowerTile(Kb, tile, tr, tc, acc, gi, gj, nullptr, dummy, nts);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
-              mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
+          if (IDLE != 2 || nts >> nt & 1)
+            *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
+                mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
     }
   __syncthreads();  // Kb is dead from here on: As takes its place
   if (warp == 0) {
@@ -424,13 +454,15 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     ex[2 * lane + 1] = 2 * lane + 1 < L ? __expf(gs1) : 0.f;
   }
   static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
-  gdn_inverse::blockInverse64Strips(Gs, As, LDF);  // A = (I + M)⁻¹ by column strips (overwrites M)
-  // Ab = A·diag(β) (zero above the diagonal blocks and past L), 8 columns per thread and pass.
-  for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) {
-    const int i = idx / (C / 8), c = (idx % (C / 8)) * 8;
+  // Ab = A·diag(β) (zero above the diagonal blocks and past L), row i, columns c … c + 7; readA false: a unit above
+  // the diagonal blocks, whose A is not read (the default reads and discards it; 0 · β is formed either way).
+  auto abUnit = [&](int i, int c, bool readA) {
     const bool live = c / 16 <= i / 16;
-    const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
-    const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
+    float4 a0 = make_float4(0.f, 0.f, 0.f, 0.f), a1 = a0;
+    if (readA) {
+      a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
+      a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
+    }
     const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
     const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
@@ -451,21 +483,46 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
       for (int e = 0; e < 8; ++e) a16[e] = fromF<T>(live ? av[e] : 0.f);
       *reinterpret_cast<uint4*>(static_cast<T*>(ho.A) + (blk * C + i) * C + c) = *reinterpret_cast<const uint4*>(a16);
     }
-  }
-  if (tid < L) {
-    const float gL = gam[L - 1];
-    float4* a = aux + 2 * ((t0 + tid) * HV + hv);
-    a[0] = make_float4(gam[tid], sq[tid], rk[tid], ex[tid] * rk[tid]);
-    a[1] = make_float4(sq[tid] * ex[tid], rk[tid] * __expf(gL - gam[tid]), __expf(gL), 0.f);
-  }
-  if constexpr (SAVE) {  // the backward's gate vectors e·sq, −βe·rk, d·rk (zero past L) and e_L
-    if (tid < C) {
-      float* gv = ho.gates + blk * 3 * C;
-      gv[tid] = ex[tid] * sq[tid];
-      gv[C + tid] = -bet[tid] * ex[tid] * rk[tid];
-      gv[2 * C + tid] = tid < L ? __expf(gam[L - 1] - gam[tid]) * rk[tid] : 0.f;
+  };
+  // aux of token j (and with SAVE the backward's gate vectors e·sq, −βe·rk, d·rk, zero past L, and e_L).
+  auto auxToken = [&](int j) {
+    if (j < L) {
+      const float gL = gam[L - 1];
+      float4* a = aux + 2 * ((t0 + j) * HV + hv);
+      a[0] = make_float4(gam[j], sq[j], rk[j], ex[j] * rk[j]);
+      a[1] = make_float4(sq[j] * ex[j], rk[j] * __expf(gL - gam[j]), __expf(gL), 0.f);
     }
-    if (tid == 0) ho.gateEnds[blk] = ex[L - 1];
+    if constexpr (SAVE) {
+      if (j < C) {
+        float* gv = ho.gates + blk * 3 * C;
+        gv[j] = ex[j] * sq[j];
+        gv[C + j] = -bet[j] * ex[j] * rk[j];
+        gv[2 * C + j] = j < L ? __expf(gam[L - 1] - gam[j]) * rk[j] : 0.f;
+      }
+      if (j == 0) ho.gateEnds[blk] = ex[L - 1];
+    }
+  };
+  if constexpr (IDLE >= 1) {
+    gdn_inverse::blockInverse64Strips<false>(Gs, As, LDF);  // no closing barrier
+    __syncwarp();  // this warp's strips, stored by its other lanes
+    if (warp < 2) {  // block column 0's strip c = 8·warp: A_00 (diagonal) and this warp's A_10, A_20, A_30
+      abUnit(lane, 8 * warp, true);
+      abUnit(lane + 32, 8 * warp, true);
+    } else {  // columns x + {16, 32, 48}: this warp's strips, A_11, A_22, A_33 (diagonal), the zero blocks; aux
+      const int x = 8 * (warp - 2);
+      const bool lo = lane < 16;
+      abUnit(16 + lane, 16 + x, true);  // the 96 live units, 3 per lane
+      abUnit(lo ? 48 + lane : 16 + lane, (lo ? 16 : 32) + x, true);
+      abUnit(lo ? 48 + lane : 32 + lane, (lo ? 32 : 48) + x, true);
+      abUnit(lane, 48 + x, false);  // the 96 zero units above the diagonal blocks
+      abUnit(lo ? 32 + lane : lane - 16, (lo ? 48 : 16) + x, false);
+      abUnit(lane, 32 + x, false);
+      auxToken(tid - 64);
+    }
+  } else {
+    gdn_inverse::blockInverse64Strips(Gs, As, LDF);  // A = (I + M)⁻¹ by column strips (overwrites M)
+    for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) abUnit(idx / (C / 8), (idx % (C / 8)) * 8, true);
+    auxToken(tid);
   }
 }
 
@@ -1278,6 +1335,14 @@ bool skipped(const char* which) {
   return e && std::strcmp(e, which) == 0;
 }
 
+// TCAL_GDN_PREP=idle | idle2 | idle5: the prep's IDLE = 1 | 2 | 3 instantiations (Ab and aux in the inverse's idle
+// warps; idle2 also the Aqk / M tiles 8, 9 by halves; idle5 idle at five blocks per SM); outputs bitwise the default's.
+int prepIdle() {
+  const char* e = std::getenv("TCAL_GDN_PREP");
+  if (!e) return 0;
+  return std::strcmp(e, "idle") == 0 ? 1 : std::strcmp(e, "idle2") == 0 ? 2 : std::strcmp(e, "idle5") == 0 ? 3 : 0;
+}
+
 int smCount() {
   int sms = 132, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -1440,7 +1505,13 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    auto kern = ho ? prepKernel<T, K, true> : prepKernel<T, K, false>;
+    const int idle = prepIdle();
+    using Kern = decltype(&prepKernel<T, K, false, 0>);
+    const Kern save[4] = {prepKernel<T, K, true, 0>, prepKernel<T, K, true, 1>, prepKernel<T, K, true, 2>,
+                          prepKernel<T, K, true, 3>};
+    const Kern plain[4] = {prepKernel<T, K, false, 0>, prepKernel<T, K, false, 1>, prepKernel<T, K, false, 2>,
+                           prepKernel<T, K, false, 3>};
+    auto kern = (ho ? save : plain)[idle];
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),
