@@ -168,6 +168,23 @@ async function gradArrays(g: GdnGradients): Promise<Record<string, Float64Array>
   return r;
 }
 
+/** Every gradient output of gdnBackward, poisoned (so that each element must be written). */
+async function poisonedGrads(c: Case, h: Host, dtype: DType, device = 'cuda:0'): Promise<Record<string, Tensor>> {
+  const gOut: Record<string, Tensor> = {
+    dq: await poison([c.B, c.T, c.H, c.K], dtype, device),
+    dk: await poison([c.B, c.T, c.H, c.K], dtype, device),
+    dv: await poison([c.B, c.T, c.HV, c.V], dtype, device),
+    dg: await poison([c.B, c.T, c.HV], 'f32', device),
+    dbeta: await poison([c.B, c.T, c.HV], 'f32', device),
+  };
+  if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', device);
+  if (c.gates) {
+    gOut.dALog = await poison([c.HV], 'f32', device);
+    gOut.dDtBias = await poison([c.HV], 'f32', device);
+  }
+  return gOut;
+}
+
 /**
  * Runs forward and backward on `device` with poisoned outputs; returns the relative errors against `ref`.
  * save 'full': the training forward also hands over the backward prep's outputs (CUDA, tensor-core path).
@@ -208,18 +225,7 @@ async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Await
   const tail = (a: Float64Array, per: number) => !h.cu || a.subarray(h.cu[h.cu.length - 1] * per).every((x) => x === 0);
   // Backward with poisoned outputs, recomputing the states or (`saved`) taking the forward's.
   const backward = async (saved?: GdnSaved) => {
-    const gOut: Record<string, Tensor> = {
-      dq: await poison([c.B, c.T, c.H, c.K], dtype, device),
-      dk: await poison([c.B, c.T, c.H, c.K], dtype, device),
-      dv: await poison([c.B, c.T, c.HV, c.V], dtype, device),
-      dg: await poison([c.B, c.T, c.HV], 'f32', device),
-      dbeta: await poison([c.B, c.T, c.HV], 'f32', device),
-    };
-    if (c.h0) gOut.dh0 = await poison([N, c.HV, c.K, c.V], 'f32', device);
-    if (c.gates) {
-      gOut.dALog = await poison([c.HV], 'f32', device);
-      gOut.dDtBias = await poison([c.HV], 'f32', device);
-    }
+    const gOut = await poisonedGrads(c, h, dtype, device);
     const ga = await gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
     // tokens past the last offset: every per-token gradient is exactly zero
     for (const [k, per] of [['dq', c.H * c.K], ['dk', c.H * c.K], ['dv', c.HV * c.V], ['dg', c.HV], ['dbeta', c.HV]] as const)
@@ -700,18 +706,7 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
               r[`o (training, ${save})`] = await f64(t.o);
               for (const [k, v] of Object.entries(t.saved!)) if (v) r[`saved.${k} (${save})`] = await f64(v as Tensor);
             }
-            const gOut: Record<string, Tensor> = {
-              dq: await poison([c.B, c.T, c.H, c.K], dtype, 'cuda:0'),
-              dk: await poison([c.B, c.T, c.H, c.K], dtype, 'cuda:0'),
-              dv: await poison([c.B, c.T, c.HV, c.V], dtype, 'cuda:0'),
-              dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
-              dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
-            };
-            if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0');
-            if (c.gates) {
-              gOut.dALog = await poison([c.HV], 'f32', 'cuda:0');
-              gOut.dDtBias = await poison([c.HV], 'f32', 'cuda:0');
-            }
+            const gOut = await poisonedGrads(c, h, dtype);
             const ga = await gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved: t?.saved }));
             for (const [k, v] of Object.entries(ga)) r[`${k} (${save ?? 'recomputed'})`] = v;
           }
@@ -785,18 +780,7 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD
       const saved = save ? (await gdnForward(d.inputs, { ...o, saveForBackward: save })).saved : undefined;
       const backward = async (k3: string | undefined) =>
         withKernelSwitch('TCAL_GDN_BWD_K3', k3, async () => {
-          const gOut: Record<string, Tensor> = {
-            dq: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
-            dk: await poison([c.B, c.T, c.H, c.K], 'bf16', 'cuda:0'),
-            dv: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'),
-            dg: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
-            dbeta: await poison([c.B, c.T, c.HV], 'f32', 'cuda:0'),
-          };
-          if (c.h0) gOut.dh0 = await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0');
-          if (c.gates) {
-            gOut.dALog = await poison([c.HV], 'f32', 'cuda:0');
-            gOut.dDtBias = await poison([c.HV], 'f32', 'cuda:0');
-          }
+          const gOut = await poisonedGrads(c, h, 'bf16');
           return gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
         });
       const [bal, def] = [await backward(undefined), await backward('serial')];
