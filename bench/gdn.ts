@@ -101,6 +101,7 @@ const BACKWARD_VARIANTS: [string, Record<string, string>][] = [
   ['v5 (default)', {}],
   ['f32 states', { TCAL_GDN_STATES: 'f32' }],
   ['kernel 3 serial band (phase-2 blocks on warps 0–3, before session 9)', { TCAL_GDN_BWD_K3: 'serial' }],
+  ['state pass with whole-row q / k copies (opt-in, session 9)', { TCAL_GDN_BWD_K2: 'rows' }],
 ];
 /** Every variable a variant may set; each is cleared between variants. */
 const VARIANT_KEYS = [
@@ -110,6 +111,7 @@ const VARIANT_KEYS = [
   'TCAL_GDN_PREP',
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_K3',
+  'TCAL_GDN_BWD_K2',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

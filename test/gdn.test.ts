@@ -168,6 +168,41 @@ async function gradArrays(g: GdnGradients): Promise<Record<string, Float64Array>
   return r;
 }
 
+/**
+ * The backward's gradients (bf16, outputs poisoned) with kernel switch `sw` = `value` against `sw` = `other`, on
+ * recomputed states, saved states and the full hand-over: the `exact` gradients bitwise, the others within 1e-5
+ * (the fused gates' per-head sums, atomics in an order not fixed either way, within 1e-4).
+ */
+async function expectSameBackward(name: string, c: Case, seed: number, sw: string, value: string | undefined,
+                                  other: string | undefined, exact: string[]): Promise<void> {
+  const h = makeHost(c, seed + c.T + c.K);
+  const d = await upload(c, h, 'cuda:0', 'bf16');
+  const o = opts(c, d);
+  for (const save of [undefined, true, 'full'] as const) {  // recomputed states, saved states, the full hand-over
+    const saved = save ? (await gdnForward(d.inputs, { ...o, saveForBackward: save })).saved : undefined;
+    const backward = async (v: string | undefined) =>
+      withKernelSwitch(sw, v, async () => {
+        const gOut = await poisonedGrads(c, h, 'bf16');
+        return gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
+      });
+    const [got, want] = [await backward(value), await backward(other)];
+    const label = `${name} (${save === undefined ? 'recomputed' : save === true ? 'saved states' : 'full hand-over'})`;
+    const errs: Record<string, number> = {};
+    for (const k of Object.keys(want)) {
+      expect([k, got[k].some(Number.isNaN), want[k].some(Number.isNaN)]).toEqual([k, false, false]);
+      if (exact.includes(k)) {
+        const bad = got[k].findIndex((x, j) => x !== want[k][j]);
+        if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${got[k][bad]} with ${sw}=${value}, ${want[k][bad]} with ${other}`);
+      } else {
+        errs[k] = relError(got[k], want[k]);
+        const tol = k === 'dALog' || k === 'dDtBias' ? 1e-4 : 1e-5;
+        if (!(errs[k] <= tol)) throw new Error(`${label}: ${k} differs by ${errs[k]} (${sw}=${value} against ${other})`);
+      }
+    }
+    console.log(`gdn cuda ${sw}=${value} vs ${other} ${label}: ${JSON.stringify(errs)}`);
+  }
+}
+
 /** Every gradient output of gdnBackward, poisoned (so that each element must be written). */
 async function poisonedGrads(c: Case, h: Host, dtype: DType, device = 'cuda:0'): Promise<Record<string, Tensor>> {
   const gOut: Record<string, Tensor> = {
@@ -771,33 +806,19 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD
     });
   });
 
-  const bitwise = ['dq', 'dk', 'dv', 'dh0'];
-  test.each(balCases)('against the serial kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', async (name, c) => {
-    const h = makeHost(c, 8000 + c.T + c.K);
-    const d = await upload(c, h, 'cuda:0', 'bf16');
-    const o = opts(c, d);
-    for (const save of [undefined, true, 'full'] as const) {  // recomputed states, saved states, the full hand-over
-      const saved = save ? (await gdnForward(d.inputs, { ...o, saveForBackward: save })).saved : undefined;
-      const backward = async (k3: string | undefined) =>
-        withKernelSwitch('TCAL_GDN_BWD_K3', k3, async () => {
-          const gOut = await poisonedGrads(c, h, 'bf16');
-          return gradArrays(await gdnBackward(d.inputs, d.dO, { ...o, dFinalState: d.dFinal, out: gOut, saved }));
-        });
-      const [bal, def] = [await backward(undefined), await backward('serial')];
-      const label = `${name} (${save === undefined ? 'recomputed' : save === true ? 'saved states' : 'full hand-over'})`;
-      const errs: Record<string, number> = {};
-      for (const k of Object.keys(def)) {
-        expect([k, bal[k].some(Number.isNaN), def[k].some(Number.isNaN)]).toEqual([k, false, false]);
-        if (bitwise.includes(k)) {
-          const bad = bal[k].findIndex((x, j) => x !== def[k][j]);
-          if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${bal[k][bad]}, serial ${def[k][bad]}`);
-        } else {
-          errs[k] = relError(bal[k], def[k]);
-          const tol = k === 'dALog' || k === 'dDtBias' ? 1e-4 : 1e-5;
-          if (!(errs[k] <= tol)) throw new Error(`${label}: ${k} differs from the serial kernel by ${errs[k]}`);
-        }
-      }
-      console.log(`gdn cuda k3 bal vs default ${label}: ${JSON.stringify(errs)}`);
-    }
-  });
+  test.each(balCases)('against the serial kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', (name, c) =>
+    expectSameBackward(name, c, 8000, 'TCAL_GDN_BWD_K3', undefined, 'serial', ['dq', 'dk', 'dv', 'dh0']));
+});
+
+// TCAL_GDN_BWD_K2=rows (session 9, opt-in, not yet run on a GPU): the state pass copies the raw q / k rows with K / 8
+// threads per row instead of two; the same bytes in the same places, so every gradient is bitwise the default's
+// (but the fused gates' atomics).
+cudaDescribe('GDN CUDA: state pass with whole-row q / k copies (TCAL_GDN_BWD_K2=rows, session 9)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  const all = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dh0'];
+  test.each([
+    ...['T=1 D=128', 'T=65 D=128', 'ragged', 'K=64 V=256', 'T=65 D=64'].map(byName),
+    ['filled grid, GVA 8/16, l2norm + fused gates', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }] as [string, Case],
+  ])('bitwise the default state pass (bf16): %s', (name, c) =>
+    expectSameBackward(name, c, 9000, 'TCAL_GDN_BWD_K2', 'rows', undefined, all));
 });
