@@ -168,6 +168,14 @@ async function gradArrays(g: GdnGradients): Promise<Record<string, Float64Array>
   return r;
 }
 
+/** `got` equal to `want` element by element (and in length; NaN only where `want` has NaN), with no NaN in `got`. */
+function expectBitwise(label: string, got: Float64Array, want: Float64Array): void {
+  expect([label, got.length]).toEqual([label, want.length]);
+  const bad = got.findIndex((x, j) => !(x === want[j] || (Number.isNaN(x) && Number.isNaN(want[j]))));
+  if (bad >= 0) throw new Error(`${label}[${bad}] = ${got[bad]}, expected ${want[bad]}`);
+  expect([label, got.some(Number.isNaN)]).toEqual([label, false]);
+}
+
 /**
  * The backward's gradients (bf16, outputs poisoned) with kernel switch `sw` = `value` against `sw` = `other`, on
  * recomputed states, saved states and the full hand-over: the `exact` gradients bitwise, the others within 1e-5
@@ -191,8 +199,7 @@ async function expectSameBackward(name: string, c: Case, seed: number, sw: strin
     for (const k of Object.keys(want)) {
       expect([k, got[k].some(Number.isNaN), want[k].some(Number.isNaN)]).toEqual([k, false, false]);
       if (exact.includes(k)) {
-        const bad = got[k].findIndex((x, j) => x !== want[k][j]);
-        if (bad >= 0) throw new Error(`${label}: ${k}[${bad}] = ${got[k][bad]} with ${sw}=${value}, ${want[k][bad]} with ${other}`);
+        expectBitwise(`${label}: ${k} with ${sw}=${value} against ${other}`, got[k], want[k]);
       } else {
         errs[k] = relError(got[k], want[k]);
         const tol = k === 'dALog' || k === 'dDtBias' ? 1e-4 : 1e-5;
@@ -658,11 +665,7 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
       return r;
     };
     const [got, want] = [await run(ws), await run(same)];
-    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => {
-      const bad = got[i].findIndex((x, j) => !(x === want[i][j] || (Number.isNaN(x) && Number.isNaN(want[i][j]))));
-      if (bad >= 0) throw new Error(`${name}: ${ws} ${k}[${bad}] = ${got[i][bad]}, ${same} ${want[i][bad]}`);
-      expect(got[i].some(Number.isNaN)).toBe(false);
-    });
+    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => expectBitwise(`${name}: ${k} with ${ws} against ${same}`, got[i], want[i]));
   };
   // The ring state pass (TCAL_GDN_WS=ring, with session 5's spill fix: the A fragments read back from the
   // exchange slot) computes exactly what the ws kernel with one recurrence warp per group does: o, the final
@@ -716,12 +719,6 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
     ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'T=65 D=64', 'ragged', 'K=64 V=256', 'l2norm', 'strong decay', 'β near 1'].map(byName),
     ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
   ];
-  const bitwise = (label: string, a: Float64Array, b: Float64Array) => {
-    expect([label, a.length]).toEqual([label, b.length]);
-    const bad = a.findIndex((x, j) => !(x === b[j] || (Number.isNaN(x) && Number.isNaN(b[j]))));
-    if (bad >= 0) throw new Error(`${label}[${bad}] = ${a[bad]} with the switch, ${b[bad]} by default`);
-    expect([label, a.some(Number.isNaN)]).toEqual([label, false]);
-  };
   test.each(idleCases)('idle, idle2 and idle5 equal the default prep bitwise (forward, hand-over, backward): %s', async (name, c) => {
     for (const dtype of ['bf16', 'f16'] as const) {
       // f16 (the prep's other instantiations; no GDN test takes f16 through the backward): two cases, forward only
@@ -756,7 +753,7 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
           if (/^(dALog|dDtBias)/.test(k)) {
             const e = relError(idle[k], def[k]);
             if (!(e <= 1e-5)) throw new Error(`${name} ${dtype} ${prep}: ${k} differs from the default by ${e}`);
-          } else bitwise(`${name} ${dtype} ${prep}: ${k}`, idle[k], def[k]);
+          } else expectBitwise(`${name} ${dtype} ${prep} against the default: ${k}`, idle[k], def[k]);
         }
       }
     }
@@ -778,9 +775,8 @@ cudaDescribe('GDN CUDA: prep with Ab / aux in the inverse idle warps (TCAL_GDN_P
 });
 
 // k3bal (session 9, gradplan item 2): kernel 3's phase-2 C × C blocks over all 8 warps, the default since session 9
-// (TCAL_GDN_BWD_K3=serial: the kernel before; tests below name the balanced kernel 'bal' and the switch value that
-// selects it: unset)
-// (bf16 inputs, 128-column tiles: V % 128 = 0 here everywhere, else the serial kernel runs), each block from a
+// for bf16 inputs with 128-column tiles (V % 128 = 0 here everywhere; TCAL_GDN_BWD_K3=serial runs the kernel
+// before, which f16 inputs and 64-column tiles always take), each block from a
 // zero row prefix plus a fix-up of dg's box sums and dβ's row terms after the barrier. Against the fp64 reference
 // on recomputed states, saved states and the full hand-over; against the serial kernel: dq, dk, dv, dh0 bitwise (the
 // same arithmetic), dg and dβ within 1e-5 (the same terms in another association), the fused gates' per-head
