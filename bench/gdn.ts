@@ -92,6 +92,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['prep kernel alone, Ab / aux in the inverse idle warps', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_PREP: 'idle' }],
   ['prep kernel alone, idle2 (+ tiles 8, 9 by halves)', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_PREP: 'idle2' }],
   ['prep kernel alone, idle5 (idle at five blocks per SM)', { TCAL_GDN_V3_SKIP: 'state', TCAL_GDN_PREP: 'idle5' }],
+  ['state pass launched plainly, not as a programmatic dependent of the prep (TCAL_GDN_PDL=0; before session 10)', { TCAL_GDN_PDL: '0' }],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
   ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
@@ -112,6 +113,7 @@ const VARIANT_KEYS = [
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_K3',
   'TCAL_GDN_BWD_K2',
+  'TCAL_GDN_PDL',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

@@ -649,14 +649,15 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (full hand-over)`);
   });
 
-  // o, the final state, the training o and the saved chunk-start states under two TCAL_GDN_WS values, bitwise equal
-  // (outputs poisoned first; no NaN).
-  const expectSameForward = async (name: string, c: Case, seed: number, ws: string, same: string) => {
+  // o, the final state, the training o and the saved chunk-start states with kernel switch `sw` = `value` and
+  // = `same`, bitwise equal (outputs poisoned first; no NaN).
+  const expectSameForward = async (name: string, c: Case, seed: number, sw: string, value: string | undefined,
+                                   same: string | undefined) => {
     const h = makeHost(c, seed + c.T + c.K);
     const d = await upload(c, h, 'cuda:0', 'bf16');
-    const run = async (value: string) => {
+    const run = async (v: string | undefined) => {
       let r: Float64Array[] = [];
-      await withEnv({ TCAL_GDN_WS: value }, async () => {
+      await withKernelSwitch(sw, v, async () => {
         const out = { o: await poison([c.B, c.T, c.HV, c.V], 'bf16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
         const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
         const t = await gdnForward(d.inputs, { ...opts(c, d), saveForBackward: 'full' });
@@ -664,15 +665,15 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
       });
       return r;
     };
-    const [got, want] = [await run(ws), await run(same)];
-    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => expectBitwise(`${name}: ${k} with ${ws} against ${same}`, got[i], want[i]));
+    const [got, want] = [await run(value), await run(same)];
+    ['o', 'finalState', 'o (training)', 'chunkStates'].forEach((k, i) => expectBitwise(`${name}: ${k} with ${sw}=${value} against ${same}`, got[i], want[i]));
   };
   // The ring state pass (TCAL_GDN_WS=ring, with session 5's spill fix: the A fragments read back from the
   // exchange slot) computes exactly what the ws kernel with one recurrence warp per group does: o, the final
   // state and the saved chunk-start states bitwise equal to TCAL_GDN_WS=wide's (V % 128 = 0 only; elsewhere, and
   // off sm_90, both runs take the same ws kernel).
   test.each(['ragged', 'K=64 V=256', 'T=1 D=128', 'T=65 D=128'].map(byName))('TCAL_GDN_WS=ring equals the ws kernel bitwise (bf16): %s', (name, c) =>
-    expectSameForward(name, c, 1000, 'ring', 'wide'));
+    expectSameForward(name, c, 1000, 'TCAL_GDN_WS', 'ring', 'wide'));
 
   // TCAL_GDN_WS=ringbulk (session 9): the ring kernel with its slots filled by tensor / bulk copies on mbarriers
   // (sm_90; elsewhere both runs take the same kernel). Only the loads changed, so o, the final state, the training
@@ -686,7 +687,20 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
   ];
   test.each(bulkCases)('TCAL_GDN_WS=ringbulk equals the ring kernel bitwise (bf16): %s', (name, c) =>
-    expectSameForward(name, c, 3000, 'ringbulk', 'ring'));
+    expectSameForward(name, c, 3000, 'TCAL_GDN_WS', 'ringbulk', 'ring'));
+
+  // The state pass launched as a programmatic dependent of the prep (the default on sm_90, session 10: its blocks
+  // start while the prep's last wave runs and wait for the prep's outputs) against a plain launch: the same
+  // kernels, so bitwise; on the ring (filled grid: 128 blocks, so they start on SMs the prep frees), the ws kernels
+  // (ragged, GVA with V = 256) and, through the backward's recomputed states, the ws kernel without o.
+  const pdlCases: [string, Case][] = [
+    ...['T=65 D=128', 'ragged', 'K=64 V=256'].map(byName),
+    ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ];
+  test.each(pdlCases)('the state pass after the prep by programmatic launch equals a plain launch bitwise (bf16): %s', async (name, c) => {
+    await expectSameForward(name, c, 4000, 'TCAL_GDN_PDL', undefined, '0');
+    await expectSameBackward(name, c, 4000, 'TCAL_GDN_PDL', undefined, '0', ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dh0']);
+  });
   // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
   // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
   test.each([

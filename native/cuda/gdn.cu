@@ -688,16 +688,12 @@ GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::For
   const char* force = std::getenv("TCAL_GDN_FORWARD");
   bool simple = force && std::strcmp(force, "simple") == 0;
   if (!simple && gdn_tc::eligible(p, in.q.dtype(), out.o.dtype())) {
-    std::vector<int32_t> table(p.cu.begin(), p.cu.end());  // cu, then (saving) each sequence's first chunk
-    void* ckpt = nullptr;
+    std::vector<int32_t> table(p.cu.begin(), p.cu.end());  // cu, then each sequence's first chunk
+    const gdn::ChunkTable ct = gdn::chunkTable(p);
+    table.insert(table.end(), ct.first.begin(), ct.first.end());
+    const int64_t chunks = int64_t(ct.start.size());
     const DType ckptType = gdn_tc::checkpointType(p, in, out.o);  // bf16 where the v3 forward runs
-    int64_t chunks = 0;
-    if (saveStates) {
-      gdn::ChunkTable ct = gdn::chunkTable(p);
-      table.insert(table.end(), ct.first.begin(), ct.first.end());
-      chunks = int64_t(ct.start.size());
-      ckpt = stateBuffer(chunks, ckptType);
-    }
+    void* ckpt = saveStates ? stateBuffer(chunks, ckptType) : nullptr;
     Tensor t = deviceInts(table, dev);
     // GdnSave::Full: the v3 prep also writes the backward prep's outputs (gdn_v3::Handover).
     gdn_v3::Handover ho{};
@@ -716,10 +712,10 @@ GdnSaved gdnForward(const gdn::Problem& p, const gdn::Inputs& in, const gdn::For
       }
       float* norms = p.l2norm ? saved.norms.ptr<float>() : nullptr;
       ho = gdn_v3::Handover{saved.A.data(), saved.QKG.data(), saved.gates.ptr<float>(), saved.gateEnds.ptr<float>(),
-                            norms, norms ? norms + p.tokens() * p.H : nullptr, t.ptr<int>() + (p.N + 1)};
+                            norms, norms ? norms + p.tokens() * p.H : nullptr};
     }
-    gdn_tc::forward(p, in, out.o, out.finalState, t.ptr<int>(), stream, ckpt, ckptType,
-                    saveStates ? t.ptr<int>() + (p.N + 1) : nullptr, full ? &ho : nullptr);
+    gdn_tc::forward(p, in, out.o, out.finalState, t.ptr<int>(), t.ptr<int>() + (p.N + 1), stream, ckpt, ckptType,
+                    full ? &ho : nullptr);
     zeroTail(out.o, p.cu[size_t(p.N)], p.tokens(), stream);
     return saved;
   }
@@ -781,7 +777,7 @@ void gdnBackward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& dO,
     if (saved) {
       // nothing to recompute
     } else if (fwdTc) {
-      gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, stream, ckpt.data(), ckptType, pr.geo.chunkFirst);
+      gdn_tc::forward(p, in, Tensor(), Tensor(), pr.geo.cu, pr.geo.chunkFirst, stream, ckpt.data(), ckptType);
     } else {
       launchForward<T, T>(p, pr, in, static_cast<T*>(nullptr), nullptr, ckpt.ptr<float>(), stream);
     }

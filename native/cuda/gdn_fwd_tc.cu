@@ -294,7 +294,7 @@ DType checkpointType(const gdn::Problem& p, const gdn::Inputs& in, const Tensor&
 bool handsOver(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o) { return o.defined() && useV3(p, in, o); }
 
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst,
+             const int* chunkFirst, cudaStream_t stream, void* ckpt, DType ckptType,
              const gdn_v3::Handover* handover) {
   if (p.N == 0) return;
   if (useV3(p, in, o)) {

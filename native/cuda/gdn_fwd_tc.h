@@ -14,11 +14,12 @@ bool eligible(const gdn::Problem& p, DType in, DType out);
 DType checkpointType(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o);
 // Whether forward() can write a gdn_v3::Handover for these inputs: the v3 forward with o.
 bool handsOver(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o);
-// cu: the N+1 token offsets on the device. o / finalState may be undefined; with ckpt, the state at the start
-// of every chunk is written there ([chunks, HV, K, V], chunk index chunkFirst[n] + c) in ckptType, which must be
+// cu: the N+1 token offsets on the device; chunkFirst: the N+1 first global chunks of the sequences on the device
+// (gdn::chunkTable's `first`). o / finalState may be undefined; with ckpt, the state at the start of every chunk
+// is written there ([chunks, HV, K, V], chunk index chunkFirst[n] + c) in ckptType, which must be
 // checkpointType(p, in, o) or f32. handover: written too (only where handsOver).
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, void* ckpt = nullptr, DType ckptType = DType::F32, const int* chunkFirst = nullptr,
+             const int* chunkFirst, cudaStream_t stream, void* ckpt = nullptr, DType ckptType = DType::F32,
              const gdn_v3::Handover* handover = nullptr);
 
 }  // namespace tcal::cuda::gdn_tc

@@ -7,7 +7,7 @@
 //   A = (I + M)⁻¹ by 16×16 blocks (fp32: the diagonal blocks by substitution in registers, the off-diagonal
 //   blocks by 3×TF32 tile products),  Ab = A·diag(β) (bf16, [tokens, HV, C]),
 //   when o is wanted, Aqk = (Q̃K̃ᵀ ⊙ exp(γ_i − γ_j))_{j ≤ i} (bf16, [tokens, HV, C], lower blocks only: v6),
-//   aux = (γ, scale·rq, rk, exp γ·rk), (scale·rq·exp γ, rk·exp(γ_L − γ), exp γ_L, 0) per token (f32).
+//   aux (f32, per chunk and value head, structure of arrays): exp γ·rk, rk·exp(γ_L − γ), scale·rq·exp γ, exp γ_L.
 // Kernel 2 (state pass, v5, warp-specialised), one block per (sequence, value head, V tile); recurrence warps
 // keep Sᵀ (16 columns × K, or × K/2 with the K split; fp32) in registers so that every product takes Sᵀ or νᵀ
 // straight from the accumulators as its A operand (mma.sync m16n8k16, fp32 accumulate; the B operands by
@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../core/runtime.h"
 #include "check.h"
@@ -41,6 +42,12 @@ using namespace nvcuda;
 constexpr int C = gdn::kChunk;  // 64
 constexpr int LDC = C + 8;      // bf16 row of a C-wide tile (144 B: conflict-free ldmatrix)
 constexpr int LDF = C + 4;      // fp32 row of a C × C tile
+// aux of one (global chunk, value head), [blk][kAuxRows][C] f32 with blk = (chunkFirst[n] + c)·HV + hv, 0 past L:
+// row 0 exp γ_j·rk_j (νᵀ's Pᵀ scaling), 1 rk_j·exp(γ_L − γ_j) (the state update), 2 sq_i·exp γ_i (o's Q̃ scaling),
+// 3 exp γ_L in its first element. As rows (session 10; tokens of 32 bytes until then) the state pass reads a
+// lane's pair (j, j + 1) as one conflict-free 8-byte load instead of two 2-way-conflicted scalar ones (fwdcount:
+// 768 shared wavefronts per chunk, 384 of them excess), and the slot is one contiguous 1 KB copy.
+constexpr int kAuxRows = 4, kAuxFloats = kAuxRows * C;
 
 __device__ __forceinline__ float softplusF(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
 
@@ -53,6 +60,19 @@ __device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid
                "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Programmatic dependent launch (sm_90; no-ops where the grid was launched without it): the prep lets the state
+// pass's grid launch once every prep block has started, and the state pass waits for the prep's completion (and
+// its memory) before it reads Ab, Aqk or aux; its blocks take the SMs that the prep's last wave frees.
+__device__ __forceinline__ void letDependentsLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void waitForPrerequisite() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -165,8 +185,9 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
                                                            const float* __restrict__ aLog,
                                                            const float* __restrict__ dtBias,
                                                            T* __restrict__ About, T* __restrict__ AQout,
-                                                           float4* __restrict__ aux, float scale, bool l2norm,
-                                                           Handover ho) {
+                                                           float* __restrict__ aux,
+                                                           const int* __restrict__ chunkFirst, float scale,
+                                                           bool l2norm, Handover ho) {
   constexpr int LDK = K + 8;
   constexpr int G = K / 8, RPP = kPrepThreads / G, IT = C / RPP;  // k / q rows as 16-byte vectors
   extern __shared__ __align__(128) unsigned char sm[];
@@ -182,6 +203,7 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
   float* sq = rk + C;
   float* ex = sq + C;
 
+  letDependentsLaunch();
   const int tid = threadIdx.x, hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
   const int warp = tid / 32, lane = tid % 32, sub = tid % G;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
@@ -267,8 +289,8 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
     }
   }
   __syncthreads();
-  // The hand-over's rows of this (chunk, value head): blk as the backward indexes it.
-  const size_t blk = SAVE ? size_t(ho.chunkFirst[n] + int(blockIdx.x)) * HV + hv : 0;
+  // This (global chunk, value head): aux's rows and the hand-over's, as the backward indexes them.
+  const size_t blk = size_t(chunkFirst[n] + int(blockIdx.x)) * HV + hv;
   // Inclusive scan of the log decays (2 per lane), by every warp in registers (past L the sum stays γ_{L-1});
   // warp 0 publishes γ and exp γ after the next barrier (the other warps still read the raw g until then).
   float gs0, gs1;
@@ -484,13 +506,17 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
       *reinterpret_cast<uint4*>(static_cast<T*>(ho.A) + (blk * C + i) * C + c) = *reinterpret_cast<const uint4*>(a16);
     }
   };
-  // aux of token j (and with SAVE the backward's gate vectors e·sq, −βe·rk, d·rk, zero past L, and e_L).
+  // aux of token j < C, zero past L (and with SAVE the backward's gate vectors e·sq, −βe·rk, d·rk, zero past L,
+  // and e_L).
   auto auxToken = [&](int j) {
-    if (j < L) {
+    if (j < C) {
       const float gL = gam[L - 1];
-      float4* a = aux + 2 * ((t0 + j) * HV + hv);
-      a[0] = make_float4(gam[j], sq[j], rk[j], ex[j] * rk[j]);
-      a[1] = make_float4(sq[j] * ex[j], rk[j] * __expf(gL - gam[j]), __expf(gL), 0.f);
+      const bool live = j < L;
+      float* a = aux + blk * kAuxFloats + j;
+      a[0] = live ? ex[j] * rk[j] : 0.f;
+      a[C] = live ? rk[j] * __expf(gL - gam[j]) : 0.f;
+      a[2 * C] = live ? sq[j] * ex[j] : 0.f;
+      a[3 * C] = j == 0 ? __expf(gL) : 0.f;
     }
     if constexpr (SAVE) {
       if (j < C) {
@@ -543,8 +569,8 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
 // warps only help with the loads.
 template <int K, int CG>
 __host__ __device__ constexpr size_t wsStageBytes() {
-  // Qs, Ks (C × (K+8)), Abs (C × LDC), Vs (C × (16·CG + 8)) bf16/f16, aux (C × 2 float4), AQs (C × LDC).
-  return 2 * (2 * size_t(C) * (K + 8) + 2 * size_t(C) * LDC + size_t(C) * (16 * CG + 8)) + 32 * C;
+  // Qs, Ks (C × (K+8)), Abs (C × LDC), Vs (C × (16·CG + 8)) bf16/f16, aux (kAuxFloats f32), AQs (C × LDC).
+  return 2 * (2 * size_t(C) * (K + 8) + 2 * size_t(C) * LDC + size_t(C) * (16 * CG + 8)) + 4 * kAuxFloats;
 }
 // 32-bit words per column group: Sᵀ fragments (K/16 × 32 lanes × 4), ν fragments (4 × 32 × 4) and, with the K
 // split, one fp32 partial Pᵀ per recurrence warp (8 × 32 × 4).
@@ -579,6 +605,14 @@ __device__ __forceinline__ void tileAsync(E* dst, const E* src, int64_t rowStrid
       cpAsync16(dst + r0 * LD + c, src + (ok ? int64_t(r0) * rowStride : 0) + c, ok);
     }
   }
+}
+
+// A chunk's aux (kAuxFloats contiguous floats, 16-byte aligned) by cp.async: one 16-byte piece per thread tid <
+// kAuxFloats / 4 (the prep wrote every row in full, so there is nothing to zero-fill).
+template <int NT>
+__device__ __forceinline__ void auxAsync(float* dst, const float* src, int tid) {
+  static_assert(NT >= kAuxFloats / 4, "auxAsync: one piece per thread");
+  if (tid < kAuxFloats / 4) cpAsync16(dst + 4 * tid, src + 4 * tid, true);
 }
 
 // sm_90 tensor / bulk copies completing on mbarriers (the ring kernel's TCAL_GDN_WS=ringbulk), into the same padded
@@ -652,6 +686,14 @@ __device__ __forceinline__ void bulkRows(unsigned char* dst, int pitch, const un
   }
   __syncwarp();
   if (row < Lc) bulkCopy(dst + row * pitch, src + row * tokStride, unsigned(rowBytes), full);
+}
+// Half `half` of a chunk's aux (one 512-byte bulk copy by lane 0), arriving once on the slot's full barrier.
+__device__ __forceinline__ void bulkAuxHalf(float* dst, const float* src, int half, uint64_t* full, int lane) {
+  constexpr int kHalf = kAuxFloats / 2;
+  if (lane == 0) {
+    mbarArriveTx(full, unsigned(4 * kHalf));
+    bulkCopy(dst + half * kHalf, src + half * kHalf, unsigned(4 * kHalf), full);
+  }
 }
 #endif
 
@@ -732,7 +774,7 @@ __device__ __forceinline__ void formP(float (&P)[8][4], SFrag&& sFrag, const T* 
 // triangular).
 template <typename T, int LDV>
 __device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4], const T* Vs, int vw,
-                                       const float4* auxs, const T* Abs, int lane) {
+                                       const float* auxs, const T* Abs, int lane) {
   const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
   uint32_t Xa[4][4];
 #pragma unroll
@@ -742,7 +784,8 @@ __device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4],
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const int j = 16 * ks + 8 * t + 2 * tq;
-      const float f0 = auxs[2 * j].w, f1 = auxs[2 * j + 2].w;
+      const float2 f = *reinterpret_cast<const float2*>(auxs + j);  // exp γ·rk of tokens j, j + 1
+      const float f0 = f.x, f1 = f.y;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const T* ve = reinterpret_cast<const T*>(&a[2 * t + r]);
@@ -765,13 +808,13 @@ __device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4],
 // Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are zero-filled,
 // so f_j = 0 there). N is scaled in place.
 template <typename T, int KH, int LDK>
-__device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4], const T* Ks, const float4* auxs,
+__device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4], const T* Ks, const float* auxs,
                                         int kb, int lane) {
   const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
-  const float eL = auxs[1].z;
+  const float eL = auxs[3 * C];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
-    const float2 f = make_float2(auxs[2 * (8 * nt + 2 * tq) + 1].y, auxs[2 * (8 * nt + 2 * tq) + 3].y);
+    const float2 f = *reinterpret_cast<const float2*>(auxs + C + 8 * nt + 2 * tq);  // rk·exp(γ_L − γ)
     N[nt][0] *= f.x;
     N[nt][2] *= f.x;
     N[nt][1] *= f.y;
@@ -801,7 +844,7 @@ __device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4],
 // Oᵀ = Sᵀ Q̃ᵀ over the token blocks np with own(np), columns scaled by sq_i exp γ_i; sFrag(ks) is Sᵀ's A fragment
 // of k-step ks (uint4).
 template <typename T, int K, typename SFrag, typename Own>
-__device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* Qs, const float4* auxs, int lane,
+__device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* Qs, const float* auxs, int lane,
                                       Own&& own) {
   constexpr int LDK = K + 8;
   const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
@@ -819,13 +862,13 @@ __device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* 
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const float f = auxs[2 * (8 * nt + 2 * tq + c) + 1].x;  // sq_i exp γ_i
-      O[nt][c] *= f;
-      O[nt][c + 2] *= f;
-    }
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 f = *reinterpret_cast<const float2*>(auxs + 2 * C + 8 * nt + 2 * tq);  // sq_i exp γ_i, i, i + 1
+    O[nt][0] *= f.x;
+    O[nt][2] *= f.x;
+    O[nt][1] *= f.y;
+    O[nt][3] *= f.y;
+  }
 }
 
 // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
@@ -873,7 +916,7 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
                                                                 const T* __restrict__ q, const T* __restrict__ k,
                                                                 const T* __restrict__ v, const T* __restrict__ Ab,
                                                                 const T* __restrict__ AQ,
-                                                                const float4* __restrict__ aux,
+                                                                const float* __restrict__ aux,
                                                                 const float* __restrict__ h0, T* __restrict__ o,
                                                                 float* __restrict__ hT, void* __restrict__ ckpt,
                                                                 const int* __restrict__ chunkFirst) {
@@ -901,21 +944,23 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
   uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
   uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
   const bool wantO = o != nullptr;
+  waitForPrerequisite();  // the prep's Ab, Aqk, aux
 
   auto issue = [&](int64_t tc, int st) {
     T* Qs = reinterpret_cast<T*>(stage0 + st * SB);
     T* Ks = Qs + C * LDK;
     T* Abs = Ks + C * LDK;
     T* Vs = Abs + C * LDC;
-    float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
-    T* AQs = reinterpret_cast<T*>(auxs + 2 * C);
+    float* auxs = reinterpret_cast<float*>(Vs + C * LDV);
+    T* AQs = reinterpret_cast<T*>(auxs + kAuxFloats);
     const int Lc = int(seqEnd - tc < C ? seqEnd - tc : C);
     if (wantO) tileAsync<C / 8, LDC, NT>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, tid);
     if (wantO) tileAsync<K / 8, LDK, NT>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, tid);
     tileAsync<K / 8, LDK, NT>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, tid);
     tileAsync<C / 8, LDC, NT>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, tid);
     tileAsync<VT / 8, LDV, NT>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, tid);
-    tileAsync<2, 2, NT>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, tid);
+    const int gc = chunkFirst[n] + int(uint64_t(tc - seqBegin) / C);  // tc's global chunk
+    auxAsync<NT>(auxs, aux + (size_t(gc) * HV + hv) * kAuxFloats, tid);
   };
   // Top of a chunk, the same for both roles (they meet at its two block barriers): issue the loads, run `mid`
   // (between the barriers), wait for this chunk's stage.
@@ -951,13 +996,13 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
     float* xP = reinterpret_cast<float*>(xch + cg * XW + KS * 128 + 4 * 128);  // [kh][nt] float4 per lane
     float* xPme = xP + kh * 1024 + lane * 4;
     const float* xPpa = xP + (kh ^ 1) * 1024 + lane * 4;
-    int chunk = chunkFirst ? chunkFirst[n] : 0;
+    int chunk = chunkFirst[n];
     int st = 0;
     for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, st ^= (ST - 1)) {
       const T* Ks = reinterpret_cast<const T*>(stage0 + st * SB) + C * LDK;
       const T* Abs = Ks + C * LDK;
       const T* Vs = Abs + C * LDC;
-      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      const float* auxs = reinterpret_cast<const float*>(Vs + C * LDV);
       top(t0, st, [&] {
         if (ckpt) storeCkpt<KH, CK16>(S, ckpt, (size_t(chunk) * HV + hv) * K * V, V, kb, v0 + vw, lane);
         if (wantO) {  // chunk-start Sᵀ for the output warps (visible after the barrier)
@@ -1014,8 +1059,8 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
       const T* Qs = reinterpret_cast<const T*>(stage0 + st * SB);
       const T* Ks = Qs + C * LDK;
       T* Vs = const_cast<T*>(Ks + C * LDK + C * LDC);
-      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
-      const T* AQs = reinterpret_cast<const T*>(auxs + 2 * C);  // Aqk from the prep, loaded with the stage
+      const float* auxs = reinterpret_cast<const float*>(Vs + C * LDV);
+      const T* AQs = reinterpret_cast<const T*>(auxs + kAuxFloats);  // Aqk from the prep, loaded with the stage
       top(t0, st, [] {});
       if (!wantO) continue;
       // Chunk-start Sᵀ from the recurrence warps.
@@ -1052,11 +1097,11 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
 template <int K>
 struct RingLayout {
   static constexpr int LDK = K + 8, VT = 128, LDV = VT + 8, LDO = 24;  // LDO: 48-byte o rows, stmatrix conflict-free
-  static constexpr size_t kRec = 2 * (size_t(C) * LDK + size_t(C) * LDC + size_t(C) * LDV) + 32 * C;  // K, Ab, V, aux
-  static constexpr size_t kOut = 2 * (size_t(C) * LDK + size_t(C) * LDC) + 32 * C;                    // Q, Aqk, aux
+  static constexpr size_t kRec = 2 * (size_t(C) * LDK + size_t(C) * LDC + size_t(C) * LDV) + 4 * kAuxFloats;  // K, Ab, V, aux
+  static constexpr size_t kOut = 2 * (size_t(C) * LDK + size_t(C) * LDC) + 4 * kAuxFloats;                    // Q, Aqk, aux
   static constexpr size_t kXch = 8 * 4 * size_t(wsXchgWords<K, 1>());                                  // Sᵀ, νᵀ per group
   static constexpr size_t kO = 8 * size_t(C) * LDO * 2;                                                // o per output warp
-  static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 218 KB at K = 128
+  static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 214 KB at K = 128
   static constexpr size_t kBars = 4 * 8;                              // BULK: "full" mbarriers, rec[2] then out[2]
 };
 
@@ -1069,14 +1114,14 @@ struct RingLayout {
 // warp has finished chunk i − 1. So the recurrence role refills after kBarFree, the output role after kBarReady,
 // kBarRec / kBarOut go, and a recurrence warp issues at most one tensor copy per chunk (32 1-D row copies in the
 // tail chunk) instead of 256 / 8 cp.async pieces per thread.
-struct RingMaps {  // BULK: [tokens, heads, columns] views of k, Ab, v, aux, q, Aqk; boxes 32 tokens × a padded row
-  CUtensorMap k, ab, v, aux, q, aq;
+struct RingMaps {  // BULK: [tokens, heads, columns] views of k, Ab, v, q, Aqk; boxes 32 tokens × a padded row
+  CUtensorMap k, ab, v, q, aq;
 };
 
 template <typename T, int K, bool CK16, bool BULK>
 __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int HV, int V, const T* __restrict__ q,
                                          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ Ab,
-                                         const T* __restrict__ AQ, const float4* __restrict__ aux,
+                                         const T* __restrict__ AQ, const float* __restrict__ aux,
                                          const float* __restrict__ h0, T* __restrict__ o, float* __restrict__ hT,
                                          void* __restrict__ ckpt, const int* __restrict__ chunkFirst,
                                          const RingMaps* maps) {
@@ -1103,6 +1148,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
   uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
   uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
   auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
+  auto auxAt = [&](int gc) { return aux + (size_t(gc) * HV + hv) * kAuxFloats; };  // aux of global chunk gc
 #if TCAL_GDN_BULK
   if constexpr (bulk) {
     if (tid == 0) {  // one arrival per issuing warp and chunk: 8 recurrence warps, output warps 0 … 5
@@ -1115,14 +1161,15 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
     __syncthreads();
   }
 #endif
+  waitForPrerequisite();  // the prep's Ab, Aqk, aux
 
   if (rec) {
     auto slot = [&](int s) { return reinterpret_cast<T*>(recSlots + s * Lay::kRec); };
-    auto issue = [&](int64_t tc, int s) {
+    auto issue = [&](int64_t tc, int gc, int s) {  // the chunk at token tc, global chunk gc, into slot s
       T* Ks = slot(s);
       T* Abs = Ks + C * LDK;
       T* Vs = Abs + C * LDC;
-      float4* auxs = reinterpret_cast<float4*>(Vs + C * LDV);
+      float* auxs = reinterpret_cast<float*>(Vs + C * LDV);
       const int Lc = chunkLen(tc);
       // The thread index through an opaque move: the per-piece offsets are recomputed here instead of being
       // hoisted out of the chunk loop, where ≈ 30 registers of them stayed live through the chain (ptxas: spills).
@@ -1131,6 +1178,10 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 #if TCAL_GDN_BULK
       if constexpr (bulk) {
         const int w = me / 32, rowBase = 32 * (w & 1);
+        if (w >> 1 == 3) {  // aux: one half per warp
+          bulkAuxHalf(auxs, auxAt(gc), w & 1, fullBar + s, me % 32);
+          return;
+        }
         unsigned char* dst;
         const unsigned char* src;
         const CUtensorMap* map;
@@ -1145,13 +1196,9 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
             dst = reinterpret_cast<unsigned char*>(Abs), pitch = 2 * LDC, bytes = 2 * C, map = &maps->ab;
             src = reinterpret_cast<const unsigned char*>(Ab + (tc * HV + hv) * C), stride = 2 * int64_t(HV) * C;
             break;
-          case 2:
+          default:
             dst = reinterpret_cast<unsigned char*>(Vs), pitch = 2 * LDV, bytes = 2 * VT, map = &maps->v, c0 = v0;
             src = reinterpret_cast<const unsigned char*>(v + (tc * HV + hv) * V + v0), stride = 2 * int64_t(HV) * V;
-            break;
-          default:
-            dst = reinterpret_cast<unsigned char*>(auxs), pitch = 32, bytes = 32, map = &maps->aux;
-            src = reinterpret_cast<const unsigned char*>(aux + 2 * (tc * HV + hv)), stride = 32 * int64_t(HV);
             break;
         }
         bulkRows(dst, pitch, src, stride, bytes, map, c0, c1, int(tc), rowBase, Lc, fullBar + s, me % 32);
@@ -1161,9 +1208,9 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       tileAsync<K / 8, LDK, NR>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
       tileAsync<VT / 8, LDV, NR>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, me);
-      tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
+      auxAsync<NR>(auxs, auxAt(gc), me);
     };
-    if (seqBegin < seqEnd) issue(seqBegin, 0);
+    if (seqBegin < seqEnd) issue(seqBegin, chunkFirst[n], 0);
     if constexpr (!bulk) cpAsyncCommit();
     const size_t stateBase = (size_t(n) * HV + hv) * K * V;
     float S[K / 8][4];
@@ -1174,26 +1221,26 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         int kk = 8 * nt + 2 * tq + (e & 1), col = v0 + vw + gq + 8 * (e >> 1);
         S[nt][e] = h0 ? h0[stateBase + size_t(kk) * V + col] : 0.f;
       }
-    int chunk = chunkFirst ? chunkFirst[n] : 0;
+    int chunk = chunkFirst[n];
     int s = 0;
     unsigned ph = 0;  // BULK: parity of this chunk's phase of its slot's full barrier
     for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, ph ^= s, s ^= 1) {
       if constexpr (!bulk) {
         cpAsyncWait<0>();        // this chunk's slot (issued a chunk ago) has landed for this thread …
         namedSync(kBarRec, NR);  // … and for all; every recurrence warp is done with the other slot
-        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        if (t0 + C < seqEnd) issue(t0 + C, chunk + 1, s ^ 1);
         cpAsyncCommit();
       }
       const T* Ks = slot(s);
       const T* Abs = Ks + C * LDK;
       const T* Vs = Abs + C * LDC;
-      const float4* auxs = reinterpret_cast<const float4*>(Vs + C * LDV);
+      const float* auxs = reinterpret_cast<const float*>(Vs + C * LDV);
       if (ckpt) storeCkpt<K, CK16>(S, ckpt, (size_t(chunk) * HV + hv) * K * V, V, 0, v0 + vw, lane);
       // The output warps hold the previous chunk's Sᵀ, νᵀ: write this chunk's Sᵀ now (written after νᵀ, with S
       // and N both live, it spilled 400 B — ptxas, K = 128).
       namedSync(kBarFree, 2 * NR);
       if constexpr (bulk) {  // every recurrence warp is past chunk i − 1: refill its slot
-        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        if (t0 + C < seqEnd) issue(t0 + C, chunk + 1, s ^ 1);
       }
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
@@ -1224,10 +1271,10 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
     }
   } else {
     auto slot = [&](int s) { return reinterpret_cast<T*>(outSlots + s * Lay::kOut); };
-    auto issue = [&](int64_t tc, int s) {
+    auto issue = [&](int64_t tc, int gc, int s) {  // as in the recurrence role
       T* Qs = slot(s);
       T* AQs = Qs + C * LDK;
-      float4* auxs = reinterpret_cast<float4*>(AQs + C * LDC);
+      float* auxs = reinterpret_cast<float*>(AQs + C * LDC);
       const int Lc = chunkLen(tc);
       int me;  // as in the recurrence role
       asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
@@ -1235,6 +1282,10 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       if constexpr (bulk) {
         const int w = me / 32, rowBase = 32 * (w & 1);
         if (w >= 2 * 3) return;  // three tiles, two warps each
+        if (w >> 1 == 2) {  // aux: one half per warp
+          bulkAuxHalf(auxs, auxAt(gc), w & 1, fullBar + 2 + s, me % 32);
+          return;
+        }
         unsigned char* dst;
         const unsigned char* src;
         const CUtensorMap* map;
@@ -1245,13 +1296,9 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
             dst = reinterpret_cast<unsigned char*>(Qs), pitch = 2 * LDK, bytes = 2 * K, map = &maps->q, c1 = h;
             src = reinterpret_cast<const unsigned char*>(q + (tc * H + h) * K), stride = 2 * int64_t(H) * K;
             break;
-          case 1:
+          default:
             dst = reinterpret_cast<unsigned char*>(AQs), pitch = 2 * LDC, bytes = 2 * C, map = &maps->aq;
             src = reinterpret_cast<const unsigned char*>(AQ + (tc * HV + hv) * C), stride = 2 * int64_t(HV) * C;
-            break;
-          default:
-            dst = reinterpret_cast<unsigned char*>(auxs), pitch = 32, bytes = 32, map = &maps->aux;
-            src = reinterpret_cast<const unsigned char*>(aux + 2 * (tc * HV + hv)), stride = 32 * int64_t(HV);
             break;
         }
         bulkRows(dst, pitch, src, stride, bytes, map, 0, c1, int(tc), rowBase, Lc, fullBar + 2 + s, me % 32);
@@ -1260,28 +1307,28 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 #endif
       tileAsync<K / 8, LDK, NR>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
-      tileAsync<2, 2, NR>(auxs, aux + 2 * (tc * HV + hv), 2 * int64_t(HV), Lc, me);
+      auxAsync<NR>(auxs, auxAt(gc), me);
     };
     auto own = [](int) { return true; };
     T* Os = oStage + cg * C * LDO;
     if (seqBegin < seqEnd) {
-      issue(seqBegin, 0);
+      issue(seqBegin, chunkFirst[n], 0);
       namedArrive(kBarFree, 2 * NR);  // the exchange starts free
     }
     if constexpr (!bulk) cpAsyncCommit();
-    int s = 0;
+    int s = 0, chunk = chunkFirst[n];
     unsigned ph = 0;  // BULK: as in the recurrence role
-    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ph ^= s, s ^= 1) {
+    for (int64_t t0 = seqBegin; t0 < seqEnd; t0 += C, ++chunk, ph ^= s, s ^= 1) {
       const int L = chunkLen(t0);
       if constexpr (!bulk) {
         cpAsyncWait<0>();
         namedSync(kBarOut, NR);
-        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        if (t0 + C < seqEnd) issue(t0 + C, chunk + 1, s ^ 1);
         cpAsyncCommit();
       }
       const T* Qs = slot(s);
       const T* AQs = Qs + C * LDK;
-      const float4* auxs = reinterpret_cast<const float4*>(AQs + C * LDC);
+      const float* auxs = reinterpret_cast<const float*>(AQs + C * LDC);
       namedSync(kBarReady, 2 * NR);  // this chunk's Sᵀ, νᵀ
       uint4 Sf[KS];
       uint32_t Nf[4][4];
@@ -1297,7 +1344,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       }
       if (t0 + C < seqEnd) namedArrive(kBarFree, 2 * NR);  // (one arrival per recurrence-side wait)
       if constexpr (bulk) {  // every output warp is past chunk i − 1 (kBarReady): refill its slot, wait for this one
-        if (t0 + C < seqEnd) issue(t0 + C, s ^ 1);
+        if (t0 + C < seqEnd) issue(t0 + C, chunk + 1, s ^ 1);
 #if TCAL_GDN_BULK
         mbarWait(fullBar + 2 + s, ph);
 #endif
@@ -1313,7 +1360,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 
 #define TCAL_RING_PARAMS                                                                                            \
   const int *__restrict__ cu, int H, int HV, int V, const T *__restrict__ q, const T *__restrict__ k,              \
-      const T *__restrict__ v, const T *__restrict__ Ab, const T *__restrict__ AQ, const float4 *__restrict__ aux, \
+      const T *__restrict__ v, const T *__restrict__ Ab, const T *__restrict__ AQ, const float *__restrict__ aux,  \
       const float *__restrict__ h0, T *__restrict__ o, float *__restrict__ hT, void *__restrict__ ckpt,            \
       const int *__restrict__ chunkFirst
 template <typename T, int K, bool CK16>
@@ -1360,6 +1407,26 @@ int ccMajor() {  // bulk copies (cp.async.bulk) need sm_90
   return major;
 }
 
+// A state-pass kernel, launched as a programmatic dependent of the prep before it on the stream where the device
+// has sm_90 (the kernels wait in waitForPrerequisite). TCAL_GDN_PDL=0 launches it plainly (benchmark switch).
+template <typename... P, typename... A>
+void launchAfterPrep(void (*kern)(P...), dim3 grid, int threads, size_t smem, cudaStream_t stream, const char* what,
+                     A&&... args) {
+  const char* e = std::getenv("TCAL_GDN_PDL");
+  const bool off = e && std::strcmp(e, "0") == 0;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = !off && ccMajor() >= 9 ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...), what);
+}
+
 // Where 64-column blocks give at least one per SM: CG = 4, one recurrence warp per group, two blocks per SM
 // (MINB = 2: ≤ 128 registers) with two load stages where 2 × the shared memory fits, else one. Where the grid
 // is small (B2·T16384): 32-column blocks, K split between two recurrence warps per group (half the chain per
@@ -1367,17 +1434,16 @@ int ccMajor() {  // bulk copies (cp.async.bulk) need sm_90
 // 64-column ones, 32-column blocks without the K split slower than with it; both deleted.)
 // TCAL_GDN_WS=wide|small forces one of the two (benchmark variants).
 template <typename T, int K, int CG, int KS2, int ST, int MINB>
-void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
+void launchWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float* aux, T* o,
               float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   constexpr size_t smem = wsSmem<K, CG, KS2, ST>();
   auto kern = ckpt && ckpt16 ? wsKernel<T, K, CG, KS2, ST, MINB, true> : wsKernel<T, K, CG, KS2, ST, MINB, false>;
   check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
         "cudaFuncSetAttribute(gdn v5 state)");
   dim3 grid(unsigned(p.V / (16 * CG)), unsigned(p.HV), unsigned(p.N));
-  kern<<<grid, 64 * CG * KS2, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(),
-                                              in.v.ptr<T>(), Ab, AQ, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr, o, hT,
-                                              ckpt, chunkFirst);
-  checkLaunch("gdn v5 state");
+  launchAfterPrep(kern, grid, 64 * CG * KS2, smem, stream, "gdn v5 state", cu, int(p.H), int(p.HV), int(p.V),
+                  in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, p.hasH0 ? in.h0.ptr<float>() : nullptr,
+                  o, hT, ckpt, chunkFirst);
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link to libcuda); null where unavailable.
@@ -1415,7 +1481,7 @@ void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t 
 }
 
 template <typename T, int K, bool BULK>
-void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux,
+void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float* aux,
                 T* o, float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   using Lay = RingLayout<K>;
   dim3 grid(unsigned(p.V / Lay::VT), unsigned(p.HV), unsigned(p.N));
@@ -1430,20 +1496,17 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
     tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
     tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, LDC);
     tokenMap(&maps.v, in.v.ptr<T>(), 2, NT, p.HV, p.V, Lay::LDV);
-    tokenMap(&maps.aux, aux, 4, NT, p.HV, 8, 8);
     tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
     tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, LDC);
-    kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
-                                      Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
-    checkLaunch("gdn v7 state (bulk)");
+    launchAfterPrep(kern, grid, 512, smem, stream, "gdn v7 state (bulk)", cu, int(p.H), int(p.HV), int(p.V),
+                    in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
   } else {
     constexpr size_t smem = Lay::total;
     auto kern = ckpt && ckpt16 ? ringKernel<T, K, true> : ringKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v7 state)");
-    kern<<<grid, 512, smem, stream>>>(cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(),
-                                      Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst);
-    checkLaunch("gdn v7 state");
+    launchAfterPrep(kern, grid, 512, smem, stream, "gdn v7 state", cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(),
+                    in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst);
   }
 }
 
@@ -1456,7 +1519,7 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
 // encoder. TCAL_GDN_WS=wide|small|ring forces one (ring: the cp.async ring, only where it can run); =ringbulk the
 // bulk ring wherever it can run (else what the default would pick).
 template <typename T, int K>
-void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float4* aux, T* o,
+void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
   const int sms = smCount();
   constexpr int VT = RingLayout<K>::VT;
@@ -1495,14 +1558,18 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   const Device dev = in.q.device();
   const int64_t NT = p.tokens();
   Tensor Ab = empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev);
-  Tensor aux = empty({NT, p.HV, 8}, DType::F32, dev);
+  int64_t maxLen = 0, chunks = 0;
+  for (int64_t s = 0; s < p.N; ++s) {
+    const int64_t len = p.cu[size_t(s) + 1] - p.cu[size_t(s)];
+    maxLen = std::max(maxLen, len);
+    chunks += (len + C - 1) / C;
+  }
+  Tensor aux = empty({std::max<int64_t>(chunks, 1), p.HV, int64_t(kAuxFloats)}, DType::F32, dev);
   if (skipped("out")) o = nullptr;
   // Aqk by the prep (once per chunk and head instead of once per V tile in the state pass), only for o.
   Tensor AQ = o ? empty({NT, p.HV, int64_t(C)}, in.q.dtype(), dev) : Tensor();
   T* AQp = AQ.defined() ? AQ.ptr<T>() : nullptr;
   if (ho && !AQp) throwInvalid("saveForBackward", "the GDN forward hands over the backward's prep outputs only with o");
-  int64_t maxLen = 0;
-  for (int64_t s = 0; s < p.N; ++s) maxLen = std::max<int64_t>(maxLen, p.cu[size_t(s) + 1] - p.cu[size_t(s)]);
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
     const int idle = prepIdle();
@@ -1520,11 +1587,11 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
     kern<<<grid, kPrepThreads, smem, stream>>>(
         cu, int(p.H), int(p.HV), in.q.ptr<T>(), in.k.ptr<T>(), in.g.ptr<float>(), in.beta.ptr<float>(),
         p.fusedGates ? in.aLog.ptr<float>() : nullptr, p.fusedGates ? in.dtBias.ptr<float>() : nullptr,
-        Ab.ptr<T>(), AQp, aux.ptr<float4>(), float(p.scale), p.l2norm, ho ? *ho : Handover{});
+        Ab.ptr<T>(), AQp, aux.ptr<float>(), chunkFirst, float(p.scale), p.l2norm, ho ? *ho : Handover{});
     checkLaunch("gdn v4 prep");
   }
   const T* Abp = Ab.ptr<T>();
-  const float4* auxp = aux.ptr<float4>();
+  const float* auxp = aux.ptr<float>();
   if (skipped("state")) return;
   runWs<T, K>(p, in, cu, Abp, AQp, auxp, o, hT, ckpt, ckpt16, chunkFirst, stream);
 }
@@ -1542,6 +1609,7 @@ bool eligible(const gdn::Problem& p, DType in, DType out) {
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
              cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst, const Handover* handover) {
   if (p.N == 0) return;
+  if (!chunkFirst) throwInvalid("chunkFirst", "GDN v3 forward needs each sequence's first global chunk");
   if (!alignedInputs(in, o)) throwInvalid("q", "GDN v3 forward needs 16-byte aligned q, k, v, o");
   if (ckpt && ckptType != DType::F32 && ckptType != DType::BF16)
     throwInvalid("ckpt", "GDN v3 forward writes checkpoints in f32 or bf16 only");

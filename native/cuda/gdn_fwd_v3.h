@@ -16,16 +16,16 @@ struct Handover {
   float* gates;    // [blk][3][C]: e·sq, −β e·rk, d·rk with e = exp γ, d = exp(γ_L − γ) (0 past the end)
   float* gateEnds; // [blk]: e_L
   float *rq, *rk;  // [tokens, H]: 1/‖q‖, 1/‖k‖ (with l2norm; else null)
-  const int* chunkFirst;
 };
 // q, k, v (and o when given) start on 16-byte boundaries (the kernels load and store 16-byte vectors).
 bool alignedInputs(const gdn::Inputs& in, const Tensor& o);
-// Same contract as gdn_tc::forward: cu = N+1 token offsets on the device; o / finalState may be undefined; with
+// Same contract as gdn_tc::forward: cu = N+1 token offsets on the device, chunkFirst = N+1 first global chunks on
+// the device (required: the prep's per-chunk outputs are indexed by them); o / finalState may be undefined; with
 // ckpt, the state at the start of every chunk is written there ([chunks, HV, K, V], index chunkFirst[n] + c) in
 // ckptType: DType::F32 (float*) or DType::BF16 (__nv_bfloat16*, the fp32 state rounded once to nearest even).
 // handover (o defined): the prep also writes it.
 void forward(const gdn::Problem& p, const gdn::Inputs& in, const Tensor& o, const Tensor& finalState, const int* cu,
-             cudaStream_t stream, void* ckpt = nullptr, DType ckptType = DType::F32,
-             const int* chunkFirst = nullptr, const Handover* handover = nullptr);
+             cudaStream_t stream, void* ckpt, DType ckptType, const int* chunkFirst,
+             const Handover* handover = nullptr);
 
 }  // namespace tcal::cuda::gdn_v3
