@@ -26,6 +26,21 @@ export async function timeDevice(
   return times[Math.floor(times.length / 2)];
 }
 
+/**
+ * Host-side cost of `calls` calls of fn (each awaited, the device not synchronised in between) per call, beside the
+ * wall time per call until the device has finished them: where the first nears the second, a row times the host's
+ * dispatch rather than the kernels.
+ */
+export async function hostDispatch(fn: () => Promise<unknown>, device: string, calls = 20): Promise<{ hostMs: number; wallMs: number }> {
+  await synchronize(device);
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < calls; i++) await fn();
+  const t1 = process.hrtime.bigint();
+  await synchronize(device);
+  const t2 = process.hrtime.bigint();
+  return { hostMs: Number(t1 - t0) / 1e6 / calls, wallMs: Number(t2 - t0) / 1e6 / calls };
+}
+
 /** Runs a Python peer script (torch / fla) with a JSON argument; parses one JSON object per output line. */
 export function runPythonPeer<T>(script: string, arg: unknown): { rows: T[]; error?: string } {
   const r = spawnSync('python3', [script, JSON.stringify(arg)], { encoding: 'utf8', maxBuffer: 64 << 20 });

@@ -819,16 +819,3 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD
   test.each(balCases)('against the serial kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', (name, c) =>
     expectSameBackward(name, c, 8000, 'TCAL_GDN_BWD_K3', undefined, 'serial', ['dq', 'dk', 'dv', 'dh0']));
 });
-
-// TCAL_GDN_BWD_K2=rows (session 9, opt-in, not yet run on a GPU): the state pass copies the raw q / k rows with K / 8
-// threads per row instead of two; the same bytes in the same places, so every gradient is bitwise the default's
-// (but the fused gates' atomics).
-cudaDescribe('GDN CUDA: state pass with whole-row q / k copies (TCAL_GDN_BWD_K2=rows, session 9)', () => {
-  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
-  const all = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dh0'];
-  test.each([
-    ...['T=1 D=128', 'T=65 D=128', 'ragged', 'K=64 V=256', 'T=65 D=64'].map(byName),
-    ['filled grid, GVA 8/16, l2norm + fused gates', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }] as [string, Case],
-  ])('bitwise the default state pass (bf16): %s', (name, c) =>
-    expectSameBackward(name, c, 9000, 'TCAL_GDN_BWD_K2', 'rows', undefined, all));
-});

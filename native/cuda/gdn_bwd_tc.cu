@@ -355,11 +355,10 @@ constexpr size_t state4Smem() {
 
 // The dS store goes through shared memory as 16-byte stores of whole rows (session 8: one STG.32 per pair wrote
 // half-used sectors, the kernel's hottest line under ncu in run 3), and the cp.async issue loops have static trip
-// counts. ROWS (TCAL_GDN_BWD_K2=rows, opt-in, session 9, not yet run on a GPU): the raw q / k rows copied as the dO
-// rows are, K / 8 threads per row (a warp's cp.async covers whole 256-byte rows), instead of two threads per row
-// (16 rows × 32 bytes per warp instruction): a suspect for the state pass's 0.288 → 0.334 ms when it began to read
-// the raw rows. The same bytes land in the same places: bitwise the default.
-template <typename T, int K, int NW, int ST, bool ROWS = false>
+// counts. The raw q / k rows are copied with K / 8 threads per row (session 10; with two threads per row a warp's
+// cp.async touched 16 rows × 32 bytes: backward on saved states 1.921 → 1.861 ms at the reference shape, H200
+// session 10 run 2).
+template <typename T, int K, int NW, int ST>
 __global__ void __launch_bounds__(32 * NW) state4Kernel(
     const T* __restrict__ QKGg, const T* __restrict__ Ag, const T* __restrict__ q, const T* __restrict__ k, int H,
     const float* __restrict__ gvec, const float* __restrict__ eLg, const T* __restrict__ dO,
@@ -411,7 +410,8 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
         ptx::cpAsync16(sa(b.A + (i0 + u * RS) * LC + c), a + u * RS * C, true);
       }
     }
-    if constexpr (ROWS) {  // the raw q, k rows as the dO rows below: row i0 + u·RS, piece c, zero past L
+    {  // the raw q, k rows of key head kh as the dO rows below (K / 8 threads per row: a warp covers whole
+       // 256-byte rows): row i0 + u·RS, piece c, zero past L
       constexpr int RS = NTH / (K / 8);
       static_assert(NTH % (K / 8) == 0 && (C * (K / 8)) % NTH == 0, "state pass: whole passes over the q / k rows");
       const int i0 = tid / (K / 8), c = (tid % (K / 8)) * 8;
@@ -423,18 +423,6 @@ __global__ void __launch_bounds__(32 * NW) state4Kernel(
         const bool ok = i < L;
         ptx::cpAsync16(sa(b.Qr + i * LK + c), q + (ok ? p + u * step : src), ok);
         ptx::cpAsync16(sa(b.Kr + i * LK + c), k + (ok ? p + u * step : src), ok);
-      }
-    } else {  // the raw q, k rows of key head kh (token t0 + i at ((t0 + i)·H + kh)·K), rows past L zero-filled: TPR
-       // threads per row, thread j of a row taking its pieces j, j + TPR, … (one address and one predicate per
-       // thread and tile; with TPR = 2 a pair's loads are whole 32-byte sectors; shared stores conflict-free)
-      constexpr int TPR = NTH / C, PPT = K / 8 / TPR;
-      const int i = tid / TPR, j = tid % TPR;
-      const bool ok = i < L;
-      const size_t src = ((t0 + (ok ? i : 0)) * H + kh) * K + 8 * j;
-#pragma unroll
-      for (int u = 0; u < PPT; ++u) {
-        ptx::cpAsync16(sa(b.Qr + i * LK + 8 * (j + TPR * u)), q + src + 8 * TPR * u, ok);
-        ptx::cpAsync16(sa(b.Kr + i * LK + 8 * (j + TPR * u)), k + src + 8 * TPR * u, ok);
       }
     }
     {
@@ -1468,14 +1456,9 @@ void run(const gdn::Problem& p, Device dev, const Args& a, cudaStream_t stream) 
     // per SM or the blocks fit once.
     // (8 warps, one block per head with double buffering, timed the same at the reference shape: run 4.)
     using std::integral_constant;
-    const char* k2Env = std::getenv("TCAL_GDN_BWD_K2");
-    const bool rows2 = k2Env && std::strcmp(k2Env, "rows") == 0;  // (opt-in: see ROWS)
     auto launchState = [&](auto nwTag, auto stTag) {
       constexpr int NW = decltype(nwTag)::value, ST = decltype(stTag)::value;
-      if (rows2)
-        launch4(state4Kernel<T, K, NW, ST, true>, state4Smem<K, NW, ST>(), 16 * NW, 32 * NW);
-      else
-        launch4(state4Kernel<T, K, NW, ST>, state4Smem<K, NW, ST>(), 16 * NW, 32 * NW);
+      launch4(state4Kernel<T, K, NW, ST>, state4Smem<K, NW, ST>(), 16 * NW, 32 * NW);
     };
     const size_t stage4w = state4Stage<K, 4>();
     const size_t stage2w = state4Stage<K, 2>();
