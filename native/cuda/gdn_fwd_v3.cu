@@ -170,15 +170,8 @@ constexpr size_t prepSmem() {
 // then does not run — QKG from the Aqk tiles (all 16 rows, the blocks above the diagonal zeroed), A before the
 // β scaling, the gate vectors beside aux (times the row factors sq, rk: the backward reads the raw q / k rows),
 // the norm factors. (Until session 9 also the rows scale·n_q, n_k: 0.27 GB at B8·T4096·H16·D128, gradplan item 5.)
-// IDLE ≥ 1 (TCAL_GDN_PREP=idle, session 9): the inverse ends without its block barrier, each warp forms the Ab rows
-// of the A columns it wrote itself (warps 0, 1 the 8-column strips of block column 0; warps 2, 3, whose strips are 8
-// products shorter than those, the rest, the zero blocks and aux). IDLE = 2 (=idle2) also splits the tiles 8 and 9
-// of the Aqk / M products into 16 × 8 halves, one per warp, so that each warp takes 2.5 tiles instead of 3/3/2/2.
-// IDLE = 3 (=idle5): IDLE = 1's code at five blocks per SM (≤ 96 registers: ptxas fits it without spilling, the
-// default and IDLE = 2 spill 4–16 B there; 5 × 40.4 KB of shared memory fit).
-// Every element comes from the default's arithmetic (the same mma fragments, the same factor products).
-template <typename T, int K, bool SAVE, int IDLE>
-__global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(const int* __restrict__ cu, int H, int HV,
+template <typename T, int K, bool SAVE>
+__global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restrict__ cu, int H, int HV,
                                                            const T* __restrict__ q, const T* __restrict__ k,
                                                            const float* __restrict__ g,
                                                            const float* __restrict__ beta,
@@ -313,9 +306,8 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
   // memory (stride LDK) by mma.sync, with γ of the fragment's rows (gi) and columns (gj) gathered by shuffles.
   const int gq = lane / 4, tq = lane % 4;
   // With A2 (a second A operand, or nullptr: folded at each call site), acc2 = A2·Kᵀ of the same tile.
-  // nts: the 8-column halves formed (bit nt; 3 = the whole tile).
   auto lowerTile = [&](const T* A, int tile, int& tr, int& tc, float (&acc)[2][4], float (&gi)[2], float (&gj)[2][2],
-                       const T* A2, float (&acc2)[2][4], int nts) {
+                       const T* A2, float (&acc2)[2][4]) {
     tr = tile < 1 ? 0 : tile < 3 ? 1 : tile < 6 ? 2 : 3;
     tc = tile - tr * (tr + 1) / 2;
     const int lr = lane % 8, lm = lane / 8;
@@ -328,13 +320,13 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
       uint32_t a[4], b[4];
       ldsm4(a, A + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
       ldsm4(b, Kb + (16 * tc + lr + (lm >> 1) * 8) * LDK + 16 * ks + (lm & 1) * 8);
-      if (nts & 1) mma<T>(acc[0], a, b[0], b[1]);
-      if (nts & 2) mma<T>(acc[1], a, b[2], b[3]);
+      mma<T>(acc[0], a, b[0], b[1]);
+      mma<T>(acc[1], a, b[2], b[3]);
       if (A2) {
         uint32_t a2[4];
         ldsm4(a2, A2 + (16 * tr + lane % 16) * LDK + 16 * ks + (lane / 16) * 8);
-        if (nts & 1) mma<T>(acc2[0], a2, b[0], b[1]);
-        if (nts & 2) mma<T>(acc2[1], a2, b[2], b[3]);
+        mma<T>(acc2[0], a2, b[0], b[1]);
+        mma<T>(acc2[1], a2, b[2], b[3]);
       }
     }
 #pragma unroll
@@ -361,8 +353,7 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
   };
   float dummy[2][4];
   if (AQout) {
-    // Warps 0, 1 take three tiles, warps 2, 3 two (IDLE = 2: each 2.5); M waits in registers until the q rows (M's
-    // region) are read.
+    // Warps 0, 1 take three tiles, warps 2, 3 two; M waits in registers until the q rows (M's region) are read.
     // The Aqk tile leaves through this warp's 16 × 16 slot of Ts as 32-byte rows.
     static_assert(16 * LDF * sizeof(float) >= 4 * 256 * sizeof(T), "prep: Aqk staging fits Ts");
     T* stg = reinterpret_cast<T*>(Ts) + warp * 256;
@@ -371,15 +362,9 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
       const int job = warp + 4 * u;
-      // (IDLE = 2 by if constexpr: the other instantiations compile exactly the default's statements)
-      int tile = job, nts = 3;
-      if constexpr (IDLE == 2) {
-        if (u == 2) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // tile 8 + warp % 2, columns 8 (warp / 2) … + 7
-      } else if (job >= 10) {
-        break;
-      }
+      if (job >= 10) break;
       float accQ[2][4], accK[2][4], gi[2], gj[2][2];
-      lowerTile(Qb, tile, trs[u], tcs[u], accQ, gi, gj, Kb, accK, nts);
+      lowerTile(Qb, job, trs[u], tcs[u], accQ, gi, gj, Kb, accK);
       const int mi = trs[u], ni = tcs[u];
       // The factors of this tile's rows and columns, read once (the products below are the default's, factor
       // by factor in the same order, so Aqk and M are bitwise the same).
@@ -397,9 +382,7 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
         rkj[nt][1] = rr.y;
       }
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        if constexpr (IDLE == 2)
-          if (!(nts >> nt & 1)) continue;
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = 16 * mi + gq + 8 * r, j = 16 * ni + 8 * nt + 2 * tq;
@@ -411,23 +394,20 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
           mv[u][nt][r] = make_float2(live && j < i ? fi[r] * rkj[nt][0] * accK[nt][2 * r] * e0 : 0.f,
                                      live && j + 1 < i ? fi[r] * rkj[nt][1] * accK[nt][2 * r + 1] * e1 : 0.f);
         }
-      }
       __syncwarp();
       {
         const int row = lane / 2, half = lane % 2, i = 16 * mi + row;
-        const bool mine = IDLE != 2 || nts >> half & 1;
-        if (i < L && mine)
+        if (i < L)
           *reinterpret_cast<uint4*>(AQout + ((t0 + i) * HV + hv) * C + 16 * ni + 8 * half) =
               *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
         if constexpr (SAVE)  // QKG: the same tile, every row (zero past L), [blk][C][C]
-          if (mine)
-            *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + i) * C + 16 * ni + 8 * half) =
-                *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
+          *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + i) * C + 16 * ni + 8 * half) =
+              *reinterpret_cast<const uint4*>(stg + row * 16 + 8 * half);
       }
       __syncwarp();
     }
-    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two; with IDLE warps 2, 3)
-      for (int job = IDLE >= 1 ? (warp + 2) % 4 : warp; job < 6; job += kPrepThreads / 32) {
+    if constexpr (SAVE)  // QKG's six blocks above the diagonal: zero (warps 0, 1 take two)
+      for (int job = warp; job < 6; job += kPrepThreads / 32) {
         const int tc = job < 3 ? 3 : job < 5 ? 2 : 1, tr = job < 3 ? job : job < 5 ? job - 3 : 0;
         const int row = lane / 2, half = lane % 2;
         *reinterpret_cast<uint4*>(static_cast<T*>(ho.QKG) + (blk * C + 16 * tr + row) * C + 16 * tc + 8 * half) =
@@ -436,37 +416,27 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
     __syncthreads();  // q rows read: M takes their place
 #pragma unroll
     for (int u = 0; u < 3; ++u) {
-      int nts = 3;
-      if constexpr (IDLE == 2) {
-        if (u == 2) nts = 1 << (warp >> 1);
-      } else if (warp + 4 * u >= 10) {
-        break;
-      }
+      if (warp + 4 * u >= 10) break;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          if (IDLE != 2 || nts >> nt & 1)
-            *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
+          *reinterpret_cast<float2*>(Gs + (16 * trs[u] + gq + 8 * r) * LDF + 16 * tcs[u] + 8 * nt + 2 * tq) = mv[u][nt][r];
     }
   }
   // M = strictly-lower(diag(β rk) K Kᵀ diag(rk) ⊙ exp(γ_i − γ_j)), rows past L zero: the 10 tiles on or below
   // the diagonal (the only ones read later), K Kᵀ by mma.sync from the raw k rows, M formed in the epilogue.
   if (!AQout)
-    for (int job = warp; job < (IDLE == 2 ? 12 : 10); job += kPrepThreads / 32) {
-      int tile = job, nts = 3;
-      if constexpr (IDLE == 2)
-        if (job >= 8) tile = 8 + (warp & 1), nts = 1 << (warp >> 1);  // as above: tiles 8, 9 by halves
+    for (int tile = warp; tile < 10; tile += kPrepThreads / 32) {
       int tr, tc;
       float acc[2][4], gi[2], gj[2][2];
-      lowerTile(Kb, tile, tr, tc, acc, gi, gj, nullptr, dummy, nts);
+      lowerTile(Kb, tile, tr, tc, acc, gi, gj, nullptr, dummy);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          if (IDLE != 2 || nts >> nt & 1)
-            *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
-                mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
+          *reinterpret_cast<float2*>(Gs + (16 * tr + gq + 8 * r) * LDF + 16 * tc + 8 * nt + 2 * tq) =
+              mPair(acc, tr, tc, nt, r, __expf(gi[r] - gj[nt][0]), __expf(gi[r] - gj[nt][1]));
     }
   __syncthreads();  // Kb is dead from here on: As takes its place
   if (warp == 0) {
@@ -476,15 +446,11 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
     ex[2 * lane + 1] = 2 * lane + 1 < L ? __expf(gs1) : 0.f;
   }
   static_assert(kPrepThreads == 128, "prep: one warp per diagonal block");
-  // Ab = A·diag(β) (zero above the diagonal blocks and past L), row i, columns c … c + 7; readA false: a unit above
-  // the diagonal blocks, whose A is not read (the default reads and discards it; 0 · β is formed either way).
-  auto abUnit = [&](int i, int c, bool readA) {
+  // Ab = A·diag(β) (zero above the diagonal blocks and past L), row i, columns c … c + 7.
+  auto abUnit = [&](int i, int c) {
     const bool live = c / 16 <= i / 16;
-    float4 a0 = make_float4(0.f, 0.f, 0.f, 0.f), a1 = a0;
-    if (readA) {
-      a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
-      a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
-    }
+    const float4 a0 = *reinterpret_cast<const float4*>(As + i * LDF + c);
+    const float4 a1 = *reinterpret_cast<const float4*>(As + i * LDF + c + 4);
     const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     // β of the 8 columns as two 16-byte loads (bet is 16-byte aligned, c a multiple of 8)
     const float4 b0 = *reinterpret_cast<const float4*>(bet + c), b1 = *reinterpret_cast<const float4*>(bet + c + 4);
@@ -528,28 +494,9 @@ __global__ void __launch_bounds__(kPrepThreads, IDLE == 3 ? 5 : 4) prepKernel(co
       if (j == 0) ho.gateEnds[blk] = ex[L - 1];
     }
   };
-  if constexpr (IDLE >= 1) {
-    gdn_inverse::blockInverse64Strips<false>(Gs, As, LDF);  // no closing barrier
-    __syncwarp();  // this warp's strips, stored by its other lanes
-    if (warp < 2) {  // block column 0's strip c = 8·warp: A_00 (diagonal) and this warp's A_10, A_20, A_30
-      abUnit(lane, 8 * warp, true);
-      abUnit(lane + 32, 8 * warp, true);
-    } else {  // columns x + {16, 32, 48}: this warp's strips, A_11, A_22, A_33 (diagonal), the zero blocks; aux
-      const int x = 8 * (warp - 2);
-      const bool lo = lane < 16;
-      abUnit(16 + lane, 16 + x, true);  // the 96 live units, 3 per lane
-      abUnit(lo ? 48 + lane : 16 + lane, (lo ? 16 : 32) + x, true);
-      abUnit(lo ? 48 + lane : 32 + lane, (lo ? 32 : 48) + x, true);
-      abUnit(lane, 48 + x, false);  // the 96 zero units above the diagonal blocks
-      abUnit(lo ? 32 + lane : lane - 16, (lo ? 48 : 16) + x, false);
-      abUnit(lane, 32 + x, false);
-      auxToken(tid - 64);
-    }
-  } else {
-    gdn_inverse::blockInverse64Strips(Gs, As, LDF);  // A = (I + M)⁻¹ by column strips (overwrites M)
-    for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) abUnit(idx / (C / 8), (idx % (C / 8)) * 8, true);
-    auxToken(tid);
-  }
+  gdn_inverse::blockInverse64Strips(Gs, As, LDF);  // A = (I + M)⁻¹ by column strips (overwrites M)
+  for (int idx = tid; idx < C * (C / 8); idx += kPrepThreads) abUnit(idx / (C / 8), (idx % (C / 8)) * 8);
+  auxToken(tid);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1382,14 +1329,6 @@ bool skipped(const char* which) {
   return e && std::strcmp(e, which) == 0;
 }
 
-// TCAL_GDN_PREP=idle | idle2 | idle5: the prep's IDLE = 1 | 2 | 3 instantiations (Ab and aux in the inverse's idle
-// warps; idle2 also the Aqk / M tiles 8, 9 by halves; idle5 idle at five blocks per SM); outputs bitwise the default's.
-int prepIdle() {
-  const char* e = std::getenv("TCAL_GDN_PREP");
-  if (!e) return 0;
-  return std::strcmp(e, "idle") == 0 ? 1 : std::strcmp(e, "idle2") == 0 ? 2 : std::strcmp(e, "idle5") == 0 ? 3 : 0;
-}
-
 int smCount() {
   int sms = 132, dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -1572,13 +1511,7 @@ void run(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, T* o, floa
   if (ho && !AQp) throwInvalid("saveForBackward", "the GDN forward hands over the backward's prep outputs only with o");
   if (maxLen > 0 && !skipped("prep")) {
     constexpr size_t smem = prepSmem<K>();
-    const int idle = prepIdle();
-    using Kern = decltype(&prepKernel<T, K, false, 0>);
-    const Kern save[4] = {prepKernel<T, K, true, 0>, prepKernel<T, K, true, 1>, prepKernel<T, K, true, 2>,
-                          prepKernel<T, K, true, 3>};
-    const Kern plain[4] = {prepKernel<T, K, false, 0>, prepKernel<T, K, false, 1>, prepKernel<T, K, false, 2>,
-                           prepKernel<T, K, false, 3>};
-    auto kern = (ho ? save : plain)[idle];
+    auto kern = ho ? prepKernel<T, K, true> : prepKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v4 prep)");
     check(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100),

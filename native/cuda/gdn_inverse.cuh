@@ -214,9 +214,6 @@ __device__ __forceinline__ void columnStrips(const float* U, float* A, int ld, i
 // As blockInverse64 (A's lower blocks; called by every thread of the block, warps 0–3 work), but M's blocks off the
 // diagonal are overwritten (U_Im's tf32 hi parts over M_Im, its lo parts in block (m, I) above the diagonal, so
 // that each U element is split once, not once per reading warp) and no scratch tile is used.
-// END = false (the prep's TCAL_GDN_PREP=idle) leaves out the closing barrier: the caller then reads only what its own
-// warp wrote after a __syncwarp, or the diagonal blocks (complete at the first barrier).
-template <bool END = true>
 __device__ __forceinline__ void blockInverse64Strips(float* M, float* A, int ld) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   diagonalBlocks(M, A, ld);
@@ -245,7 +242,7 @@ __device__ __forceinline__ void blockInverse64Strips(float* M, float* A, int ld)
     columnStrips<0>(M, A, ld, 8 * warp, lane);
   else if (warp < 4)
     columnStrips<1>(M, A, ld, 8 * warp, lane);
-  if constexpr (END) __syncthreads();
+  __syncthreads();
 }
 
 }  // namespace tcal::cuda::gdn_inverse
