@@ -2,10 +2,12 @@
  * Gated DeltaNet kernels on the GPU beside fla's Triton chunk_gated_delta_rule, same inputs, same run.
  * Usage (GPU host, fla's `fla/` package on PYTHONPATH): node dist/bench/gdn.js [--no-peer] [--once | --once-bwd
  * [--full]] [--no-variants | --no-fwd-variants] [--skip-variants REGEX]
+ * [--shapes REGEX]
  * (--once: two forward calls at the reference shape only, as a target for ncu; --once-bwd: a training forward
  * and one backward with its saved states, --full: with the full hand-over; --no-variants: skip the forward and
  * backward versions timed side by side; --no-fwd-variants: only the backward's; --skip-variants: leave out the
- * versions whose label matches, e.g. an opt-in kernel whose tests failed in the same call)
+ * versions whose label matches, e.g. an opt-in kernel whose tests failed in the same call; --shapes REGEX: only the
+ * shapes whose name matches)
  * Forward + backward three ways: the backward recomputing the chunk-start states, a training forward
  * (saveForBackward) handing them over, and one handing over the backward prep's outputs too
  * (saveForBackward 'full': the backward skips its prep); the saved memory per shape.
@@ -145,6 +147,9 @@ async function main(): Promise<void> {
   const skipAt = process.argv.indexOf('--skip-variants');
   const skip = skipAt > 0 && process.argv[skipAt + 1] ? new RegExp(process.argv[skipAt + 1]) : undefined;
   const kept = (variants: [string, Record<string, string>][]) => variants.filter(([label]) => !skip?.test(label));
+  const shapesAt = process.argv.indexOf('--shapes');
+  const only = shapesAt > 0 && process.argv[shapesAt + 1] ? new RegExp(process.argv[shapesAt + 1]) : undefined;
+  const shapes = SHAPES.filter((s) => !only || only.test(s.name));
   const backend = initBackend({ backend: 'cuda' });
   const device = backend.device;
   const onceBwd = process.argv.includes('--once-bwd');
@@ -171,14 +176,14 @@ async function main(): Promise<void> {
   }
   const gpu = cudaDevices()[0];
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tcal-gdn-'));
-  const floorRows = SHAPES.map((s) => ({ shape: s.name, ...floors(s) }));
+  const floorRows = shapes.map((s) => ({ shape: s.name, ...floors(s) }));
   console.log('floors (ms) at 4.3 TB/s and 790 TFLOP/s bf16:');
   printTable(floorRows);
 
   type Inputs = { q: Tensor; k: Tensor; v: Tensor; g: Tensor; beta: Tensor; dO: Tensor };
   const inputs: Inputs[] = [];
   const peerShapes = [];
-  for (const [i, s] of SHAPES.entries()) {
+  for (const [i, s] of shapes.entries()) {
     const dir = path.join(tmp, `s${i}`);
     fs.mkdirSync(dir);
     const seed = 100 * (i + 1);
@@ -209,7 +214,7 @@ async function main(): Promise<void> {
   const rows: Record<string, string | number>[] = [];
   const variantRows: Record<string, string | number>[] = [];
   const bwdVariantRows: Record<string, string | number>[] = [];
-  for (const [i, s] of SHAPES.entries()) {
+  for (const [i, s] of shapes.entries()) {
     const x = inputs[i];
     const ins = { q: x.q, k: x.k, v: x.v, g: x.g, beta: x.beta };
     const opts = { l2norm: true };
