@@ -89,7 +89,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state pass launched plainly, not as a programmatic dependent of the prep (TCAL_GDN_PDL=0; before session 10)', { TCAL_GDN_PDL: '0' }],
-  ['v5 (default) again, after the switch rows above (the row order: session 10 run 2 read 0.490 first, 0.514 in the table)', {}],
+  ['v5 (default) again, at the end of the switch list (session 10 run 2: 0.490 first, 0.514 in the main table)', {}],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
   ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
