@@ -89,6 +89,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state pass launched plainly, not as a programmatic dependent of the prep (TCAL_GDN_PDL=0; before session 10)', { TCAL_GDN_PDL: '0' }],
+  ['index tables uploaded at every call (TCAL_GDN_TABLES=upload; before session 10)', { TCAL_GDN_TABLES: 'upload' }],
   ['v5 (default) again, at the end of the switch list (session 10 run 2: 0.490 first, 0.514 in the main table)', {}],
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
@@ -108,6 +109,7 @@ const VARIANT_KEYS = [
   'TCAL_GDN_STATES',
   'TCAL_GDN_BWD_K3',
   'TCAL_GDN_PDL',
+  'TCAL_GDN_TABLES',
 ];
 
 /** Runs fn with the environment `env` (every VARIANT_KEYS variable cleared first), restoring it afterwards. */

@@ -701,6 +701,19 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
     await expectSameForward(name, c, 4000, 'TCAL_GDN_PDL', undefined, '0');
     await expectSameBackward(name, c, 4000, 'TCAL_GDN_PDL', undefined, '0', ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dh0']);
   });
+
+  // The index tables (cu, first chunks, …) kept on the device between calls (session 10) against uploading them every
+  // call: two ragged layouts of the same tokens in turn, the first again at the end (its tables then come from the
+  // cache), forward and backward bitwise.
+  test('index tables reused across calls with other offsets equal fresh uploads bitwise (bf16)', async () => {
+    const a: Case = { B: 1, T: 420, H: 2, HV: 4, K: 128, V: 128, cu: [0, 1, 64, 65, 193, 230, 400], l2norm: true, gates: true };
+    const b: Case = { ...a, cu: [0, 100, 250, 420] };
+    const all = ['dq', 'dk', 'dv', 'dg', 'dbeta'];
+    for (const [name, c] of [['offsets A', a], ['offsets B', b], ['offsets A again', a]] as [string, Case][]) {
+      await expectSameForward(name, c, 4100, 'TCAL_GDN_TABLES', undefined, 'upload');
+      await expectSameBackward(name, c, 4100, 'TCAL_GDN_TABLES', undefined, 'upload', all);
+    }
+  });
   // … and against the fp64 reference on its own (forward and backward through the switch, states and the full
   // hand-over): the 128-block grid of the suite above, ragged varlen, T = 1 / 65.
   test.each([
