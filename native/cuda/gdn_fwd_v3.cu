@@ -48,6 +48,11 @@ constexpr int LDF = C + 4;      // fp32 row of a C × C tile
 // lane's pair (j, j + 1) as one conflict-free 8-byte load instead of two 2-way-conflicted scalar ones (fwdcount:
 // 768 shared wavefronts per chunk, 384 of them excess), and the slot is one contiguous 1 KB copy.
 constexpr int kAuxRows = 4, kAuxFloats = kAuxRows * C;
+// The aux rows of global chunk gc, value head hv.
+template <typename F>
+__device__ __forceinline__ F* auxOf(F* aux, int gc, int HV, int hv) {
+  return aux + (size_t(gc) * HV + hv) * kAuxFloats;
+}
 
 __device__ __forceinline__ float softplusF(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
 
@@ -478,7 +483,7 @@ __global__ void __launch_bounds__(kPrepThreads, 4) prepKernel(const int* __restr
     if (j < C) {
       const float gL = gam[L - 1];
       const bool live = j < L;
-      float* a = aux + blk * kAuxFloats + j;
+      float* a = aux + blk * kAuxFloats + j;  // auxOf's row j of this chunk (blk computed above)
       a[0] = live ? ex[j] * rk[j] : 0.f;
       a[C] = live ? rk[j] * __expf(gL - gam[j]) : 0.f;
       a[2 * C] = live ? sq[j] * ex[j] : 0.f;
@@ -907,7 +912,7 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
     tileAsync<C / 8, LDC, NT>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, tid);
     tileAsync<VT / 8, LDV, NT>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, tid);
     const int gc = chunkFirst[n] + int(uint64_t(tc - seqBegin) / C);  // tc's global chunk
-    auxAsync<NT>(auxs, aux + (size_t(gc) * HV + hv) * kAuxFloats, tid);
+    auxAsync<NT>(auxs, auxOf(aux, gc, HV, hv), tid);
   };
   // Top of a chunk, the same for both roles (they meet at its two block barriers): issue the loads, run `mid`
   // (between the barriers), wait for this chunk's stage.
@@ -1095,7 +1100,6 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
   uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
   uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
   auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
-  auto auxAt = [&](int gc) { return aux + (size_t(gc) * HV + hv) * kAuxFloats; };  // aux of global chunk gc
 #if TCAL_GDN_BULK
   if constexpr (bulk) {
     if (tid == 0) {  // one arrival per issuing warp and chunk: 8 recurrence warps, output warps 0 … 5
@@ -1126,7 +1130,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       if constexpr (bulk) {
         const int w = me / 32, rowBase = 32 * (w & 1);
         if (w >> 1 == 3) {  // aux: one half per warp
-          bulkAuxHalf(auxs, auxAt(gc), w & 1, fullBar + s, me % 32);
+          bulkAuxHalf(auxs, auxOf(aux, gc, HV, hv), w & 1, fullBar + s, me % 32);
           return;
         }
         unsigned char* dst;
@@ -1155,7 +1159,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       tileAsync<K / 8, LDK, NR>(Ks, k + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(Abs, Ab + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
       tileAsync<VT / 8, LDV, NR>(Vs, v + (tc * HV + hv) * V + v0, int64_t(HV) * V, Lc, me);
-      auxAsync<NR>(auxs, auxAt(gc), me);
+      auxAsync<NR>(auxs, auxOf(aux, gc, HV, hv), me);
     };
     if (seqBegin < seqEnd) issue(seqBegin, chunkFirst[n], 0);
     if constexpr (!bulk) cpAsyncCommit();
@@ -1230,7 +1234,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         const int w = me / 32, rowBase = 32 * (w & 1);
         if (w >= 2 * 3) return;  // three tiles, two warps each
         if (w >> 1 == 2) {  // aux: one half per warp
-          bulkAuxHalf(auxs, auxAt(gc), w & 1, fullBar + 2 + s, me % 32);
+          bulkAuxHalf(auxs, auxOf(aux, gc, HV, hv), w & 1, fullBar + 2 + s, me % 32);
           return;
         }
         unsigned char* dst;
@@ -1254,7 +1258,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 #endif
       tileAsync<K / 8, LDK, NR>(Qs, q + (tc * H + h) * K, int64_t(H) * K, Lc, me);
       tileAsync<C / 8, LDC, NR>(AQs, AQ + (tc * HV + hv) * C, int64_t(HV) * C, Lc, me);
-      auxAsync<NR>(auxs, auxAt(gc), me);
+      auxAsync<NR>(auxs, auxOf(aux, gc, HV, hv), me);
     };
     auto own = [](int) { return true; };
     T* Os = oStage + cg * C * LDO;
