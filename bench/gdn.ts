@@ -87,6 +87,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['ring (v7, loads by cp.async)', { TCAL_GDN_WS: 'ring' }],
   ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
+  ['ringwg (ring on wgmma, sm_90a, K = 128; session 11)', { TCAL_GDN_WS: 'ringwg' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state pass launched plainly, not as a programmatic dependent of the prep (TCAL_GDN_PDL=0; before session 10)', { TCAL_GDN_PDL: '0' }],
   ['index tables uploaded at every call (TCAL_GDN_TABLES=upload; before session 10)', { TCAL_GDN_TABLES: 'upload' }],
@@ -94,6 +95,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['state kernel alone', { TCAL_GDN_V3_SKIP: 'prep' }],
   ['state kernel alone, ring', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ring' }],
   ['state kernel alone, ringbulk', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringbulk' }],
+  ['state kernel alone, ringwg', { TCAL_GDN_V3_SKIP: 'prep', TCAL_GDN_WS: 'ringwg' }],
 ];
 /** Backward versions (saved states) timed side by side: label → environment (native/cuda/gdn_bwd_tc.cu). */
 const BACKWARD_VARIANTS: [string, Record<string, string>][] = [

@@ -32,6 +32,7 @@
 #include "gdn_fwd_v3.h"
 #include "gdn_inverse.cuh"
 #include "types.cuh"
+#include "wgmma.cuh"
 
 namespace tcal::cuda::gdn_v3 {
 
@@ -117,6 +118,20 @@ __device__ __forceinline__ void stsm4t(void* p, uint32_t r0, uint32_t r1, uint32
     }
 #endif
 }
+
+// Four 8×8 b16 matrices from mma fragments (register r of matrix r) stored as they are: lanes 8r … 8r+7 give the
+// addresses of matrix r's rows (sm_90: the wgmma state pass only).
+__device__ __forceinline__ void stsm4(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smemAddr(p)), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+// Byte offset of 16-byte chunk c16 (0 … 7) of row r in a tile of 128-byte rows with the 128-byte swizzle (wgmma.cuh).
+__device__ __forceinline__ int swz128(int r, int c16) { return r * 128 + ((c16 ^ (r & 7)) << 4); }
 
 template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
@@ -647,6 +662,32 @@ __device__ __forceinline__ void bulkAuxHalf(float* dst, const float* src, int ha
     bulkCopy(dst + half * kHalf, src + half * kHalf, unsigned(4 * kHalf), full);
   }
 }
+// WG: one warp's 32 rows (rowBase + lane) of a tile of `halves` 128-byte-swizzled C × 128 B parts (K / Q: 2, Ab /
+// Aqk: 1), by 128-byte-swizzled tensor copies where all 32 rows are valid (lane 0; the map's box is 32 rows × 64
+// columns), else (the tail chunk) rows < Lc by 16-byte loads from src (row r at src + r·tokStride bytes) and rows ≥ Lc
+// as zeros, stored by this warp and fenced for the tensor cores' (async proxy) reads; one arrival on `full`.
+__device__ __forceinline__ void swzRows(unsigned char* dst, int halves, const unsigned char* src, int64_t tokStride,
+                                        const CUtensorMap* map, int c1, int tc, int rowBase, int Lc, uint64_t* full,
+                                        int lane) {
+  if (rowBase + 32 <= Lc) {
+    if (lane == 0) {
+      mbarArriveTx(full, unsigned(32 * 128 * halves));
+      for (int hh = 0; hh < halves; ++hh) tmaLoad3(dst + hh * C * 128 + rowBase * 128, map, 64 * hh, c1, tc + rowBase, full);
+    }
+    return;
+  }
+  const int r = rowBase + lane;
+  for (int hh = 0; hh < halves; ++hh)
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (r < Lc) x = *reinterpret_cast<const uint4*>(src + r * tokStride + hh * 128 + c * 16);
+      *reinterpret_cast<uint4*>(dst + hh * C * 128 + swz128(r, c)) = x;
+    }
+  wg::fenceProxy();
+  __syncwarp();
+  if (lane == 0) mbarArriveTx(full, 0u);
+}
 #endif
 
 __device__ __forceinline__ void namedSync(int id, int n) {
@@ -722,13 +763,11 @@ __device__ __forceinline__ void formP(float (&P)[8][4], SFrag&& sFrag, const T* 
   }
 }
 
-// Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments (V columns vw … vw + 16 of the stage), νᵀ = Xᵀ Abᵀ (Ab lower
-// triangular).
+// Xᵀ = Vᵀ − Pᵀ diag(exp γ_j · rk_j) as A fragments (V columns vw … vw + 16 of the stage).
 template <typename T, int LDV>
-__device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4], const T* Vs, int vw,
-                                       const float* auxs, const T* Abs, int lane) {
+__device__ __forceinline__ void formX(uint32_t (&Xa)[4][4], const float (&P)[8][4], const T* Vs, int vw,
+                                      const float* auxs, int lane) {
   const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
-  uint32_t Xa[4][4];
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     uint32_t a[4];
@@ -746,6 +785,14 @@ __device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4],
       }
     }
   }
+}
+// νᵀ = Xᵀ Abᵀ (Ab lower triangular).
+template <typename T, int LDV>
+__device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4], const T* Vs, int vw,
+                                       const float* auxs, const T* Abs, int lane) {
+  const int lr = lane % 8, lm = lane / 8;
+  uint32_t Xa[4][4];
+  formX<T, LDV>(Xa, P, Vs, vw, auxs, lane);
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
@@ -757,12 +804,10 @@ __device__ __forceinline__ void formNu(float (&N)[8][4], const float (&P)[8][4],
     }
 }
 
-// Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are zero-filled,
-// so f_j = 0 there). N is scaled in place.
-template <typename T, int KH, int LDK>
-__device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4], const T* Ks, const float* auxs,
-                                        int kb, int lane) {
-  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
+// The state update's factors: νᵀ diag(rk_j exp(γ_L − γ_j)) in place, Sᵀ ← exp(γ_L) Sᵀ.
+template <int KH>
+__device__ __forceinline__ void scaleForUpdate(float (&S)[KH / 8][4], float (&N)[8][4], const float* auxs, int lane) {
+  const int tq = lane % 4;
   const float eL = auxs[3 * C];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
@@ -776,6 +821,14 @@ __device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4],
   for (int nt = 0; nt < KH / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) S[nt][e] *= eL;
+}
+// Sᵀ ← exp(γ_L) Sᵀ + (νᵀ diag(rk_j exp(γ_L − γ_j))) K (both factors from the prep; rows past L are zero-filled,
+// so f_j = 0 there). N is scaled in place.
+template <typename T, int KH, int LDK>
+__device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4], const T* Ks, const float* auxs,
+                                        int kb, int lane) {
+  const int lr = lane % 8, lm = lane / 8;
+  scaleForUpdate<KH>(S, N, auxs, lane);
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     uint32_t a[4];
@@ -793,13 +846,25 @@ __device__ __forceinline__ void updateS(float (&S)[KH / 8][4], float (&N)[8][4],
   }
 }
 
+// Oᵀ's columns scaled by sq_i exp γ_i.
+__device__ __forceinline__ void scaleO(float (&O)[8][4], const float* auxs, int lane) {
+  const int tq = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 f = *reinterpret_cast<const float2*>(auxs + 2 * C + 8 * nt + 2 * tq);  // sq_i exp γ_i, i, i + 1
+    O[nt][0] *= f.x;
+    O[nt][2] *= f.x;
+    O[nt][1] *= f.y;
+    O[nt][3] *= f.y;
+  }
+}
 // Oᵀ = Sᵀ Q̃ᵀ over the token blocks np with own(np), columns scaled by sq_i exp γ_i; sFrag(ks) is Sᵀ's A fragment
 // of k-step ks (uint4).
 template <typename T, int K, typename SFrag, typename Own>
 __device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* Qs, const float* auxs, int lane,
                                       Own&& own) {
   constexpr int LDK = K + 8;
-  const int lr = lane % 8, lm = lane / 8, tq = lane % 4;
+  const int lr = lane % 8, lm = lane / 8;
 #pragma unroll
   for (int ks = 0; ks < K / 16; ++ks) {
     const uint4 s4 = sFrag(ks);
@@ -813,14 +878,7 @@ __device__ __forceinline__ void outQS(float (&O)[8][4], SFrag&& sFrag, const T* 
       mma<T>(O[2 * np + 1], sa, b[2], b[3]);
     }
   }
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const float2 f = *reinterpret_cast<const float2*>(auxs + 2 * C + 8 * nt + 2 * tq);  // sq_i exp γ_i, i, i + 1
-    O[nt][0] *= f.x;
-    O[nt][2] *= f.x;
-    O[nt][1] *= f.y;
-    O[nt][3] *= f.y;
-  }
+  scaleO(O, auxs, lane);
 }
 
 // Oᵀ += νᵀ Aqkᵀ (Aqk lower triangular: k-block ks feeds n-blocks np ≥ ks).
@@ -1046,15 +1104,31 @@ __global__ void __launch_bounds__(64 * CG * KS2, MINB) wsKernel(const int* __res
 // products or o stores unless those take longer than a chunk of the chain (v6: 22 % of the recurrence warps' time
 // at the chunk-top barrier, 13 % on the single stage's cp.async). o only (the backward's checkpoint pass without o
 // keeps the ws kernel); where it runs: see runWs. 218 KB of shared memory, so sm_90 only.
-template <int K>
+// WG: D (+)= A Bᵀ over the lower 16 × 16 blocks of a C × C K-major swizzled tile B at `b` (Ab or Aqk: row i, column
+// j; blocks above the diagonal are never read), A the warp's four k-step fragments: token block np takes k-steps
+// ks ≤ np, one m64n16k16 each into its own 8 accumulators (sub-ranges of one larger accumulator block made ptxas
+// serialise the wgmma group).
+template <typename T>
+__device__ __forceinline__ void lowerRS(float (&d)[8][4], const uint32_t (&a)[4][4], unsigned b, int accumulate) {
+#pragma unroll
+  for (int np = 0; np < 4; ++np)
+#pragma unroll
+    for (int ks = 0; ks <= np; ++ks)
+      wg::mmaRS<T, 16, 0>(&d[2 * np][0], a[ks], wg::desc(b + 16 * 128 * np + 32 * ks), ks > 0 || accumulate);
+}
+
+template <int K, bool WG = false>
 struct RingLayout {
-  static constexpr int LDK = K + 8, VT = 128, LDV = VT + 8, LDO = 24;  // LDO: 48-byte o rows, stmatrix conflict-free
-  static constexpr size_t kRec = 2 * (size_t(C) * LDK + size_t(C) * LDC + size_t(C) * LDV) + 4 * kAuxFloats;  // K, Ab, V, aux
-  static constexpr size_t kOut = 2 * (size_t(C) * LDK + size_t(C) * LDC) + 4 * kAuxFloats;                    // Q, Aqk, aux
+  // WG: K, Q, Ab, Aqk as 128-byte-swizzled tiles (wgmma operands: K / Q two 64-column halves of C × 128 B), no padding.
+  static constexpr int LDK = WG ? K : K + 8, LDA = WG ? C : LDC, VT = 128, LDV = VT + 8, LDO = 24;  // LDO: 48-byte o rows, stmatrix conflict-free
+  static constexpr size_t kRec = 2 * (size_t(C) * LDK + size_t(C) * LDA + size_t(C) * LDV) + 4 * kAuxFloats;  // K, Ab, V, aux
+  static constexpr size_t kOut = 2 * (size_t(C) * LDK + size_t(C) * LDA) + 4 * kAuxFloats;                    // Q, Aqk, aux
   static constexpr size_t kXch = 8 * 4 * size_t(wsXchgWords<K, 1>());                                  // Sᵀ, νᵀ per group
   static constexpr size_t kO = 8 * size_t(C) * LDO * 2;                                                // o per output warp
-  static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 214 KB at K = 128
+  static constexpr size_t total = 2 * kRec + 2 * kOut + kXch + kO;  // 214 KB at K = 128 (WG: 206 KB)
   static constexpr size_t kBars = 4 * 8;                              // BULK: "full" mbarriers, rec[2] then out[2]
+  static constexpr size_t kAlign = WG ? 1024 : 0;                     // WG: the swizzled tiles 1024-byte aligned
+  static_assert(!WG || (kRec % 1024 == 0 && kOut % 1024 == 0 && K == 128), "ring WG: 1024-byte aligned tiles, K = 128");
 };
 
 // BULK (TCAL_GDN_WS=ringbulk, sm_90): each role's slots filled by bulk copies completing on a "full" mbarrier per
@@ -1066,23 +1140,28 @@ struct RingLayout {
 // warp has finished chunk i − 1. So the recurrence role refills after kBarFree, the output role after kBarReady,
 // kBarRec / kBarOut go, and a recurrence warp issues at most one tensor copy per chunk (32 1-D row copies in the
 // tail chunk) instead of 256 / 8 cp.async pieces per thread.
+// WG: registers per thread of the recurrence / output warpgroups, (144 + 112) / 2 = 128 (ptxas serialised the wgmma
+// groups for want of registers at 152 / 104, 136 / 120, 160 / 96 and 168 / 88).
+constexpr int kWgRecRegs = 144, kWgOutRegs = 112;
 struct RingMaps {  // BULK: [tokens, heads, columns] views of k, Ab, v, q, Aqk; boxes 32 tokens × a padded row
   CUtensorMap k, ab, v, q, aq;
 };
 
-template <typename T, int K, bool CK16, bool BULK>
+template <typename T, int K, bool CK16, bool BULK, bool WG>
 __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int HV, int V, const T* __restrict__ q,
                                          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ Ab,
                                          const T* __restrict__ AQ, const float* __restrict__ aux,
                                          const float* __restrict__ h0, T* __restrict__ o, float* __restrict__ hT,
                                          void* __restrict__ ckpt, const int* __restrict__ chunkFirst,
                                          const RingMaps* maps) {
-  using Lay = RingLayout<K>;
-  constexpr int LDK = Lay::LDK, VT = Lay::VT, LDV = Lay::LDV, LDO = Lay::LDO, KS = K / 16;
+  using Lay = RingLayout<K, WG>;
+  constexpr int LDK = Lay::LDK, LDA = Lay::LDA, VT = Lay::VT, LDV = Lay::LDV, LDO = Lay::LDO, KS = K / 16;
   constexpr int NR = 256;  // threads per role
   constexpr int XW = wsXchgWords<K, 1>();
-  constexpr int kBarRec = 1, kBarOut = 2, kBarReady = 3, kBarFree = 4;
-  extern __shared__ __align__(128) unsigned char sm[];
+  constexpr int kBarRec = 1, kBarOut = 2, kBarReady = 3, kBarFree = 4, kBarWg = 5;  // WG: 5, 6 per recurrence warpgroup
+  extern __shared__ __align__(128) unsigned char smRaw[];
+  unsigned char* sm = smRaw;
+  if constexpr (WG) sm += (1024u - (smemAddr(smRaw) & 1023u)) & 1023u;  // the swizzle is address-based
   unsigned char* recSlots = sm;
   unsigned char* outSlots = sm + 2 * Lay::kRec;
   uint32_t* xch = reinterpret_cast<uint32_t*>(outSlots + 2 * Lay::kOut);
@@ -1097,8 +1176,13 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
   const int hv = blockIdx.y, n = blockIdx.z, h = hv / (HV / H);
   const int v0 = blockIdx.x * VT, vw = 16 * cg;
   const int64_t seqBegin = cu[n], seqEnd = cu[n + 1];
-  uint32_t* xS = xch + cg * XW + lane * 4;  // [ks] uint4 per lane
-  uint32_t* xN = xS + KS * 128;             // [ks] uint4 per lane
+  // WG: Sᵀ of each recurrence warpgroup as a wgmma A tile (64 columns × K, two swizzled halves; the P product's
+  // operand, the output warps' fragments by ldmatrix), then νᵀ per group as below.
+  unsigned char* xSt = reinterpret_cast<unsigned char*>(xch) + (cg / 4) * (C * 2 * K);
+  uint32_t* xS = WG ? nullptr : xch + cg * XW + lane * 4;  // [ks] uint4 per lane
+  uint32_t* xN = WG ? reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(xch) + 2 * C * 2 * K) + cg * 512 + lane * 4
+                    : xS + KS * 128;  // [ks] uint4 per lane
+  const int wr = cg % 4;  // WG: this warp's 16 rows of its warpgroup's 64
   auto chunkLen = [&](int64_t tc) { return int(seqEnd - tc < C ? seqEnd - tc : C); };
 #if TCAL_GDN_BULK
   if constexpr (bulk) {
@@ -1115,11 +1199,16 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
   waitForPrerequisite();  // the prep's Ab, Aqk, aux
 
   if (rec) {
+#ifdef TCAL_WGMMA
+    // WG: the register file split between the roles (the launch count is 128: the host checks it), so that the
+    // recurrence warps hold Sᵀ, Pᵀ / νᵀ and the operands of their wgmma groups in flight without serialising them.
+    if constexpr (WG) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWgRecRegs));
+#endif
     auto slot = [&](int s) { return reinterpret_cast<T*>(recSlots + s * Lay::kRec); };
     auto issue = [&](int64_t tc, int gc, int s) {  // the chunk at token tc, global chunk gc, into slot s
       T* Ks = slot(s);
       T* Abs = Ks + C * LDK;
-      T* Vs = Abs + C * LDC;
+      T* Vs = Abs + C * LDA;
       float* auxs = reinterpret_cast<float*>(Vs + C * LDV);
       const int Lc = chunkLen(tc);
       // The thread index through an opaque move: the per-piece offsets are recomputed here instead of being
@@ -1132,6 +1221,18 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         if (w >> 1 == 3) {  // aux: one half per warp
           bulkAuxHalf(auxs, auxOf(aux, gc, HV, hv), w & 1, fullBar + s, me % 32);
           return;
+        }
+        if constexpr (WG) {
+          if (w >> 1 == 0) {
+            swzRows(reinterpret_cast<unsigned char*>(Ks), K / 64, reinterpret_cast<const unsigned char*>(k + (tc * H + h) * K),
+                    2 * int64_t(H) * K, &maps->k, h, int(tc), rowBase, Lc, fullBar + s, me % 32);
+            return;
+          }
+          if (w >> 1 == 1) {
+            swzRows(reinterpret_cast<unsigned char*>(Abs), 1, reinterpret_cast<const unsigned char*>(Ab + (tc * HV + hv) * C),
+                    2 * int64_t(HV) * C, &maps->ab, hv, int(tc), rowBase, Lc, fullBar + s, me % 32);
+            return;
+          }
         }
         unsigned char* dst;
         const unsigned char* src;
@@ -1184,7 +1285,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       }
       const T* Ks = slot(s);
       const T* Abs = Ks + C * LDK;
-      const T* Vs = Abs + C * LDC;
+      const T* Vs = Abs + C * LDA;
       const float* auxs = reinterpret_cast<const float*>(Vs + C * LDV);
       if (ckpt) storeCkpt<K, CK16>(S, ckpt, (size_t(chunk) * HV + hv) * K * V, V, 0, v0 + vw, lane);
       // The output warps hold the previous chunk's Sᵀ, νᵀ: write this chunk's Sᵀ now (written after νᵀ, with S
@@ -1193,6 +1294,53 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       if constexpr (bulk) {  // every recurrence warp is past chunk i − 1: refill its slot
         if (t0 + C < seqEnd) issue(t0 + C, chunk + 1, s ^ 1);
       }
+      if constexpr (WG) {  // the chunk on wgmma (one warpgroup per 64 columns)
+        const int m = lane / 8, row = 16 * wr + lane % 8 + 8 * (m & 1);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)  // Sᵀ into the warpgroup's A tile, then visible to its tensor cores
+          stsm4(xSt + (ks / 4) * C * 128 + swz128(row, 2 * (ks % 4) + (m >> 1)), pack2<T>(S[2 * ks][0], S[2 * ks][1]),
+                pack2<T>(S[2 * ks][2], S[2 * ks][3]), pack2<T>(S[2 * ks + 1][0], S[2 * ks + 1][1]),
+                pack2<T>(S[2 * ks + 1][2], S[2 * ks + 1][3]));
+        wg::fenceProxy();
+        namedSync(kBarWg + cg / 4, 128);
+#if TCAL_GDN_BULK
+        mbarWait(fullBar + s, ph);
+#endif
+        const unsigned xa = smemAddr(xSt), ka = smemAddr(Ks), aba = smemAddr(Abs);
+        float P[8][4], N[8][4];
+        wg::fence();
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {  // Pᵀ = Sᵀ Kᵀ
+          const unsigned off = (ks / 4) * C * 128 + 32 * (ks % 4);
+          wg::qk<T>(P, wg::desc(xa + off), wg::desc(ka + off), ks > 0);
+        }
+        wg::commit();
+        wg::wait0();
+        wg::pin(P);
+        uint32_t Xa[4][4];
+        formX<T, LDV>(Xa, P, Vs, vw, auxs, lane);
+        wg::fence();  // νᵀ = Xᵀ Abᵀ (Ab lower triangular)
+        lowerRS<T>(N, Xa, aba, 0);
+        wg::commit();
+        wg::wait0();
+        wg::pin(N);
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
+        namedArrive(kBarReady, 2 * NR);
+        scaleForUpdate<K>(S, N, auxs, lane);
+        uint32_t Na[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          const uint4 a4 = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
+          Na[ks][0] = a4.x, Na[ks][1] = a4.y, Na[ks][2] = a4.z, Na[ks][3] = a4.w;
+        }
+        wg::fence();  // Sᵀ += Nᵀ K: K's rows are the k index (MN-major), the halves 8 KB apart
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) wg::mmaRS<T, 128, 1>(&S[0][0], Na[ks], wg::descMN(ka + ks * 16 * 128, C * 128), 1);
+        wg::commit();
+        wg::wait0();
+        wg::pin(S);
+      } else {
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
 #if TCAL_GDN_BULK
@@ -1210,6 +1358,7 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
       namedArrive(kBarReady, 2 * NR);
       updateS<T, K, LDK>(S, N, Ks, auxs, 0, lane);
+      }
     }
     if (hT) {
 #pragma unroll
@@ -1221,11 +1370,14 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         }
     }
   } else {
+#ifdef TCAL_WGMMA
+    if constexpr (WG) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgOutRegs));
+#endif
     auto slot = [&](int s) { return reinterpret_cast<T*>(outSlots + s * Lay::kOut); };
     auto issue = [&](int64_t tc, int gc, int s) {  // as in the recurrence role
       T* Qs = slot(s);
       T* AQs = Qs + C * LDK;
-      float* auxs = reinterpret_cast<float*>(AQs + C * LDC);
+      float* auxs = reinterpret_cast<float*>(AQs + C * LDA);
       const int Lc = chunkLen(tc);
       int me;  // as in the recurrence role
       asm volatile("mov.u32 %0, %1;\n" : "=r"(me) : "r"(rtid));
@@ -1235,6 +1387,15 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         if (w >= 2 * 3) return;  // three tiles, two warps each
         if (w >> 1 == 2) {  // aux: one half per warp
           bulkAuxHalf(auxs, auxOf(aux, gc, HV, hv), w & 1, fullBar + 2 + s, me % 32);
+          return;
+        }
+        if constexpr (WG) {
+          if (w >> 1 == 0)
+            swzRows(reinterpret_cast<unsigned char*>(Qs), K / 64, reinterpret_cast<const unsigned char*>(q + (tc * H + h) * K),
+                    2 * int64_t(H) * K, &maps->q, h, int(tc), rowBase, Lc, fullBar + 2 + s, me % 32);
+          else
+            swzRows(reinterpret_cast<unsigned char*>(AQs), 1, reinterpret_cast<const unsigned char*>(AQ + (tc * HV + hv) * C),
+                    2 * int64_t(HV) * C, &maps->aq, hv, int(tc), rowBase, Lc, fullBar + 2 + s, me % 32);
           return;
         }
         unsigned char* dst;
@@ -1279,12 +1440,21 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       }
       const T* Qs = slot(s);
       const T* AQs = Qs + C * LDK;
-      const float* auxs = reinterpret_cast<const float*>(AQs + C * LDC);
+      const float* auxs = reinterpret_cast<const float*>(AQs + C * LDA);
       namedSync(kBarReady, 2 * NR);  // this chunk's Sᵀ, νᵀ
       uint4 Sf[KS];
       uint32_t Nf[4][4];
+      if constexpr (WG) {  // this warp's rows of its warpgroup's Sᵀ tile as A fragments
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) Sf[ks] = *reinterpret_cast<const uint4*>(xS + ks * 128);
+        for (int ks = 0; ks < KS; ++ks) {
+          uint32_t a[4];
+          ldsm4(a, xSt + (ks / 4) * C * 128 + swz128(16 * wr + lane % 16, 2 * (ks % 4) + lane / 16));
+          Sf[ks] = make_uint4(a[0], a[1], a[2], a[3]);
+        }
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) Sf[ks] = *reinterpret_cast<const uint4*>(xS + ks * 128);
+      }
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         const uint4 n4 = *reinterpret_cast<const uint4*>(xN + ks * 128);
@@ -1301,8 +1471,27 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
 #endif
       }
       float O[8][4] = {};
-      outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
-      outNuAQ<T>(O, Nf, AQs, lane, own);
+      if constexpr (WG) {
+        const unsigned qa = smemAddr(Qs), aqa = smemAddr(AQs);
+        wg::fence();
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {  // Oᵀ = Sᵀ Q̃ᵀ
+          const uint32_t sa[4] = {Sf[ks].x, Sf[ks].y, Sf[ks].z, Sf[ks].w};
+          wg::mmaRS<T, 64, 0>(&O[0][0], sa, wg::desc(qa + (ks / 4) * C * 128 + 32 * (ks % 4)), ks > 0);
+        }
+        wg::commit();
+        wg::wait0();
+        wg::pin(O);
+        scaleO(O, auxs, lane);
+        wg::fence();  // Oᵀ += νᵀ Aqkᵀ (the prep writes Aqk's lower blocks only)
+        lowerRS<T>(O, Nf, aqa, 1);
+        wg::commit();
+        wg::wait0();
+        wg::pin(O);
+      } else {
+        outQS<T, K>(O, [&](int ks) { return Sf[ks]; }, Qs, auxs, lane, own);
+        outNuAQ<T>(O, Nf, AQs, lane, own);
+      }
       outStore<T, LDO>(O, Os, o + (t0 * HV + hv) * V + v0 + vw, int64_t(HV) * V, L, lane, own);
       __syncwarp();  // every lane has read Os before the next chunk's stmatrix
     }
@@ -1316,12 +1505,21 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
       const int *__restrict__ chunkFirst
 template <typename T, int K, bool CK16>
 __global__ void __launch_bounds__(512, 1) ringKernel(TCAL_RING_PARAMS) {
-  ringBody<T, K, CK16, false>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, nullptr);
+  ringBody<T, K, CK16, false, false>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, nullptr);
 }
 // The tensor maps as a kernel parameter (__grid_constant__: the copy engine reads them from the parameter space).
 template <typename T, int K, bool CK16>
 __global__ void __launch_bounds__(512, 1) ringBulkKernel(TCAL_RING_PARAMS, const __grid_constant__ RingMaps maps) {
-  ringBody<T, K, CK16, true>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
+  ringBody<T, K, CK16, true, false>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
+}
+// The ring on wgmma (sm_90a builds only; the maps of k, Ab, q, Aqk with the 128-byte swizzle).
+template <typename T, int K, bool CK16>
+__global__ void __launch_bounds__(512, 1) ringWgKernel(TCAL_RING_PARAMS, const __grid_constant__ RingMaps maps) {
+#ifdef TCAL_WGMMA
+  ringBody<T, K, CK16, true, true>(cu, H, HV, V, q, k, v, Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, &maps);
+#else
+  __trap();
+#endif
 }
 #undef TCAL_RING_PARAMS
 
@@ -1406,14 +1604,17 @@ PFN_cuTensorMapEncodeTiled_v12000 tensorMapEncoder() {
   return fn;
 }
 
-// A [tokens, heads, cols] view (element bytes eb, row pitch in elements): boxes of 32 tokens × boxCols columns.
-void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t heads, int64_t cols, int boxCols) {
+// A [tokens, heads, cols] view (element bytes eb, row pitch in elements): boxes of 32 tokens × boxCols columns,
+// stored densely or (swizzle128: boxes of 128-byte rows) with the 128-byte swizzle of the wgmma operands.
+void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t heads, int64_t cols, int boxCols,
+              bool swizzle128 = false) {
   const cuuint64_t dim[3] = {cuuint64_t(cols), cuuint64_t(heads), cuuint64_t(tokens)};
   const cuuint64_t stride[2] = {cuuint64_t(cols * eb), cuuint64_t(heads * cols * eb)};
   const cuuint32_t box[3] = {cuuint32_t(boxCols), 1, 32}, unit[3] = {1, 1, 1};
   const CUresult r = tensorMapEncoder()(m, eb == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3,
                                         const_cast<void*>(base), dim, stride, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                        CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                        swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                                        CU_TENSOR_MAP_L2_PROMOTION_NONE,
                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     Error e(ErrorKind::Cuda, "cuTensorMapEncodeTiled (gdn ring bulk) failed: CUresult " + std::to_string(int(r)));
@@ -1423,14 +1624,45 @@ void tokenMap(CUtensorMap* m, const void* base, int eb, int64_t tokens, int64_t 
   }
 }
 
-template <typename T, int K, bool BULK>
+// The wgmma ring's kernels launch with 128 registers per thread: setmaxnreg.inc in its recurrence warps waits for the
+// registers its output warps release, so any other count would hang the block (checked once per instantiation).
+template <typename T, int K>
+bool ringWgLaunchRegs() {
+  static const bool ok = [] {
+    for (auto kern : {ringWgKernel<T, K, false>, ringWgKernel<T, K, true>}) {
+      cudaFuncAttributes a{};
+      if (cudaFuncGetAttributes(&a, kern) != cudaSuccess || a.numRegs != 128) {
+        cudaGetLastError();
+        return false;
+      }
+    }
+    return true;
+  }();
+  return ok;
+}
+
+template <typename T, int K, bool BULK, bool WG = false>
 void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float* aux,
                 T* o, float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
-  using Lay = RingLayout<K>;
+  using Lay = RingLayout<K, WG>;
   dim3 grid(unsigned(p.V / Lay::VT), unsigned(p.HV), unsigned(p.N));
   const float* h0 = p.hasH0 ? in.h0.ptr<float>() : nullptr;
-  if constexpr (BULK) {
-    constexpr size_t smem = Lay::total + Lay::kBars;
+  if constexpr (WG) {
+    constexpr size_t smem = Lay::total + Lay::kBars + Lay::kAlign;
+    auto kern = ckpt && ckpt16 ? ringWgKernel<T, K, true> : ringWgKernel<T, K, false>;
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute(gdn v9 state, wgmma)");
+    const int64_t NT = p.tokens();
+    RingMaps maps;  // k, Ab, q, Aqk swizzled (boxes of 64 columns = 128 B); v as in the bulk ring
+    tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, 64, true);
+    tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, C, true);
+    tokenMap(&maps.v, in.v.ptr<T>(), 2, NT, p.HV, p.V, Lay::LDV);
+    tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, 64, true);
+    tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, C, true);
+    launchAfterPrep(kern, grid, 512, smem, stream, "gdn v9 state (wgmma)", cu, int(p.H), int(p.HV), int(p.V),
+                    in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
+  } else if constexpr (BULK) {
+    constexpr size_t smem = Lay::total + Lay::kBars + Lay::kAlign;
     auto kern = ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>;
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute(gdn v7 state, bulk)");
@@ -1472,8 +1704,13 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   const bool bulkFits = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
                         p.tokens() < (int64_t(1) << 31);
   bool bulk = ring && bulkFits && tensorMapEncoder();
+  bool wgmma = false;
   if (const char* e = std::getenv("TCAL_GDN_WS")) {
-    if (std::strcmp(e, "ringbulk") == 0) {
+    if (std::strcmp(e, "ringwg") == 0) {  // the ring on wgmma where it can run (K = 128, sm_90a code), else the default
+      if constexpr (K == 128)
+        wgmma = bulkFits && smemOptin() >= RingLayout<K, true>::total + RingLayout<K, true>::kBars + RingLayout<K, true>::kAlign &&
+                tensorMapEncoder() && hasWgmma(in.q.device(), stream) && ringWgLaunchRegs<T, K>();
+    } else if (std::strcmp(e, "ringbulk") == 0) {
       bulk = bulkFits && tensorMapEncoder();
       ring = ring || bulk;
     } else {
@@ -1481,6 +1718,9 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
       ring = std::strcmp(e, "ring") == 0 && ringFits;
       bulk = false;
     }
+  }
+  if constexpr (K == 128) {
+    if (wgmma) return launchRing<T, K, true, true>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);
   }
   if (bulk) {
     launchRing<T, K, true>(p, in, cu, Ab, AQ, aux, o, hT, ckpt, ckpt16, chunkFirst, stream);

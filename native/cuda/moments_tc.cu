@@ -26,6 +26,7 @@
 // Rows are finalised in fp32, summed over the CTA's rows in a fixed order, written per CTA in f64, and a
 // second kernel sums the CTAs in work-list order into the accumulators (deterministic).
 #include "moments_tc.h"
+#include "wgmma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -103,79 +104,7 @@ __device__ __forceinline__ int binOf(int delta) {
   return b < kBins - 1 ? b : kBins - 1;
 }
 
-// ---- sm_90a: warpgroup MMA (wgmma) for QKᵀ and P·F (the `Wg` configs; native/cuda keeps mma.sync elsewhere) ----
-// Operands in shared memory are K-major with the 128-byte swizzle: rows of 64 16-bit elements (128 B), 16-byte
-// chunk c of row r at ((c ^ (r & 7)) * 16), 8-row groups 1024 B apart (the descriptor's stride), tiles 1024-byte
-// aligned; a 16-element k step inside the 64-element row is +32 B on the start address (the swizzle is applied to
-// the address bits, so the start may sit inside a row). The accumulator layout of m64nNk16 per warp w of the
-// warpgroup (rows 16w..16w+15) is mma.sync m16n8k16's per n-block, and so is the register A fragment: the per-warp
-// statistics code below is shared by both paths unchanged.
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define TCAL_MOMENTS_WGMMA 1
-#endif
-namespace wg {
-__device__ __forceinline__ void fence() {
-#ifdef TCAL_MOMENTS_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void commit() {
-#ifdef TCAL_MOMENTS_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait0() {
-#ifdef TCAL_MOMENTS_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-// cp.async writes (generic proxy) that the tensor cores read next (async proxy): fence before the barrier.
-__device__ __forceinline__ void fenceProxy() {
-#ifdef TCAL_MOMENTS_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// Keeps the compiler from moving reads of accumulators across the wait (CUTLASS's warpgroup_fence_operand).
-template <int N>
-__device__ __forceinline__ void pin(float (&d)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
-}
-__device__ __forceinline__ unsigned long long desc(unsigned addr) {
-  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
-// S[64×64] (+)= A[64×16]·B[64×16]ᵀ, both from shared memory (16-bit E).
-template <typename E>
-__device__ __forceinline__ void qk(float (&d)[8][4], unsigned long long da, unsigned long long db, int accumulate) {
-#ifdef TCAL_MOMENTS_WGMMA
-  if constexpr (std::is_same_v<E, __nv_bfloat16>)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-                 : "l"(da), "l"(db), "r"(accumulate));
-  else
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-                 : "l"(da), "l"(db), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-// C[64×128] += P[64×16]·F[128×16]ᵀ, P fp16 from registers (the mma.sync A fragment), F from shared memory.
-__device__ __forceinline__ void pf(float (&d)[16][4], const unsigned (&a)[4], unsigned long long db) {
-#ifdef TCAL_MOMENTS_WGMMA
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-#else
-  __trap();
-#endif
-}
-}  // namespace wg
+// ---- sm_90a: warpgroup MMA (wgmma) for QKᵀ and P·F (the `Wg` configs): native/cuda/wgmma.cuh ----
 
 struct StatParams {
   const void* q;
@@ -890,31 +819,6 @@ __global__ void featureTableT(__half* __restrict__ featT, const double* __restri
     featT[i] = featureValue(theta, int(i % featLd), int(i / featLd), half, Dp);
 }
 
-// Whether this build runs sm_90a code on the device (the wgmma kernels' bodies exist only there): one probe per device.
-__global__ void wgmmaProbe(int* out) {
-#ifdef TCAL_MOMENTS_WGMMA
-  *out = 1;
-#else
-  *out = 0;
-#endif
-}
-bool hasWgmma(Device dev, cudaStream_t stream) {
-  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
-  if (dev.index < 0 || dev.index >= 64) return false;
-  int k = known[dev.index].load();
-  if (k == 0) {
-    Tensor flag = empty({1}, DType::I32, dev);
-    wgmmaProbe<<<1, 1, 0, stream>>>(flag.ptr<int>());
-    checkLaunch("taylorMoments (sm_90a probe)");
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    int v = 0;
-    copyToHost(&v, flag, sizeof(int));
-    k = v ? 2 : 1;
-    known[dev.index].store(k);
-  }
-  return k == 2;
-}
-
 // TCAL_MOMENTS_PROFILE=1: the statistics phase split into host set-up + feature table, the kernel, and the
 // CTA sums (events; stderr), so the phase time of native/cuda/moments.cu can be read against the kernel alone.
 struct StatsTimer {
@@ -1065,6 +969,33 @@ void momentStatsTensorCore(const Problem& p, const Tensor& q, const Tensor& k, c
   if (q.dtype() == DType::BF16) runStatsFor<__nv_bfloat16>(p, qp, kp, lp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
   else if (q.dtype() == DType::F16) runStatsFor<__half>(p, qp, kp, lp, int(Dp), trig, seqs, maxLen, acc, dev, stream);
   else throwInvalid("q", "the tensor-core moment pass takes bf16 or f16");
+}
+
+// wgmma.cuh: whether this build runs sm_90a code on the device, one probe per device.
+namespace {
+__global__ void wgmmaProbe(int* out) {
+#ifdef TCAL_WGMMA
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+}  // namespace
+bool hasWgmma(Device dev, cudaStream_t stream) {
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  if (dev.index < 0 || dev.index >= 64) return false;
+  int k = known[dev.index].load();
+  if (k == 0) {
+    Tensor flag = empty({1}, DType::I32, dev);
+    wgmmaProbe<<<1, 1, 0, stream>>>(flag.ptr<int>());
+    checkLaunch("sm_90a probe");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    int v = 0;
+    copyToHost(&v, flag, sizeof(int));
+    k = v ? 2 : 1;
+    known[dev.index].store(k);
+  }
+  return k == 2;
 }
 
 }  // namespace tcal::cuda
