@@ -86,7 +86,7 @@ const FORWARD_VARIANTS: [string, Record<string, string>][] = [
   ['ws wide (CG=4)', { TCAL_GDN_WS: 'wide' }],
   ['ws small (CG=2, K split)', { TCAL_GDN_WS: 'small' }],
   ['ring (v7, loads by cp.async)', { TCAL_GDN_WS: 'ring' }],
-  ['ringbulk (ring, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90)', { TCAL_GDN_WS: 'ringbulk' }],
+  ['ringbulk (ring on mma.sync, loads by tensor / bulk copies on mbarriers; the default where V % 128 = 0 and its blocks fill the SMs, sm_90, until session 11)', { TCAL_GDN_WS: 'ringbulk' }],
   ['ringwg (ring on wgmma, sm_90a, K = 128; session 11)', { TCAL_GDN_WS: 'ringwg' }],
   ['prep kernel alone', { TCAL_GDN_V3_SKIP: 'state' }],
   ['state pass launched plainly, not as a programmatic dependent of the prep (TCAL_GDN_PDL=0; before session 10)', { TCAL_GDN_PDL: '0' }],

@@ -732,6 +732,46 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
   });
 });
 
+// The ring state pass on wgmma (ringwg, session 11; sm_90a builds with K = 128 and V % 128 = 0, elsewhere the switch
+// leaves the default): Sᵀ through a swizzled shared-memory tile for Pᵀ = Sᵀ Kᵀ, νᵀ and O from register fragments,
+// K / Q / Ab / Aqk in the 128-byte swizzle by tensor copies or, in tail chunks, by stores of this block. Against the
+// fp64 reference, forward (o, final state, training o) and backward through the forward's saved states and full
+// hand-over: one token, a tail chunk alone (63), a chunk + 1 (65), many chunks (1000: both slots' phases wrap),
+// ragged varlen (one-token sequences, tails inside and past the end), two V tiles with GVA, and a filled grid with
+// l2norm, fused gates and h0; f16 inputs forward.
+cudaDescribe('GDN CUDA: the ring state pass on wgmma (TCAL_GDN_WS=ringwg, session 11)', () => {
+  const byName = (prefix: string): [string, Case] => cudaCases.find(([n]) => n.startsWith(prefix))!;
+  const wgCases: [string, Case][] = [
+    ...['T=1 D=128', 'T=63 D=128', 'T=65 D=128', 'T=1000 D=128', 'ragged'].map(byName),
+    ['V=256 (two tiles), GVA 1/2, l2norm + fused gates', { B: 2, T: 150, H: 1, HV: 2, K: 128, V: 256, l2norm: true, gates: true, h0: true, dFinal: true }],
+    ['filled grid, GVA 8/16', { B: 8, T: 300, H: 8, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true }],
+  ];
+  test.each(wgCases)('against the fp64 reference (bf16; states and full hand-over): %s', async (name, c) => {
+    const h = makeHost(c, 1100 + c.T + c.K);
+    const ref = await reference(c, h, 'bf16');
+    await withKernelSwitches({ TCAL_GDN_WS: 'ringwg' }, async () => {
+      for (const save of [undefined, 'full'] as const) {
+        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+        console.log(`gdn cuda ringwg ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+        expectBelow(e16, 1e-2, 2e-2, `ringwg ${name} bf16 (save ${save ?? 'states'})`);
+      }
+    });
+  });
+  test.each([...['T=65 D=128', 'ragged'].map(byName), wgCases[5]])('f16 forward against the fp64 reference: %s', async (name, c) => {
+    const h = makeHost(c, 1200 + c.T + c.K);
+    const ref = await reference(c, h);
+    const d = await upload(c, h, 'cuda:0', 'f16');
+    await withKernelSwitches({ TCAL_GDN_WS: 'ringwg' }, async () => {
+      const out = { o: await poison([c.B, c.T, c.HV, c.V], 'f16', 'cuda:0'), finalState: await poison([h.N, c.HV, c.K, c.V], 'f32', 'cuda:0') };
+      const f = await gdnForward(d.inputs, { ...opts(c, d), outputFinalState: true, out });
+      const e = { o: relError(await f64(f.o), ref.o), finalState: relError(await f64(f.finalState), ref.s) };
+      console.log(`gdn cuda ringwg f16 ${name}: ${JSON.stringify(e)}`);
+      expect(e.o).toBeLessThan(1e-2);
+      expect(e.finalState).toBeLessThan(1e-2);
+    });
+  });
+});
+
 // k3bal (session 9, gradplan item 2): kernel 3's phase-2 C × C blocks over all 8 warps, the default since session 9
 // for bf16 inputs with 128-column tiles (V % 128 = 0 here everywhere; TCAL_GDN_BWD_K3=serial runs the kernel
 // before, which f16 inputs and 64-column tiles always take), each block from a

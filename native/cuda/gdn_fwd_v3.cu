@@ -1342,22 +1342,22 @@ __device__ __forceinline__ void ringBody(const int* __restrict__ cu, int H, int 
         wg::pin(S);
       } else {
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
+        for (int ks = 0; ks < KS; ++ks) *reinterpret_cast<uint4*>(xS + ks * 128) = packFrag<T>(S[2 * ks], S[2 * ks + 1]);
 #if TCAL_GDN_BULK
-      if constexpr (bulk) mbarWait(fullBar + s, ph);  // this chunk's slot (issued a chunk ago) has landed
+        if constexpr (bulk) mbarWait(fullBar + s, ph);  // this chunk's slot (issued a chunk ago) has landed
 #endif
-      float N[8][4] = {};
-      {
-        float P[8][4] = {};
-        // The A fragments back from the exchange: packed again from S (or forwarded by the compiler), all 32
-        // stay live through the products (ptxas: 192 B of spill instead of 76).
-        formP<T, K, LDK>(P, [&](int ks) { return lds128(xS + ks * 128); }, Ks, 0, lane);
-        formNu<T, LDV>(N, P, Vs, vw, auxs, Abs, lane);
-      }
+        float N[8][4] = {};
+        {
+          float P[8][4] = {};
+          // The A fragments back from the exchange: packed again from S (or forwarded by the compiler), all 32
+          // stay live through the products (ptxas: 192 B of spill instead of 76).
+          formP<T, K, LDK>(P, [&](int ks) { return lds128(xS + ks * 128); }, Ks, 0, lane);
+          formNu<T, LDV>(N, P, Vs, vw, auxs, Abs, lane);
+        }
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
-      namedArrive(kBarReady, 2 * NR);
-      updateS<T, K, LDK>(S, N, Ks, auxs, 0, lane);
+        for (int ks = 0; ks < 4; ++ks) *reinterpret_cast<uint4*>(xN + ks * 128) = packFrag<T>(N[2 * ks], N[2 * ks + 1]);
+        namedArrive(kBarReady, 2 * NR);
+        updateS<T, K, LDK>(S, N, Ks, auxs, 0, lane);
       }
     }
     if (hT) {
@@ -1691,8 +1691,9 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
 // 0.649 (state pass 323 µs against 363 under ncu); at B2·T16384 (32 blocks) ring 1.525 against ws small's 0.966.
 // Where the ring runs, its loads come by tensor / bulk copies on mbarriers (ringbulk, sm_90, session 9: state pass
 // 0.303 ms against the cp.async ring's 0.337 at the reference shape, run 2) unless the driver lacks the tensor-map
-// encoder. TCAL_GDN_WS=wide|small|ring forces one (ring: the cp.async ring, only where it can run); =ringbulk the
-// bulk ring wherever it can run (else what the default would pick).
+// encoder; with K = 128 and sm_90a code it runs on wgmma (ringwg, session 11 run 2: state pass 0.281 → 0.221 ms).
+// TCAL_GDN_WS=wide|small|ring forces one (ring: the cp.async ring, only where it can run); =ringbulk the bulk ring on
+// mma.sync, =ringwg the wgmma ring, each wherever it can run (else what the default would pick).
 template <typename T, int K>
 void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T* Ab, const T* AQ, const float* aux, T* o,
            float* hT, void* ckpt, bool ckpt16, const int* chunkFirst, cudaStream_t stream) {
@@ -1704,12 +1705,18 @@ void runWs(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, const T*
   const bool bulkFits = ringFits && ccMajor() >= 9 && smemOptin() >= RingLayout<K>::total + RingLayout<K>::kBars &&
                         p.tokens() < (int64_t(1) << 31);
   bool bulk = ring && bulkFits && tensorMapEncoder();
-  bool wgmma = false;
-  if (const char* e = std::getenv("TCAL_GDN_WS")) {
-    if (std::strcmp(e, "ringwg") == 0) {  // the ring on wgmma where it can run (K = 128, sm_90a code), else the default
-      if constexpr (K == 128)
-        wgmma = bulkFits && smemOptin() >= RingLayout<K, true>::total + RingLayout<K, true>::kBars + RingLayout<K, true>::kAlign &&
-                tensorMapEncoder() && hasWgmma(in.q.device(), stream) && ringWgLaunchRegs<T, K>();
+  // The ring on wgmma where the build has sm_90a code and K = 128 (the default in place of ringbulk since session 11).
+  auto wgFits = [&] {
+    if constexpr (K == 128)
+      return bulkFits && smemOptin() >= RingLayout<K, true>::total + RingLayout<K, true>::kBars + RingLayout<K, true>::kAlign &&
+             tensorMapEncoder() && hasWgmma(in.q.device(), stream) && ringWgLaunchRegs<T, K>();
+    return false;
+  };
+  const char* e = std::getenv("TCAL_GDN_WS");
+  bool wgmma = bulk && !e && wgFits();
+  if (e) {
+    if (std::strcmp(e, "ringwg") == 0) {  // wherever it can run (else the default)
+      wgmma = wgFits();
     } else if (std::strcmp(e, "ringbulk") == 0) {
       bulk = bulkFits && tensorMapEncoder();
       ring = ring || bulk;
