@@ -17,6 +17,10 @@
 // v7 (session 5): the prep forms Aqk and M in one pass over the lower tiles; a state pass (`ringKernel`, the
 // default where its blocks fill the SMs since session 8) decouples the two roles with a load ring per role and an
 // exchange slot between them.
+// v9 (session 11, `ringWgKernel`, sm_90a, K = 128): the ring's products on wgmma, one warpgroup per 64 columns, so
+// that a warpgroup reads each K / Q / Ab / Aqk tile from shared memory once instead of once per warp (the mma.sync
+// ring's ldmatrix traffic held its L1 at 91 %). Those tiles arrive 128-byte swizzled; Sᵀ goes through a swizzled A
+// tile for Pᵀ = Sᵀ K̃ᵀ (and the output warps' fragments), νᵀ, the state update and O take register fragments.
 // Every exponent is γ_i − γ_j with i ≥ j, γ_L − γ_j with j ≤ L, or γ_i: all ≤ 0.
 #include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (types only: the function by entry point)
 #include <mma.h>
