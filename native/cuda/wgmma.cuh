@@ -43,7 +43,8 @@ __device__ __forceinline__ void wait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// cp.async writes (generic proxy) that the tensor cores read next (async proxy): fence before the barrier.
+// Shared-memory writes of the generic proxy (cp.async, stores) that the tensor cores read next (async proxy): fence
+// before the barrier.
 __device__ __forceinline__ void fenceProxy() {
 #ifdef TCAL_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -88,19 +89,6 @@ __device__ __forceinline__ void pf(float (&d)[16][4], const unsigned (&a)[4], un
 #else
   __trap();
 #endif
-}
-// wgmma groups still in flight after the wait: at most N.
-template <int N>
-__device__ __forceinline__ void waitN() {
-#ifdef TCAL_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
-}
-// Pins the N floats from d (see pin).
-template <int N>
-__device__ __forceinline__ void pinFlat(float* d) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 // MN-major operand (B with imm-trans-b = 1): 8-row k groups 1024 B apart, 64-element N blocks `lbo` bytes apart.
 __device__ __forceinline__ unsigned long long descMN(unsigned addr, unsigned lbo) {
