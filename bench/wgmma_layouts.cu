@@ -3,8 +3,7 @@
 // (the state update; leading byte offset 8 KB right, 1 KB wrong on purpose), the same as two 64-column products, the
 // lower 16 × 16 blocks of a K-major tile with garbage above them, by products of 64 / 48 / 32 / 16 columns from
 // offset starts (the kernel takes one 16-column product per block instead: ptxas serialised these), and a K-major B
-// whose k runs over
-// two swizzled halves (Pᵀ = Sᵀ K̃ᵀ). Not part of the addon; built and run by hand on an sm_90a host:
+// whose k runs over two swizzled halves (Pᵀ = Sᵀ K̃ᵀ). Not part of the addon; built and run by hand on an sm_90a host:
 //   nvcc -arch=sm_90a -std=c++17 -I native/cuda -o /tmp/wgmma_layouts bench/wgmma_layouts.cu && /tmp/wgmma_layouts
 // Prints PASS / FAIL per case (the "lbo=1024" case is expected to FAIL); exit status 1 if any other case fails.
 #include <cstdio>
