@@ -291,6 +291,16 @@ async function errors(c: Case, h: Host, device: string, dtype: DType, ref: Await
   return e;
 }
 
+/** bf16 errors against `ref` on saved states (with the recomputed ones) and on the full hand-over, each within the
+ *  issue's bars (1e-2 forward, 2e-2 gradients); `label` names the case in the log and the failure. */
+async function expectBf16SavedAndHandover(label: string, c: Case, h: Host, ref: Awaited<ReturnType<typeof reference>>) {
+  for (const save of [undefined, 'full'] as const) {
+    const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
+    console.log(`gdn cuda ${label} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
+    expectBelow(e16, 1e-2, 2e-2, `${label} bf16 (save ${save ?? 'states'})`);
+  }
+}
+
 /** Chunks of C = 64 tokens over every sequence: the first dimension of the saved chunk-start states. */
 function chunkCount(c: Case, h: Host): number {
   if (!h.cu) return c.B * Math.ceil(c.T / 64);
@@ -556,11 +566,7 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
   test.each(rawRowCases)('raw q / k rows in the backward, saved states and full hand-over (bf16): %s', async (name, c) => {
     const h = makeHost(c, 9000 + c.T + c.K);
     const ref = await reference(c, h, 'bf16');
-    for (const save of [undefined, 'full'] as const) {
-      const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
-      console.log(`gdn cuda raw rows ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
-      expectBelow(e16, 1e-2, 2e-2, `${name} bf16 (save ${save ?? 'states'})`);
-    }
+    await expectBf16SavedAndHandover(`raw rows ${name}`, c, h, ref);
   });
 
   test('full hand-over: typed errors for pieces of other inputs or options (CUDA)', async () => {
@@ -622,11 +628,7 @@ cudaDescribe('GDN CUDA against the fp64 reference', () => {
     const c: Case = { B: 8, T: 70, H: 16, HV: 16, K: 128, V: 128, l2norm: true, gates: true, h0: true, dFinal: true };
     const h = makeHost(c, 4242);
     const ref = await reference(c, h, 'bf16');
-    for (const save of [undefined, 'full'] as const) {
-      const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
-      console.log(`gdn cuda filled grid (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
-      expectBelow(e16, 1e-2, 2e-2, `filled grid bf16 (save ${save ?? 'states'})`);
-    }
+    await expectBf16SavedAndHandover('filled grid', c, h, ref);
   });
 
   test('decode steps chained over T equal the chunked forward (CUDA, f32 and bf16)', async () => {
@@ -722,13 +724,7 @@ cudaDescribe('GDN CUDA: opt-in paths on edge shapes (greview, session 6)', () =>
   ])('TCAL_GDN_WS=ringbulk against the fp64 reference (bf16): %s', async (name, c) => {
     const h = makeHost(c, 1000 + c.T + c.K);
     const ref = await reference(c, h, 'bf16');
-    await withEnv({ TCAL_GDN_WS: 'ringbulk' }, async () => {
-      for (const save of [undefined, 'full'] as const) {
-        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
-        console.log(`gdn cuda ringbulk ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
-        expectBelow(e16, 1e-2, 2e-2, `ringbulk ${name} bf16 (save ${save ?? 'states'})`);
-      }
-    });
+    await withEnv({ TCAL_GDN_WS: 'ringbulk' }, () => expectBf16SavedAndHandover(`ringbulk ${name}`, c, h, ref));
   });
 });
 
@@ -749,13 +745,7 @@ cudaDescribe('GDN CUDA: the ring state pass on wgmma (TCAL_GDN_WS=ringwg, sessio
   test.each(wgCases)('against the fp64 reference (bf16; states and full hand-over): %s', async (name, c) => {
     const h = makeHost(c, 1100 + c.T + c.K);
     const ref = await reference(c, h, 'bf16');
-    await withKernelSwitches({ TCAL_GDN_WS: 'ringwg' }, async () => {
-      for (const save of [undefined, 'full'] as const) {
-        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref, { save });
-        console.log(`gdn cuda ringwg ${name} (save ${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
-        expectBelow(e16, 1e-2, 2e-2, `ringwg ${name} bf16 (save ${save ?? 'states'})`);
-      }
-    });
+    await withKernelSwitches({ TCAL_GDN_WS: 'ringwg' }, () => expectBf16SavedAndHandover(`ringwg ${name}`, c, h, ref));
   });
   test.each([...['T=65 D=128', 'ragged'].map(byName), wgCases[5]])('f16 forward against the fp64 reference: %s', async (name, c) => {
     const h = makeHost(c, 1200 + c.T + c.K);
@@ -791,13 +781,7 @@ cudaDescribe('GDN CUDA: kernel 3 phase-2 band balance (the default; TCAL_GDN_BWD
   test.each(balCases)('against the fp64 reference (bf16; recomputed, saved states, full hand-over): %s', async (name, c) => {
     const h = makeHost(c, 1000 + c.T + c.K);
     const ref16 = await reference(c, h, 'bf16');
-    await withKernelSwitch('TCAL_GDN_BWD_K3', undefined, async () => {
-      for (const save of [undefined, 'full'] as const) {  // undefined: recomputed + saved states; 'full': the hand-over
-        const e16 = await errors(c, h, 'cuda:0', 'bf16', ref16, { save });
-        console.log(`gdn cuda k3 bal ${name} (${save ?? 'states'}): bf16 ${JSON.stringify(e16)}`);
-        expectBelow(e16, 1e-2, 2e-2, `k3 bal ${name} bf16 (${save ?? 'states'})`);
-      }
-    });
+    await withKernelSwitch('TCAL_GDN_BWD_K3', undefined, () => expectBf16SavedAndHandover(`k3 bal ${name}`, c, h, ref16));
   });
 
   test.each(balCases)('against the serial kernel 3 (bf16; dq, dk, dv, dh0 bitwise): %s', (name, c) =>

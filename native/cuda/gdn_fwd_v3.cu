@@ -1651,34 +1651,27 @@ void launchRing(const gdn::Problem& p, const gdn::Inputs& in, const int* cu, con
   using Lay = RingLayout<K, WG>;
   dim3 grid(unsigned(p.V / Lay::VT), unsigned(p.HV), unsigned(p.N));
   const float* h0 = p.hasH0 ? in.h0.ptr<float>() : nullptr;
-  if constexpr (WG) {
+  if constexpr (BULK) {  // WG (the wgmma ring): k, Ab, q, Aqk swizzled, boxes of 64 columns (128 B)
     constexpr size_t smem = Lay::total + Lay::kBars + Lay::kAlign;
-    auto kern = ckpt && ckpt16 ? ringWgKernel<T, K, true> : ringWgKernel<T, K, false>;
+    auto kern = [&] {
+      if constexpr (WG)
+        return ckpt && ckpt16 ? ringWgKernel<T, K, true> : ringWgKernel<T, K, false>;
+      else
+        return ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>;
+    }();
+    const char* what = WG ? "gdn v9 state (wgmma)" : "gdn v7 state (bulk)";
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute(gdn v9 state, wgmma)");
-    const int64_t NT = p.tokens();
-    RingMaps maps;  // k, Ab, q, Aqk swizzled (boxes of 64 columns = 128 B); v as in the bulk ring
-    tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, 64, true);
-    tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, C, true);
-    tokenMap(&maps.v, in.v.ptr<T>(), 2, NT, p.HV, p.V, Lay::LDV);
-    tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, 64, true);
-    tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, C, true);
-    launchAfterPrep(kern, grid, 512, smem, stream, "gdn v9 state (wgmma)", cu, int(p.H), int(p.HV), int(p.V),
-                    in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
-  } else if constexpr (BULK) {
-    constexpr size_t smem = Lay::total + Lay::kBars + Lay::kAlign;
-    auto kern = ckpt && ckpt16 ? ringBulkKernel<T, K, true> : ringBulkKernel<T, K, false>;
-    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute(gdn v7 state, bulk)");
+          WG ? "cudaFuncSetAttribute(gdn v9 state, wgmma)" : "cudaFuncSetAttribute(gdn v7 state, bulk)");
     const int64_t NT = p.tokens();  // token coordinates are 32-bit
+    const int kBox = WG ? 64 : Lay::LDK;
     RingMaps maps;
-    tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
-    tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, LDC);
+    tokenMap(&maps.k, in.k.ptr<T>(), 2, NT, p.H, K, kBox, WG);
+    tokenMap(&maps.ab, Ab, 2, NT, p.HV, C, Lay::LDA, WG);
     tokenMap(&maps.v, in.v.ptr<T>(), 2, NT, p.HV, p.V, Lay::LDV);
-    tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, Lay::LDK);
-    tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, LDC);
-    launchAfterPrep(kern, grid, 512, smem, stream, "gdn v7 state (bulk)", cu, int(p.H), int(p.HV), int(p.V),
-                    in.q.ptr<T>(), in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
+    tokenMap(&maps.q, in.q.ptr<T>(), 2, NT, p.H, K, kBox, WG);
+    tokenMap(&maps.aq, AQ, 2, NT, p.HV, C, Lay::LDA, WG);
+    launchAfterPrep(kern, grid, 512, smem, stream, what, cu, int(p.H), int(p.HV), int(p.V), in.q.ptr<T>(),
+                    in.k.ptr<T>(), in.v.ptr<T>(), Ab, AQ, aux, h0, o, hT, ckpt, chunkFirst, maps);
   } else {
     constexpr size_t smem = Lay::total;
     auto kern = ckpt && ckpt16 ? ringKernel<T, K, true> : ringKernel<T, K, false>;
